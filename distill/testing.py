@@ -1,0 +1,97 @@
+"""Offline building blocks for tests, benchmarks and the demo: a tokenizer trained on local text and tiny
+random-init models saved to disk, loaded afterwards exactly as a user's model would be (by path)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+
+import torch
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def stdlib_files(min_bytes: int = 0, max_bytes: int | None = None, limit: int | None = None) -> list[str]:
+    """Sorted paths of the Python standard library's own .py sources (present on every machine)."""
+    files = []
+    for path in sorted(glob.glob(os.path.join(STDLIB, "**", "*.py"), recursive=True)):
+        if "site-packages" in path or "/test/" in path or "/tests/" in path:
+            continue
+        size = os.path.getsize(path)
+        if size < min_bytes or (max_bytes is not None and size > max_bytes):
+            continue
+        files.append(path)
+        if limit is not None and len(files) >= limit:
+            break
+    return files
+
+
+def train_tokenizer(out_dir: str, vocab_size: int = 1000, files: list[str] | None = None,
+                    max_sentences: int = 50000) -> str:
+    """Train a byte-fallback BPE sentencepiece model on local text and save it as a HF tokenizer dir."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = files if files is not None else stdlib_files(limit=200)
+
+    def lines():
+        for path in files:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.strip():
+                        yield line.rstrip("\n")
+
+    raw_dir = os.path.join(out_dir, "spm")
+    os.makedirs(raw_dir, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_prefix=os.path.join(raw_dir, "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2,
+        minloglevel=2, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(raw_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 1000, hidden_size: int = 64, num_layers: int = 2,
+                num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 256,
+                rope_theta: float = 10000.0, intermediate_size: int | None = None):
+    """A small config of a real architecture (Llama, Mistral or Qwen2) with the cache off."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch {arch!r}; allowed: {ARCHITECTURES}")
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, rope_theta=rope_theta, use_cache=False,
+        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    if arch == "qwen2":
+        kwargs["use_sliding_window"] = False
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def make_tiny_model(out_dir: str, arch: str = "llama", tokenizer_dir: str | None = None, seed: int = 0,
+                    **config_kwargs) -> str:
+    """Random-init a tiny model, save it (safetensors) with the tokenizer, return the directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config_kwargs.setdefault("vocab_size", len(tokenizer))
+    config = tiny_config(arch, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    if tokenizer_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
