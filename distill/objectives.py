@@ -1,0 +1,349 @@
+"""Training objectives as pure tensor functions returning `(loss_sum, count)`.
+
+Every function returns the *sum* of its per-token loss (a 0-dim fp32 tensor with grad) and the number of
+tokens that carry loss; the trainer adds the counts of all micro-batches and ranks of a step and divides
+once, so gradient accumulation is exact (torchtitan / TRL convention).
+
+Long sequences never materialise (T, V) logits: `lm_loss` and `kl_loss` run over chunks of tokens in a
+custom `torch.autograd.Function` that keeps only its inputs (plus one fp32 number per token) and
+recomputes each chunk's logits in backward. Peak working memory is O(chunk · V + V · H), independent of
+the sequence length.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+KLKind = Literal["forward", "reverse", "jsd"]
+_KL_KINDS = ("forward", "reverse", "jsd")
+
+
+def liger_available() -> bool:
+    """Whether liger-kernel's fused linear cross-entropy can be imported (it is not a dependency)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _chunks(n: int, chunk_size: int):
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def _fp32_logits(hidden: torch.Tensor, weight32: torch.Tensor, bias32: torch.Tensor | None) -> torch.Tensor:
+    """(c, H) activations → (c, V) fp32 logits; the matmul runs in fp32 whatever the input dtype."""
+    logits = hidden.float() @ weight32.t()  # (c, V)
+    if bias32 is not None:
+        logits += bias32
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Causal-LM cross-entropy
+# ---------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_i CE(h_i @ Wᵀ + b, y_i) over rows `index` of `hidden`, chunk by chunk, logits recomputed in backward.
+
+    Only the inputs and the per-token log-sum-exp (N fp32 numbers) are saved for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, index, chunk_size):
+        # hidden (N, H), weight (V, H), bias (V,) or None, targets (n,) long, index (n,) long rows of hidden
+        weight32 = weight.float()  # no copy for fp32; one (V, H) fp32 copy for bf16 weights
+        bias32 = bias.float() if bias is not None else None
+        n = index.numel()
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (n,)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s, e in _chunks(n, chunk_size):
+            logits = _fp32_logits(hidden.index_select(0, index[s:e]), weight32, bias32)  # (c, V)
+            chunk_lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            target_logit = logits.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
+            lse[s:e] = chunk_lse
+            total += (chunk_lse - target_logit).sum()
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, index, lse)
+        ctx.chunk_size = chunk_size
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, bias, targets, index, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        weight32 = weight.float()
+        bias32 = bias.float() if bias is not None else None
+        grad_hidden = torch.zeros_like(hidden) if need_h else None  # (N, H) input dtype
+        grad_weight = torch.zeros_like(weight32) if need_w else None  # (V, H) fp32 accumulator
+        grad_bias = torch.zeros_like(bias32) if (need_b and bias32 is not None) else None
+        g = grad_output.float()
+        for s, e in _chunks(index.numel(), ctx.chunk_size):
+            rows = index[s:e]
+            h = hidden.index_select(0, rows)  # (c, H)
+            # d CE / d logits = softmax − onehot, built in place in the recomputed logits buffer.
+            probs = _fp32_logits(h, weight32, bias32)  # (c, V)
+            probs.sub_(lse[s:e, None]).exp_()
+            probs.scatter_add_(1, targets[s:e, None], torch.full_like(lse[s:e, None], -1.0))
+            probs.mul_(g)
+            if need_h:
+                grad_hidden.index_copy_(0, rows, (probs @ weight32).to(hidden.dtype))  # (c, H)
+            if need_w:
+                grad_weight.addmm_(probs.t(), h.float())  # (V, H)
+            if grad_bias is not None:
+                grad_bias += probs.sum(0)
+            del probs
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels aligned with input_ids → (B·T,) targets where position t holds labels[t + 1]."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)  # (B, T)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted.reshape(-1)
+
+
+def lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    bias: torch.Tensor | None = None,
+    use_liger: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed causal-LM cross-entropy from final hidden states, without materialising (B·T, V) logits.
+
+    L_long of LongReD (Eq. 1): Σ_t −log p(x_{t+1} | x_≤t). Hidden state t predicts `labels[:, t + 1]`
+    (Hugging Face convention: labels aligned with input_ids, the shift happens here).
+
+    Args:
+        hidden: (B, T, H) post-norm hidden states of the last layer (fp32 or bf16).
+        weight: (V, H) lm_head weight.
+        labels: (B, T) long, aligned with input_ids; -100 marks positions without a target.
+        chunk_size: tokens per chunk; peak memory is about 2 · chunk_size · V fp32 numbers.
+        bias: optional (V,) lm_head bias.
+        use_liger: use liger-kernel's fused linear cross-entropy when it is installed and the tensors
+            are on CUDA; otherwise (logged once per call) fall back to the chunked implementation.
+
+    Returns:
+        (loss_sum, count): 0-dim fp32 sum of the token losses, 0-dim long number of tokens with a target.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"expected hidden (B, T, H) and labels (B, T), got {tuple(hidden.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    targets = _shifted_targets(labels)  # (B·T,)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])  # (B·T, H), a view when hidden is contiguous
+    valid = targets != IGNORE_INDEX
+    count = valid.sum()
+    if use_liger:
+        if liger_available() and hidden.is_cuda:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+            out = fused(weight, hidden2d.contiguous(), targets, bias)
+            if isinstance(out, tuple):  # newer versions can also return the z-loss
+                out = out[0]
+            return out.float(), count
+        logger.debug("liger-kernel unavailable or tensors not on CUDA: using the chunked cross-entropy")
+    # Only rows with a target enter the chunks: padding and document tails cost nothing.
+    index = valid.nonzero().squeeze(1)  # (n,)
+    loss = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, bias, targets[index], index, chunk_size)
+    return loss, count
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logits distillation
+# ---------------------------------------------------------------------------------------------------
+
+
+def _divergence_and_grad(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token divergence (c,) and its gradient w.r.t. the (tempered) student logits (c, V), in fp32.
+
+    With p = softmax(student), q = softmax(teacher):
+      forward  KL(q‖p) = Σ q (log q − log p);            ∂/∂s = p − q
+      reverse  KL(p‖q) = Σ p (log p − log q);            ∂/∂s = p ⊙ (a − Σ p a),  a = log p − log q
+      jsd      ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q);      ∂/∂s = p ⊙ (a − Σ p a),  a = ½ (log p − log m)
+    """
+    log_p = torch.log_softmax(student_logits, dim=-1)  # (c, V)
+    log_q = torch.log_softmax(teacher_logits, dim=-1)  # (c, V)
+    if kind == "forward":
+        q = log_q.exp()
+        div = (q * (log_q - log_p)).sum(-1)  # (c,)
+        grad = log_p.exp_().sub_(q) if need_grad else None
+        return div, grad
+    p = log_p.exp()
+    if kind == "reverse":
+        a = log_p - log_q  # (c, V)
+        div = (p * a).sum(-1)
+    else:  # jsd, β = 0.5
+        q = log_q.exp()
+        log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, device=log_p.device))
+        div = 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
+        del q
+        a = (log_p - log_m).mul_(0.5)
+    if not need_grad:
+        return div, None
+    mean_a = (p * a).sum(-1, keepdim=True)  # (c, 1)
+    return div, a.sub_(mean_a).mul_(p)
+
+
+class _ChunkedLogitsKL(torch.autograd.Function):
+    """Σ_i D(teacher_i, student_i) over rows `index`, chunk by chunk; logits of both recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, index, kind, temperature, chunk_size):
+        # s_hidden (N, Hs), s_weight (V, Hs), t_hidden (N, Ht), t_weight (V, Ht), index (n,)
+        s_w32 = s_weight.float()
+        with torch.no_grad():
+            t_w32 = t_weight.float()
+        total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
+        for s, e in _chunks(index.numel(), chunk_size):
+            rows = index[s:e]
+            s_logits = _fp32_logits(s_hidden.index_select(0, rows), s_w32, None).div_(temperature)  # (c, V)
+            with torch.no_grad():
+                t_logits = _fp32_logits(t_hidden.index_select(0, rows), t_w32, None).div_(temperature)
+            div, _ = _divergence_and_grad(s_logits, t_logits, kind, need_grad=False)
+            total += div.sum()
+            del s_logits, t_logits
+        ctx.save_for_backward(s_hidden, s_weight, t_hidden, t_weight, index)
+        ctx.kind, ctx.temperature, ctx.chunk_size = kind, temperature, chunk_size
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        s_hidden, s_weight, t_hidden, t_weight, index = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        tau = ctx.temperature
+        s_w32 = s_weight.float()
+        t_w32 = t_weight.float()
+        grad_hidden = torch.zeros_like(s_hidden) if need_h else None  # (N, Hs)
+        grad_weight = torch.zeros_like(s_w32) if need_w else None  # (V, Hs) fp32 accumulator
+        # loss = τ² · D(s / τ): d loss / d s = τ² · (1/τ) · ∂D = τ · ∂D.
+        scale = grad_output.float() * tau
+        for s, e in _chunks(index.numel(), ctx.chunk_size):
+            rows = index[s:e]
+            h = s_hidden.index_select(0, rows)  # (c, Hs)
+            s_logits = _fp32_logits(h, s_w32, None).div_(tau)  # (c, V)
+            with torch.no_grad():
+                t_logits = _fp32_logits(t_hidden.index_select(0, rows), t_w32, None).div_(tau)
+            _, grad_logits = _divergence_and_grad(s_logits, t_logits, ctx.kind, need_grad=True)
+            del s_logits, t_logits
+            grad_logits.mul_(scale)  # (c, V)
+            if need_h:
+                grad_hidden.index_copy_(0, rows, (grad_logits @ s_w32).to(s_hidden.dtype))
+            if need_w:
+                grad_weight.addmm_(grad_logits.t(), h.float())
+            del grad_logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(s_weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def kl_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor,
+    kind: KLKind = "forward",
+    temperature: float = 1.0,
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed divergence between the teacher's and the student's next-token distributions.
+
+    Logits distillation (Hinton et al. 2015; GKD, Agarwal et al. 2024 for reverse KL and JSD), beyond
+    LongReD's hidden-state terms. Both distributions are compared at the same positions (no shift):
+    p = softmax(student_hidden @ student_weightᵀ / τ), q = softmax(teacher_hidden @ teacher_weightᵀ / τ);
+    forward = KL(q‖p), reverse = KL(p‖q), jsd = ½ KL(p‖m) + ½ KL(q‖m) with m = ½(p + q). The sum is
+    scaled by τ² so gradient magnitudes do not depend on τ. The teacher side carries no gradient.
+
+    Args:
+        student_hidden: (B, T, H) student final hidden states (fp32 or bf16).
+        student_weight: (V, H) student lm_head weight.
+        teacher_hidden: (B, T, H_t) teacher final hidden states (no grad).
+        teacher_weight: (V, H_t) teacher lm_head weight (no grad).
+        mask: (B, T) bool, True at the positions that carry loss (real tokens).
+        kind: "forward", "reverse" or "jsd".
+        temperature: τ > 0, divides both logits.
+        chunk_size: tokens per chunk; peak memory is a few chunk_size · V fp32 buffers.
+
+    Returns:
+        (loss_sum, count): 0-dim fp32 τ²·Σ divergence over masked tokens, 0-dim long mask.sum().
+    """
+    if kind not in _KL_KINDS:
+        raise ValueError(f"kind {kind!r} is not allowed; allowed: {', '.join(_KL_KINDS)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if student_hidden.shape[:2] != mask.shape or teacher_hidden.shape[:2] != mask.shape:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)}, teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} and mask {tuple(mask.shape)} disagree on (B, T)")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ: {student_weight.shape[0]} vs "
+                         f"{teacher_weight.shape[0]}")
+    mask = mask.bool()
+    index = mask.reshape(-1).nonzero().squeeze(1)  # (n,)
+    loss = _ChunkedLogitsKL.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]),  # (B·T, H)
+        student_weight,
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),  # (B·T, H_t)
+        teacher_weight.detach(),
+        index,
+        kind,
+        float(temperature),
+        chunk_size,
+    )
+    return loss, mask.sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hidden-state distillation
+# ---------------------------------------------------------------------------------------------------
+
+
+def hidden_cosine_loss(
+    student_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    teacher_states: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (1 − cosine) between student and teacher hidden states over layers and masked tokens.
+
+    LongReD Eq. 2 (L_short) and Eq. 3 (L_s2l): L = Σ_l (1 − mean_tokens cos(H_l^student, H_l^teacher)).
+    Returning the sum over layers and tokens with count = number of masked tokens gives exactly that
+    after the trainer's division. Computed in fp32.
+
+    Args:
+        student_states: one (B, T, H) tensor per distilled layer.
+        teacher_states: the matching (B, T, H) teacher tensors (no grad).
+        mask: (B, T) bool, True at the positions that carry loss.
+
+    Returns:
+        (loss_sum, count): 0-dim fp32 Σ_l Σ_tokens (1 − cos), 0-dim long mask.sum().
+    """
+    if len(student_states) != len(teacher_states) or not student_states:
+        raise ValueError(f"need the same non-zero number of student and teacher layers, got "
+                         f"{len(student_states)} and {len(teacher_states)}")
+    mask = mask.bool()
+    total = torch.zeros((), dtype=torch.float32, device=student_states[0].device)
+    for h_s, h_t in zip(student_states, teacher_states):
+        if h_s.shape != h_t.shape or h_s.shape[:2] != mask.shape:
+            raise ValueError(f"student {tuple(h_s.shape)}, teacher {tuple(h_t.shape)} and mask "
+                             f"{tuple(mask.shape)} shapes disagree")
+        cos = F.cosine_similarity(h_s[mask].float(), h_t.detach()[mask].float(), dim=-1)  # (n,)
+        total = total + (1.0 - cos).sum()
+    return total, mask.sum()
