@@ -1,0 +1,452 @@
+"""Restoration distillation, end to end.
+
+    accelerate launch [--config_file recipes/accelerate/ddp.yaml] -m distill.train RECIPE.yaml [a.b=value ...]
+    python -m distill.train RECIPE.yaml            # one process
+
+One loop, top to bottom: per step, a deterministic plan of micro-batches over the streams (independent of
+the number of processes); each rank fetches its micro-batches, the loss-bearing tokens of every
+(stream, objective) are counted over all micro-batches and ranks once, every micro-batch's loss sums are
+divided by those global counts, weighted, and back-propagated; gradients are summed across ranks, clipped,
+checked finite, and the optimiser steps. Checkpoints are atomic and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+
+from distill import checkpoint as ckpt
+from distill.config import ConfigError, RecipeConfig, load_recipe, save_yaml, to_dict
+from distill.mixture import Mixture, StreamPlan, _seed, shard
+from distill.schedules import lr_at
+
+logger = logging.getLogger("distill.train")
+
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = ckpt.PREEMPT_EXIT_CODE
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite steps): one line, non-zero exit."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------------------------------
+class Processes:
+    """Rank, world and the few collectives the loop needs (sums over ranks; no-ops on one process)."""
+
+    def __init__(self):
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.is_main = self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def sum_gradients(self, params: list[torch.nn.Parameter], bucket_numel: int = 2**24) -> None:
+        """Sum gradients over ranks in flat buckets (losses are already divided by global counts)."""
+        if self.world == 1:
+            return
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        start = 0
+        while start < len(grads):
+            end, numel = start, 0
+            while end < len(grads) and (numel == 0 or numel + grads[end].numel() <= bucket_numel):
+                numel += grads[end].numel()
+                end += 1
+            flat = torch.cat([g.reshape(-1) for g in grads[start:end]])
+            self.all_reduce(flat)
+            offset = 0
+            for g in grads[start:end]:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+            start = end
+
+
+# ---------------------------------------------------------------------------------------------------
+# set-up helpers
+# ---------------------------------------------------------------------------------------------------
+def resolve_layers(cfg: RecipeConfig, num_layers: int, select=None) -> dict[str, list[int]]:
+    """Hidden-state indices per stream ('last' = num_layers, the final-norm output); range-checked."""
+    resolved = {}
+    for name, stream in cfg.streams.items():
+        hidden = stream.objectives.hidden
+        if hidden is None:
+            continue
+        if hidden.layers == "auto":
+            if select is None:
+                raise ConfigError(f"streams.{name}.objectives.hidden.layers: 'auto' needs a layer selection")
+            resolved[name] = select(hidden.top_k)
+            continue
+        layers = []
+        for i, layer in enumerate(hidden.layers):
+            index = num_layers if layer == "last" else layer
+            if not 0 <= index <= num_layers:
+                raise ConfigError(
+                    f"streams.{name}.objectives.hidden.layers[{i}]: {layer} is out of range; allowed: "
+                    f"0..{num_layers} (0 = embeddings, {num_layers} = final-norm output) or 'last'")
+            layers.append(index)
+        resolved[name] = sorted(set(layers))
+    return resolved
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave norms, biases and other 1-D parameters undecayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _real_mask(stream, rows: list[int], seq_len: int) -> torch.Tensor:
+    """(B, T) bool: True on document tokens, False on padding."""
+    totals = torch.tensor([sum(stream.lengths(i)) for i in rows])
+    return torch.arange(seq_len)[None, :] < totals[:, None]
+
+
+def check_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run.output_dir: cannot create '{path}': {err.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"run.output_dir: '{path}' is not writable")
+
+
+def find_resume(cfg: RecipeConfig) -> str | None:
+    mode = cfg.train.resume
+    if mode == "never":
+        return None
+    root = os.path.join(cfg.run.output_dir, "checkpoints")
+    if mode == "auto":
+        return ckpt.latest(root)
+    reason = ckpt.verify(mode) if os.path.isdir(mode) else "not a directory"
+    if reason is not None:
+        raise ConfigError(f"train.resume: '{mode}' is not a usable checkpoint ({reason})")
+    return mode
+
+
+# ---------------------------------------------------------------------------------------------------
+# one micro-batch
+# ---------------------------------------------------------------------------------------------------
+def micro_batch_losses(student, teacher, stream_cfg, batch: dict, real: torch.Tensor, layers: list[int],
+                       num_layers: int, target_length: int, generator_seed: int, autocast) -> dict:
+    """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
+    from distill.models import teacher_hidden
+    from distill.objectives import hidden_cosine_loss, kl_loss, lm_loss
+    from distill.rope import skipped_positions
+
+    input_ids = batch["input_ids"]  # (B, T)
+    positions = batch["position_ids"]  # (B, T) restarting at 0 per document
+    B, T = input_ids.shape
+    objectives = stream_cfg.objectives
+    if stream_cfg.positions == "native":
+        student_positions, student_mask = positions, None  # mask None: packed documents stay isolated
+    else:
+        # Short-to-long: one document per row seen at skipped positions reaching the target length. An
+        # explicit all-ones mask stops transformers from reading the position jump as a new document.
+        gen = torch.Generator().manual_seed(generator_seed)
+        student_positions = torch.stack(
+            [skipped_positions(T, target_length, stream_cfg.positions, gen) for _ in range(B)]).to(input_ids.device)
+        student_mask = torch.ones_like(input_ids)
+
+    with autocast():
+        out = student.get_decoder()(input_ids=input_ids, position_ids=student_positions,
+                                    attention_mask=student_mask, output_hidden_states=True, use_cache=False)
+    states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
+    sums = {}
+    if objectives.lm is not None:
+        sums["lm"] = lm_loss(states[-1], student.get_output_embeddings().weight, batch["labels"],
+                             chunk_size=objectives.lm.chunk_size)
+    if teacher is not None and objectives.needs_teacher:
+        wanted = sorted(set(layers) | ({num_layers} if objectives.kl is not None else set()))
+        with autocast():
+            taught = teacher_hidden(teacher, input_ids, positions, None, wanted, objectives.kl is not None)
+        if objectives.hidden is not None:
+            sums["hidden"] = hidden_cosine_loss([states[i] for i in layers], [taught[i] for i in layers], real)
+        if objectives.kl is not None:
+            kl = objectives.kl
+            sums["kl"] = kl_loss(states[-1], student.get_output_embeddings().weight, taught[num_layers],
+                                 teacher.get_output_embeddings().weight, real, kind=kl.kind,
+                                 temperature=kl.temperature, chunk_size=kl.chunk_size)
+        del taught  # nothing of the teacher outlives its loss
+    return {k: (v[0] if isinstance(v, tuple) else v) for k, v in sums.items()}
+
+
+def micro_batch_counts(stream_cfg, batch: dict, real: torch.Tensor) -> dict[str, int]:
+    """Loss-bearing tokens per objective (the normaliser), known before any forward pass."""
+    counts = {}
+    if stream_cfg.objectives.lm is not None:
+        counts["lm"] = int((batch["labels"][:, 1:] != -100).sum())
+    for name in ("hidden", "kl"):
+        if getattr(stream_cfg.objectives, name) is not None:
+            counts[name] = int(real.sum())
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------
+def run(cfg: RecipeConfig) -> int:
+    from transformers import AutoTokenizer
+
+    from distill.data.dataset import PackedStream
+    from distill.metrics import MetricsFile, Tracker, console_line
+    from distill.models import check_extension, check_packing_isolation, export, load_student, load_teacher
+
+    procs = Processes()
+    torch.manual_seed(cfg.run.seed)
+    out_dir = cfg.run.output_dir
+    device = procs.device
+
+    # -- everything that can be wrong with the recipe is checked before anything is written ----------
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - any load failure is the user's path
+        raise ConfigError(f"model.path: cannot load a tokenizer from '{cfg.model.path}': "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    streams = {}
+    for name, s in cfg.streams.items():
+        try:
+            streams[name] = PackedStream(s.data, tokenizer)
+        except Exception as err:
+            raise ConfigError(f"streams.{name}.data: {err}") from None
+        if streams[name].seq_len > cfg.rope.target_length:
+            raise ConfigError(f"streams.{name}.data: rows of {streams[name].seq_len} tokens exceed "
+                              f"rope.target_length {cfg.rope.target_length}")
+    resume_path = find_resume(cfg)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
+    import dataclasses
+
+    student_model_cfg = dataclasses.replace(cfg.model, dtype="float32")
+    init_path = cfg.train.init_from
+    student = load_student(student_model_cfg, cfg.rope, device)
+    num_layers = student.config.num_hidden_layers
+    teacher = None
+    if cfg.needs_teacher:
+        teacher_cfg = cfg.model if cfg.teacher.path is None else dataclasses.replace(cfg.model, path=cfg.teacher.path)
+        teacher = load_teacher(teacher_cfg.path, teacher_cfg, device)
+    select = None
+    if teacher is not None:
+        def select(top_k):
+            from distill.layers import select_layers
+
+            short = next(n for n, s in cfg.streams.items() if s.objectives.hidden is not None)
+            rows = streams[short].batch(list(range(min(4, len(streams[short])))))
+            return select_layers(student, teacher, rows["input_ids"].to(device), top_k=top_k)["layers"]
+    layers = resolve_layers(cfg, num_layers, select)
+    check_output_dir(out_dir)
+
+    if procs.is_main:
+        for line in check_extension(student, teacher, cfg.rope) if teacher is not None else []:
+            logger.info(line)
+        err = check_packing_isolation(student, student.config._attn_implementation)
+        logger.info("packed documents isolated (%s): max |logit difference| vs alone = %.2e",
+                    student.config._attn_implementation, err)
+        if cfg.model.dtype == "float32" and err > 1e-3:
+            raise TrainingError(f"packed documents are not isolated with attention "
+                                f"'{student.config._attn_implementation}' (max logit error {err:.3g})")
+        for name, ls in layers.items():
+            logger.info("stream %s distils hidden states %s", name, ls)
+
+    if init_path is not None and resume_path is None:
+        ckpt.load(init_path, student, None, procs.rank)  # a new stage: weights only
+        logger.info("initialised the student from %s (fresh optimiser and data state)", init_path)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
+                       for n, s in cfg.streams.items()], cfg.mix.tokens_per_step, cfg.run.seed)
+    cost = {n: streams[n].seq_len for n in streams}
+
+    start_step, tokens_seen, wandb_id, nonfinite_total = 0, 0, None, 0
+    if resume_path is not None:
+        state = ckpt.load(resume_path, student, optimizer, procs.rank)
+        start_step, tokens_seen = state["step"], state["tokens"]
+        mixture.load_state_dict(state["mixture"])
+        wandb_id, nonfinite_total = state.get("wandb_id"), state.get("nonfinite_total", 0)
+        logger.info("resumed from %s (step %d, %d tokens; saved on %d processes, now %d)",
+                    resume_path, start_step, tokens_seen, state.get("world_size", 1), procs.world)
+    if start_step >= cfg.train.max_steps:
+        logger.info("nothing to do: the run already reached step %d", start_step)
+        return 0
+
+    metrics = tracker = None
+    if procs.is_main:
+        save_yaml(cfg, os.path.join(out_dir, "config.yaml"))
+        metrics = MetricsFile(os.path.join(out_dir, "metrics.jsonl"), resume_step=start_step)
+        tracker = Tracker(cfg.log.wandb.project, cfg.log.wandb.mode, cfg.run.name, out_dir, to_dict(cfg),
+                          run_id=wandb_id, entity=cfg.log.wandb.entity)
+        wandb_id = tracker.run_id
+    preempt = ckpt.PreemptionFlag()
+
+    keys = [(n, o) for n, s in cfg.streams.items() for o in s.objectives.active()]
+    weights = torch.tensor([cfg.streams[n].objectives.active()[o].weight for n, o in keys], dtype=torch.float64)
+    use_autocast = dtype != torch.float32
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if use_autocast else contextlib.nullcontext
+
+    def save_checkpoint(step: int) -> str:
+        state = {"tokens": tokens_seen, "mixture": mixture.state_dict(), "wandb_id": wandb_id,
+                 "nonfinite_total": nonfinite_total, "lr": lr}
+        path = ckpt.save(os.path.join(out_dir, "checkpoints"), step, student, optimizer, state,
+                         procs.rank, procs.world, procs.barrier)
+        if procs.is_main:
+            ckpt.prune(os.path.join(out_dir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_every)
+        return path
+
+    progress = None
+    if procs.is_main and cfg.log.progress_bar:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.run.name, unit="step",
+                        dynamic_ncols=True)
+    student.train()
+    streak = 0
+    lr = cfg.optim.lr
+    for step in range(start_step, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.optim.lr, cfg.optim.schedule, cfg.train.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        plan = mixture.plan(step)
+        mine = shard(plan, procs.rank, procs.world, cost)
+        # Fetch every micro-batch of the step first, then count loss-bearing tokens over all of them and
+        # all ranks once: every micro-batch's sums are divided by these global counts (exact accumulation).
+        fetched = []
+        local_counts = torch.zeros(len(keys), dtype=torch.float64)
+        for mb in mine:
+            stream = streams[mb.stream]
+            batch = {k: v.to(device) for k, v in stream.batch(mb.rows).items() if torch.is_tensor(v)}
+            real = _real_mask(stream, mb.rows, stream.seq_len).to(device)
+            for obj, n in micro_batch_counts(cfg.streams[mb.stream], batch, real).items():
+                local_counts[keys.index((mb.stream, obj))] += n
+            fetched.append((mb, batch, real))
+        global_counts = procs.all_reduce(local_counts.to(device)).cpu()
+        step_tokens = sum(len(mb.rows) * streams[mb.stream].seq_len for mb in plan)
+
+        loss_sums = torch.zeros(len(keys), dtype=torch.float64)
+        for mb, batch, real in fetched:
+            stream_cfg = cfg.streams[mb.stream]
+            sums = micro_batch_losses(student, teacher, stream_cfg, batch, real, layers.get(mb.stream, []),
+                                      num_layers, cfg.rope.target_length,
+                                      _seed(cfg.run.seed, "positions", step, mb.index) % (2**63), autocast)
+            loss = 0.0
+            for obj, value in sums.items():
+                i = keys.index((mb.stream, obj))
+                loss = loss + weights[i].item() * value / max(global_counts[i].item(), 1.0)
+                loss_sums[i] += value.detach().double().cpu()
+            loss.backward()
+            del sums, loss
+        procs.sum_gradients(params)
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # a sync point
+        loss_sums = procs.all_reduce(loss_sums.to(device)).cpu()
+        means = loss_sums / global_counts.clamp(min=1)
+        total = float((weights * means).sum())
+
+        if math.isfinite(total) and math.isfinite(grad_norm):
+            optimizer.step()
+            streak = 0
+        else:
+            streak += 1
+            nonfinite_total += 1
+            logger.warning("step %d: non-finite loss %.4g or grad-norm %.4g; step skipped (%d in a row)",
+                           step + 1, total, grad_norm, streak)
+            if streak >= cfg.train.max_nonfinite_steps:
+                raise TrainingError(
+                    f"{streak} non-finite steps in a row (last: step {step + 1}, loss {total}, grad-norm "
+                    f"{grad_norm}); stopping. Lower optim.lr, check the data, or resume from the last checkpoint")
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += step_tokens
+        elapsed = time.perf_counter() - t0
+
+        done = step + 1
+        if procs.is_main:
+            record = {"step": done, "tokens": tokens_seen, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": step_tokens / max(elapsed, 1e-9), "loss": total}
+            for (n, o), value in zip(keys, means.tolist()):
+                record[f"loss/{n}/{o}"] = value
+            record["skipped_steps"] = nonfinite_total
+            metrics.write(record)
+            tracker.log(record, done)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{total:.4f}", refresh=False)
+            if done % cfg.train.log_every == 0:
+                (progress.write if progress is not None else print)(console_line(record))
+
+        stop = torch.tensor([1.0 if preempt.raised else 0.0], device=device)
+        stop = procs.all_reduce(stop, op="max").item() > 0  # all ranks agree at the step boundary
+        last = done == cfg.train.max_steps
+        if stop or last or (cfg.train.save_every and done % cfg.train.save_every == 0):
+            path = save_checkpoint(done)
+            logger.info("checkpoint %s", path)
+        if stop and not last:
+            logger.warning("stopped by signal %s after step %d; checkpoint written; run the same command to "
+                           "resume (exit code %d)", preempt.signum, done, EXIT_PREEMPTED)
+            if progress is not None:
+                progress.close()
+            return EXIT_PREEMPTED
+
+    if progress is not None:
+        progress.close()
+    if cfg.train.export and procs.is_main:
+        final = os.path.join(out_dir, "final")
+        export(student, tokenizer, final, dtype=dtype)
+        logger.info("exported %s", final)
+    procs.barrier()
+    if metrics is not None:
+        metrics.close()
+        tracker.finish()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="a.b=value overrides (parsed as YAML)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        return run(cfg)
+    except (ConfigError, ckpt.CheckpointError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE if isinstance(err, TrainingError) else EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
