@@ -568,9 +568,9 @@ class EvalConfig:
 @dataclasses.dataclass
 class RecipeConfig:
     model: ModelConfig
+    rope: RopeConfig
     streams: dict[str, StreamConfig]
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     mix: MixConfig = dataclasses.field(default_factory=MixConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
