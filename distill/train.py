@@ -155,10 +155,9 @@ def find_resume(cfg: RecipeConfig) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 # one micro-batch
 # ---------------------------------------------------------------------------------------------------
-def micro_batch_losses(student, teacher, stream_cfg, batch: dict, real: torch.Tensor, layers: list[int],
+def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict, real: torch.Tensor, layers: list[int],
                        num_layers: int, target_length: int, generator_seed: int, autocast) -> dict:
     """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
-    from distill.models import teacher_hidden
     from distill.objectives import hidden_cosine_loss, kl_loss, lm_loss
     from distill.rope import skipped_positions
 
@@ -187,7 +186,7 @@ def micro_batch_losses(student, teacher, stream_cfg, batch: dict, real: torch.Te
     if teacher is not None and objectives.needs_teacher:
         wanted = sorted(set(layers) | ({num_layers} if objectives.kl is not None else set()))
         with autocast():
-            taught = teacher_hidden(teacher, input_ids, positions, None, wanted, objectives.kl is not None)
+            taught = teacher_runner(input_ids, positions, None, wanted, objectives.kl is not None)
         if objectives.hidden is not None:
             sums["hidden"] = hidden_cosine_loss([states[i] for i in layers], [taught[i] for i in layers], real)
         if objectives.kl is not None:
@@ -218,7 +217,8 @@ def run(cfg: RecipeConfig) -> int:
 
     from distill.data.dataset import PackedStream
     from distill.metrics import MetricsFile, Tracker, console_line
-    from distill.models import check_extension, check_packing_isolation, export, load_student, load_teacher
+    from distill.models import (TruncatedTeacher, check_extension, check_packing_isolation, export, load_student,
+                                load_teacher)
 
     procs = Processes()
     torch.manual_seed(cfg.run.seed)
@@ -249,10 +249,11 @@ def run(cfg: RecipeConfig) -> int:
     init_path = cfg.train.init_from
     student = load_student(student_model_cfg, cfg.rope, device)
     num_layers = student.config.num_hidden_layers
-    teacher = None
+    teacher = teacher_runner = None
     if cfg.needs_teacher:
         teacher_cfg = cfg.model if cfg.teacher.path is None else dataclasses.replace(cfg.model, path=cfg.teacher.path)
         teacher = load_teacher(teacher_cfg.path, teacher_cfg, device)
+        teacher_runner = TruncatedTeacher(teacher)  # runs only as deep as the deepest distilled layer
     select = None
     if teacher is not None:
         def select(top_k):
@@ -356,7 +357,7 @@ def run(cfg: RecipeConfig) -> int:
         loss_sums = torch.zeros(len(keys), dtype=torch.float64)
         for mb, batch, real in fetched:
             stream_cfg = cfg.streams[mb.stream]
-            sums = micro_batch_losses(student, teacher, stream_cfg, batch, real, layers.get(mb.stream, []),
+            sums = micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch, real, layers.get(mb.stream, []),
                                       num_layers, cfg.rope.target_length,
                                       _seed(cfg.run.seed, "positions", step, mb.index) % (2**63), autocast)
             loss = 0.0
@@ -421,7 +422,8 @@ def run(cfg: RecipeConfig) -> int:
         progress.close()
     if cfg.train.export and procs.is_main:
         final = os.path.join(out_dir, "final")
-        export(student, tokenizer, final, dtype=dtype)
+        # fp32 master weights are exported in the recipe's dtype (bf16 for real models).
+        export(student, tokenizer, final, state_dict={k: v.detach().to(dtype) for k, v in student.state_dict().items()})
         logger.info("exported %s", final)
     procs.barrier()
     if metrics is not None:
