@@ -1,0 +1,284 @@
+"""Reading raw documents from a source (jsonl, json, parquet, text, a tree of files, a HF dataset).
+
+A `SourceReader` yields document texts in a deterministic order (sorted paths, file order). A bad record
+inside a good file (malformed JSON line, missing or non-text field, non-UTF-8 bytes, an empty document)
+is skipped and counted by reason; with `strict` it is a `DataError` naming the file and line. Problems
+with the source as a whole (no files, unreadable files, no usable document at all) are `DataError`s.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import glob
+import json
+import logging
+import os
+import re
+import sysconfig
+from collections.abc import Iterator
+
+from distill.data.dataset import DataError
+from distill.data.spec import SourceConfig
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {"jsonl": (".jsonl", ".json"), "json": (".json",), "parquet": (".parquet",), "text": (".txt", ".md")}
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def expand_path(path: str) -> str:
+    """`~`, `$VARS` and `{stdlib}` (this Python's standard library directory, for the offline demo)."""
+    if "{stdlib}" in path:
+        path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+class SourceReader:
+    """Documents of one source, with counts of skipped records per reason.
+
+    Args:
+        source: the source's spec entry.
+        index: its position in the spec's `sources` list (for error messages).
+        strict: raise DataError at the first bad record instead of skipping it.
+    """
+
+    def __init__(self, source: SourceConfig, index: int = 0, strict: bool = False):
+        self.source = source
+        self.where = f"source {source.name!r} (sources[{index}])"
+        self.strict = strict
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}
+        self.records = 0
+        self.files: list[str] = []
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def skip(self, reason: str, location: str, detail: str) -> None:
+        if self.strict:
+            raise DataError(f"{location}: {detail} ({self.where}; strict: true turns skips into errors)")
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, f"{location}: {detail}")
+
+    def _text(self, value, location: str) -> str | None:
+        self.records += 1
+        if value is None:
+            self.skip("missing_field", location, f"no field {self.source.text_field!r}")
+            return None
+        if not isinstance(value, str):
+            self.skip("field_not_text", location,
+                      f"field {self.source.text_field!r} is {type(value).__name__}, not a string")
+            return None
+        if not value.strip():
+            self.skip("empty", location, "empty document")
+            return None
+        return value
+
+    # -- paths -------------------------------------------------------------------------------------------
+    def paths(self) -> list[str]:
+        """The source's files in sorted order; DataError when there are none."""
+        src = self.source
+        path = expand_path(src.path or "")
+        if _has_glob(path):
+            found = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise DataError(f"{self.where}: no files match {src.path!r}")
+        elif os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if name.startswith("."):
+                        continue
+                    full = os.path.join(root, name)
+                    if src.kind == "files" or name.endswith(_EXTENSIONS.get(src.kind, ())):
+                        found.append(full)
+            found.sort()
+            if src.kind == "files":
+                found = [p for p in found if self._wanted(os.path.relpath(p, path))]
+            if not found:
+                allowed = "" if src.kind == "files" else f" with extension {' or '.join(_EXTENSIONS[src.kind])}"
+                raise DataError(f"{self.where}: directory {src.path!r} has no files{allowed}"
+                                + (" matching include/exclude" if src.kind == "files" else ""))
+        elif os.path.isfile(path):
+            found = [path]
+        else:
+            raise DataError(f"{self.where}: no such file or directory: {src.path!r}")
+        if src.kind == "files" and _has_glob(path):
+            found = [p for p in found if self._wanted(p)]
+            if not found:
+                raise DataError(f"{self.where}: no files under {src.path!r} match include/exclude")
+        return found
+
+    def _wanted(self, rel: str) -> bool:
+        base = os.path.basename(rel)
+        inc = self.source.include
+        if inc and not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(base, p) for p in inc):
+            return False
+        return not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(base, p) for p in self.source.exclude)
+
+    # -- documents ---------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        kind = self.source.kind
+        if kind == "hf":
+            yield from self._hf()
+            return
+        self.files = self.paths()
+        reader = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet,
+                  "text": self._text_file, "files": self._file}[kind]
+        for path in self.files:
+            yield from reader(path)
+
+    def _open(self, path: str):
+        try:
+            return open(path, "rb")
+        except OSError as err:
+            raise DataError(f"{path}: cannot read ({err.strerror}; {self.where})") from None
+
+    def _jsonl(self, path: str) -> Iterator[str]:
+        field = self.source.text_field
+        with self._open(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                location = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    self.records += 1
+                    self.skip("not_utf8", location, f"invalid UTF-8 at byte {err.start}")
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    self.records += 1
+                    self.skip("malformed_json", location, f"malformed JSON ({str(err).split(':')[0]})")
+                    continue
+                if not isinstance(record, dict):
+                    self.records += 1
+                    self.skip("not_an_object", location, f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                text = self._text(record.get(field), location)
+                if text is not None:
+                    yield text
+
+    def _json(self, path: str) -> Iterator[str]:
+        with self._open(path) as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            self.records += 1
+            self.skip("not_utf8", path, f"invalid UTF-8 at byte {err.start}")
+            return
+        except ValueError as err:
+            self.records += 1
+            self.skip("malformed_json", path, f"malformed JSON ({err})")
+            return
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}}), "
+                            f"got {type(data).__name__} ({self.where})")
+        field = self.source.text_field
+        for i, record in enumerate(data):
+            location = f"{path}[{i}]"
+            if isinstance(record, str):
+                text = self._text(record, location)
+            elif isinstance(record, dict):
+                text = self._text(record.get(field), location)
+            else:
+                self.records += 1
+                self.skip("not_an_object", location, f"expected an object or a string, got {type(record).__name__}")
+                continue
+            if text is not None:
+                yield text
+
+    def _parquet(self, path: str) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        field = self.source.text_field
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable parquet file ({err}; {self.where})") from None
+        names = pf.schema_arrow.names
+        if field not in names:
+            raise DataError(f"{path}: no column {field!r} (text_field of {self.where}); columns: {', '.join(names)}")
+        row = 0
+        for batch in pf.iter_batches(columns=[field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                text = self._text(value, f"{path} row {row}")
+                row += 1
+                if text is not None:
+                    yield text
+
+    def _decode_file(self, path: str) -> str | None:
+        with self._open(path) as f:
+            raw = f.read()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            self.records += 1
+            self.skip("not_utf8", path, f"invalid UTF-8 at byte {err.start}")
+            return None
+
+    def _text_file(self, path: str) -> Iterator[str]:
+        content = self._decode_file(path)
+        if content is None:
+            return
+        if self.source.text_split == "file":
+            text = self._text(content, path)
+            if text is not None:
+                yield text
+            return
+        for i, block in enumerate(_BLANK_LINE.split(content)):
+            if block.strip():
+                self.records += 1
+                yield block.strip("\n")
+
+    def _file(self, path: str) -> Iterator[str]:
+        content = self._decode_file(path)
+        if content is not None:
+            text = self._text(content, path)
+            if text is not None:
+                yield text
+
+    def _hf(self) -> Iterator[str]:
+        import datasets
+
+        src = self.source
+        name = src.dataset
+        try:
+            if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "state.json"))
+                                        or os.path.isfile(os.path.join(name, "dataset_dict.json"))):
+                ds = datasets.load_from_disk(name)
+                if isinstance(ds, datasets.DatasetDict):
+                    if src.split not in ds:
+                        raise DataError(f"{self.where}: {name} has no split {src.split!r}; splits: {', '.join(ds)}")
+                    ds = ds[src.split]
+            else:
+                ds = datasets.load_dataset(name, src.config, split=src.split, streaming=src.streaming)
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - hub, network and format errors all end here
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"{self.where}: cannot load dataset {name!r} (config {src.config!r}, split "
+                            f"{src.split!r}): {msg}") from None
+        columns = getattr(ds, "column_names", None)
+        if columns is not None and src.text_field not in columns:
+            raise DataError(f"{self.where}: dataset {name!r} has no column {src.text_field!r}; "
+                            f"columns: {', '.join(columns)}")
+        self.files = [name]
+        if not src.streaming and hasattr(ds, "select_columns"):
+            ds = ds.select_columns([src.text_field])
+        for i, record in enumerate(ds):
+            text = self._text(record.get(src.text_field), f"{name}[{i}]")
+            if text is not None:
+                yield text
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
