@@ -1,0 +1,690 @@
+"""Evaluation suite: short-text retention against the teacher, NLL by position on long text, passkey retrieval
+(needle in a haystack), per-layer drift, and plots.
+
+What each figure answers (shared/METHOD.md, "Why short-text ability degrades"):
+- `short_nll` / `kl_teacher_student` / `hidden_cosine` / `attention_kl` on held-out short rows: how far the
+  extended student has drifted from the original model where the original was good (short text). The paper
+  tracks hidden-state cosine and attention KL; at toy scale the next-token KL and NLL gap are the sharper
+  signals.
+- `long_nll` by position on held-out long rows: whether the student uses context beyond the original window.
+  On local text (code) this barely separates methods, hence:
+- passkey retrieval: a key stated once, asked for at the end; the teacher solves it inside its window and
+  fails beyond it, so it measures long-context skill directly.
+
+All forwards run under `torch.no_grad()` with `use_cache=False`; packed rows use `attention_mask=None` (the
+only setting in which transformers isolates packed documents, see `distill.models`). fp32 on CPU, bf16
+autocast on CUDA. Logits are never materialised for a whole row: they are computed in chunks of tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill.data.dataset import IGNORE_INDEX, DataError, PackedStream
+from distill.layers import attention_kl
+from distill.models import decoder_of, forward_hidden
+from distill.objectives import kl_loss
+
+logger = logging.getLogger(__name__)
+
+PASSKEY_DIGITS = 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plumbing
+# --------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Put models in eval() and restore every submodule's own train/eval flag afterwards."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    for model in models:
+        if model is not None:
+            model.eval()
+    try:
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 (the parameters' dtype) on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _open(stream) -> PackedStream:
+    return stream if isinstance(stream, PackedStream) else PackedStream(stream)
+
+
+def _row_indices(stream: PackedStream, max_rows: int | None) -> list[int]:
+    if len(stream) == 0:
+        raise DataError(f"{stream.path}: the stream has no rows to evaluate on")
+    n = len(stream) if max_rows is None else min(int(max_rows), len(stream))
+    return list(range(n))
+
+
+def _real_mask(stream: PackedStream, indices: Sequence[int]) -> torch.Tensor:
+    """(B, T) bool: True on document tokens, False on padding."""
+    real = torch.tensor([sum(stream.lengths(i)) for i in indices])  # (B,)
+    return torch.arange(stream.seq_len)[None, :] < real[:, None]
+
+
+def _exact(device: torch.device):
+    """Autocast off: losses and logits are computed in fp32 even inside a bf16-autocast forward region."""
+    return torch.autocast(device.type, enabled=False)
+
+
+def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+              chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token causal-LM NLL from final hidden states, in fp32 chunks (no (B·T, V) logits at once).
+
+    Args:
+        hidden: (B, T, H) final-norm hidden states.
+        weight: (V, H) lm_head weight; bias: optional (V,).
+        labels: (B, T) aligned with input_ids (-100: no target); hidden state t predicts labels[:, t + 1].
+
+    Returns:
+        (nll, has_target): (B, T) fp32 NLL of the token at position t (0 where there is no target) and (B, T)
+        bool. Entry t is the loss of *predicting token t* (from tokens < t), so it lines up with position_ids.
+    """
+    with _exact(hidden.device):
+        return _token_nll(hidden, weight, labels, bias, chunk_size)
+
+
+def _token_nll(hidden, weight, labels, bias, chunk_size):
+    B, T, H = hidden.shape
+    targets = labels[:, 1:].reshape(-1)  # (B·(T-1),)
+    flat = hidden[:, :-1].reshape(-1, H)  # (B·(T-1), H)
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+    losses = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    w32 = weight.float()
+    b32 = bias.float() if bias is not None else None
+    for start in range(0, index.numel(), chunk_size):
+        rows = index[start: start + chunk_size]
+        logits = flat.index_select(0, rows).float() @ w32.t()  # (c, V)
+        if b32 is not None:
+            logits += b32
+        losses[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
+        del logits
+    nll = torch.zeros((B, T), dtype=torch.float32, device=hidden.device)
+    nll[:, 1:] = losses.view(B, T - 1)
+    has_target = torch.zeros((B, T), dtype=torch.bool, device=hidden.device)
+    has_target[:, 1:] = (targets != IGNORE_INDEX).view(B, T - 1)
+    return nll, has_target
+
+
+def _final_hidden(model, input_ids, position_ids) -> torch.Tensor:
+    """(B, T, H) final-norm hidden states of a packed batch, without keeping the per-layer states."""
+    out = decoder_of(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    return out.last_hidden_state
+
+
+def _mean(total: float, count: int) -> float:
+    return total / count if count else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Short-text retention
+# --------------------------------------------------------------------------------------------------------------
+
+def sample_documents(stream, count: int = 2, max_tokens: int = 512, scan_rows: int = 64) -> torch.Tensor:
+    """Up to `count` single documents from a stream, cut to one common length, for attention-KL measurements.
+
+    Scans the first `scan_rows` rows, takes the longest documents (any document of a packed row, whole), and
+    truncates them to min(max_tokens, the shortest chosen). Each returned row is ONE document with positions
+    0..T-1, as `distill.layers.attention_kl` expects.
+
+    Returns:
+        (N, T) int64 token ids, N ≤ count.
+    """
+    stream = _open(stream)
+    docs = []
+    for i in range(min(scan_rows, len(stream))):
+        ids = stream.input_ids(i)
+        start = 0
+        for n in stream.lengths(i):
+            docs.append(ids[start: start + n])
+            start += n
+    docs = [d for d in docs if len(d) >= 2]
+    if not docs:
+        raise DataError(f"{stream.path}: no document of at least 2 tokens in the first {scan_rows} rows")
+    docs.sort(key=len, reverse=True)  # stable: ties keep stream order, so the choice is deterministic
+    chosen = docs[:count]
+    length = min(int(max_tokens), min(len(d) for d in chosen))
+    return torch.from_numpy(np.stack([d[:length].astype(np.int64) for d in chosen]))
+
+
+@torch.no_grad()
+def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size: int = 4,
+                    attention_rows: int = 2, attention_tokens: int = 512, chunk_size: int = 4096) -> dict:
+    """Short-text retention of the student against the teacher on held-out short rows.
+
+    Args:
+        model: the (extended) student.
+        teacher: the original model, or None (then only NLL figures).
+        stream: a PackedStream or a built stream directory (held-out short rows, several documents per row).
+        max_rows: rows to evaluate (the first ones; None: all).
+        batch_size: rows per forward.
+        attention_rows: documents for the per-layer attention KL (0: skip it; it needs eager attention).
+        attention_tokens: cut those documents to at most this many tokens (eager attention is O(T²) memory).
+
+    Returns:
+        {"short_nll": mean NLL per predicted token (labels), "short_ppl", "short_tokens",
+         and with a teacher: "teacher_short_nll", "kl_teacher_student" (mean KL(teacher ‖ student) of the
+         next-token distributions per predicting token, i.e. real tokens whose next token is in the same
+         document), "hidden_cosine" (list over hidden_states indices 0..L of the mean cosine per real token),
+         "attention_kl" (list over decoder layers 0..L-1, KL(teacher ‖ student) of attention distributions)}.
+    """
+    stream = _open(stream)
+    indices = _row_indices(stream, max_rows)
+    device = _device(model)
+    s_weight, s_bias = _lm_head(model)
+    t_weight, t_bias = _lm_head(teacher) if teacher is not None else (None, None)
+    nll_sum = t_nll_sum = kl_sum = 0.0
+    n_targets = n_real = n_kl = 0
+    cos_sums = None
+    with eval_mode(model, teacher), _autocast(device):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start: start + batch_size]
+            batch = stream.batch(chunk)
+            ids = batch["input_ids"].to(device)  # (B, T)
+            pos = batch["position_ids"].to(device)  # (B, T)
+            labels = batch["labels"].to(device)  # (B, T)
+            real = _real_mask(stream, chunk).to(device)  # (B, T)
+            if teacher is None:
+                s_final = _final_hidden(model, ids, pos)  # (B, T, H)
+                nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
+                nll_sum += nll.sum().item()
+                n_targets += int(has_target.sum().item())
+                continue
+            s_states, s_final = forward_hidden(model, ids, pos, attention_mask=None)  # L+1 × (B, T, H)
+            t_states, t_final = forward_hidden(teacher, ids, pos, attention_mask=None)
+            nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
+            t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
+            nll_sum += nll.sum().item()
+            t_nll_sum += t_nll.sum().item()
+            n_targets += int(has_target.sum().item())
+            # KL at position t compares the distributions over token t+1: only where that token has a target.
+            predicting = torch.zeros_like(has_target)
+            predicting[:, :-1] = has_target[:, 1:]
+            with _exact(device):
+                kl, count = kl_loss(s_final, s_weight, t_final, t_weight, predicting, kind="forward",
+                                    chunk_size=chunk_size)
+            kl_sum += kl.item()
+            n_kl += int(count.item())
+            if cos_sums is None:
+                cos_sums = [0.0] * len(s_states)
+            if len(s_states) == len(t_states) and s_states[0].shape == t_states[0].shape:
+                for i, (s, t) in enumerate(zip(s_states, t_states)):
+                    cos = F.cosine_similarity(s.float(), t.float(), dim=-1)  # (B, T)
+                    cos_sums[i] += cos[real].sum().item()
+            n_real += int(real.sum().item())
+            del s_states, t_states, s_final, t_final
+    out = {"short_nll": _mean(nll_sum, n_targets), "short_tokens": n_targets}
+    out["short_ppl"] = math.exp(out["short_nll"]) if n_targets else float("nan")
+    if teacher is None:
+        return out
+    out["teacher_short_nll"] = _mean(t_nll_sum, n_targets)
+    out["kl_teacher_student"] = _mean(kl_sum, n_kl)
+    same_shape = model.config.hidden_size == teacher.config.hidden_size
+    out["hidden_cosine"] = [_mean(c, n_real) for c in cos_sums] if same_shape and cos_sums else []
+    if attention_rows > 0:
+        docs = sample_documents(stream, attention_rows, attention_tokens)
+        with eval_mode(model, teacher), _autocast(device):
+            out["attention_kl"] = attention_kl(model, teacher, docs.to(device)).float().cpu().tolist()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLL by position on long text
+# --------------------------------------------------------------------------------------------------------------
+
+def bucket_edges(seq_len: int, buckets: int | Sequence[int] | str = 16) -> list[int]:
+    """Bucket edges over document positions [0, seq_len].
+
+    Args:
+        buckets: an int n → n equal-width buckets; "log2" → [0, 1, 2, 4, ..., seq_len]; a sequence → those
+            edges (sorted, ending at seq_len or beyond).
+    """
+    if isinstance(buckets, str):
+        if buckets != "log2":
+            raise ValueError(f"buckets {buckets!r}: an int, a list of edges or 'log2'")
+        edges, p = [0, 1], 2
+        while p < seq_len:
+            edges.append(p)
+            p *= 2
+        return edges + [seq_len]
+    if isinstance(buckets, int):
+        if buckets <= 0:
+            raise ValueError(f"buckets must be positive, got {buckets}")
+        width = max(1, math.ceil(seq_len / buckets))
+        return list(range(0, seq_len, width)) + [seq_len]
+    edges = sorted(int(e) for e in buckets)
+    if len(edges) < 2 or edges[0] < 0:
+        raise ValueError(f"bucket edges {list(buckets)}: need at least two non-negative edges")
+    return edges
+
+
+@torch.no_grad()
+def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequence[int] | str = 16,
+                    original_length: int | None = None, batch_size: int = 1, chunk_size: int = 4096) -> dict:
+    """Mean NLL per document-relative position bucket on held-out long rows.
+
+    The position of a token is its `position_ids` entry (restarting at 0 per packed document): the token at
+    position p is predicted from the p tokens before it in its document. Bucket k holds positions
+    [edges[k], edges[k+1]).
+
+    Args:
+        stream: a PackedStream or a built long stream directory (held-out rows at the target length).
+        buckets: see `bucket_edges`.
+        original_length: the original window T0; adds "long_nll_within" (positions < T0) and
+            "long_nll_beyond" (positions ≥ T0: tokens that never fit in one T0-token window with the
+            document start).
+
+    Returns:
+        {"edges", "centers", "nll" (per bucket, NaN when empty), "count", "long_nll", "long_ppl", "long_tokens",
+         "original_length", "long_nll_within", "long_nll_beyond"}.
+    """
+    stream = _open(stream)
+    indices = _row_indices(stream, max_rows)
+    device = _device(model)
+    weight, bias = _lm_head(model)
+    per_sum = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,) NLL sum per document position
+    per_count = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,)
+    with eval_mode(model), _autocast(device):
+        for start in range(0, len(indices), batch_size):
+            batch = stream.batch(indices[start: start + batch_size])
+            ids = batch["input_ids"].to(device)  # (B, T)
+            pos = batch["position_ids"].to(device)  # (B, T)
+            labels = batch["labels"].to(device)
+            final = _final_hidden(model, ids, pos)  # (B, T, H)
+            nll, has_target = token_nll(final, weight, labels, bias, chunk_size)  # (B, T) each
+            del final
+            p = pos[has_target].cpu()
+            per_sum.index_add_(0, p, nll[has_target].double().cpu())
+            per_count.index_add_(0, p, torch.ones_like(p, dtype=torch.float64))
+    edges = bucket_edges(stream.seq_len, buckets)
+    nll_b, count_b, centers = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        s = per_sum[lo:hi].sum().item()
+        c = int(per_count[lo:hi].sum().item())
+        nll_b.append(_mean(s, c))
+        count_b.append(c)
+        centers.append((lo + min(hi, stream.seq_len) - 1) / 2)
+    total, n = per_sum.sum().item(), int(per_count.sum().item())
+    out = {"edges": edges, "centers": centers, "nll": nll_b, "count": count_b, "long_nll": _mean(total, n),
+           "long_tokens": n, "original_length": original_length}
+    out["long_ppl"] = math.exp(out["long_nll"]) if n else float("nan")
+    if original_length is not None:
+        t0 = int(original_length)
+        out["long_nll_within"] = _mean(per_sum[:t0].sum().item(), int(per_count[:t0].sum().item()))
+        out["long_nll_beyond"] = _mean(per_sum[t0:].sum().item(), int(per_count[t0:].sum().item()))
+    return out
+
+
+def long_nll_beyond(result: dict, original_length: int | None = None) -> float:
+    """`long_nll_beyond` of an `nll_by_position` result (computed there when it had the original length)."""
+    if original_length is None or original_length == result.get("original_length"):
+        return result.get("long_nll_beyond", float("nan"))
+    raise ValueError("recompute nll_by_position with original_length= to get the NLL beyond another window")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Passkey retrieval / needle in a haystack
+# --------------------------------------------------------------------------------------------------------------
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20) -> np.ndarray:
+    """Filler text for passkey prompts: the real (non-padding) tokens of the first rows of a held-out stream,
+    joined (documents keep the separators the builder put between them)."""
+    stream = _open(stream)
+    parts, total = [], 0
+    for i in range(min(max_rows, len(stream))):
+        real = sum(stream.lengths(i))
+        parts.append(np.asarray(stream.input_ids(i)[:real], dtype=np.int64))
+        total += real
+        if total >= max_tokens:
+            break
+    if total == 0:
+        raise DataError(f"{stream.path}: no tokens to use as passkey filler")
+    return np.concatenate(parts)[:max_tokens]
+
+
+def passkey_prompts(tokenizer, filler_ids, context_length: int, depth: float,
+                    rng: random.Random | int) -> tuple[list[int], list[int]]:
+    """One passkey prompt: a key statement at a relative depth inside filler, then the question.
+
+    Layout (code-like, since the demo models are trained on Python code):
+        <filler ...> \\nPASSKEY = 48213\\n <filler ...> \\nassert PASSKEY ==   → answer " 48213"
+    The filler is a contiguous slice of `filler_ids` (wrapped around when too short) starting at a random
+    offset; the key is `PASSKEY_DIGITS` random digits. The needle's first token sits at filler index
+    round(depth · filler_budget), so depth 0 puts it at the very start, 1 right before the question.
+
+    Args:
+        filler_ids: 1-D token ids of held-out text.
+        context_length: exact prompt length in tokens (the answer follows it).
+        depth: relative position of the needle in [0, 1].
+        rng: a `random.Random` (or an int seed): the same state gives the same prompt.
+
+    Returns:
+        (prompt_ids, answer_ids): len(prompt_ids) == context_length.
+    """
+    if not 0.0 <= float(depth) <= 1.0:
+        raise ValueError(f"depth {depth} must be in [0, 1]")
+    if not isinstance(rng, random.Random):
+        rng = random.Random(rng)
+    filler = np.asarray(filler_ids, dtype=np.int64).reshape(-1)
+    if filler.size == 0:
+        raise ValueError("filler_ids is empty")
+    key = str(rng.randint(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS - 1))
+    needle = _encode(tokenizer, f"\nPASSKEY = {key}\n")
+    question_text = "\nassert PASSKEY =="
+    question = _encode(tokenizer, question_text)
+    full = _encode(tokenizer, f"{question_text} {key}")
+    # Tokenizers may merge the space with the first digit: split where the question's own encoding stops
+    # agreeing with the encoding of question + answer, so the answer is exactly what the model should emit.
+    common = 0
+    while common < min(len(question), len(full)) and question[common] == full[common]:
+        common += 1
+    question, answer = full[:common], full[common:]
+    if not answer:
+        raise ValueError(f"tokenizer produced no answer tokens for key {key}")
+    budget = int(context_length) - len(needle) - len(question)
+    if budget < 0:
+        raise ValueError(f"context_length {context_length} is shorter than the needle and question "
+                         f"({len(needle) + len(question)} tokens)")
+    offset = rng.randrange(filler.size)
+    take = np.take(filler, np.arange(offset, offset + budget), mode="wrap").tolist()
+    at = int(round(float(depth) * budget))
+    prompt = take[:at] + needle + take[at:] + question
+    assert len(prompt) == context_length
+    return prompt, answer
+
+
+def _prompt_rng(seed: int, length: int, depth: float, sample: int) -> random.Random:
+    # A string seed is hashed deterministically (sha512), independent of PYTHONHASHSEED and of the grid.
+    return random.Random(f"passkey/{seed}/{length}/{float(depth)!r}/{sample}")
+
+
+@torch.no_grad()
+def _score_answers(model, prompts: list[list[int]], answers: list[list[int]]) -> tuple[list[bool], list[float]]:
+    """Exact greedy match and mean answer log-prob for same-length prompts (one forward per batch)."""
+    device = _device(model)
+    weight, bias = _lm_head(model)
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+    ids = ids.to(device)
+    pos = torch.arange(width, device=device)[None].expand(len(seqs), -1)  # (B, T): one document per row
+    final = _final_hidden(model, ids, pos)  # (B, T, H)
+    hits, logps = [], []
+    with _exact(device):
+        for r, (p, a) in enumerate(zip(prompts, answers)):
+            h, l_ = _score_one(final[r], p, a, weight, bias)
+            hits.append(h)
+            logps.append(l_)
+    return hits, logps
+
+
+def _score_one(final: torch.Tensor, prompt: list[int], answer: list[int], weight, bias) -> tuple[bool, float]:
+    """(exact match, mean log-prob) of `answer` from one row's final hidden states (T, H)."""
+    h = final[len(prompt) - 1: len(prompt) - 1 + len(answer)].float()  # (n, H): the states predicting the answer
+    logits = h @ weight.float().t()  # (n, V)
+    if bias is not None:
+        logits += bias.float()
+    target = torch.tensor(answer, device=final.device)  # (n,)
+    logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)  # (n,)
+    return bool((logits.argmax(-1) == target).all().item()), logp.mean().item()
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy decoding with full forwards (no KV cache): the reference for `passkey_accuracy`."""
+    device = _device(model)
+    weight, bias = _lm_head(model)
+    seq = list(prompt_ids)
+    with eval_mode(model), _autocast(device):
+        for _ in range(max_new_tokens):
+            ids = torch.tensor([seq], device=device)
+            pos = torch.arange(len(seq), device=device)[None]
+            h = _final_hidden(model, ids, pos)[0, -1].float()  # (H,)
+            logits = h @ weight.float().t() + (bias.float() if bias is not None else 0.0)  # (V,)
+            seq.append(int(logits.argmax().item()))
+    return seq[len(prompt_ids):]
+
+
+def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256,),
+                     depths: Sequence[float] = (0.0, 0.5, 1.0), samples: int = 4, seed: int = 0,
+                     batch_size: int = 4) -> dict:
+    """Passkey retrieval accuracy per (context length, depth) and overall.
+
+    Exact match under greedy decoding is scored with one teacher-forced forward over prompt + answer: greedy
+    decoding reproduces the answer exactly iff, at every answer step, the argmax given the correct prefix is
+    the correct token — which is what is checked (identical to a decode loop, `greedy_decode`, and one forward
+    instead of len(answer)). The mean per-token log-prob of the answer is the softer signal.
+
+    Returns:
+        {"lengths", "depths", "samples", "accuracy" (overall), "logprob" (overall mean),
+         "grid_accuracy" / "grid_logprob" (len(lengths) × len(depths) lists),
+         "by_length": {str(length): accuracy}}.
+    """
+    lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
+    device = _device(model)
+    acc = np.zeros((len(lengths), len(depths)))
+    lp = np.zeros((len(lengths), len(depths)))
+    with eval_mode(model), _autocast(device):
+        for i, length in enumerate(lengths):
+            for j, depth in enumerate(depths):
+                cases = [passkey_prompts(tokenizer, filler_ids, length, depth, _prompt_rng(seed, length, depth, k))
+                         for k in range(samples)]
+                hits, logps = [], []
+                for start in range(0, len(cases), batch_size):
+                    part = cases[start: start + batch_size]
+                    h, l_ = _score_answers(model, [c[0] for c in part], [c[1] for c in part])
+                    hits += h
+                    logps += l_
+                acc[i, j] = float(np.mean(hits)) if hits else float("nan")
+                lp[i, j] = float(np.mean(logps)) if logps else float("nan")
+    return {"lengths": lengths, "depths": depths, "samples": int(samples),
+            "accuracy": float(acc.mean()), "logprob": float(lp.mean()),
+            "grid_accuracy": acc.tolist(), "grid_logprob": lp.tolist(),
+            "by_length": {str(n): float(acc[i].mean()) for i, n in enumerate(lengths)}}
+
+
+def needle_grid(model, tokenizer, filler_ids, lengths: Sequence[int], depths: Sequence[float], samples: int = 4,
+                seed: int = 0, path: str | None = None, title: str = "passkey retrieval", batch_size: int = 4) -> dict:
+    """`passkey_accuracy` over context length × depth, plus a heatmap PNG at `path` when given."""
+    grid = passkey_accuracy(model, tokenizer, filler_ids, lengths, depths, samples, seed, batch_size)
+    if path is not None:
+        plot_needle_heatmap(grid, path, title=title)
+    return grid
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_nll_by_position(results: dict, path: str, original_length: int | None = None,
+                         title: str = "NLL by position") -> str:
+    """One line per model (`results`: {name: nll_by_position result}); a dashed line at the original window."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, res in results.items():
+        ax.plot(res["centers"], res["nll"], marker="o", markersize=3, label=name)
+        if original_length is None:
+            original_length = res.get("original_length")
+    if original_length:
+        ax.axvline(original_length, color="grey", linestyle="--", label=f"original window ({original_length})")
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel("NLL (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_needle_heatmap(grid: dict, path: str, title: str = "passkey retrieval") -> str:
+    """Accuracy heatmap: depth (rows) × context length (columns), values annotated."""
+    plt = _pyplot()
+    acc = np.asarray(grid["grid_accuracy"], dtype=float).T  # (depths, lengths)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * acc.shape[1], 1.2 + 0.6 * acc.shape[0]))
+    im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
+    ax.set_yticks(range(len(grid["depths"])), [f"{d:g}" for d in grid["depths"]])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for (r, c), v in np.ndenumerate(acc):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"{title} (n={grid.get('samples', '?')})")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------------------------------
+
+def _finite(x):
+    """JSON-safe numbers: NaN/inf become None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def evaluate_suite(model, teacher, short_stream, long_stream, original_length: int, target_length: int,
+                   out_dir: str | None = None, max_rows: int = 8, passkey_samples: int = 0, tokenizer=None,
+                   passkey_lengths: Sequence[int] | None = None, passkey_depths: Sequence[float] = (0.0, 0.5, 1.0),
+                   seed: int = 0, batch_size: int = 4, long_batch_size: int = 1,
+                   buckets: int | Sequence[int] | str = 16, attention_rows: int = 2, attention_tokens: int = 512,
+                   teacher_baselines: bool = False) -> dict:
+    """Every evaluation as flat figures; the trainer logs them under `eval/...` every `eval_every` steps.
+
+    Cheap with a small `max_rows`; leaves `model` (and `teacher`) in their original train/eval mode.
+
+    Args:
+        model: the student (extended RoPE).
+        teacher: the original model or None (no retention figures then).
+        short_stream / long_stream: PackedStream or built directory (held-out), or None to skip that part.
+        original_length / target_length: the original and the extended window.
+        out_dir: when given, write eval.json (figures + details) and PNG plots there.
+        passkey_samples: prompts per (length, depth); 0 skips passkey (needs `tokenizer` otherwise).
+        passkey_lengths: context lengths (default: original and target length).
+        teacher_baselines: also evaluate the teacher's long NLL and passkey (a reference line / grid).
+
+    Returns:
+        {"short_nll", "short_ppl", "teacher_short_nll", "short_nll_gap", "kl_teacher_student",
+         "hidden_cosine_mean", "hidden_cosine_last", "hidden_cosine/<i>", "attention_kl_mean", "attention_kl/<i>",
+         "long_nll", "long_ppl", "long_nll_within", "long_nll_beyond", "passkey_accuracy", "passkey_logprob",
+         "passkey_accuracy/<length>", and "teacher_..." twins with `teacher_baselines`}; absent parts are omitted.
+    """
+    figures: dict = {}
+    details: dict = {"original_length": int(original_length), "target_length": int(target_length)}
+    plots: list[str] = []
+    if short_stream is not None:
+        short = short_retention(model, teacher, short_stream, max_rows, batch_size, attention_rows, attention_tokens)
+        details["short"] = short
+        for key in ("short_nll", "short_ppl", "teacher_short_nll", "kl_teacher_student"):
+            if key in short:
+                figures[key] = short[key]
+        if "teacher_short_nll" in short:
+            figures["short_nll_gap"] = short["short_nll"] - short["teacher_short_nll"]
+        cos = short.get("hidden_cosine") or []
+        if cos:
+            figures["hidden_cosine_mean"] = float(np.mean(cos[1:] if len(cos) > 1 else cos))
+            figures["hidden_cosine_last"] = cos[-1]
+            figures.update({f"hidden_cosine/{i}": c for i, c in enumerate(cos)})
+        akl = short.get("attention_kl") or []
+        if akl:
+            figures["attention_kl_mean"] = float(np.mean(akl))
+            figures.update({f"attention_kl/{i}": v for i, v in enumerate(akl)})
+    if long_stream is not None:
+        curves = {"student": nll_by_position(model, long_stream, max_rows, buckets, original_length, long_batch_size)}
+        if teacher_baselines and teacher is not None:
+            curves["teacher"] = nll_by_position(teacher, long_stream, max_rows, buckets, original_length,
+                                                long_batch_size)
+        details["long"] = curves
+        for name, res in curves.items():
+            prefix = "" if name == "student" else "teacher_"
+            for key in ("long_nll", "long_ppl", "long_nll_within", "long_nll_beyond"):
+                figures[prefix + key] = res.get(key, float("nan"))
+        if out_dir is not None:
+            plots.append(plot_nll_by_position(curves, os.path.join(out_dir, "nll_by_position.png"), original_length))
+    if passkey_samples > 0:
+        if tokenizer is None:
+            raise ValueError("passkey evaluation needs a tokenizer")
+        source = long_stream if long_stream is not None else short_stream
+        if source is None:
+            raise ValueError("passkey evaluation needs held-out text (a long or short stream) for the filler")
+        filler = filler_from_stream(source)
+        lengths = list(passkey_lengths) if passkey_lengths else sorted({int(original_length), int(target_length)})
+        runs = {"student": model}
+        if teacher_baselines and teacher is not None:
+            runs["teacher"] = teacher
+        details["passkey"] = {}
+        for name, m in runs.items():
+            path = os.path.join(out_dir, f"needle_{name}.png") if out_dir is not None else None
+            grid = needle_grid(m, tokenizer, filler, lengths, passkey_depths, passkey_samples, seed, path,
+                               title=f"passkey retrieval: {name}", batch_size=batch_size)
+            details["passkey"][name] = grid
+            prefix = "" if name == "student" else "teacher_"
+            figures[prefix + "passkey_accuracy"] = grid["accuracy"]
+            figures[prefix + "passkey_logprob"] = grid["logprob"]
+            figures.update({f"{prefix}passkey_accuracy/{n}": a for n, a in grid["by_length"].items()})
+            if path is not None:
+                plots.append(path)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        record = {"figures": figures, "details": details, "plots": [os.path.basename(p) for p in plots]}
+        tmp = os.path.join(out_dir, "eval.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(_finite(record), f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, "eval.json"))
+    return figures
