@@ -31,12 +31,13 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Backend and dtype
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def resolve_attention(name: str, device: str | torch.device = "cpu") -> str:
-    """The attention implementation to load: auto → flash_attention_2 on CUDA with flash-attn installed, else sdpa."""
+    """The attention implementation to load: auto → flash_attention_2 on CUDA with flash-attn, else sdpa."""
     if name != "auto":
         return name
     is_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
@@ -68,7 +69,7 @@ def _load_config(path: str, trust_remote_code: bool):
         raise ConfigError(f"model.path: cannot load '{path}': no such directory")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # OSError, ValueError (bad repo id), HF hub errors: all mean "cannot load"
+    except Exception as err:  # noqa: BLE001 -- OSError, ValueError (bad repo id), hub errors: all "cannot load"
         raise ConfigError(f"model.path: cannot load '{path}': {_short_reason(err)}") from None
 
 
@@ -77,20 +78,24 @@ def _from_pretrained(path: str, config, model_cfg: ModelConfig, attention: str, 
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=resolve_dtype(model_cfg.dtype), attn_implementation=attention,
+            path,
+            config=config,
+            dtype=resolve_dtype(model_cfg.dtype),
+            attn_implementation=attention,
             trust_remote_code=model_cfg.trust_remote_code,
         )
     except ConfigError:
         raise
     except ImportError as err:  # e.g. flash_attention_2 without the package
         raise ConfigError(f"model.attention: cannot use '{attention}': {_short_reason(err)}") from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- any load failure is a one-line user error
         raise ConfigError(f"{key}: cannot load '{path}': {_short_reason(err)}") from None
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Rotary buffers
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def rotary_modules(model: nn.Module) -> list[nn.Module]:
     """The rotary-embedding modules of a model (those holding an `inv_freq` buffer)."""
@@ -108,8 +113,8 @@ def rotary_embedding(model: nn.Module) -> nn.Module:
 def refresh_inv_freq(model: nn.Module) -> list[str]:
     """Recompute every rotary module's `inv_freq` from its config in fp32.
 
-    `inv_freq` is a non-persistent buffer: it is not in the checkpoint, so after meta-device or sharded init, or a
-    blanket `.to(bfloat16)`, it may be garbage or rounded. Returns log lines of what changed.
+    `inv_freq` is a non-persistent buffer: it is not in the checkpoint, so after meta-device or sharded init,
+    or a blanket `.to(bfloat16)`, it may be garbage or rounded. Returns log lines of what changed.
     """
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -130,7 +135,9 @@ def refresh_inv_freq(model: nn.Module) -> list[str]:
         inv, scaling = fn(config, device=device)
         inv = inv.to(device=device, dtype=torch.float32)
         if old.device.type == "meta" or old.dtype != torch.float32 or not torch.equal(old.float(), inv):
-            lines.append(f"rope: recomputed {type(module).__name__}.inv_freq in fp32 (was {old.dtype} on {old.device})")
+            lines.append(
+                f"rope: recomputed {type(module).__name__}.inv_freq in fp32 (was {old.dtype} on {old.device})"
+            )
         module.inv_freq = inv
         if "original_inv_freq" in module._buffers:
             module.original_inv_freq = inv.clone()
@@ -138,9 +145,10 @@ def refresh_inv_freq(model: nn.Module) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Loading
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def _enable_checkpointing(model) -> None:
     kwargs = {"use_reentrant": False}
@@ -194,9 +202,10 @@ def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.d
     return model
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Checks at start-up
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-6) -> bool:
     return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=rtol, atol=0.0)
@@ -230,16 +239,21 @@ def check_extension(student, teacher, rope_cfg: RopeConfig) -> list[str]:
     have = dict(s_cfg.rope_parameters)
     for key, value in want.items():
         got = have.get(key)
-        same = (math.isclose(float(got), float(value), rel_tol=1e-9)
-                if isinstance(value, (int, float)) and isinstance(got, (int, float)) else got == value)
+        same = (
+            math.isclose(float(got), float(value), rel_tol=1e-9)
+            if isinstance(value, (int, float)) and isinstance(got, (int, float))
+            else got == value
+        )
         if not same:
             problems.append(f"student rope_parameters[{key!r}] = {got!r}, recipe wants {value!r}")
 
     s_expect, s_scale = our_inv_freq(dict(s_cfg.rope_parameters), dim)
     t_expect, t_scale = our_inv_freq(dict(t_cfg.rope_parameters), dim)
     if not _close(s_inv, s_expect):
-        problems.append(f"student inv_freq differs from the {have.get('rope_type')} formula "
-                        f"(max rel err {((s_inv - s_expect).abs() / s_expect).max().item():.2e})")
+        problems.append(
+            f"student inv_freq differs from the {have.get('rope_type')} formula "
+            f"(max rel err {((s_inv - s_expect).abs() / s_expect).max().item():.2e})"
+        )
     if not math.isclose(float(s_rot.attention_scaling), s_scale, rel_tol=1e-6):
         problems.append(f"student attention scaling {s_rot.attention_scaling} != {s_scale}")
     if not _close(t_inv, t_expect):
@@ -271,11 +285,15 @@ def check_extension(student, teacher, rope_cfg: RopeConfig) -> list[str]:
     if problems:
         raise RuntimeError("RoPE extension check failed: " + "; ".join(problems))
 
-    ratio = (t_inv / s_inv)
-    lines.append(f"rope: teacher {dict(t_cfg.rope_parameters)} max_position_embeddings {t_cfg.max_position_embeddings}")
+    ratio = t_inv / s_inv
+    lines.append(
+        f"rope: teacher {dict(t_cfg.rope_parameters)} max_position_embeddings {t_cfg.max_position_embeddings}"
+    )
     lines.append(f"rope: student {have} max_position_embeddings {s_cfg.max_position_embeddings}")
-    lines.append(f"rope: inv_freq matches our formulas (d={dim}); teacher/student frequency ratio "
-                 f"{ratio.min().item():.4g}..{ratio.max().item():.4g}, attention scaling {s_scale:.4g}")
+    lines.append(
+        f"rope: inv_freq matches our formulas (d={dim}); teacher/student frequency ratio "
+        f"{ratio.min().item():.4g}..{ratio.max().item():.4g}, attention scaling {s_scale:.4g}"
+    )
     return lines
 
 
@@ -297,8 +315,9 @@ def check_teacher_frozen(student: nn.Module, teacher: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def check_packing_isolation(model, attention: str | None = None, lengths: tuple[int, int] = (7, 11),
-                            seed: int = 0) -> float:
+def check_packing_isolation(
+    model, attention: str | None = None, lengths: tuple[int, int] = (7, 11), seed: int = 0
+) -> float:
     """Max |logit difference| between two random documents packed in one row and each run alone.
 
     The packed row has position_ids restarting at 0 at the second document, attention_mask None and no cache:
@@ -325,9 +344,13 @@ def check_packing_isolation(model, attention: str | None = None, lengths: tuple[
         worst, start = 0.0, 0
         for doc in docs:
             n = doc.numel()
-            alone = model(input_ids=doc[None].to(device), position_ids=torch.arange(n)[None].to(device),
-                          attention_mask=None, use_cache=False).logits.float()
-            worst = max(worst, (packed[:, start:start + n] - alone).abs().max().item())
+            alone = model(
+                input_ids=doc[None].to(device),
+                position_ids=torch.arange(n)[None].to(device),
+                attention_mask=None,
+                use_cache=False,
+            ).logits.float()
+            worst = max(worst, (packed[:, start : start + n] - alone).abs().max().item())
             start += n
         return worst
     finally:
@@ -336,9 +359,10 @@ def check_packing_isolation(model, attention: str | None = None, lengths: tuple[
         model.train(was_training)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Forwards that return hidden states (no lm_head)
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def causal_mask_kwargs(position_ids: torch.Tensor, packed: bool = False) -> dict:
     """The `attention_mask` argument for a batch of rows.
@@ -388,8 +412,13 @@ def _resolve_indices(layers, n_layers: int) -> list[int]:
     return out
 
 
-def forward_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, layers=None):
+def forward_hidden(
+    model,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    layers=None,
+):
     """Run the decoder (no lm_head) and return hidden states.
 
     Args:
@@ -400,14 +429,19 @@ def forward_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
             final norm; negative and "last" allowed).
 
     Returns:
-        (hidden_states, last_hidden): the tuple of L+1 tensors (B, T, H) ([-1] after the final norm) or the list
-        of selected ones, and the final-norm output (B, T, H) (feed it to lm_head for the LM loss).
+        (hidden_states, last_hidden): the tuple of L+1 tensors (B, T, H) ([-1] after the final norm) or the
+        list of selected ones, and the final-norm output (B, T, H) (feed it to lm_head for the LM loss).
     """
     decoder = decoder_of(model)
     n_layers = _num_layers(decoder)
     wanted = None if layers is None else _resolve_indices(layers, n_layers)
-    out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
-                  output_hidden_states=True)
+    out = decoder(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        output_hidden_states=True,
+    )
     hidden = out.hidden_states
     if len(hidden) != n_layers + 1:
         raise RuntimeError(f"expected {n_layers + 1} hidden states, got {len(hidden)}")
@@ -417,11 +451,11 @@ def forward_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
 
 
 def truncated_decoder(decoder: nn.Module, depth: int) -> nn.Module:
-    """A shallow copy of `decoder` that runs only its first `depth` layers (weights shared) and returns the raw
-    output of layer `depth` (final norm swapped for identity). depth == L returns `decoder` itself.
+    """A shallow copy of `decoder` that runs only its first `depth` layers (weights shared) and returns the
+    raw output of layer `depth` (final norm swapped for identity). depth == L returns `decoder` itself.
 
-    `LlamaModel.forward` (and Mistral's, Qwen2's) runs `layers[:config.num_hidden_layers]`, so a shorter list with
-    a config copy stops early; its hidden_states[k] equals the full model's hidden_states[k] for k ≤ depth.
+    `LlamaModel.forward` (and Mistral's, Qwen2's) runs `layers[:config.num_hidden_layers]`, so a shorter list
+    with a config copy stops early; its hidden_states[k] equals the full model's hidden_states[k], k ≤ depth.
     """
     from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
@@ -430,8 +464,8 @@ def truncated_decoder(decoder: nn.Module, depth: int) -> nn.Module:
         raise ValueError(f"depth {depth} out of range 0..{n_layers}")
     if depth == n_layers:
         return decoder
-    # Hidden-state capture hooks live on the (shared) layers: install them once on the full decoder, so the copy
-    # (which inherits the "installed" flag) does not install a second set on the same layers.
+    # Hidden-state capture hooks live on the (shared) layers: install them once on the full decoder, so the
+    # copy # (which inherits the "installed" flag) does not install a second set on the same layers.
     maybe_install_capturing_hooks(decoder)
     sub = copy.copy(decoder)
     sub._modules = dict(decoder._modules)  # own module table: assignments below must not touch the original
@@ -447,8 +481,8 @@ def truncated_decoder(decoder: nn.Module, depth: int) -> nn.Module:
 class TruncatedTeacher:
     """The frozen teacher run only as deep as the deepest hidden state a loss needs.
 
-    Holds shallow copies of the teacher's decoder per depth (weights shared, nothing copied), so half the layers
-    cost about half the time. Not an nn.Module: it never enters a module tree or an optimiser.
+    Holds shallow copies of the teacher's decoder per depth (weights shared, nothing copied), so half the
+    layers cost about half the time. Not an nn.Module: it never enters a module tree or an optimiser.
     """
 
     def __init__(self, teacher: nn.Module):
@@ -463,8 +497,14 @@ class TruncatedTeacher:
         return self._by_depth[depth]
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 layers, need_final: bool = False) -> dict[int, torch.Tensor]:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layers,
+        need_final: bool = False,
+    ) -> dict[int, torch.Tensor]:
         """Teacher hidden states {index: (B, T, H)} for indices into the full `hidden_states` tuple.
 
         Args:
@@ -481,23 +521,37 @@ class TruncatedTeacher:
         if depth == 0:  # only the embeddings
             return {0: self.decoder.embed_tokens(input_ids)}
         decoder = self._decoder(depth)
-        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False, output_hidden_states=True)
+        out = decoder(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=True,
+        )
         hidden = out.hidden_states
         if len(hidden) != depth + 1:
-            raise RuntimeError(f"truncated teacher returned {len(hidden)} hidden states, expected {depth + 1}")
+            raise RuntimeError(
+                f"truncated teacher returned {len(hidden)} hidden states, expected {depth + 1}"
+            )
         return {i: hidden[i] for i in wanted}
 
 
-def teacher_hidden(teacher, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None, layers, need_final: bool = False) -> dict[int, torch.Tensor]:
+def teacher_hidden(
+    teacher,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layers,
+    need_final: bool = False,
+) -> dict[int, torch.Tensor]:
     """One-off `TruncatedTeacher(teacher)(...)`; keep a TruncatedTeacher in loops to reuse its copies."""
     return TruncatedTeacher(teacher)(input_ids, position_ids, attention_mask, layers, need_final)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Export
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def export(model, tokenizer, out_dir: str, state_dict: dict | None = None) -> str:
     """Save a Hugging Face model directory (safetensors, config with the extended RoPE, tokenizer).

@@ -27,9 +27,10 @@ from distill.config import ConfigError, RopeConfig
 METHODS = ("abf", "pi", "yarn", "llama3", "none")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Recipe → Hugging Face config
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def _rope_parameters(hf_config) -> dict:
     """The checkpoint's flat rope_parameters dict (a copy), standardised to carry rope_type and rope_theta."""
@@ -41,8 +42,10 @@ def _rope_parameters(hf_config) -> dict:
         params["rope_type"] = params.pop("type")
     params.setdefault("rope_type", "default")
     if "rope_theta" not in params:
-        raise ConfigError("model.path: the checkpoint's rope_parameters have no rope_theta "
-                          "(per-layer RoPE is not supported)")
+        raise ConfigError(
+            "model.path: the checkpoint's rope_parameters have no rope_theta "
+            "(per-layer RoPE is not supported)"
+        )
     return params
 
 
@@ -80,8 +83,10 @@ def extended_rope_parameters(hf_config, rope_cfg: RopeConfig) -> dict:
         return base
     t0 = original_length(hf_config, rope_cfg)
     if rope_cfg.target_length <= t0:
-        raise ConfigError(f"rope.target_length: {rope_cfg.target_length} must be greater than the original "
-                          f"context window {t0} to extend it (or use rope.method: none)")
+        raise ConfigError(
+            f"rope.target_length: {rope_cfg.target_length} must be greater than the original "
+            f"context window {t0} to extend it (or use rope.method: none)"
+        )
     theta = float(base["rope_theta"])
     if method == "abf":
         if rope_cfg.theta is None or rope_cfg.theta <= 0:
@@ -92,12 +97,23 @@ def extended_rope_parameters(hf_config, rope_cfg: RopeConfig) -> dict:
     if method == "pi":
         return {"rope_type": "linear", "rope_theta": theta, "factor": factor}
     if method == "yarn":
-        return {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "original_max_position_embeddings": t0,
-                "beta_fast": float(rope_cfg.beta_fast), "beta_slow": float(rope_cfg.beta_slow)}
+        return {
+            "rope_type": "yarn",
+            "rope_theta": theta,
+            "factor": factor,
+            "original_max_position_embeddings": t0,
+            "beta_fast": float(rope_cfg.beta_fast),
+            "beta_slow": float(rope_cfg.beta_slow),
+        }
     # llama3
-    return {"rope_type": "llama3", "rope_theta": theta, "factor": factor,
-            "low_freq_factor": float(rope_cfg.low_freq_factor), "high_freq_factor": float(rope_cfg.high_freq_factor),
-            "original_max_position_embeddings": t0}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": theta,
+        "factor": factor,
+        "low_freq_factor": float(rope_cfg.low_freq_factor),
+        "high_freq_factor": float(rope_cfg.high_freq_factor),
+        "original_max_position_embeddings": t0,
+    }
 
 
 def apply_extension(hf_config, rope_cfg: RopeConfig):
@@ -110,7 +126,10 @@ def apply_extension(hf_config, rope_cfg: RopeConfig):
     new.use_cache = False
     # A config attribute `original_max_position_embeddings` (Phi-3 style) overrides the dict's value when
     # transformers standardises yarn/llama3 parameters: keep the two consistent.
-    if hasattr(new, "original_max_position_embeddings") and "original_max_position_embeddings" in new.rope_parameters:
+    if (
+        hasattr(new, "original_max_position_embeddings")
+        and "original_max_position_embeddings" in new.rope_parameters
+    ):
         new.original_max_position_embeddings = new.rope_parameters["original_max_position_embeddings"]
     new.validate_rope()
     return new
@@ -137,14 +156,15 @@ def inv_freq(hf_config) -> tuple[torch.Tensor, float]:
     return ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Our own RoPE math (written from the papers; tests compare it with transformers)
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     """θ_i = θ^(−2i/d) for i = 0..d/2−1 (Su et al. 2021), fp32.  # (d/2,)"""
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta**exponents)
 
 
 def yarn_mscale(factor: float) -> float:
@@ -173,9 +193,10 @@ def our_inv_freq(rope_parameters: dict, head_dim: int) -> tuple[torch.Tensor, fl
         return freqs / factor, 1.0
     if rope_type == "yarn":
         # "NTK-by-parts" (Peng et al. 2023, Sec. 3.2): over the original window L a dimension pair turns
-        # r_i = L / λ_i = L·θ_i / 2π times. Pairs with r > β_fast keep their frequency (extrapolate), pairs with
-        # r < β_slow are divided by s (interpolate), a linear ramp over the pair index lies in between. The pair
-        # index where r = b solves L·θ^(−2i/d) / 2π = b: i(b) = d·ln(L / (2πb)) / (2·ln θ), rounded outwards.
+        # r_i = L / λ_i = L·θ_i / 2π times. Pairs with r > β_fast keep their frequency (extrapolate), pairs
+        # with r < β_slow are divided by s (interpolate), a linear ramp over the pair index lies in between.
+        # The pair index where r = b solves L·θ^(−2i/d) / 2π = b: i(b) = d·ln(L / (2πb)) / (2·ln θ), rounded
+        # outwards.
         length = float(rope_parameters["original_max_position_embeddings"])
         beta_fast = float(rope_parameters.get("beta_fast") or 32.0)
         beta_slow = float(rope_parameters.get("beta_slow") or 1.0)
@@ -190,14 +211,19 @@ def our_inv_freq(rope_parameters: dict, head_dim: int) -> tuple[torch.Tensor, fl
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001  # avoid a zero-width ramp
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0: keep, 1: /s
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(
+            0, 1
+        )  # 0: keep, 1: /s
         inv = freqs / factor * ramp + freqs * (1 - ramp)
         scaling = rope_parameters.get("attention_factor")
         if scaling is None:
             mscale, mscale_all = rope_parameters.get("mscale"), rope_parameters.get("mscale_all_dim")
             if mscale and mscale_all:  # DeepSeek-style ratio
-                scaling = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1) \
-                    if factor > 1 else 1.0
+                scaling = (
+                    (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1)
+                    if factor > 1
+                    else 1.0
+                )
             else:
                 scaling = yarn_mscale(factor)
         return inv, float(scaling)
@@ -211,14 +237,16 @@ def our_inv_freq(rope_parameters: dict, head_dim: int) -> tuple[torch.Tensor, fl
         wavelen = 2 * math.pi / freqs
         smooth = (length / wavelen - low_ff) / (high_ff - low_ff)
         mid = (1 - smooth) * freqs / factor + smooth * freqs
-        inv = torch.where(wavelen < length / high_ff, freqs, torch.where(wavelen > length / low_ff, freqs / factor, mid))
+        inv = torch.where(
+            wavelen < length / high_ff, freqs, torch.where(wavelen > length / low_ff, freqs / factor, mid)
+        )
         return inv, 1.0
     raise ValueError(f"rope_type {rope_type!r} is not supported by our_inv_freq")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Skipped positions for short-to-long distillation (LongReD L_s2l; CREAM, Wu et al. 2024)
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 CREAM_STD = 5.0
 """Standard deviation of CREAM's truncated normal over the middle's stretch r (mean 1 + f)."""
@@ -235,6 +263,7 @@ def _uniform_float(generator: torch.Generator) -> float:
 
 def truncated_normal(mean: float, std: float, low: float, high: float, generator: torch.Generator) -> float:
     """One draw of N(mean, std²) truncated to [low, high] by inverse CDF: Φ⁻¹(U[Φ(a), Φ(b)])."""
+
     def cdf(x: float) -> float:
         return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
 
@@ -245,8 +274,9 @@ def truncated_normal(mean: float, std: float, low: float, high: float, generator
     return min(max(mean + std * z, low), high)
 
 
-def skipped_positions(original: int, target: int, method: str = "cream",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def skipped_positions(
+    original: int, target: int, method: str = "cream", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Position ids that spread `original` (T0) tokens over a `target`-long window (LongReD Sec. 3.3).
 
     The T0 tokens are split into head, middle and tail with head = tail = T0 // 3 or 4·f (probability ½ each,
@@ -278,7 +308,7 @@ def skipped_positions(original: int, target: int, method: str = "cream",
     if _uniform_float(generator) < 0.5:
         edge = original // 3
     else:
-        edge = int(round(4 * f))
+        edge = round(4 * f)
     head = tail = max(1, min(edge, max_edge))
     middle = original - head - tail
     # Valid end ids: the middle starts at or after `head` and ends before the tail starts.

@@ -117,7 +117,7 @@ def test_packed_documents_are_isolated(tiny_models, arch, attention):
 
 
 def test_packing_leaks_with_an_explicit_mask(tiny_llama):
-    """The trap the check guards against: an all-ones mask on a packed row lets documents attend to each other."""
+    """The trap the check guards against: an all-ones mask on a packed row lets documents see each other."""
     model = load_student(_cfg(tiny_llama), RECIPES["abf"]).eval()
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randint(3, 1000, (8,), generator=gen), torch.randint(3, 1000, (8,), generator=gen)
@@ -125,8 +125,9 @@ def test_packing_leaks_with_an_explicit_mask(tiny_llama):
     pos = torch.cat([torch.arange(8), torch.arange(8)])[None]
     with torch.no_grad():
         isolated = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, 8:]
-        leaked = model(input_ids=ids, position_ids=pos, use_cache=False,
-                       attention_mask=torch.ones_like(ids)).logits[:, 8:]
+        leaked = model(
+            input_ids=ids, position_ids=pos, use_cache=False, attention_mask=torch.ones_like(ids)
+        ).logits[:, 8:]
         alone = model(input_ids=b[None], position_ids=torch.arange(8)[None], use_cache=False).logits
     assert (isolated - alone).abs().max() < 1e-5
     assert (leaked - alone).abs().max() > 1e-3
@@ -163,24 +164,39 @@ def test_skipped_positions_stay_causal_with_all_ones_mask(tiny_models, arch, att
     no_mask, no_mask_changed = hidden(ids, None), hidden(earlier, None)
     assert torch.equal(no_mask[:, after:], no_mask_changed[:, after:])
     # And the masked single-document run equals an explicit causal reference: the prefix run on its own.
-    prefix = forward_hidden(model, ids[:, : after + 3], pos[:, : after + 3],
-                            attention_mask=torch.ones(1, after + 3, dtype=torch.long))[1]
+    prefix = forward_hidden(
+        model,
+        ids[:, : after + 3],
+        pos[:, : after + 3],
+        attention_mask=torch.ones(1, after + 3, dtype=torch.long),
+    )[1]
     torch.testing.assert_close(prefix, base[:, : after + 3], rtol=1e-5, atol=1e-5)
     assert causal_mask_kwargs(pos, packed=True) == {"attention_mask": None}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_truncated_teacher_equals_full_hidden_states(tiny_models, arch):
-    path = make_tiny_model(os.path.join(os.path.dirname(tiny_models[arch]), f"{arch}-4layers"), arch, num_layers=4,
-                           vocab_size=1000)
+    path = make_tiny_model(
+        os.path.join(os.path.dirname(tiny_models[arch]), f"{arch}-4layers"),
+        arch,
+        num_layers=4,
+        vocab_size=1000,
+    )
     teacher = load_teacher(path, _cfg(path))
     ids = torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(32)[None].expand(2, -1)
     with torch.no_grad():
         full, _ = forward_hidden(teacher, ids, pos)
     truncated = TruncatedTeacher(teacher)
-    for layers, need_final in [([1], False), ([2], False), ([1, 3], False), (["last"], False), ([0], False),
-                               ([2], True), ([-1, 1], False)]:
+    for layers, need_final in [
+        ([1], False),
+        ([2], False),
+        ([1, 3], False),
+        (["last"], False),
+        ([0], False),
+        ([2], True),
+        ([-1, 1], False),
+    ]:
         got = truncated(ids, pos, None, layers, need_final=need_final)
         want = {4 if (i == "last" or i == -1) else i for i in layers} | ({4} if need_final else set())
         assert set(got) == want
@@ -245,7 +261,9 @@ def test_export_round_trip(tiny_llama, tmp_path, method):
 
 
 def test_bad_model_path_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"^model\.path: cannot load '/nonexistent/model': no such directory"):
+    with pytest.raises(
+        ConfigError, match=r"^model\.path: cannot load '/nonexistent/model': no such directory"
+    ):
         load_student(_cfg("/nonexistent/model"), RECIPES["abf"])
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -23,20 +23,26 @@ from distill.testing import tiny_config
 SHAPES = [("llama", 64, 4, 256, 1.0e4), ("llama", 512, 4, 8192, 5.0e5), ("qwen2", 96, 2, 1024, 1.0e6)]
 
 RECIPES = [
-    dict(method="abf", theta=2.0e7),
-    dict(method="pi"),
-    dict(method="pi", factor=3.0),
-    dict(method="yarn"),
-    dict(method="yarn", factor=8.0, beta_fast=16.0, beta_slow=2.0),
-    dict(method="llama3"),
-    dict(method="llama3", factor=8.0, low_freq_factor=2.0, high_freq_factor=8.0),
-    dict(method="none"),
+    {"method": "abf", "theta": 2.0e7},
+    {"method": "pi"},
+    {"method": "pi", "factor": 3.0},
+    {"method": "yarn"},
+    {"method": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0},
+    {"method": "llama3"},
+    {"method": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0},
+    {"method": "none"},
 ]
 
 
 def _config(arch, hidden, heads, window, theta):
-    return tiny_config(arch, hidden_size=hidden, num_heads=heads, num_kv_heads=heads, max_position_embeddings=window,
-                       rope_theta=theta)
+    return tiny_config(
+        arch,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
+        max_position_embeddings=window,
+        rope_theta=theta,
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-d{s[1] // s[2]}-{s[3]}")
@@ -57,17 +63,25 @@ def test_method_formulas_from_first_principles():
     config = _config("llama", 512, 4, 8192, 5.0e5)
     d = 128
     base = 5.0e5 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    abf, _ = our_inv_freq(extended_rope_parameters(config, RopeConfig(method="abf", theta=2e7, target_length=32768)), d)
-    torch.testing.assert_close(abf.double(), 2e7 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d), rtol=1e-6, atol=0)
+    abf, _ = our_inv_freq(
+        extended_rope_parameters(config, RopeConfig(method="abf", theta=2e7, target_length=32768)), d
+    )
+    torch.testing.assert_close(
+        abf.double(), 2e7 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d), rtol=1e-6, atol=0
+    )
     pi, _ = our_inv_freq(extended_rope_parameters(config, RopeConfig(method="pi", target_length=32768)), d)
     torch.testing.assert_close(pi.double(), base / 4, rtol=1e-6, atol=0)
     # YaRN: the fastest pair keeps its frequency, the slowest is interpolated, mscale = 0.1 ln 4 + 1.
-    yarn, scale = our_inv_freq(extended_rope_parameters(config, RopeConfig(method="yarn", target_length=32768)), d)
+    yarn, scale = our_inv_freq(
+        extended_rope_parameters(config, RopeConfig(method="yarn", target_length=32768)), d
+    )
     assert yarn[0].item() == pytest.approx(base[0].item(), rel=1e-6)
     assert yarn[-1].item() == pytest.approx(base[-1].item() / 4, rel=1e-6)
     assert scale == pytest.approx(0.1 * math.log(4) + 1)
     # Llama 3: wavelengths below 8192/4 untouched, above 8192/1 divided by the factor.
-    l3, scale = our_inv_freq(extended_rope_parameters(config, RopeConfig(method="llama3", target_length=32768)), d)
+    l3, scale = our_inv_freq(
+        extended_rope_parameters(config, RopeConfig(method="llama3", target_length=32768)), d
+    )
     wavelen = 2 * math.pi / base
     torch.testing.assert_close(l3.double()[wavelen < 2048], base[wavelen < 2048], rtol=1e-6, atol=0)
     torch.testing.assert_close(l3.double()[wavelen > 8192], base[wavelen > 8192] / 4, rtol=1e-6, atol=0)
@@ -77,16 +91,31 @@ def test_method_formulas_from_first_principles():
 def test_extended_rope_parameters_shapes():
     config = _config("llama", 64, 4, 256, 1.0e4)
     assert extended_rope_parameters(config, RopeConfig(method="abf", theta=1e6, target_length=1024)) == {
-        "rope_type": "default", "rope_theta": 1e6}
+        "rope_type": "default",
+        "rope_theta": 1e6,
+    }
     assert extended_rope_parameters(config, RopeConfig(method="pi", target_length=1024)) == {
-        "rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}
+        "rope_type": "linear",
+        "rope_theta": 1e4,
+        "factor": 4.0,
+    }
     yarn = extended_rope_parameters(config, RopeConfig(method="yarn", target_length=2048))
-    assert yarn == {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": 256,
-                    "beta_fast": 32.0, "beta_slow": 1.0}
-    l3 = extended_rope_parameters(config, RopeConfig(method="llama3", target_length=1024, original_length=128))
+    assert yarn == {
+        "rope_type": "yarn",
+        "rope_theta": 1e4,
+        "factor": 8.0,
+        "original_max_position_embeddings": 256,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+    }
+    l3 = extended_rope_parameters(
+        config, RopeConfig(method="llama3", target_length=1024, original_length=128)
+    )
     assert l3["factor"] == 8.0 and l3["original_max_position_embeddings"] == 128
     assert l3["low_freq_factor"] == 1.0 and l3["high_freq_factor"] == 4.0
-    assert extended_rope_parameters(config, RopeConfig(method="none", target_length=16)) == dict(config.rope_parameters)
+    assert extended_rope_parameters(config, RopeConfig(method="none", target_length=16)) == dict(
+        config.rope_parameters
+    )
 
 
 def test_apply_extension_copies_and_sets_length():
@@ -112,8 +141,14 @@ def test_target_not_above_original_is_a_config_error(method, target):
 def test_already_scaled_checkpoint():
     """Llama-3.1 style: llama3 scaling over an 8K pre-training window; abf replaces theta only."""
     config = _config("llama", 512, 4, 131072, 5.0e5)
-    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config.rope_parameters = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     rope_cfg = RopeConfig(method="abf", theta=2e7, target_length=262144)
     assert original_length(config, rope_cfg) == 8192
     params = extended_rope_parameters(config, rope_cfg)
@@ -125,7 +160,7 @@ def test_already_scaled_checkpoint():
     assert pi == {"rope_type": "linear", "rope_theta": 5e5, "factor": 8.0}
 
 
-# ---------------------------------------------------------------------------------------------- skipped positions
+# ------------------------------------------------------------------------------------------ skipped positions
 
 CASES = [(64, 256), (100, 1600), (1024, 4096), (8192, 32768), (30, 31)]
 
@@ -187,8 +222,13 @@ def test_truncated_normal_matches_analytic_moments():
     x = torch.tensor([truncated_normal(mean, std, a, b, gen) for _ in range(20000)], dtype=torch.float64)
     assert x.min() >= a and x.max() <= b
     alpha, beta = (a - mean) / std, (b - mean) / std
-    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
-    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+
+    def pdf(z):
+        return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+    def cdf(z):
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
     want = mean + std * (pdf(alpha) - pdf(beta)) / (cdf(beta) - cdf(alpha))
     assert x.mean().item() == pytest.approx(want, abs=0.03)
     # Far in the tail the inverse CDF still lands in range.
@@ -197,15 +237,13 @@ def test_truncated_normal_matches_analytic_moments():
 
 
 def test_skipped_positions_distribution_cream():
-    """CREAM concentrates the middle nearer the start than uniform does (r ~ N(1+f, 5) truncated to [2, 2f])."""
+    """CREAM puts the middle nearer the start than uniform does (r ~ N(1+f, 5) truncated to [2, 2f])."""
     original, target = 300, 1200
     gen = torch.Generator().manual_seed(1)
     cream, uniform = [], []
     for _ in range(1500):
-        head, end = _split(skipped_positions(original, target, "cream", gen), original, target)
-        cream.append(end)
-        head, end = _split(skipped_positions(original, target, "uniform", gen), original, target)
-        uniform.append(end)
+        cream.append(_split(skipped_positions(original, target, "cream", gen), original, target)[1])
+        uniform.append(_split(skipped_positions(original, target, "uniform", gen), original, target)[1])
     cream_t, uniform_t = torch.tensor(cream, dtype=torch.float64), torch.tensor(uniform, dtype=torch.float64)
     assert cream_t.min() >= original - 101 and cream_t.max() <= target - 17
     assert cream_t.mean() < uniform_t.mean()
