@@ -6,14 +6,17 @@ once, so gradient accumulation is exact (torchtitan / TRL convention).
 
 Long sequences never materialise (T, V) logits: `lm_loss` and `kl_loss` run over chunks of tokens in a
 custom `torch.autograd.Function` that keeps only its inputs (plus one fp32 number per token) and
-recomputes each chunk's logits in backward. Peak working memory is O(chunk · V + V · H), independent of
-the sequence length.
+recomputes the logits in backward. Forward and all element-wise work go over blocks of at most
+`BLOCK_ROWS` rows; backward holds one (chunk_size, V) fp32 gradient buffer so the lm_head weight gradient
+is one large matmul per chunk (fewer read-modify-writes of the (V, H) accumulator on a GPU). Peak working
+memory is O(chunk_size · V + V · H), independent of the sequence length.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+BLOCK_ROWS = 256
+"""Rows per block of element-wise work: bounds the temporaries of softmax / divergence math."""
 KLKind = Literal["forward", "reverse", "jsd"]
 _KL_KINDS = ("forward", "reverse", "jsd")
 
@@ -63,10 +68,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = index.numel()
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (n,)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s, e in _chunks(n, chunk_size):
-            logits = _fp32_logits(hidden.index_select(0, index[s:e]), weight32, bias32)  # (c, V)
-            chunk_lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            target_logit = logits.gather(1, targets[s:e, None]).squeeze(1)  # (c,)
+        for s, e in _chunks(n, min(chunk_size, BLOCK_ROWS)):
+            logits = _fp32_logits(hidden.index_select(0, index[s:e]), weight32, bias32)  # (b, V)
+            chunk_lse = torch.logsumexp(logits, dim=-1)  # (b,)
+            target_logit = logits.gather(1, targets[s:e, None]).squeeze(1)  # (b,)
             lse[s:e] = chunk_lse
             total += (chunk_lse - target_logit).sum()
             del logits
@@ -130,7 +135,8 @@ def lm_loss(
         hidden: (B, T, H) post-norm hidden states of the last layer (fp32 or bf16).
         weight: (V, H) lm_head weight.
         labels: (B, T) long, aligned with input_ids; -100 marks positions without a target.
-        chunk_size: tokens per chunk; peak memory is about 2 · chunk_size · V fp32 numbers.
+        chunk_size: tokens per backward chunk; peak working memory is about chunk_size · V fp32 numbers
+            (plus a (V, H) fp32 weight-gradient accumulator).
         bias: optional (V,) lm_head bias.
         use_liger: use liger-kernel's fused linear cross-entropy when it is installed and the tensors
             are on CUDA; otherwise (logged once per call) fall back to the chunked implementation.
@@ -171,33 +177,33 @@ def lm_loss(
 def _divergence_and_grad(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token divergence (c,) and its gradient w.r.t. the (tempered) student logits (c, V), in fp32.
+    """Per-token divergence (b,) and its gradient w.r.t. the (tempered) student logits (b, V), in fp32.
 
     With p = softmax(student), q = softmax(teacher):
       forward  KL(q‖p) = Σ q (log q − log p);            ∂/∂s = p − q
       reverse  KL(p‖q) = Σ p (log p − log q);            ∂/∂s = p ⊙ (a − Σ p a),  a = log p − log q
       jsd      ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q);      ∂/∂s = p ⊙ (a − Σ p a),  a = ½ (log p − log m)
     """
-    log_p = torch.log_softmax(student_logits, dim=-1)  # (c, V)
-    log_q = torch.log_softmax(teacher_logits, dim=-1)  # (c, V)
+    log_p = torch.log_softmax(student_logits, dim=-1)  # (b, V)
+    log_q = torch.log_softmax(teacher_logits, dim=-1)  # (b, V)
     if kind == "forward":
         q = log_q.exp()
-        div = (q * (log_q - log_p)).sum(-1)  # (c,)
+        div = (q * (log_q - log_p)).sum(-1)  # (b,)
         grad = log_p.exp_().sub_(q) if need_grad else None
         return div, grad
     p = log_p.exp()
     if kind == "reverse":
-        a = log_p - log_q  # (c, V)
+        a = log_p - log_q  # (b, V)
         div = (p * a).sum(-1)
     else:  # jsd, β = 0.5
         q = log_q.exp()
-        log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, device=log_p.device))
+        log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))  # log ½(p + q)
         div = 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
         del q
         a = (log_p - log_m).mul_(0.5)
     if not need_grad:
         return div, None
-    mean_a = (p * a).sum(-1, keepdim=True)  # (c, 1)
+    mean_a = (p * a).sum(-1, keepdim=True)  # (b, 1)
     return div, a.sub_(mean_a).mul_(p)
 
 
@@ -211,9 +217,9 @@ class _ChunkedLogitsKL(torch.autograd.Function):
         with torch.no_grad():
             t_w32 = t_weight.float()
         total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
-        for s, e in _chunks(index.numel(), chunk_size):
+        for s, e in _chunks(index.numel(), min(chunk_size, BLOCK_ROWS)):
             rows = index[s:e]
-            s_logits = _fp32_logits(s_hidden.index_select(0, rows), s_w32, None).div_(temperature)  # (c, V)
+            s_logits = _fp32_logits(s_hidden.index_select(0, rows), s_w32, None).div_(temperature)  # (b, V)
             with torch.no_grad():
                 t_logits = _fp32_logits(t_hidden.index_select(0, rows), t_w32, None).div_(temperature)
             div, _ = _divergence_and_grad(s_logits, t_logits, kind, need_grad=False)
@@ -237,11 +243,13 @@ class _ChunkedLogitsKL(torch.autograd.Function):
         for s, e in _chunks(index.numel(), ctx.chunk_size):
             rows = index[s:e]
             h = s_hidden.index_select(0, rows)  # (c, Hs)
-            s_logits = _fp32_logits(h, s_w32, None).div_(tau)  # (c, V)
-            with torch.no_grad():
-                t_logits = _fp32_logits(t_hidden.index_select(0, rows), t_w32, None).div_(tau)
-            _, grad_logits = _divergence_and_grad(s_logits, t_logits, ctx.kind, need_grad=True)
-            del s_logits, t_logits
+            # One (c, V) buffer: the student's logits, overwritten block by block with their gradient.
+            grad_logits = _fp32_logits(h, s_w32, None).div_(tau)  # (c, V)
+            for bs, be in _chunks(e - s, BLOCK_ROWS):
+                t_logits = _fp32_logits(t_hidden.index_select(0, rows[bs:be]), t_w32, None).div_(tau)  # (b, V)
+                _, block_grad = _divergence_and_grad(grad_logits[bs:be], t_logits, ctx.kind, need_grad=True)
+                grad_logits[bs:be] = block_grad
+                del t_logits, block_grad
             grad_logits.mul_(scale)  # (c, V)
             if need_h:
                 grad_hidden.index_copy_(0, rows, (grad_logits @ s_w32).to(s_hidden.dtype))
@@ -279,7 +287,9 @@ def kl_loss(
         mask: (B, T) bool, True at the positions that carry loss (real tokens).
         kind: "forward", "reverse" or "jsd".
         temperature: τ > 0, divides both logits.
-        chunk_size: tokens per chunk; peak memory is a few chunk_size · V fp32 buffers.
+        chunk_size: tokens per backward chunk; peak working memory is about chunk_size · V fp32 numbers
+            (plus a (V, H) fp32 weight-gradient accumulator). The teacher's logits are computed block by
+            block, in forward and in backward.
 
     Returns:
         (loss_sum, count): 0-dim fp32 τ²·Σ divergence over masked tokens, 0-dim long mask.sum().
