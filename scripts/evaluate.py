@@ -1,0 +1,261 @@
+"""Evaluate an extended model: short-text retention against the teacher, NLL by position, passkey grid.
+
+    python scripts/evaluate.py --model runs/<run>/final [--teacher ORIGINAL] \\
+        --short-data data/built/<name>/holdout/short --long-data data/built/<name>/holdout/long \\
+        [--original-length N] [--target-length N] [--out OUT_DIR] [--max-rows N] [--passkey-samples N] \\
+        [--lengths 256,512,1024] [--depths 0,0.25,0.5,0.75,1]
+
+Writes OUT_DIR/eval.json ({"model", "teacher", "figures": flat numbers, "details": per-layer lists, buckets,
+grids}) and the plots nll_by_position.png, needle_student.png (and needle_teacher.png with a teacher).
+OUT_DIR defaults to <model>/eval. A data argument may also be a built directory's root: its holdout/short and
+holdout/long streams are used. The original length defaults to the teacher's max_position_embeddings (else the
+model's rope_parameters["original_max_position_embeddings"]), the target length to the model's
+max_position_embeddings. A user mistake prints one line `error: ...` and exits with status 2.
+
+Real benchmarks. This suite measures drift and retrieval on held-out data; the paper's short-text scores
+(MMLU, HellaSwag, ...) and long-context scores (RULER) come from lm-evaluation-harness, which loads the
+exported model as it is (the extended RoPE is in its config):
+
+    pip install lm-eval
+    lm_eval --model hf --model_args pretrained=runs/<run>/final,dtype=bfloat16 \\
+        --tasks mmlu,hellaswag,arc_challenge,winogrande,gsm8k --batch_size auto --output_path results/<run>
+    # the original model, for the retention ratio:
+    lm_eval --model hf --model_args pretrained=<original>,dtype=bfloat16 --tasks mmlu,hellaswag,... ...
+    # RULER at the target length (the harness's `ruler` group; it needs the tokenizer and a max length):
+    lm_eval --model hf --model_args pretrained=runs/<run>/final,dtype=bfloat16,max_length=32768 \\
+        --tasks ruler --metadata='{"max_seq_lengths":[4096,8192,16384,32768]}' --batch_size 1
+
+See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distill.config import ConfigError  # noqa: E402
+from distill.data.dataset import STREAM_INFO, DataError  # noqa: E402
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one `error:` line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block (argparse's default prints two and exits 2)
+        raise UsageError(message)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def depth_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def stream_dir(path: str, name: str, flag: str) -> str:
+    """A built stream directory: `path` itself, or `<path>/holdout/<name>` when given a built root."""
+    if os.path.isfile(os.path.join(path, STREAM_INFO)):
+        return path
+    nested = os.path.join(path, "holdout", name)
+    if os.path.isfile(os.path.join(nested, STREAM_INFO)):
+        return nested
+    if not os.path.isdir(path):
+        raise DataError(f"{flag} {path}: no such directory")
+    raise DataError(f"{flag} {path}: not a built stream (no {STREAM_INFO}, nor holdout/{name}/{STREAM_INFO}); "
+                    f"build it with scripts/prepare_data.py")
+
+
+def default_lengths(model_config, teacher_config, original: int | None, target: int | None) -> tuple[int, int]:
+    """(original, target) from the flags, else from the configs (see the module docstring)."""
+    if target is None:
+        target = int(model_config.max_position_embeddings)
+    if original is None:
+        params = getattr(model_config, "rope_parameters", None) or {}
+        if teacher_config is not None:
+            original = int(teacher_config.max_position_embeddings)
+        elif params.get("original_max_position_embeddings"):
+            original = int(params["original_max_position_embeddings"])
+        else:
+            raise UsageError("cannot tell the original context length from the model's config (an abf extension "
+                             "does not record it): pass --original-length N or --teacher DIR")
+    if original > target:
+        raise UsageError(f"--original-length {original} is greater than --target-length {target}")
+    return original, target
+
+
+def doubling(original: int, target: int) -> list[int]:
+    """original, 2·original, ... up to target (target always included)."""
+    out, n = [], original
+    while n < target:
+        out.append(n)
+        n *= 2
+    return out + [target]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="the model to evaluate (Hugging Face directory, e.g. runs/<run>/final)")
+    p.add_argument("--teacher", help="the original model, for retention figures (KL, hidden cosine, attention KL)")
+    p.add_argument("--short-data", required=True, help="held-out short stream (or a built root: uses holdout/short)")
+    p.add_argument("--long-data", required=True, help="held-out long stream (or a built root: uses holdout/long)")
+    p.add_argument("--original-length", type=positive_int, help="original context window")
+    p.add_argument("--target-length", type=positive_int, help="extended context window")
+    p.add_argument("--out", help="output directory (default: <model>/eval)")
+    p.add_argument("--max-rows", type=positive_int, default=8, help="rows per held-out stream (default 8)")
+    p.add_argument("--passkey-samples", type=non_negative_int, default=4,
+                   help="passkey prompts per (length, depth); 0 skips passkey (default 4)")
+    p.add_argument("--lengths", type=int_list, help="passkey context lengths (default: original, 2×, ..., target)")
+    p.add_argument("--depths", type=depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    p.add_argument("--buckets", type=positive_int, default=16, help="equal-width position buckets (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="short rows / passkey prompts per forward")
+    p.add_argument("--seed", type=int, default=0, help="passkey seed")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else the teacher's)")
+    return p
+
+
+def read_config(path: str, flag: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - any failure means "not a model directory"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"{flag} {path}: cannot read the model config ({reason[:200]})") from None
+
+
+def load_tokenizer(candidates: list[str | None]):
+    from transformers import AutoTokenizer
+
+    last = None
+    for path in candidates:
+        if not path:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as err:  # noqa: BLE001 - try the next candidate, report the last reason
+            last = f"{path}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+    raise UsageError(f"cannot load a tokenizer ({last}); pass --tokenizer DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        args = build_parser().parse_args(argv)
+        figures = evaluate(args)
+    except (UsageError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    width = max(len(k) for k in figures) if figures else 0
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
+def evaluate(args) -> dict:
+    import torch
+
+    from distill.config import ModelConfig
+    from distill.data.dataset import PackedStream
+    from distill.evaluate import evaluate_suite
+    from distill.models import load_teacher
+
+    for flag, path in (("--model", args.model), ("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
+        if path is not None and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: no such directory")
+    short_path = stream_dir(args.short_data, "short", "--short-data")
+    long_path = stream_dir(args.long_data, "long", "--long-data")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+
+    tokenizer = load_tokenizer([args.tokenizer, args.model, args.teacher])
+    short = PackedStream(short_path, tokenizer)  # refuses data built with another tokenizer
+    long = PackedStream(long_path, tokenizer)
+    for stream in (short, long):
+        if stream.info.get("split", "holdout") != "holdout":
+            logging.warning("warning: %s is a %s split, not held out", stream.path, stream.info.get("split"))
+
+    # Lengths first, from the configs alone: a missing length should not cost loading the weights.
+    original, target = default_lengths(read_config(args.model, "--model"),
+                                       read_config(args.teacher, "--teacher") if args.teacher else None,
+                                       args.original_length, args.target_length)
+    # Both load as frozen models with the RoPE their own config carries (the exported model: the extended one).
+    model = load_teacher(args.model, ModelConfig(path=args.model, dtype=dtype, attention=args.attention), device)
+    teacher = None
+    if args.teacher:
+        teacher = load_teacher(args.teacher, ModelConfig(path=args.teacher, dtype=dtype, attention=args.attention),
+                               device)
+    lengths = args.lengths or doubling(original, target)
+    out_dir = args.out or os.path.join(args.model, "eval")
+    figures = evaluate_suite(
+        model, teacher, short, long, original, target, out_dir=out_dir, max_rows=args.max_rows,
+        passkey_samples=args.passkey_samples, tokenizer=tokenizer, passkey_lengths=lengths,
+        passkey_depths=args.depths, seed=args.seed, batch_size=args.batch_size, buckets=args.buckets,
+        teacher_baselines=teacher is not None,
+    )
+    # Record what was evaluated next to the figures.
+    path = os.path.join(out_dir, "eval.json")
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    record = {"model": os.path.abspath(args.model), "teacher": os.path.abspath(args.teacher) if args.teacher else None,
+              "short_data": os.path.abspath(short_path), "long_data": os.path.abspath(long_path),
+              "max_rows": args.max_rows, "device": device, "dtype": dtype, **record}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}", file=sys.stderr)
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
