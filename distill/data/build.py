@@ -87,6 +87,8 @@ def _read_source(spec: DataSpec, index: int, source: SourceConfig, tokenizer: An
         if bar is not None:
             bar.close()
     if len(tokenized.lengths) == 0:
+        if reader.records == 0 and reader.filtered:
+            raise DataError(f"{reader.where}: none of {reader.filtered} records matches {dict(source.match)}")
         if reader.records == 0:
             raise DataError(f"{reader.where}: empty source, no documents in {source.path or source.dataset!r}")
         examples = "; ".join(f"e.g. {v}" for v in list(reader.examples.values())[:2])
@@ -213,7 +215,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
         tokenized, reader = _read_source(spec, i, source, tokenizer, eos_id if spec.eos else None, progress)
         data[i] = tokenized
         source_report[source.name] = {
-            "kind": source.kind, "files": len(reader.files), "records": reader.records,
+            "kind": source.kind, "files": len(reader.files), "records": reader.records, "filtered_out": reader.filtered,
             "documents": int(len(tokenized.lengths)), "tokens": int(tokenized.lengths.sum()),
             "skipped": dict(sorted(reader.skipped.items())),
         }

@@ -23,7 +23,7 @@ from distill.data.spec import SourceConfig
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = {"jsonl": (".jsonl", ".json"), "json": (".json",), "parquet": (".parquet",), "text": (".txt", ".md")}
+_EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst"), "json": (".json",), "parquet": (".parquet",), "text": (".txt", ".md")}
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
@@ -55,6 +55,8 @@ class SourceReader:
         self.examples: dict[str, str] = {}
         self.records = 0
         self.files: list[str] = []
+        self.filtered = 0
+        self._match = [(k.split("."), v) for k, v in sorted(source.match.items())]
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def skip(self, reason: str, location: str, detail: str) -> None:
@@ -62,6 +64,17 @@ class SourceReader:
             raise DataError(f"{location}: {detail} ({self.where}; strict: true turns skips into errors)")
         self.skipped[reason] += 1
         self.examples.setdefault(reason, f"{location}: {detail}")
+
+    def _matches(self, record: dict) -> bool:
+        """True when every `match` field of the record equals its value (counted in `filtered` otherwise)."""
+        for keys, want in self._match:
+            node = record
+            for k in keys:
+                node = node.get(k) if isinstance(node, dict) else None
+            if node != want:
+                self.filtered += 1
+                return False
+        return True
 
     def _text(self, value, location: str) -> str | None:
         self.records += 1
@@ -134,6 +147,16 @@ class SourceReader:
 
     def _open(self, path: str):
         try:
+            if path.endswith(".gz"):
+                import gzip
+
+                return gzip.open(path, "rb")
+            if path.endswith(".zst"):
+                try:
+                    import zstandard
+                except ImportError:
+                    raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+                return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
             return open(path, "rb")
         except OSError as err:
             raise DataError(f"{path}: cannot read ({err.strerror}; {self.where})") from None
@@ -141,6 +164,10 @@ class SourceReader:
     def _jsonl(self, path: str) -> Iterator[str]:
         field = self.source.text_field
         with self._open(path) as f:
+            if path.endswith(".zst"):
+                import io
+
+                f = io.BufferedReader(f)
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
@@ -160,6 +187,8 @@ class SourceReader:
                 if not isinstance(record, dict):
                     self.records += 1
                     self.skip("not_an_object", location, f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                if self._match and not self._matches(record):
                     continue
                 text = self._text(record.get(field), location)
                 if text is not None:
@@ -189,6 +218,8 @@ class SourceReader:
             if isinstance(record, str):
                 text = self._text(record, location)
             elif isinstance(record, dict):
+                if self._match and not self._matches(record):
+                    continue
                 text = self._text(record.get(field), location)
             else:
                 self.records += 1
@@ -273,9 +304,11 @@ class SourceReader:
             raise DataError(f"{self.where}: dataset {name!r} has no column {src.text_field!r}; "
                             f"columns: {', '.join(columns)}")
         self.files = [name]
-        if not src.streaming and hasattr(ds, "select_columns"):
+        if not src.streaming and not src.match and hasattr(ds, "select_columns"):
             ds = ds.select_columns([src.text_field])
         for i, record in enumerate(ds):
+            if self._match and not self._matches(record):
+                continue
             text = self._text(record.get(src.text_field), f"{name}[{i}]")
             if text is not None:
                 yield text

@@ -57,6 +57,9 @@ class SourceConfig:
     """hf: split to read."""
     streaming: bool = False
     """hf: stream the dataset instead of downloading it whole (reading stops at the token budget)."""
+    match: dict[str, str] = dataclasses.field(default_factory=dict)
+    """jsonl, json, hf: keep only records whose (dotted) field equals the value, e.g.
+    {meta.redpajama_set_name: RedPajamaBook} to take one domain out of SlimPajama. Others are not skips."""
     upsample_long: UpsampleConfig | None = None
     """Length upsampling inside this source while keeping its token budget."""
 
@@ -73,6 +76,9 @@ class SourceConfig:
             check(not self.include and not self.exclude, join(path, "include"),
                   f"include/exclude are for kind files, not {self.kind}")
         check(self.text_field != "", join(path, "text_field"), "must not be empty")
+        if self.match:
+            check(self.kind in ("jsonl", "json", "hf"), join(path, "match"),
+                  f"only for kinds jsonl, json and hf, not {self.kind}")
 
 
 @dataclasses.dataclass
@@ -88,7 +94,7 @@ class DataStreamConfig:
     """Documents shorter than this (EOS included) are skipped for this stream."""
     max_doc_tokens: int | None = None
     """Documents longer than this (EOS included) are skipped for this stream."""
-    max_tokens: int | None = None
+    max_tokens: float | None = None
     """Token budget of the train split (whole documents, shared by source weight; the last document of a
     source may overshoot). null: every document."""
     long_docs: Literal["split", "drop"] = "split"
@@ -107,8 +113,9 @@ class DataStreamConfig:
         if self.max_doc_tokens is not None:
             check(self.max_doc_tokens >= self.min_doc_tokens, join(path, "max_doc_tokens"),
                   f"{self.max_doc_tokens} is below min_doc_tokens {self.min_doc_tokens}")
-        if self.max_tokens is not None:
-            check(self.max_tokens > 0, join(path, "max_tokens"), f"must be positive, got {self.max_tokens}")
+        if self.max_tokens is not None:  # a float so that 1.0e9 (a string to PyYAML) is accepted
+            check(self.max_tokens >= 1, join(path, "max_tokens"), f"must be positive, got {self.max_tokens}")
+            self.max_tokens = int(self.max_tokens)
         if self.stride is not None:
             check(self.pack == "window", join(path, "stride"), f"only for pack window, not {self.pack}")
             check(self.stride > 0, join(path, "stride"), f"must be positive, got {self.stride}")
@@ -121,13 +128,14 @@ class DataStreamConfig:
 class HoldoutConfig:
     fraction: float = 0.0
     """Share of documents held out per stream, chosen by a hash of their text (never trained on)."""
-    max_tokens: int | None = None
+    max_tokens: float | None = None
     """Cap on the held-out tokens per stream (whole documents); null: no cap."""
 
     def validate(self, path: str) -> None:
         check(0.0 <= self.fraction < 1.0, join(path, "fraction"), f"must be in [0, 1), got {self.fraction}")
         if self.max_tokens is not None:
-            check(self.max_tokens > 0, join(path, "max_tokens"), f"must be positive, got {self.max_tokens}")
+            check(self.max_tokens >= 1, join(path, "max_tokens"), f"must be positive, got {self.max_tokens}")
+            self.max_tokens = int(self.max_tokens)
 
 
 @dataclasses.dataclass
