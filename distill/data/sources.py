@@ -24,7 +24,7 @@ from distill.data.spec import SourceConfig
 log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst"), "json": (".json",), "parquet": (".parquet",), "text": (".txt", ".md")}
-_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+_BLANK_LINE = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 
 
 def expand_path(path: str) -> str:
@@ -216,6 +216,9 @@ class SourceReader:
         for i, record in enumerate(data):
             location = f"{path}[{i}]"
             if isinstance(record, str):
+                if self._match:  # a bare string has no fields to match
+                    self.filtered += 1
+                    continue
                 text = self._text(record, location)
             elif isinstance(record, dict):
                 if self._match and not self._matches(record):

@@ -1,0 +1,154 @@
+"""Reading sources: every kind, bad rows skipped and counted (or errors under strict), bad sources as
+one-line DataErrors naming the file and what is allowed."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distill.data.build import build
+from distill.data.dataset import DataError
+from distill.data.sources import SourceReader
+from distill.data.spec import SourceConfig, spec_from_dict
+
+
+def _read(strict=False, **kw):
+    reader = SourceReader(SourceConfig(name="s", **kw), 0, strict=strict)
+    return list(reader), reader
+
+
+def _write_jsonl(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else line.encode())
+            f.write(b"\n")
+
+
+def test_jsonl_skips_and_counts_bad_rows(tmp_path):
+    path = tmp_path / "a.jsonl"
+    _write_jsonl(path, [json.dumps({"text": "good one"}), "{not json", json.dumps({"body": "x"}),
+                        b'{"text": "bad \xff byte"}', json.dumps({"text": "   "}), json.dumps({"text": 3}),
+                        "", json.dumps([1, 2]), json.dumps({"text": "good two"})])
+    docs, reader = _read(kind="jsonl", path=str(path))
+    assert docs == ["good one", "good two"]
+    assert dict(reader.skipped) == {"malformed_json": 1, "missing_field": 1, "not_utf8": 1, "empty": 1,
+                                    "field_not_text": 1, "not_an_object": 1}
+    assert reader.records == 8
+    assert reader.examples["malformed_json"].startswith(f"{path}:2: malformed JSON")
+
+
+def test_strict_turns_a_skip_into_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    _write_jsonl(path, [json.dumps({"text": "ok"}), json.dumps({"txt": "x"})])
+    with pytest.raises(DataError, match=rf"^{path}:2: no field 'text' \(source 's' \(sources\[0\]\); strict"):
+        _read(strict=True, kind="jsonl", path=str(path))
+
+
+def test_json_parquet_text_and_match(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one", "meta": {"set": "x"}},
+                                                 {"text": "two", "meta": {"set": "y"}}, "three"]))
+    docs, reader = _read(kind="json", path=str(tmp_path / "a.json"), match={"meta.set": "y"})
+    assert docs == ["two"] and reader.filtered == 2
+    pq.write_table(pa.table({"content": ["p1", None, "p2"]}), tmp_path / "a.parquet")
+    docs, reader = _read(kind="parquet", path=str(tmp_path / "*.parquet"), text_field="content")
+    assert docs == ["p1", "p2"] and reader.skipped["missing_field"] == 1
+    (tmp_path / "t.txt").write_text("para one\nline\n\n  \npara two\n\n\n")
+    assert _read(kind="text", path=str(tmp_path / "t.txt"), text_split="blank_line")[0] == ["para one\nline", "para two"]
+    assert _read(kind="text", path=str(tmp_path / "t.txt"))[0] == ["para one\nline\n\n  \npara two\n\n\n"]
+
+
+def test_parquet_without_the_text_column_is_an_error(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"a\.parquet: no column 'text' .*columns: body"):
+        _read(kind="parquet", path=str(tmp_path / "a.parquet"))
+
+
+def test_files_tree_include_exclude_and_non_utf8(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "pkg" / "tests").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    (repo / "pkg" / "a.py").write_text("print('a')\n")
+    (repo / "pkg" / "b.py").write_bytes(b"x = '\xff\xfe'\n")
+    (repo / "pkg" / "tests" / "t.py").write_text("assert 1\n")
+    (repo / "README.md").write_text("# readme\n")
+    (repo / "data.bin").write_bytes(b"\x00\x01")
+    (repo / ".git" / "config").write_text("[core]\n")
+    docs, reader = _read(kind="files", path=str(repo), include=["*.py", "*.md"], exclude=["*/tests/*"])
+    assert docs == ["# readme\n", "print('a')\n"]
+    assert dict(reader.skipped) == {"not_utf8": 1}
+    assert [p.split("repo/")[1] for p in reader.files] == ["README.md", "pkg/a.py", "pkg/b.py"]
+
+
+@pytest.mark.parametrize("kind,path,message", [
+    ("jsonl", "{tmp}/nothing/*.jsonl", "source 's' (sources[0]): no files match"),
+    ("jsonl", "{tmp}/missing.jsonl", "source 's' (sources[0]): no such file or directory"),
+    ("files", "{tmp}", "has no files matching include/exclude"),
+])
+def test_missing_files_are_errors(tmp_path, kind, path, message):
+    kw = {"include": ["*.nothing"]} if kind == "files" else {}
+    with pytest.raises(DataError) as err:
+        _read(kind=kind, path=path.format(tmp=tmp_path), **kw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# -- bad sources caught by the build (needs the tokenizer) --------------------------------------------------
+
+def _spec(tmp_path, tokenizer, source, **stream):
+    return spec_from_dict({
+        "tokenizer": tokenizer, "output_dir": str(tmp_path / "out"), "sources": [{"name": "s", **source}],
+        "streams": {"short": {"sources": ["s"], "seq_len": 16, "pack": "best_fit", **stream}},
+    })
+
+
+def test_empty_source_is_an_error(tmp_path, tokenizer_dir):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"source 's' \(sources\[0\]\): empty source, no documents in"):
+        build(_spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "empty.jsonl")}), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_text_field_everywhere_is_an_error(tmp_path, tokenizer_dir):
+    _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"body": "x"})] * 3)
+    with pytest.raises(DataError, match=r"all 3 records were skipped \(missing_field: 3\); e\.g\. .*no field 'text'"):
+        build(_spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}), progress=False)
+
+
+def test_all_non_utf8_is_an_error(tmp_path, tokenizer_dir):
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match=r"all 1 records were skipped \(not_utf8: 1\).*invalid UTF-8 at byte 0"):
+        build(_spec(tmp_path, tokenizer_dir, {"kind": "text", "path": str(tmp_path / "a.txt")}), progress=False)
+
+
+def test_documents_that_tokenize_to_nothing(tmp_path, tokenizer_dir, monkeypatch):
+    # Our sentencepiece tokenizer maps any non-empty text to tokens; make one document encode to nothing.
+    from distill.data import tokenize
+
+    real = tokenize.BatchEncoder.encode
+    monkeypatch.setattr(tokenize.BatchEncoder, "encode",
+                        lambda self, texts: [[] if t == "VOID" else ids for t, ids in zip(texts, real(self, texts))])
+    _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"text": "VOID"})] * 2)
+    source = {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}
+    with pytest.raises(DataError, match=r"all 2 records were skipped \(no_tokens: 2\)"):
+        build(_spec(tmp_path, tokenizer_dir, source), progress=False)
+    _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"text": "VOID"}), json.dumps({"text": "def f(): pass"})])
+    manifest = build(_spec(tmp_path, tokenizer_dir, source), progress=False)
+    assert manifest["sources"]["s"]["skipped"] == {"no_tokens": 1}
+    assert manifest["sources"]["s"]["documents"] == 1
+
+
+def test_tokenizer_that_does_not_load(tmp_path):
+    _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"text": "x"})])
+    (tmp_path / "tok").mkdir()
+    spec = _spec(tmp_path, str(tmp_path / "tok"), {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")})
+    with pytest.raises(DataError) as err:
+        build(spec, progress=False)
+    assert str(err.value).startswith(f"tokenizer '{tmp_path / 'tok'}' (directory) does not load: ")
+    assert "\n" not in str(err.value)
+
+
+def test_no_rows_is_an_error_with_the_reasons(tmp_path, tokenizer_dir):
+    _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"text": "short"})])
+    spec = _spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}, pack="window")
+    with pytest.raises(DataError, match=r"streams\.short: no rows of seq_len 16 .*shorter_than_seq_len: 1"):
+        build(spec, progress=False)
