@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir once the new one is built")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Progress and summaries on stdout: stderr carries only the one-line error.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from distill.data.build import build
     from distill.data.spec import load_spec
 

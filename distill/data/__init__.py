@@ -5,16 +5,9 @@
     batch = stream.batch([0, 1])  # input_ids, position_ids, labels (B, T), num_docs (B,)
 """
 
+from distill.data.build import build
 from distill.data.dataset import IGNORE_INDEX, DataError, PackedStream, tokenizer_fingerprint, tokenizer_identity
 from distill.data.spec import DataSpec, DataStreamConfig, HoldoutConfig, SourceConfig, UpsampleConfig, load_spec
-
-
-def build(spec, overwrite: bool = False, progress: bool = True) -> dict:
-    """Build every stream of a DataSpec; see distill.data.build."""
-    from distill.data.build import build as _build
-
-    return _build(spec, overwrite=overwrite, progress=progress)
-
 
 __all__ = ["IGNORE_INDEX", "DataError", "DataSpec", "DataStreamConfig", "HoldoutConfig", "PackedStream",
            "SourceConfig", "UpsampleConfig", "build", "load_spec", "tokenizer_fingerprint", "tokenizer_identity"]

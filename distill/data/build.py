@@ -79,7 +79,8 @@ def _read_source(spec: DataSpec, index: int, source: SourceConfig, tokenizer: An
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"tokenize {source.name}", unit="tok", unit_scale=True, dynamic_ncols=True, leave=True)
+        bar = tqdm(desc=f"tokenize {source.name}", unit="tok", unit_scale=True, dynamic_ncols=True, leave=True,
+                   disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
     try:
         tokenized = tokenize_documents(reader, tokenizer, batch_size=spec.batch_size, eos_id=eos_id,
                                        on_empty=on_empty, stop=stop, progress=bar)
@@ -259,6 +260,14 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                                     f"{int(lengths.sum())} tokens; skipped: {detail})")
                 order = np.random.default_rng([spec.seed, _crc(stream_name), _crc(split), 1]).permutation(packed.rows)
                 packed = packed.permute(order)
+                if budget is not None and packed.real_tokens > budget:
+                    # Whole documents overshoot the budget by up to one document per source: keep rows up to it.
+                    per_row = np.add.reduceat(packed.lengths, packed.row_offsets[:-1]) if packed.rows else []
+                    keep = int(np.searchsorted(np.cumsum(per_row), budget, side="right"))
+                    dropped = packed.real_tokens
+                    packed = packed.permute(np.arange(keep))
+                    packed.skipped_tokens = {**packed.skipped_tokens,
+                                             "over_max_tokens": dropped - packed.real_tokens}
                 info = {
                     "stream": stream_name, "split": split, "seq_len": stream.seq_len, "pack": stream.pack,
                     "rows": packed.rows, "real_tokens": packed.real_tokens, "padding_tokens": packed.padding_tokens,
