@@ -1,0 +1,387 @@
+"""Evaluation suite: NLL against a known distribution, zero drift for identical models, the passkey generator,
+NLL-by-position buckets, plots, the suite's train/eval mode, and the two command-line tools on a tiny model."""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from distill.config import ModelConfig, RopeConfig
+from distill.data.dataset import STREAM_INFO, DataError, PackedStream, tokenizer_fingerprint
+from distill.evaluate import (
+    _score_answers,
+    bucket_edges,
+    evaluate_suite,
+    filler_from_stream,
+    greedy_decode,
+    needle_grid,
+    nll_by_position,
+    passkey_accuracy,
+    passkey_prompts,
+    plot_nll_by_position,
+    short_retention,
+    token_nll,
+)
+from distill.models import load_student, load_teacher
+from distill.objectives import lm_loss
+from distill.testing import stdlib_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_stream(path, tokenizer, docs, seq_len, split="holdout"):
+    """A built stream directory as PackedStream reads it: best-effort sequential packing of whole documents
+    (each cut to seq_len), padding with 0, plus stream.json."""
+    import datasets
+
+    rows, lengths, cur, cur_lens = [], [], [], []
+    for doc in docs:
+        doc = list(doc[:seq_len])
+        if len(cur) + len(doc) > seq_len:
+            rows.append(cur + [0] * (seq_len - len(cur)))
+            lengths.append(cur_lens)
+            cur, cur_lens = [], []
+        cur, cur_lens = cur + doc, cur_lens + [len(doc)]
+    if cur:
+        rows.append(cur + [0] * (seq_len - len(cur)))
+        lengths.append(cur_lens)
+    datasets.Dataset.from_dict({"input_ids": rows, "lengths": lengths}).save_to_disk(str(path))
+    info = {"seq_len": seq_len, "split": split, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}
+    with open(os.path.join(path, STREAM_INFO), "w") as f:
+        json.dump(info, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tokenizer):
+    """{"short": 64-token rows of several documents, "long": 256-token rows of one or two documents}."""
+    root = tmp_path_factory.mktemp("built")
+    texts = [open(p, encoding="utf-8", errors="replace").read() for p in stdlib_files(min_bytes=4000, limit=12)]
+    docs = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    short_docs = [d[: 10 + 7 * i] for i, d in enumerate(docs)]  # 10..87 tokens: several per 64-token row
+    long_docs = [d[: (100, 120, 256)[i % 3]] for i, d in enumerate(docs)]  # rows [100, 120], [256], ...
+    return {"root": str(root),
+            "short": write_stream(root / "holdout" / "short", tokenizer, short_docs, 64),
+            "long": write_stream(root / "holdout" / "long", tokenizer, long_docs, 256)}
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_llama):
+    return load_teacher(None, ModelConfig(path=tiny_llama, dtype="float32", attention="sdpa"))
+
+
+@pytest.fixture(scope="module")
+def student(tiny_llama):
+    rope = RopeConfig(method="abf", theta=1.0e6, target_length=1024)
+    return load_student(ModelConfig(path=tiny_llama, dtype="float32", attention="sdpa"), rope)
+
+
+def _uniform_model(path):
+    """The tiny model with lm_head zeroed: every next-token distribution is uniform over V."""
+    model = load_teacher(None, ModelConfig(path=path, dtype="float32", attention="sdpa"))
+    model.get_output_embeddings().weight.data.zero_()
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLL and drift
+# --------------------------------------------------------------------------------------------------------------
+
+def test_uniform_model_nll_is_log_vocab(tiny_llama, built):
+    model = _uniform_model(tiny_llama)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    short = short_retention(model, None, built["short"], max_rows=4, batch_size=3)
+    assert short["short_nll"] == pytest.approx(math.log(vocab), abs=1e-5)
+    assert short["short_ppl"] == pytest.approx(vocab, rel=1e-4)
+    stream = PackedStream(built["short"])
+    # Tokens with a target: every document token but each document's first (labels convention).
+    expected = sum(sum(stream.lengths(i)) - len(stream.lengths(i)) for i in range(4))
+    assert short["short_tokens"] == expected
+    long = nll_by_position(model, built["long"], max_rows=3, buckets=4, original_length=128)
+    assert all(v == pytest.approx(math.log(vocab), abs=1e-5) for v in long["nll"])
+    assert long["long_nll_beyond"] == pytest.approx(math.log(vocab), abs=1e-5)
+
+
+def test_token_nll_matches_chunked_lm_loss(teacher, built):
+    batch = PackedStream(built["short"]).batch([0, 1, 2])
+    final = teacher.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                          attention_mask=None, use_cache=False).last_hidden_state
+    weight = teacher.get_output_embeddings().weight
+    nll, has_target = token_nll(final, weight, batch["labels"], chunk_size=37)  # odd chunk: several chunks
+    with torch.no_grad():
+        ref_sum, ref_count = lm_loss(final, weight, batch["labels"])
+    assert int(has_target.sum()) == int(ref_count)
+    assert nll.sum().item() == pytest.approx(ref_sum.item(), rel=1e-5)
+    assert bool((nll[~has_target] == 0).all())
+    # Entry t is the loss of predicting token t: position 0 of every row never has a target.
+    assert not has_target[:, 0].any()
+
+
+def test_identical_teacher_has_no_drift(teacher, tiny_llama, built):
+    same = load_teacher(None, ModelConfig(path=tiny_llama, dtype="float32", attention="sdpa"))
+    out = short_retention(same, teacher, built["short"], max_rows=4, batch_size=2, attention_rows=2)
+    assert out["kl_teacher_student"] == pytest.approx(0.0, abs=1e-10)
+    assert out["teacher_short_nll"] == pytest.approx(out["short_nll"], abs=1e-6)
+    n_layers = teacher.config.num_hidden_layers
+    assert len(out["hidden_cosine"]) == n_layers + 1
+    assert all(c == pytest.approx(1.0, abs=1e-5) for c in out["hidden_cosine"])
+    assert len(out["attention_kl"]) == n_layers
+    assert all(abs(v) < 1e-6 for v in out["attention_kl"])
+
+
+def test_extended_student_drifts_and_modes_are_restored(student, teacher, built):
+    student.train()
+    out = short_retention(student, teacher, built["short"], max_rows=4, batch_size=4, attention_rows=2)
+    assert student.training and all(m.training for m in student.modules())
+    assert not teacher.training
+    # A random-init model is close to uniform, so its drift is small but far from the identical case's 0.
+    assert out["kl_teacher_student"] > 1e-8
+    assert out["hidden_cosine"][0] == pytest.approx(1.0, abs=1e-6)  # embeddings: RoPE plays no part yet
+    assert min(out["hidden_cosine"][1:]) < 1.0 - 1e-7
+    assert max(out["attention_kl"]) > 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLL by position
+# --------------------------------------------------------------------------------------------------------------
+
+def test_bucket_edges():
+    assert bucket_edges(256, 4) == [0, 64, 128, 192, 256]
+    assert bucket_edges(100, 3) == [0, 34, 68, 100]
+    assert bucket_edges(256, "log2") == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert bucket_edges(256, [128, 0, 256]) == [0, 128, 256]
+    with pytest.raises(ValueError):
+        bucket_edges(256, 0)
+
+
+def test_nll_by_position_buckets_follow_document_positions(teacher, built):
+    stream = PackedStream(built["long"])
+    rows = 4
+    res = nll_by_position(teacher, stream, max_rows=rows, buckets=[0, 64, 128, 256], original_length=128)
+    # Expected counts from the documents' lengths: a document of n tokens has targets at positions 1..n-1.
+    positions = np.concatenate([np.arange(1, n) for i in range(rows) for n in stream.lengths(i)])
+    assert res["count"] == [int(((positions >= lo) & (positions < hi)).sum()) for lo, hi in [(0, 64), (64, 128),
+                                                                                              (128, 256)]]
+    assert sum(res["count"]) == res["long_tokens"] == positions.size
+    n_within = int((positions < 128).sum())
+    n_beyond = positions.size - n_within
+    assert n_beyond > 0 and n_within > 0
+    mixed = (res["long_nll_within"] * n_within + res["long_nll_beyond"] * n_beyond) / positions.size
+    assert mixed == pytest.approx(res["long_nll"], rel=1e-9)
+    weighted = sum(v * c for v, c in zip(res["nll"], res["count"])) / sum(res["count"])
+    assert weighted == pytest.approx(res["long_nll"], rel=1e-9)
+
+
+def test_packed_documents_are_scored_alone(teacher, built):
+    """A row with two documents gives the second one the same NLL as running it on its own (no leakage)."""
+    stream = PackedStream(built["long"])
+    i = next(i for i in range(len(stream)) if len(stream.lengths(i)) >= 2)
+    row = stream.row(i)
+    first = stream.lengths(i)[0]
+    second = stream.lengths(i)[1]
+    batch = {k: v[None] for k, v in row.items()}
+    final = teacher.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                          use_cache=False).last_hidden_state
+    nll, _ = token_nll(final, teacher.lm_head.weight, batch["labels"])
+    doc = row["input_ids"][first: first + second][None]
+    alone = teacher.model(input_ids=doc, position_ids=torch.arange(second)[None], attention_mask=None,
+                          use_cache=False).last_hidden_state
+    labels = doc.clone()
+    labels[:, 0] = -100
+    nll_alone, _ = token_nll(alone, teacher.lm_head.weight, labels)
+    torch.testing.assert_close(nll[0, first: first + second], nll_alone[0], atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Passkey
+# --------------------------------------------------------------------------------------------------------------
+
+def _find(seq, sub):
+    return [i for i in range(len(seq) - len(sub) + 1) if seq[i: i + len(sub)] == sub]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_passkey_prompt_shape_depth_and_determinism(tokenizer, built, depth):
+    filler = filler_from_stream(built["long"])
+    prompt, answer = passkey_prompts(tokenizer, filler, 200, depth, 7)
+    assert len(prompt) == 200
+    key = tokenizer.decode(answer).strip()
+    assert key.isdigit() and len(key) == 5
+    needle = tokenizer(f"\nPASSKEY = {key}\n", add_special_tokens=False)["input_ids"]
+    hits = _find(prompt, needle)
+    assert len(hits) == 1
+    budget = 200 - len(needle) - (len(tokenizer(f"\nassert PASSKEY == {key}", add_special_tokens=False)["input_ids"])
+                                  - len(answer))
+    assert hits[0] == round(depth * budget)
+    assert tokenizer.decode(prompt[-16:]).rstrip().endswith("assert PASSKEY ==")
+    assert passkey_prompts(tokenizer, filler, 200, depth, 7) == (prompt, answer)  # same seed, same prompt
+    other = passkey_prompts(tokenizer, filler, 200, depth, 8)
+    assert other != (prompt, answer)
+
+
+def test_passkey_prompt_errors_and_short_filler(tokenizer):
+    prompt, _ = passkey_prompts(tokenizer, [5, 6, 7], 100, 0.5, 0)  # filler wraps around
+    assert len(prompt) == 100
+    with pytest.raises(ValueError, match="depth"):
+        passkey_prompts(tokenizer, [5, 6, 7], 100, 1.5, 0)
+    with pytest.raises(ValueError, match="shorter"):
+        passkey_prompts(tokenizer, [5, 6, 7], 5, 0.5, 0)
+
+
+def test_passkey_scoring_equals_greedy_decoding(teacher, tokenizer, built):
+    filler = filler_from_stream(built["long"])
+    prompts = [passkey_prompts(tokenizer, filler, 96, d, s)[0] for d, s in ((0.0, 1), (0.5, 2), (1.0, 3))]
+    greedy = [greedy_decode(teacher, p, 4) for p in prompts]
+    hits, logps = _score_answers(teacher, prompts, greedy)
+    assert hits == [True, True, True]
+    wrong = [g[:-1] + [(g[-1] + 1) % teacher.config.vocab_size] for g in greedy]
+    hits, wrong_logps = _score_answers(teacher, prompts, wrong)
+    assert hits == [False, False, False]
+    assert all(a > b for a, b in zip(logps, wrong_logps))  # greedy tokens are the most likely ones
+
+
+def test_passkey_accuracy_grid_and_heatmap(teacher, tokenizer, built, tmp_path):
+    filler = filler_from_stream(built["long"])
+    path = str(tmp_path / "needle.png")
+    grid = needle_grid(teacher, tokenizer, filler, [64, 128], [0.0, 1.0], samples=2, seed=3, path=path)
+    assert np.asarray(grid["grid_accuracy"]).shape == (2, 2)
+    assert 0.0 <= grid["accuracy"] <= 1.0 and grid["logprob"] < 0
+    assert set(grid["by_length"]) == {"64", "128"}
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC and os.path.getsize(path) > 1000
+    again = passkey_accuracy(teacher, tokenizer, filler, [64, 128], [0.0, 1.0], samples=2, seed=3)
+    assert again["grid_logprob"] == grid["grid_logprob"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots and the suite
+# --------------------------------------------------------------------------------------------------------------
+
+def test_plot_nll_by_position(tmp_path):
+    res = {"centers": [31.5, 95.5, 159.5], "nll": [3.0, 2.5, float("nan")], "original_length": 128}
+    path = plot_nll_by_position({"a": res, "b": {**res, "nll": [3.1, 2.7, 2.9]}}, str(tmp_path / "p" / "n.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC and os.path.getsize(path) > 1000
+
+
+def test_evaluate_suite_flat_figures_files_and_mode(student, teacher, tokenizer, built, tmp_path):
+    student.train()
+    out = str(tmp_path / "eval")
+    figures = evaluate_suite(student, teacher, built["short"], built["long"], 256, 1024, out_dir=out, max_rows=2,
+                             passkey_samples=1, tokenizer=tokenizer, passkey_lengths=[64], passkey_depths=[0.5])
+    assert student.training and not teacher.training
+    for key in ("short_nll", "teacher_short_nll", "short_nll_gap", "kl_teacher_student", "hidden_cosine_mean",
+                "hidden_cosine/0", "attention_kl/1", "long_nll", "long_nll_beyond", "passkey_accuracy",
+                "passkey_logprob", "passkey_accuracy/64"):
+        assert key in figures, key
+    assert all(isinstance(v, (int, float)) for v in figures.values())
+    assert figures["short_nll_gap"] == pytest.approx(figures["short_nll"] - figures["teacher_short_nll"])
+    assert math.isnan(figures["long_nll_beyond"])  # the 256-token rows never pass the 256-token window
+    record = json.load(open(os.path.join(out, "eval.json")))
+    assert record["figures"]["short_nll"] == pytest.approx(figures["short_nll"])
+    assert record["figures"]["long_nll_beyond"] is None  # NaN is written as null (valid JSON)
+    for name in ("nll_by_position.png", "needle_student.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000
+    cheap = evaluate_suite(student, None, built["short"], None, 256, 1024)  # no teacher, no long data
+    assert set(cheap) == {"short_nll", "short_ppl"}
+    with pytest.raises(ValueError, match="tokenizer"):
+        evaluate_suite(student, None, None, built["long"], 128, 256, passkey_samples=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command-line tools
+# --------------------------------------------------------------------------------------------------------------
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name, *args):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", f"{name}.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys):
+    # In-process (the script's main): a subprocess would spend most of its time importing torch again.
+    out = tmp_path / "cli"
+    code = _script("evaluate").main([
+        "--model", tiny_llama, "--teacher", tiny_llama, "--short-data", built["root"], "--long-data", built["long"],
+        "--original-length", "128", "--out", str(out), "--max-rows", "2", "--passkey-samples", "1",
+        "--lengths", "64,128", "--depths", "0,1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.load(open(out / "eval.json"))
+    assert record["details"]["original_length"] == 128 and record["details"]["target_length"] == 256
+    assert record["short_data"].endswith(os.path.join("holdout", "short"))  # a built root resolves
+    figures = record["figures"]
+    assert figures["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6)
+    assert figures["long_nll_beyond"] is not None and figures["teacher_long_nll"] == figures["long_nll"]
+    assert record["details"]["passkey"]["student"]["lengths"] == [64, 128]
+    for name in ("nll_by_position.png", "needle_student.png", "needle_teacher.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert "short_nll" in captured.out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "{missing}", "--short-data", "{short}", "--long-data", "{long}"], "--model .*no such directory"),
+    (["--model", "{model}", "--short-data", "{missing}", "--long-data", "{long}"], "--short-data .*no such directory"),
+    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{model}"], "--long-data .*not a built stream"),
+    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}", "--frobnicate"], "unrecognized"),
+    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}"], "--original-length"),
+    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}", "--depths", "0,2"], "depths"),
+])
+def test_evaluate_cli_errors_are_one_line(tiny_llama, built, tmp_path, capsys, argv, message):
+    values = {"model": tiny_llama, "short": built["short"], "long": built["long"], "missing": str(tmp_path / "nope")}
+    code = _script("evaluate").main([a.format(**values) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "nope").exists()
+
+
+def test_select_layers_cli(tiny_llama, built, tmp_path):
+    out = tmp_path / "layers.yaml"
+    proc = _run("select_layers", "--model", tiny_llama, "--rope-method", "abf", "--rope-theta", "1e6",
+                "--target-length", "1024", "--data", built["short"], "--top-k", "1", "--rows", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    ranking = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
+    assert len(ranking) == 2  # two decoder layers ranked
+    top_index = int(ranking[0][2])
+    expected = sorted({top_index, 2})  # top-1 plus the last layer (hidden_states index 2)
+    snippet = f"layers: [{', '.join(map(str, expected))}]"
+    assert snippet in lines
+    assert snippet in out.read_text()
+    kls = [float(r[3]) for r in ranking]
+    assert kls == sorted(kls, reverse=True) and kls[0] > 0
+
+
+def test_select_layers_cli_errors(tiny_llama, built, capsys):
+    main = _script("select_layers").main
+    assert main(["--model", tiny_llama, "--rope-method", "abf", "--target-length", "1024", "--data", built["short"],
+                 "--top-k", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: rope.theta: abf needs a positive rope theta (e.g. 2.0e7)"
+    assert main(["--model", tiny_llama, "--rope-method", "rope2", "--target-length", "1024", "--data",
+                 built["short"], "--top-k", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rope-method" in err[0]
