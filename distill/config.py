@@ -583,10 +583,6 @@ class RecipeConfig:
         fixed = [s.share for s in self.streams.values() if isinstance(s.share, float)]
         if len(fixed) == len(self.streams):
             check(sum(fixed) > 0, "streams", "stream shares sum to 0; at least one share must be positive")
-        for name, stream in self.streams.items():
-            if stream.positions != "native":
-                check(self.rope.method != "none", f"streams.{name}.positions",
-                      "skipped positions need a RoPE extension (rope.method is none)")
 
     @property
     def needs_teacher(self) -> bool:

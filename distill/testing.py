@@ -87,11 +87,19 @@ def make_tiny_model(out_dir: str, arch: str = "llama", tokenizer_dir: str | None
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         config_kwargs.setdefault("vocab_size", len(tokenizer))
-    config = tiny_config(arch, **config_kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    if tokenizer_dir is not None:
+    for _ in range(2):
+        config = tiny_config(arch, **config_kwargs)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(out_dir)
+        if tokenizer_dir is None:
+            break
         tokenizer.save_pretrained(out_dir)
+        # AutoTokenizer picks the class from the model type (Qwen2 adds a pad token): size the vocab to
+        # the tokenizer a user would load from this directory.
+        loaded = len(AutoTokenizer.from_pretrained(out_dir))
+        if loaded <= config.vocab_size:
+            break
+        config_kwargs["vocab_size"] = loaded
     return out_dir

@@ -212,7 +212,8 @@ def micro_batch_counts(stream_cfg, batch: dict, real: torch.Tensor) -> dict[str,
 # ---------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------
-def run(cfg: RecipeConfig) -> int:
+def run(cfg: RecipeConfig, return_state: bool = False):
+    """Train per the recipe; returns the exit code (and, for tests, the live objects if return_state)."""
     from transformers import AutoTokenizer
 
     from distill.data.dataset import PackedStream
@@ -296,9 +297,11 @@ def run(cfg: RecipeConfig) -> int:
         wandb_id, nonfinite_total = state.get("wandb_id"), state.get("nonfinite_total", 0)
         logger.info("resumed from %s (step %d, %d tokens; saved on %d processes, now %d)",
                     resume_path, start_step, tokens_seen, state.get("world_size", 1), procs.world)
+    live = {"student": student, "teacher": teacher, "optimizer": optimizer, "mixture": mixture}
+    finish = (lambda code: (code, live)) if return_state else (lambda code: code)
     if start_step >= cfg.train.max_steps:
         logger.info("nothing to do: the run already reached step %d", start_step)
-        return 0
+        return finish(0)
 
     metrics = tracker = None
     if procs.is_main:
@@ -394,8 +397,9 @@ def run(cfg: RecipeConfig) -> int:
         if procs.is_main:
             record = {"step": done, "tokens": tokens_seen, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": step_tokens / max(elapsed, 1e-9), "loss": total}
-            for (n, o), value in zip(keys, means.tolist()):
-                record[f"loss/{n}/{o}"] = value
+            for (n, o), value, count in zip(keys, means.tolist(), global_counts.tolist()):
+                if count > 0:  # a stream absent from this step has no loss to report
+                    record[f"loss/{n}/{o}"] = value
             record["skipped_steps"] = nonfinite_total
             metrics.write(record)
             tracker.log(record, done)
@@ -416,7 +420,7 @@ def run(cfg: RecipeConfig) -> int:
                            "resume (exit code %d)", preempt.signum, done, EXIT_PREEMPTED)
             if progress is not None:
                 progress.close()
-            return EXIT_PREEMPTED
+            return finish(EXIT_PREEMPTED)
 
     if progress is not None:
         progress.close()
@@ -429,7 +433,7 @@ def run(cfg: RecipeConfig) -> int:
     if metrics is not None:
         metrics.close()
         tracker.finish()
-    return 0
+    return finish(0)
 
 
 def main(argv: list[str] | None = None) -> int:

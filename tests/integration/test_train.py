@@ -1,0 +1,193 @@
+"""The trainer through its real entry points: tiny Llama/Mistral/Qwen2 models saved to disk, built data,
+`python -m distill.train` and `accelerate launch` in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill.config import load_recipe
+from distill.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def recipe(model, data, out, method="longred", steps=3, **extra):
+    """A small recipe: 4096 token slots per step, every stream in every step (expected ≥ 1 micro-batch)."""
+    long = {"data": data["long"], "share": 1, "micro_batch": 1, "objectives": {"lm": 1.0}}
+    short = {"data": data["short"], "share": 1, "micro_batch": 4}
+    s2l = {"data": data["s2l"], "share": 1, "micro_batch": 4}
+    if method == "long_cpt":
+        streams = {"long": long}
+    elif method == "mix_cpt":
+        streams = {"long": long, "short": {**short, "objectives": {"lm": 1.0}}, "s2l": {**s2l, "objectives": {"lm": 1.0}}}
+    else:
+        streams = {"long": long,
+                   "short": {**short, "objectives": {"hidden": {"weight": 3.75, "layers": [1, "last"]}, "kl": 1.0}},
+                   "s2l": {**s2l, "positions": "cream", "objectives": {"hidden": {"weight": 2.5, "layers": ["last"]}}}}
+    cfg = {
+        "run": {"name": f"test-{method}", "output_dir": str(out), "seed": 0},
+        "model": {"path": model, "dtype": "float32", "attention": "sdpa"},
+        "rope": {"method": "abf", "theta": 160000.0, "target_length": 1024},
+        "streams": streams,
+        "mix": {"tokens_per_step": 4096},
+        "optim": {"lr": 1.0e-3, "schedule": {"name": "constant"}},
+        "train": {"max_steps": steps, "log_every": 1},
+        "log": {"wandb": {"mode": "disabled"}, "progress_bar": False},
+    }
+    for key, value in extra.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+def write(cfg, path):
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def train_cli(recipe_path, *overrides, launcher=None, env_extra=None, timeout=600):
+    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    cmd = (launcher or [sys.executable]) + ["-m", "distill.train", recipe_path, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("method", ["long_cpt", "mix_cpt", "longred"])
+def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, method):
+    out = tmp_path / "run"
+    proc = train_cli(write(recipe(tiny_llama, built_data, out, method), tmp_path / "r.yaml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("step", "tokens", "lr", "grad_norm", "tokens_per_s", "loss"):
+        assert all(key in r for r in records)
+    expected = {"long_cpt": {"loss/long/lm"}, "mix_cpt": {"loss/long/lm", "loss/short/lm", "loss/s2l/lm"},
+                "longred": {"loss/long/lm", "loss/short/hidden", "loss/short/kl", "loss/s2l/hidden"}}[method]
+    assert expected <= set(records[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "step-3" / "COMPLETE").exists()
+    # The export loads with AutoModelForCausalLM and carries the extended RoPE.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.max_position_embeddings == 1024
+    assert model.config.rope_parameters["rope_theta"] == 160000.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_no_extension_means_zero_short_distillation_loss(tmp_path, tiny_models, built_data_for, arch):
+    """rope.method none: student == teacher, so the short hidden/kl losses are 0; the s2l loss is not
+    (the student sees skipped positions, the teacher 0..T-1)."""
+    from distill.train import run
+
+    cfg = recipe(tiny_models[arch], built_data_for(tiny_models[arch]), tmp_path / "run", "longred", steps=1)
+    cfg["rope"] = {"method": "none", "target_length": 1024}
+    code = run(load_recipe(write(cfg, tmp_path / "r.yaml")))
+    assert code == 0
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["loss/short/hidden"] <= 1e-6
+    assert first["loss/short/kl"] <= 1e-6
+    # Random-init tiny models barely depend on position, so "not zero" is relative to the exact zero above.
+    assert first["loss/s2l/hidden"] > max(1e-6, 100 * first["loss/short/hidden"])
+
+
+def test_teacher_is_frozen_and_outside_optimiser_and_export(tmp_path, tiny_llama, built_data):
+    from distill.train import run
+
+    cfg = load_recipe(write(recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=2), tmp_path / "r.yaml"))
+    before = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    code, live = run(cfg, return_state=True)
+    assert code == 0
+    teacher, student, optimizer = live["teacher"], live["student"], live["optimizer"]
+    for name, tensor in teacher.state_dict().items():
+        if name in before:
+            assert torch.equal(tensor, before[name]), name
+    assert all(not p.requires_grad for p in teacher.parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    optimised = [p for g in optimizer.param_groups for p in g["params"]]
+    assert not teacher_ids & {id(p) for p in optimised}
+    assert len(optimised) == len(list(student.parameters()))
+    assert not any(m is teacher for m in student.modules())
+    # The student did move, and its export / checkpoint hold exactly the student's tensors.
+    exported = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert set(exported) <= set(student.state_dict())
+    assert any(not torch.equal(exported[k], before[k]) for k in exported if k in before)
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors"))
+    assert len(ckpt) <= len(student.state_dict()) and not any(k.startswith("teacher") for k in ckpt)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, tiny_llama, built_data):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo) = 1 process with the same global batch."""
+    cfg = recipe(tiny_llama, built_data, tmp_path / "one", "longred", steps=3)
+    one = train_cli(write(cfg, tmp_path / "one.yaml"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    cfg["run"]["output_dir"] = str(tmp_path / "two")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    two = train_cli(write(cfg, tmp_path / "two.yaml"), launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra["tokens"] == rb["tokens"]
+        for key in ra:
+            if key.startswith("loss"):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+BAD = [
+    ({"model__dtyp": "float32"}, "model.dtyp: unknown key; did you mean 'dtype'?"),
+    ({"optim__lr": -1.0}, "optim.lr: must be positive"),
+    ({"train__max_steps": "many"}, "train.max_steps: expected an integer"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD)
+def test_bad_recipe_values_fail_with_one_line(tmp_path, tiny_llama, built_data, extra, message):
+    _assert_refused(tmp_path, recipe(tiny_llama, built_data, tmp_path / "run", "longred", **extra), message)
+
+
+def _assert_refused(tmp_path, cfg, message):
+    out = tmp_path / "run"
+    out.mkdir(exist_ok=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    proc = train_cli(write(cfg, tmp_path / "bad.yaml"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # nothing destroyed
+
+
+def test_bad_recipes_structural(tmp_path, tiny_llama, tiny_models, built_data, tokenizer_dir):
+    base = lambda: recipe(tiny_llama, built_data, tmp_path / "run", "longred")  # noqa: E731
+    cfg = base()
+    for s in cfg["streams"].values():
+        s["share"] = 0
+    _assert_refused(tmp_path, cfg, "stream shares sum to 0")
+    cfg = base()
+    cfg["streams"]["long"]["data"] = str(tmp_path / "missing")
+    _assert_refused(tmp_path, cfg, "streams.long.data")
+    cfg = base()
+    cfg["streams"]["short"]["objectives"]["hidden"]["layers"] = [1, 40]
+    _assert_refused(tmp_path, cfg, "streams.short.objectives.hidden.layers[1]: 40 is out of range")
+    cfg = base()
+    cfg["rope"]["target_length"] = 256
+    _assert_refused(tmp_path, cfg, "rope.target_length")
+    # Data built with another tokenizer: a model whose tokenizer has a different vocabulary.
+    from distill.testing import make_tiny_model, train_tokenizer
+
+    other_tok = train_tokenizer(str(tmp_path / "tok2"), vocab_size=600)
+    other = make_tiny_model(str(tmp_path / "other"), "llama", tokenizer_dir=other_tok)
+    cfg = base()
+    cfg["model"]["path"] = other
+    _assert_refused(tmp_path, cfg, "different tokenizer")
