@@ -19,6 +19,7 @@ autocast on CUDA. Logits are never materialised for a whole row: they are comput
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -327,7 +328,7 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
             per_count.index_add_(0, p, torch.ones_like(p, dtype=torch.float64))
     edges = bucket_edges(stream.seq_len, buckets)
     nll_b, count_b, centers = [], [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         s = per_sum[lo:hi].sum().item()
         c = int(per_count[lo:hi].sum().item())
         nll_b.append(_mean(s, c))
@@ -420,7 +421,7 @@ def passkey_prompts(tokenizer, filler_ids, context_length: int, depth: float,
                          f"({len(needle) + len(question)} tokens)")
     offset = rng.randrange(filler.size)
     take = np.take(filler, np.arange(offset, offset + budget), mode="wrap").tolist()
-    at = int(round(float(depth) * budget))
+    at = round(float(depth) * budget)
     prompt = take[:at] + needle + take[at:] + question
     assert len(prompt) == context_length
     return prompt, answer

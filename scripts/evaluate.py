@@ -41,6 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill.config import ConfigError  # noqa: E402
 from distill.data.dataset import STREAM_INFO, DataError  # noqa: E402
 
+logger = logging.getLogger("evaluate")
+
 
 class UsageError(Exception):
     """A bad command line: reported as one `error:` line."""
@@ -223,7 +225,7 @@ def evaluate(args) -> dict:
     long = PackedStream(long_path, tokenizer)
     for stream in (short, long):
         if stream.info.get("split", "holdout") != "holdout":
-            logging.warning("warning: %s is a %s split, not held out", stream.path, stream.info.get("split"))
+            logger.warning("warning: %s is a %s split, not held out", stream.path, stream.info.get("split"))
 
     # Lengths first, from the configs alone: a missing length should not cost loading the weights.
     original, target = default_lengths(read_config(args.model, "--model"),
