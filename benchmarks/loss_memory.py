@@ -8,6 +8,7 @@ Each case runs in a fresh subprocess on the CPU in fp32 (V = 32000, H = 256, one
 allocations are invisible to tracemalloc, so the figure is resident memory: the process's peak RSS
 (ru_maxrss, exact, kernel-tracked) minus its RSS once the inputs exist, i.e. the loss's own working memory
 including the gradients it returns. A sampling thread reading /proc/self/statm cross-checks the peak.
+The children run with MALLOC_MMAP_THRESHOLD_ fixed at 4 MiB so freed tensors leave RSS at once.
 
     python benchmarks/loss_memory.py            # all cases
     python benchmarks/loss_memory.py --case ours --tokens 8192   # one case (used by the parent)
@@ -26,6 +27,7 @@ import time
 
 V, H = 32000, 256
 TOKENS = {"8k": 8192, "16k": 16384}
+MMAP_THRESHOLD = 4 * 1024**2
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout without installing the package
@@ -137,12 +139,17 @@ def main() -> None:
         print(json.dumps(run_case(args.case, args.tokens)))
         return
 
+    # A fixed mmap threshold makes glibc return every freed block above 4 MiB to the OS at once, so RSS
+    # tracks live tensors (what torch.cuda.max_memory_allocated would report on a GPU). With glibc's
+    # default dynamic threshold, freed ~32 MB blocks may stay resident in the heap and the figure
+    # becomes bimodal from run to run (e.g. 657 or 907 MB for ours at 8k).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     results: dict[str, dict[str, dict]] = {"naive": {}, "ours": {}}
     for impl in ("ours", "naive"):
         for key, tokens in TOKENS.items():
             out = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--case", impl, "--tokens", str(tokens)],
-                check=True, capture_output=True, text=True,
+                check=True, capture_output=True, text=True, env=env,
             )
             results[impl][key] = json.loads(out.stdout.strip().splitlines()[-1])
     naive_mb = {k: r["peak_mb"] for k, r in results["naive"].items()}
@@ -158,6 +165,7 @@ def main() -> None:
         "ratio_16k": round(ours_mb["16k"] / naive_mb["16k"], 4),
         "growth_8k_to_16k": round(ours_mb["16k"] / ours_mb["8k"], 4),
         "profile": profile,
+        "malloc_mmap_threshold": MMAP_THRESHOLD,
     }))
 
 

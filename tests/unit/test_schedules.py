@@ -1,6 +1,7 @@
 """LR and share schedules: shapes at key steps, transformers' cosine as reference, phases of the infinite one."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_constant_without_and_with_warmup():
     assert lrs[0] == 0.0
     assert lrs[1] == pytest.approx(BASE / 4) and lrs[2] == pytest.approx(BASE / 2)
     assert lrs[4:] == [BASE] * 4
-    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5]))
+    assert all(a < b for a, b in pairwise(lrs[:5]))
 
 
 @pytest.mark.parametrize("warmup,total,num_cycles", [(0, 50, 0.5), (10, 100, 0.5), (5, 40, 1.5), (7, 33, 0.25)])
@@ -49,7 +50,7 @@ def test_cosine_total_steps_overrides_max_steps_and_min_lr_floor():
     assert lr_at(110, BASE, cfg, 5) == pytest.approx(0.1 * BASE)
     assert lr_at(500, BASE, cfg, 5) == pytest.approx(0.1 * BASE)  # holds, does not climb back
     decay = _lrs(cfg, 111)[10:]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in pairwise(decay))
     assert min(_lrs(cfg, 300)[10:]) >= 0.1 * BASE - 1e-15
 
 
@@ -62,7 +63,7 @@ def test_wsd_phases_and_shapes(shape):
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(BASE / 2)
     assert lrs[10:81] == [pytest.approx(BASE)] * 71  # stable until the decay starts at 80
     decay = lrs[80:]
-    assert all(a > b for a, b in zip(decay[:20], decay[1:21]))  # strictly decreasing over the cooldown
+    assert all(a > b for a, b in pairwise(decay[:21]))  # strictly decreasing over the cooldown
     assert lrs[100] == pytest.approx(0.05 * BASE) and lrs[104] == pytest.approx(0.05 * BASE)
     expected_mid = {"linear": 0.5, "cosine": 0.5, "1-sqrt": 1 - math.sqrt(0.5)}[shape]
     assert lrs[90] == pytest.approx(BASE * (0.05 + 0.95 * expected_mid))
@@ -87,13 +88,13 @@ def test_infinite_schedule_phases():
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(BASE / 2) and lrs[10] == pytest.approx(BASE)
     # Cosine cooldown η_max → η_const.
     assert lrs[20] == pytest.approx(eta_const + (BASE - eta_const) * 0.5)
-    assert all(a > b for a, b in zip(lrs[10:30], lrs[11:31]))
+    assert all(a > b for a, b in pairwise(lrs[10:31]))
     # Plateau.
     assert lrs[30:101] == [pytest.approx(eta_const)] * 71
     # Exponential annealing: geometric interpolation η_const → η_min over t_a steps, then η_min.
     assert lrs[125] == pytest.approx(math.sqrt(eta_const * eta_min))
     assert lrs[150] == pytest.approx(eta_min) and lrs[199] == pytest.approx(eta_min)
-    ratios = [b / a for a, b in zip(lrs[100:150], lrs[101:151])]
+    ratios = [b / a for a, b in pairwise(lrs[100:151])]
     assert max(ratios) == pytest.approx(min(ratios))  # constant per-step factor
     assert min(lrs[100:]) >= eta_min * (1 - 1e-12)
 
@@ -143,7 +144,7 @@ def test_share_linear_and_cosine():
     assert share_at(25, cos) == pytest.approx(0.2 + 0.8 * (1 - math.cos(math.pi / 4)) / 2)
     assert share_at(100, cos) == pytest.approx(1.0) and share_at(1000, cos) == pytest.approx(1.0)
     values = [share_at(s, cos) for s in range(101)]
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in pairwise(values))
 
 
 def test_share_stages():
