@@ -1,0 +1,214 @@
+"""Resumable runs: SIGKILL at random steps, SIGTERM / SIGUSR1 preemption, damaged checkpoints, a 2-process
+run resumed on 1 process, and an output directory that cannot be written. The real command line runs in
+subprocesses; "bit-identical" means torch.equal on every tensor of the final weights."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill import checkpoint as ckpt
+from distill.metrics import read_metrics
+
+from .test_train import ROOT, recipe, train_cli, write
+
+STEPS = 8
+
+
+def resume_recipe(model, data, out, **extra):
+    cfg = recipe(model, data, out, "longred", steps=STEPS, **extra)
+    cfg["train"].update({"save_every": 2, "keep_last": 2})
+    return cfg
+
+
+def weights(out):
+    return load_file(os.path.join(out, "checkpoints", f"step-{STEPS}", "model.safetensors"))
+
+
+def assert_same_run(out_a, out_b):
+    wa, wb = weights(out_a), weights(out_b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ma, mb = read_metrics(os.path.join(out_a, "metrics.jsonl")), read_metrics(os.path.join(out_b, "metrics.jsonl"))
+    assert [r["step"] for r in mb] == list(range(1, STEPS + 1))  # each step exactly once
+    for ra, rb in zip(ma, mb):
+        assert {k: v for k, v in ra.items() if k != "tokens_per_s"} == {k: v for k, v in rb.items()
+                                                                          if k != "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_llama, built_data):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = train_cli(write(resume_recipe(tiny_llama, built_data, out), out.parent / "r.yaml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(out)
+
+
+def start(recipe_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "distill.train", recipe_path], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc, metrics_path, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if os.path.exists(metrics_path):
+            records = [line for line in open(metrics_path).read().splitlines() if line.strip()]
+            if records and len(records) >= step:
+                return True
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_steps_resumes_bit_identically(tmp_path, tiny_llama, built_data, reference_run):
+    out = tmp_path / "run"
+    path = write(resume_recipe(tiny_llama, built_data, out), tmp_path / "r.yaml")
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(3):
+        done = len(read_metrics(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else 0
+        target = min(STEPS - 1, done + rng.randint(1, 3))
+        proc = start(path)
+        if wait_for_step(proc, out / "metrics.jsonl", target):
+            time.sleep(rng.random() * 0.5)  # anywhere inside the next step, or inside a checkpoint write
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.communicate(timeout=60)
+    assert kills >= 2
+    final = train_cli(path)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert_same_run(reference_run, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_writes_checkpoint_and_exits_with_documented_code(tmp_path, tiny_llama, built_data, reference_run, sig):
+    out = tmp_path / "run"
+    path = write(resume_recipe(tiny_llama, built_data, out), tmp_path / "r.yaml")
+    proc = start(path)
+    assert wait_for_step(proc, out / "metrics.jsonl", 3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == ckpt.PREEMPT_EXIT_CODE, stderr[-2000:]
+    stopped_at = len(read_metrics(out / "metrics.jsonl"))
+    assert stopped_at < STEPS
+    assert ckpt.verify(str(out / "checkpoints" / f"step-{stopped_at}")) is None  # a checkpoint at the stop
+    final = train_cli(path)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert f"resumed from {out}/checkpoints/step-{stopped_at}" in final.stderr
+    assert_same_run(reference_run, out)
+
+
+def test_damaged_newest_checkpoint_is_passed_over(tmp_path, tiny_llama, built_data):
+    out = tmp_path / "run"
+    cfg = resume_recipe(tiny_llama, built_data, out)
+    cfg["train"]["max_steps"] = 4
+    cfg["train"]["keep_last"] = 3
+    path = write(cfg, tmp_path / "r.yaml")
+    assert train_cli(path).returncode == 0
+    step4 = out / "checkpoints" / "step-4"
+    with open(step4 / "model.safetensors", "r+b") as f:  # truncate the newest checkpoint's weights
+        f.truncate(100)
+    assert "truncated" in ckpt.verify(str(step4))
+    assert ckpt.latest(str(out / "checkpoints")) == str(out / "checkpoints" / "step-2")
+    os.remove(out / "checkpoints" / "step-2" / ckpt.MARKER)  # and a missing marker on the next one
+    assert ckpt.latest(str(out / "checkpoints")) is None
+    cfg["train"]["save_every"] = 1
+    cfg["train"]["keep_last"] = 2
+    (out / "checkpoints" / "step-2").rename(out / "checkpoints" / "step-1")  # marker-less, passed over too
+    proc = train_cli(write(cfg, tmp_path / "r2.yaml"), "train.max_steps=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "passing over checkpoint" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_run_resumed_on_one_process(tmp_path, tiny_llama, built_data):
+    single = tmp_path / "single"
+    cfg = resume_recipe(tiny_llama, built_data, single)
+    cfg["train"]["max_steps"] = 4
+    assert train_cli(write(cfg, tmp_path / "single.yaml")).returncode == 0
+    mixed = tmp_path / "mixed"
+    cfg["run"]["output_dir"] = str(mixed)
+    path = write(cfg, tmp_path / "mixed.yaml")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29544"]
+    two = train_cli(path, "train.max_steps=2", launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = train_cli(path)  # the same output dir on 1 process: resumes from step 2
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "saved on 2 processes, now 1" in one.stderr
+    a, b = read_metrics(single / "metrics.jsonl"), read_metrics(mixed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra["tokens"] == rb["tokens"]
+        for key in ra:
+            if key.startswith("loss"):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
+def test_unwritable_output_dir_is_one_clear_line(tmp_path, tiny_llama, built_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cfg = resume_recipe(tiny_llama, built_data, blocker / "run")
+    proc = train_cli(write(cfg, tmp_path / "r.yaml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: run.output_dir: cannot create")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_full_disk_during_checkpoint_keeps_existing_ones(tmp_path, tiny_llama, built_data, monkeypatch):
+    """A save that fails mid-way (ENOSPC) raises one clear error; complete checkpoints stay intact."""
+    from distill import train
+    from distill.config import load_recipe
+
+    out = tmp_path / "run"
+    cfg = resume_recipe(tiny_llama, built_data, out)
+    cfg["train"]["max_steps"] = 4
+    path = write(cfg, tmp_path / "r.yaml")
+    real_save = ckpt.save_model
+    calls = {"n": 0}
+
+    def failing_save(model, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write part of the file, then the disk is full
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 1000)
+            raise OSError(28, "No space left on device")
+        return real_save(model, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_model", failing_save)
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device"):
+        train.run(load_recipe(path))
+    assert ckpt.latest(str(out / "checkpoints")) == str(out / "checkpoints" / "step-2")
+    assert not any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())
+    monkeypatch.setattr(ckpt, "save_model", real_save)
+    assert train.main([path]) == 0  # and the run resumes from the intact checkpoint
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_init_from_starts_a_new_stage(tmp_path, tiny_llama, built_data):
+    first = tmp_path / "first"
+    cfg = resume_recipe(tiny_llama, built_data, first)
+    cfg["train"]["max_steps"] = 2
+    assert train_cli(write(cfg, tmp_path / "a.yaml")).returncode == 0
+    cfg["run"]["output_dir"] = str(tmp_path / "second")
+    cfg["train"]["init_from"] = str(first / "checkpoints" / "step-2")
+    proc = train_cli(write(cfg, tmp_path / "b.yaml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "initialised the student from" in proc.stderr
+    records = read_metrics(tmp_path / "second" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]  # fresh step counter, optimiser and data state
+    assert yaml.safe_load(open(tmp_path / "second" / "config.yaml"))["train"]["init_from"].endswith("step-2")
