@@ -9,10 +9,12 @@ import bisect
 import hashlib
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 STREAM_INFO = "stream.json"
@@ -141,6 +143,8 @@ class PackedStream:
 
     def row(self, i: int) -> dict[str, torch.Tensor]:
         """{"input_ids", "position_ids", "labels"}: int64 tensors of shape (T,)."""
+        import torch
+
         ids, positions, labels, _ = self._row_arrays(i)
         return {"input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions),
                 "labels": torch.from_numpy(labels)}
@@ -149,6 +153,8 @@ class PackedStream:
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """Stacked rows: input_ids, position_ids, labels (B, T) int64 and num_docs (B,) int64."""
+        import torch
+
         rows = [self._row_arrays(int(i)) for i in indices]
         if not rows:
             empty = torch.zeros((0, self.seq_len), dtype=torch.int64)

@@ -152,3 +152,20 @@ def test_no_rows_is_an_error_with_the_reasons(tmp_path, tokenizer_dir):
     spec = _spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}, pack="window")
     with pytest.raises(DataError, match=r"streams\.short: no rows of seq_len 16 .*shorter_than_seq_len: 1"):
         build(spec, progress=False)
+
+
+def test_upsampling_long_documents_keeps_the_budget(tmp_path, tokenizer_dir):
+    long_text = "def long_function(x):\n" + "    x = x + 1\n" * 60
+    docs = [json.dumps({"text": f"# short {i}\nprint({i})\n"}) for i in range(200)]
+    docs += [json.dumps({"text": long_text})]  # ~610 tokens against ~3000 of short ones
+    _write_jsonl(tmp_path / "a.jsonl", docs)
+    source = {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}
+    plain = build(_spec(tmp_path, tokenizer_dir, source, pack="concat", seq_len=16), progress=False)
+    source["upsample_long"] = {"min_tokens": 100, "factor": 2.0}
+    up = build(_spec(tmp_path, tokenizer_dir, source, pack="concat", seq_len=16), overwrite=True, progress=False)
+    before, after = plain["streams"]["short"]["train"], up["streams"]["short"]["train"]
+    assert after["sources"]["s"]["upsampled_long_docs"] == 1
+    # The same token budget (the source's own size, within one short document), long documents twice.
+    assert 0 <= after["sources"]["s"]["tokens"] - before["sources"]["s"]["tokens"] < 20
+    assert after["sources"]["s"]["docs"] < before["sources"]["s"]["docs"]
+    assert after["sources"]["s"]["skipped"]["over_max_tokens"] > 0
