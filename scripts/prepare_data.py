@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distill.config import ConfigError  # noqa: E402
-from distill.data.dataset import DataError  # noqa: E402
+from distill.config import ConfigError
+from distill.data.dataset import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was replaced", file=sys.stderr)
         return 130
-    for name, splits in manifest["streams"].items():
-        for split, r in splits.items():
+    for splits in manifest["streams"].values():
+        for r in splits.values():
             print(f"{spec.output_dir}/{r['path']}: {r['rows']} rows × {r['seq_len']} ({r['pack']}), "
                   f"{r['real_tokens']} real tokens, fill {r['fill']:.4f}")
     return 0

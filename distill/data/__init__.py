@@ -6,8 +6,21 @@
 """
 
 from distill.data.build import build
-from distill.data.dataset import IGNORE_INDEX, DataError, PackedStream, tokenizer_fingerprint, tokenizer_identity
-from distill.data.spec import DataSpec, DataStreamConfig, HoldoutConfig, SourceConfig, UpsampleConfig, load_spec
+from distill.data.dataset import (
+    IGNORE_INDEX,
+    DataError,
+    PackedStream,
+    tokenizer_fingerprint,
+    tokenizer_identity,
+)
+from distill.data.spec import (
+    DataSpec,
+    DataStreamConfig,
+    HoldoutConfig,
+    SourceConfig,
+    UpsampleConfig,
+    load_spec,
+)
 
 __all__ = ["IGNORE_INDEX", "DataError", "DataSpec", "DataStreamConfig", "HoldoutConfig", "PackedStream",
-           "SourceConfig", "UpsampleConfig", "build", "load_spec", "tokenizer_fingerprint", "tokenizer_identity"]
+    "SourceConfig", "UpsampleConfig", "build", "load_spec", "tokenizer_fingerprint", "tokenizer_identity"]

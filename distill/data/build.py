@@ -136,7 +136,7 @@ def _select(spec: DataSpec, stream_name: str, stream: DataStreamConfig, source_i
         if over:
             skipped["over_max_tokens"] = over
         order = order[take]
-    report["docs"] = int(len(order))
+    report["docs"] = len(order)
     report["tokens"] = int(lengths[order].sum())
     return order
 
@@ -217,7 +217,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
         data[i] = tokenized
         source_report[source.name] = {
             "kind": source.kind, "files": len(reader.files), "records": reader.records, "filtered_out": reader.filtered,
-            "documents": int(len(tokenized.lengths)), "tokens": int(tokenized.lengths.sum()),
+            "documents": len(tokenized.lengths), "tokens": int(tokenized.lengths.sum()),
             "skipped": dict(sorted(reader.skipped.items())),
         }
         log.info("source %s: %d documents, %d tokens, skipped: %s", source.name, len(tokenized.lengths),
@@ -256,7 +256,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                     reasons.update(packed.skipped_docs)
                     detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "no documents"
                     raise DataError(f"streams.{stream_name}: no rows of seq_len {stream.seq_len} from sources "
-                                    f"{', '.join(stream.sources)} ({int(len(lengths))} documents, "
+                                    f"{', '.join(stream.sources)} ({len(lengths)} documents, "
                                     f"{int(lengths.sum())} tokens; skipped: {detail})")
                 order = np.random.default_rng([spec.seed, _crc(stream_name), _crc(split), 1]).permutation(packed.rows)
                 packed = packed.permute(order)

@@ -154,7 +154,7 @@ def test_existing_output_is_refused_and_kept_on_error(built, tokenizer_dir):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args, "--quiet"], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, SCRIPT, *args, "--quiet"], check=False, capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
 
 
