@@ -130,6 +130,35 @@ def _real_mask(stream, rows: list[int], seq_len: int) -> torch.Tensor:
     return torch.arange(seq_len)[None, :] < totals[:, None]
 
 
+def holdout_of(stream_dir: str) -> str | None:
+    """`<built>/<stream>` → `<built>/holdout/<stream>` when it exists."""
+    import json
+
+    root, name = os.path.split(os.path.normpath(stream_dir))
+    path = os.path.join(root, "holdout", name)
+    try:
+        with open(os.path.join(path, "stream.json"), encoding="utf-8") as f:
+            rows = json.load(f).get("rows", 0)
+    except (OSError, ValueError):
+        return None
+    return path if rows > 0 else None  # an empty held-out split evaluates nothing
+
+
+def eval_streams(cfg: RecipeConfig) -> tuple[str | None, str | None]:
+    """Held-out short and long data for in-training evaluation (explicit, or derived from the streams)."""
+    short, long = cfg.eval.short_data, cfg.eval.long_data
+    if short is None:
+        for s in cfg.streams.values():
+            if s.positions == "native" and s.objectives.needs_teacher and holdout_of(s.data):
+                short = holdout_of(s.data)
+                break
+    if long is None:
+        native = [s for s in cfg.streams.values() if s.positions == "native" and holdout_of(s.data)]
+        if native:
+            long = holdout_of(max(native, key=lambda s: s.data.endswith("long")).data)
+    return short, long
+
+
 def check_output_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
@@ -311,6 +340,22 @@ def run(cfg: RecipeConfig, return_state: bool = False):
                           run_id=wandb_id, entity=cfg.log.wandb.entity)
         wandb_id = tracker.run_id
     preempt = ckpt.PreemptionFlag()
+    evaluation = None
+    if cfg.train.eval_every and procs.is_main:
+        short_eval, long_eval = eval_streams(cfg)
+        if short_eval is None and long_eval is None:
+            logger.warning("train.eval_every is set but no held-out data was found (eval.short_data / eval.long_data)")
+        else:
+            from distill.data.dataset import PackedStream as _Stream
+            from distill.rope import original_length
+
+            original = original_length(teacher.config if teacher is not None else student.config, cfg.rope)
+            evaluation = dict(
+                short_stream=_Stream(short_eval, tokenizer) if short_eval else None,
+                long_stream=_Stream(long_eval, tokenizer) if long_eval else None,
+                original_length=original, target_length=cfg.rope.target_length, max_rows=cfg.eval.max_rows,
+                passkey_samples=cfg.eval.passkey_samples, tokenizer=tokenizer, seed=cfg.run.seed)
+            logger.info("evaluating every %d steps on %s and %s", cfg.train.eval_every, short_eval, long_eval)
 
     keys = [(n, o) for n, s in cfg.streams.items() for o in s.objectives.active()]
     weights = torch.tensor([cfg.streams[n].objectives.active()[o].weight for n, o in keys], dtype=torch.float64)
@@ -401,6 +446,11 @@ def run(cfg: RecipeConfig, return_state: bool = False):
                 if count > 0:  # a stream absent from this step has no loss to report
                     record[f"loss/{n}/{o}"] = value
             record["skipped_steps"] = nonfinite_total
+            if evaluation is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+                from distill.evaluate import evaluate_suite
+
+                figures = evaluate_suite(student, teacher, **evaluation)
+                record.update({f"eval/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
             metrics.write(record)
             tracker.log(record, done)
             if progress is not None:

@@ -89,6 +89,9 @@ class PackedStream:
             if ours != theirs:
                 raise DataError(f"{self.path}: built with a different tokenizer (fingerprint {theirs[:12]}… vs "
                                 f"{ours[:12]}…); rebuild with scripts/prepare_data.py")
+        if int(self.info.get("rows", 1)) == 0:
+            raise DataError(f"{self.path}: the stream has no rows (too little data for seq_len {self.seq_len}, or "
+                            f"a held-out fraction too small); rebuild with more data or a smaller seq_len")
         try:
             self.dataset = datasets.load_from_disk(self.path)  # memory-mapped
         except Exception as err:  # noqa: BLE001 - any failure here means a broken directory

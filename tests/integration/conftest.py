@@ -35,11 +35,11 @@ def build_small(out, corpus_dir, tokenizer):
             {"name": "small", "kind": "files", "path": corpus_dir, "include": ["small_*.py"]},
         ],
         "streams": {
-            "long": {"sources": ["big"], "seq_len": 1024, "min_doc_tokens": 1024, "pack": "concat"},
+            "long": {"sources": ["big"], "seq_len": 1024, "min_doc_tokens": 1024, "pack": "concat", "last_row": "pad"},
             "short": {"sources": ["small"], "seq_len": 256, "max_doc_tokens": 256, "pack": "best_fit"},
             "s2l": {"sources": ["big"], "seq_len": 256, "min_doc_tokens": 256, "pack": "window"},
         },
-        "holdout": {"fraction": 0.1},
+        "holdout": {"fraction": 0.25},
     })
     build(spec, progress=False)
     dirs = {name: os.path.join(out, name) for name in ("long", "short", "s2l")}

@@ -62,9 +62,13 @@ def train_cli(recipe_path, *overrides, launcher=None, env_extra=None, timeout=60
 @pytest.mark.parametrize("method", ["long_cpt", "mix_cpt", "longred"])
 def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, method):
     out = tmp_path / "run"
-    proc = train_cli(write(recipe(tiny_llama, built_data, out, method), tmp_path / "r.yaml"))
+    proc = train_cli(write(recipe(tiny_llama, built_data, out, method, train__eval_every=3), tmp_path / "r.yaml"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = read_metrics(out / "metrics.jsonl")
+    # The evaluation suite ran at step 3 on the held-out splits and logged under eval/.
+    assert "eval/long_nll" in records[-1] and "eval/long_nll" not in records[0]
+    if method == "longred":
+        assert records[-1]["eval/kl_teacher_student"] >= 0 and "eval/short_nll_gap" in records[-1]
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("step", "tokens", "lr", "grad_norm", "tokens_per_s", "loss"):
         assert all(key in r for r in records)
