@@ -1,0 +1,305 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the student and the frozen teacher.
+
+The data-parallel loop replicates the student and sums gradients after a step. Sharded, every forward and
+backward issues collectives (all-gathers of each layer's parameters, reduce-scatters of its gradients, and
+the teacher's all-gathers too), so every rank must run the SAME sequence of micro-batch kinds in a step:
+`shard_plan_aligned` deals each stream's micro-batches round-robin and pads with dummies.
+
+Gradient semantics match the DDP loop: losses are already divided by GLOBAL token counts, so gradients are
+SUMMED over ranks (FSDP2 averages by default; `shard_student` sets a divide factor of 1 with sum-only
+reductions). Gradients are reduce-scattered after every backward and accumulated into the sharded `.grad`
+(exact accumulation; `set_gradient_sync` defers the reduction to the last micro-batch instead).
+
+Checkpoints stay plain full state dicts (model.safetensors + the `optimizer.state_dict()` of an unsharded
+AdamW over `param_groups(model)`): a run can resume on another number of processes, sharded or not.
+
+Layout of the sharding (Llama / Mistral / Qwen2: `model.model.layers`):
+- student: each decoder layer is one FSDP unit, the root (embeddings, final norm, lm_head) another. The
+  loop must call the ROOT's forward (`student(..., logits_to_keep=1)`), not `student.get_decoder()(...)`:
+  only the root's hooks gather the embeddings and lm_head, and the root keeps them gathered after forward,
+  so `student.get_output_embeddings().weight` is the full weight for the chunked losses until backward ends.
+- teacher: each decoder layer is one FSDP unit, resharded after its forward; embeddings, final norm and
+  lm_head stay replicated, so `TruncatedTeacher` (a shallow copy of the decoder) works unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+from torch import nn
+
+from distill.mixture import MicroBatch
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One micro-batch of a rank in a sharded step.
+
+    `micro_batch` is None for a dummy: the rank still runs `stream`'s forward and backward (the collectives
+    must match the other ranks') on the rows of `fetch` (a real micro-batch of the same stream, trained on
+    by another rank), with every loss multiplied by 0 and no tokens counted.
+    """
+
+    stream: str
+    micro_batch: MicroBatch | None
+    fetch: MicroBatch  # the rows to read: `micro_batch` itself, or a stand-in for a dummy
+
+    @property
+    def is_dummy(self) -> bool:
+        return self.micro_batch is None
+
+
+def shard_plan_aligned(plan: list[MicroBatch], rank: int, world: int) -> list[Slot]:
+    """This rank's micro-batches, in the same sequence of kinds on every rank.
+
+    Each stream's micro-batches (in plan order) are dealt round-robin; a stream's list is padded with
+    dummies to a multiple of `world`, so every rank gets the same count per stream; slots are ordered by
+    stream name then position. Depends only on (plan, world): every rank computes the same assignment.
+
+    Every global micro-batch is real on exactly one rank. A dummy's stand-in is the first micro-batch of
+    its stream in the plan. The caller, for a dummy slot: fetch `slot.fetch.rows`, count no tokens, run the
+    same forward/backward as for a real one with `loss * 0.0` (or every loss sum times 0), and add nothing to
+    the logged loss sums. (0 × a finite loss gives exactly zero gradients; a non-finite one is non-finite on
+    the rank owning those rows too, so the step is skipped either way.)
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world {world}")
+    by_stream: dict[str, list[MicroBatch]] = {}
+    for mb in plan:
+        by_stream.setdefault(mb.stream, []).append(mb)
+    mine = []
+    for name in sorted(by_stream):
+        batches = by_stream[name]
+        padded = -(-len(batches) // world) * world
+        for k in range(rank, padded, world):
+            mb = batches[k] if k < len(batches) else None
+            mine.append(Slot(name, mb, mb if mb is not None else batches[0]))
+    return mine
+
+
+# ---------------------------------------------------------------------------------------------------
+# sharding
+# ---------------------------------------------------------------------------------------------------
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (accelerate sets ACCELERATE_USE_FSDP from the config file)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def make_mesh(device: torch.device | str | None = None):
+    """A 1-D device mesh over all ranks: gloo on CPU, NCCL on CUDA (the default process group must exist)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise RuntimeError("FSDP2 needs an initialised process group (launch with accelerate or torchrun)")
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers"):
+        raise ValueError(f"{type(model).__name__}: no decoder with a `layers` list to shard")
+    return decoder
+
+
+def _mesh_for(model: nn.Module, mesh):
+    return mesh if mesh is not None else make_mesh(next(model.parameters()).device)
+
+
+def shard_student(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
+                  mp_dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard the trainable student in place with FSDP2: one unit per decoder layer, then the root.
+
+    Gradients are summed over ranks (divide factor 1, sum-only reductions): the loop's losses are already
+    divided by global token counts. The root is not resharded after forward (its lm_head weight feeds the
+    chunked losses outside any module call); it is resharded at the end of backward.
+
+    Args:
+        mesh: a 1-D DeviceMesh; None builds one over all ranks (`make_mesh`).
+        reshard_after_forward: free each layer's gathered parameters after forward (re-gathered in backward).
+        mp_dtype: GPU mixed precision (e.g. torch.bfloat16): parameters gathered in that dtype, gradients
+            reduced in fp32; None keeps the parameters' dtype (use autocast for compute, as on CPU).
+
+    Returns:
+        The same module, now an FSDPModule whose parameters are DTensors sharded on dim 0. Build the
+        optimiser AFTER this call (over the sharded parameters).
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = _mesh_for(model, mesh)
+    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else \
+        MixedPrecisionPolicy()
+    for layer in _decoder(model).layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # Sum, not mean: FSDP2 divides reduced gradients by the world size unless told otherwise.
+            # set_gradient_divide_factor acts on that module's own groups only, hence the loop; sum-only
+            # reductions because the PREMUL_SUM that factor 1 would otherwise use does not exist on gloo.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def shard_teacher(teacher: nn.Module, mesh=None, mp_dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard the frozen teacher in place: one FSDP unit per decoder layer; no optimiser, no backward.
+
+    Each layer gathers its parameters in its forward and frees them right after (reshard_after_forward
+    True, explicitly: each layer is its own FSDP root, and a root left on the default would keep its
+    parameters gathered). The decoder shell (embeddings, final norm) and the lm_head stay replicated plain
+    tensors, so `distill.models.TruncatedTeacher` works unchanged: its shallow copy of the decoder keeps
+    the sharded layers it needs, and the layers past the cut are never gathered. (Sharding the decoder
+    itself would make it an FSDPModule, whose class cannot be shallow-copied; the replicated embedding and
+    lm_head cost 2·V·H values per rank, e.g. 2 GB in bf16 for Llama-3-8B.)
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
+        raise ValueError("shard_teacher: the teacher must be frozen (eval(), requires_grad_(False)) first")
+    mesh = _mesh_for(teacher, mesh)
+    mp = MixedPrecisionPolicy(param_dtype=mp_dtype) if mp_dtype else MixedPrecisionPolicy()
+    for layer in _decoder(teacher).layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+    return teacher
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce-scatter gradients after the next backward (True) or keep accumulating unsharded ones (False).
+
+    Optional: by default every backward reduce-scatters and the sharded gradients accumulate (least memory).
+    Setting False for all but the step's last micro-batch trades memory (full unsharded gradients) for
+    fewer collectives. Every rank must make the same choice for the same slot.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled, recurse=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------------
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip in place like `torch.nn.utils.clip_grad_norm_`; returns the global total norm as a float.
+
+    With FSDP2 the gradients are DTensor shards: torch's clip computes the norm of the sharded
+    gradients as a DTensor with a pending reduction; `full_tensor()` finishes it (a collective: every rank
+    calls this). Plain gradients (one process) give exactly torch's result.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    return float(total)  # a sync point
+
+
+# ---------------------------------------------------------------------------------------------------
+# full state dicts (the checkpoint format of the unsharded run)
+# ---------------------------------------------------------------------------------------------------
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict as CPU tensors on rank 0 ({} on other ranks); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(model: nn.Module, sd: dict[str, torch.Tensor] | None) -> None:
+    """Load a full state dict held by rank 0 (other ranks may pass None) into the sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, sd if _rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer.state_dict()` as the unsharded optimiser would give it, on rank 0 ({} on other ranks).
+
+    The optimiser's own state_dict numbers parameters 0.. in param_groups order; sharding keeps the
+    parameters' order, so the ids are those of `AdamW(param_groups(unsharded model))`. Only the DTensor
+    shards are gathered (one all-gather per tensor, in the same order on every rank).
+    """
+    from torch.distributed.tensor import DTensor
+
+    del model  # the ids come from the optimiser; kept in the signature for symmetry with the loader
+    sd = optimizer.state_dict()
+    rank0 = _rank() == 0
+    state = {}
+    for pid in sorted(sd["state"]):
+        entry = {}
+        for key, value in sd["state"][pid].items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor()
+            if rank0:
+                entry[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else value
+        state[pid] = entry
+    if not rank0:
+        return {}
+    return {"state": state, "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict | None) -> None:
+    """Load a full (unsharded-format) optimiser state dict held by rank 0 into the sharded optimiser.
+
+    Rank 0 broadcasts the layout, then each tensor; every rank keeps its own shard of each tensor whose
+    parameter is a DTensor (the same dim-0 split FSDP2 uses for the parameter).
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    del model
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        optimizer.load_state_dict(sd)
+        return
+    rank0 = _rank() == 0
+    layout = [None]
+    if rank0:
+        # Small values (AdamW's 0-dim `step`) travel with the layout; large tensors are broadcast one by one.
+        layout = [{"groups": sd["param_groups"],
+                   "state": {pid: {k: (("big", tuple(v.shape), v.dtype) if torch.is_tensor(v) and v.numel() > 1
+                                       else ("value", v)) for k, v in entry.items()}
+                             for pid, entry in sd["state"].items()}}]
+    dist.broadcast_object_list(layout, src=0)
+    layout = layout[0]
+    if layout["state"] and max(layout["state"]) >= len(params):
+        raise ValueError(f"optimizer state has parameter id {max(layout['state'])} but the optimiser holds "
+                         f"{len(params)} parameters")
+    state = {}
+    for pid in sorted(layout["state"]):
+        param = params[pid]
+        entry = {}
+        for key, spec in layout["state"][pid].items():
+            if spec[0] == "value":
+                entry[key] = spec[1]
+                continue
+            _, shape, dtype = spec
+            is_dtensor = isinstance(param, DTensor)
+            device = torch.device(param.device_mesh.device_type) if is_dtensor else param.device
+            full = sd["state"][pid][key].to(device) if rank0 else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(full, src=0)
+            if is_dtensor and tuple(shape) == tuple(param.shape):
+                # Every rank now holds the full tensor: keep the local piece, no further communication.
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            entry[key] = full
+        state[pid] = entry
+    optimizer.load_state_dict({"state": state, "param_groups": layout["groups"]})
