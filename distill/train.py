@@ -340,6 +340,7 @@ def run(cfg: RecipeConfig, return_state: bool = False):
                           run_id=wandb_id, entity=cfg.log.wandb.entity)
         wandb_id = tracker.run_id
     preempt = ckpt.PreemptionFlag()
+    stop_file = os.environ.get("DISTILL_STOP_FILE") or None
     evaluation = None
     if cfg.train.eval_every and procs.is_main:
         short_eval, long_eval = eval_streams(cfg)
@@ -459,15 +460,24 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             if done % cfg.train.log_every == 0:
                 (progress.write if progress is not None else print)(console_line(record))
 
-        stop = torch.tensor([1.0 if preempt.raised else 0.0], device=device)
+        # A signal, or the stop file a cluster script creates (scripts/slurm/train.sbatch), stops the run.
+        asked = preempt.raised or (procs.is_main and stop_file is not None and os.path.exists(stop_file))
+        stop = torch.tensor([1.0 if asked else 0.0], device=device)
         stop = procs.all_reduce(stop, op="max").item() > 0  # all ranks agree at the step boundary
         last = done == cfg.train.max_steps
         if stop or last or (cfg.train.save_every and done % cfg.train.save_every == 0):
             path = save_checkpoint(done)
             logger.info("checkpoint %s", path)
+        if stop and procs.is_main and stop_file is not None:
+            if os.path.exists(stop_file):
+                os.remove(stop_file)  # acted on: the resumed run must not stop again at once
+            # Launchers (torchrun) turn a worker's exit code 75 into 1: leave a note the job script can read.
+            with open(stop_file + ".checkpointed", "w", encoding="utf-8") as f:
+                f.write(f"{done}\n")
         if stop and not last:
-            logger.warning("stopped by signal %s after step %d; checkpoint written; run the same command to "
-                           "resume (exit code %d)", preempt.signum, done, EXIT_PREEMPTED)
+            logger.warning("stopped (%s) after step %d; checkpoint written; run the same command to resume "
+                           "(exit code %d)", f"signal {preempt.signum}" if preempt.raised else f"stop file {stop_file}",
+                           done, EXIT_PREEMPTED)
             if progress is not None:
                 progress.close()
             return finish(EXIT_PREEMPTED)

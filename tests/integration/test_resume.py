@@ -212,3 +212,39 @@ def test_init_from_starts_a_new_stage(tmp_path, tiny_llama, built_data):
     records = read_metrics(tmp_path / "second" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]  # fresh step counter, optimiser and data state
     assert yaml.safe_load(open(tmp_path / "second" / "config.yaml"))["train"]["init_from"].endswith("step-2")
+
+
+@pytest.mark.slow
+def test_slurm_script_checkpoints_on_usr1_and_requeues(tmp_path, tiny_llama, built_data):
+    """scripts/slurm/train.sbatch with stand-ins for srun/scontrol (no SLURM here): SIGUSR1 to the batch
+    shell → stop file → checkpoint → exit 75 → `scontrol requeue`; the requeued command resumes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\n'
+                                      'if [ "$1" = show ]; then echo localhost; fi\n')
+    (bin_dir / "accelerate").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} -m accelerate.commands.accelerate_cli "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "run"
+    path = write(resume_recipe(tiny_llama, built_data, out), tmp_path / "r.yaml")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": ROOT, "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
+           "SLURM_NODEID": "0", "GPUS_PER_NODE": "1", "ACCELERATE_CONFIG": os.path.join(ROOT, "recipes", "accelerate", "cpu2.yaml"),
+           "ACCELERATE_USE_CPU": "1", "DISTILL_STOP_FILE": str(tmp_path / "stop")}
+    script = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
+    proc = subprocess.Popen(["bash", script, path], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if not wait_for_step(proc, out / "metrics.jsonl", 2):
+        raise AssertionError(proc.communicate()[0][-3000:])
+    proc.send_signal(signal.SIGUSR1)
+    log, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, log[-3000:]
+    assert "requeue 4242" in (tmp_path / "scontrol.log").read_text()
+    stopped_at = len(read_metrics(out / "metrics.jsonl"))
+    assert stopped_at < STEPS and ckpt.verify(str(out / "checkpoints" / f"step-{stopped_at}")) is None
+    assert not (tmp_path / "stop").exists()
+    assert (tmp_path / "stop.checkpointed").read_text().strip() == str(stopped_at)
+    again = train_cli(path)  # what the requeued job runs
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
