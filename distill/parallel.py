@@ -226,7 +226,8 @@ def load_full_model_state_dict(model: nn.Module, sd: dict[str, torch.Tensor] | N
     """Load a full state dict held by rank 0 (other ranks may pass None) into the sharded model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, sd if _rank() == 0 else {},
+    # set_model_state_dict replaces the values of the dict it is given (with DTensors): pass a copy.
+    set_model_state_dict(model, dict(sd) if _rank() == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 

@@ -89,16 +89,13 @@ def losses_of(student, teacher_runner, mb, batch) -> dict[str, torch.Tensor]:
     return sums
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("out")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--save-at", type=int, default=0)
-    parser.add_argument("--resume", default=None, help="directory with model.safetensors + optimizer.pt + step")
-    parser.add_argument("--deferred-sync", action="store_true", help="reduce gradients once per step")
-    args = parser.parse_args()
+def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | None = None,
+          deferred_sync: bool = False, mesh=None) -> dict:
+    """Load student and teacher, shard both when `mesh` is given, train `steps` steps (from `resume`'s).
 
+    Writes out/{result.json, model.safetensors, optimizer.pt} (and out/step-<save_at>/) on rank 0 and
+    returns the result dict (rank 0) with per-step `loss` and `grad_norm`.
+    """
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
@@ -107,45 +104,38 @@ def main() -> None:
     from distill.models import TruncatedTeacher, load_student, load_teacher
     from distill.train import param_groups
 
-    torch.set_num_threads(1)
-    sharded = "RANK" in os.environ
-    if sharded:
-        dist.init_process_group("gloo")
+    sharded = mesh is not None
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    os.makedirs(args.out, exist_ok=True)
-
-    model_cfg = ModelConfig(path=args.model, dtype="float32", attention="sdpa")
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa")
     student = load_student(model_cfg, RopeConfig(method="abf", theta=40000.0, target_length=512))
-    teacher = load_teacher(args.model, model_cfg)
+    teacher = load_teacher(model_dir, model_cfg)
     vocab = student.config.vocab_size
     if sharded:
-        mesh = parallel.make_mesh("cpu")
         parallel.shard_student(student, mesh)
         parallel.shard_teacher(teacher, mesh)
-    teacher_runner = TruncatedTeacher(teacher)
-    optimizer = torch.optim.AdamW(param_groups(student, 0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    teacher_runner = TruncatedTeacher(teacher)  # depth 2 (full) for `short`, a truncated copy for `mid`
+    optimizer = torch.optim.AdamW(param_groups(student, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     params = [p for p in student.parameters() if p.requires_grad]
 
     start = 0
     result = {"loss": [], "grad_norm": [], "world": world}
-    if args.resume:
-        with open(os.path.join(args.resume, "result.json"), encoding="utf-8") as f:
+    if resume:
+        with open(os.path.join(resume, "result.json"), encoding="utf-8") as f:
             start = json.load(f)["steps"]
-        model_sd = load_file(os.path.join(args.resume, "model.safetensors")) if rank == 0 else None
-        optim_sd = torch.load(os.path.join(args.resume, "optimizer.pt"), weights_only=True) if rank == 0 else None
+        model_sd = load_file(os.path.join(resume, "model.safetensors")) if rank == 0 else None
+        optim_sd = torch.load(os.path.join(resume, "optimizer.pt"), weights_only=True) if rank == 0 else None
         if sharded:
             parallel.load_full_model_state_dict(student, model_sd)
             parallel.load_full_optimizer_state_dict(student, optimizer, optim_sd)
             # Round trip: gathering again gives back exactly what was loaded.
-            again, again_optim = parallel.full_model_state_dict(student), \
-                parallel.full_optimizer_state_dict(student, optimizer)
+            again = parallel.full_model_state_dict(student)
+            again_optim = parallel.full_optimizer_state_dict(student, optimizer)
             if rank == 0:
-                result["roundtrip_model"] = all(torch.equal(again[k], model_sd[k]) for k in model_sd) and \
-                    again.keys() == model_sd.keys()
-                result["roundtrip_optimizer"] = all(
-                    torch.equal(again_optim["state"][i][k], v) if torch.is_tensor(v) else again_optim["state"][i][k] == v
-                    for i, entry in optim_sd["state"].items() for k, v in entry.items()) and \
-                    again_optim["param_groups"] == optim_sd["param_groups"]
+                result["roundtrip_model"] = again.keys() == model_sd.keys() and all(
+                    torch.equal(again[k], model_sd[k]) for k in model_sd)
+                result["roundtrip_optimizer"] = again_optim["param_groups"] == optim_sd["param_groups"] and all(
+                    torch.equal(again_optim["state"][i][k], v) for i, entry in optim_sd["state"].items()
+                    for k, v in entry.items())
         else:
             student.load_state_dict(model_sd, strict=True)
             optimizer.load_state_dict(optim_sd)
@@ -153,7 +143,7 @@ def main() -> None:
     keys = [(n, o) for n, spec in STREAMS.items() for o in spec[3]]
     weights = {(n, o): spec[3][o] for n, spec in STREAMS.items() for o in spec[3]}
 
-    def save(directory: str, steps: int) -> None:
+    def save(directory: str, done: int) -> None:
         model_sd = parallel.full_model_state_dict(student) if sharded else \
             {k: v.detach().clone() for k, v in student.state_dict().items()}
         optim_sd = parallel.full_optimizer_state_dict(student, optimizer) if sharded else optimizer.state_dict()
@@ -162,23 +152,23 @@ def main() -> None:
             save_file(model_sd, os.path.join(directory, "model.safetensors"))
             torch.save(optim_sd, os.path.join(directory, "optimizer.pt"))
             with open(os.path.join(directory, "result.json"), "w", encoding="utf-8") as f:
-                json.dump({**result, "steps": steps}, f)
+                json.dump({**result, "steps": done}, f)
 
-    for step in range(start, args.steps):
+    for step in range(start, steps):
         plan = plan_of(step)
         slots = parallel.shard_plan_aligned(plan, rank, world) if sharded else \
             [parallel.Slot(mb.stream, mb, mb) for mb in plan]
         global_counts = {k: 0 for k in keys}
-        for mb in plan:  # every micro-batch is real somewhere: the global counts come from the plan
+        for mb in plan:  # every micro-batch is real on one rank: the global counts come from the plan
             for obj, n in counts_of(mb, batch_of(mb, vocab)).items():
                 global_counts[(mb.stream, obj)] += n
         loss_sums = torch.zeros(len(keys), dtype=torch.float64)
         for i, slot in enumerate(slots):
-            if args.deferred_sync:
+            if deferred_sync:
                 parallel.set_gradient_sync(student, i == len(slots) - 1)
             batch = batch_of(slot.fetch, vocab)
             sums = losses_of(student, teacher_runner, slot.fetch, batch)
-            scale = 0.0 if slot.is_dummy else 1.0
+            scale = 0.0 if slot.is_dummy else 1.0  # a dummy: same collectives, zero gradient
             loss = 0.0
             for obj, value in sums.items():
                 key = (slot.stream, obj)
@@ -191,14 +181,44 @@ def main() -> None:
         grad_norm = parallel.clip_grad_norm(params, MAX_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total = sum(weights[k] * loss_sums[i].item() / global_counts[k] for i, k in enumerate(keys))
-        result["loss"].append(total)
+        result["loss"].append(sum(weights[k] * loss_sums[i].item() / global_counts[k] for i, k in enumerate(keys)))
         result["grad_norm"].append(grad_norm)
-        if args.save_at and step + 1 == args.save_at:
-            save(os.path.join(args.out, f"step-{step + 1}"), step + 1)
-    save(args.out, args.steps)
-    if sharded:
-        dist.destroy_process_group()
+        if save_at and step + 1 == save_at:
+            save(os.path.join(out, f"step-{step + 1}"), step + 1)
+    save(out, steps)
+    return result
+
+
+def main() -> None:
+    """Under torchrun: three sharded runs in one launch (process start-up dominates on CPU).
+
+    OUT/fsdp2: `--steps` steps with a checkpoint after `--save-at`; OUT/resumed: a fresh sharded model and
+    optimiser loaded from OUT/fsdp2/step-<save-at> trained to `--steps`; OUT/deferred: like OUT/fsdp2 with
+    gradients reduced once per step (set_requires_gradient_sync). Without torchrun: one unsharded run.
+    """
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--save-at", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch.distributed as dist
+
+    from distill import parallel
+
+    torch.set_num_threads(1)
+    if "RANK" not in os.environ:
+        train(args.model, os.path.join(args.out, "single"), args.steps, args.save_at)
+        return
+    dist.init_process_group("gloo")
+    mesh = parallel.make_mesh("cpu")
+    first = os.path.join(args.out, "fsdp2")
+    train(args.model, first, args.steps, args.save_at, mesh=mesh)
+    train(args.model, os.path.join(args.out, "resumed"), args.steps,
+          resume=os.path.join(first, f"step-{args.save_at}"), mesh=mesh)
+    train(args.model, os.path.join(args.out, "deferred"), args.steps, deferred_sync=True, mesh=mesh)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
