@@ -90,7 +90,7 @@ def losses_of(student, teacher_runner, mb, batch) -> dict[str, torch.Tensor]:
 
 
 def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | None = None,
-          deferred_sync: bool = False, mesh=None) -> dict:
+          deferred_sync: bool = False, gradient_checkpointing: bool = False, mesh=None) -> dict:
     """Load student and teacher, shard both when `mesh` is given, train `steps` steps (from `resume`'s).
 
     Writes out/{result.json, model.safetensors, optimizer.pt} (and out/step-<save_at>/) on rank 0 and
@@ -106,7 +106,8 @@ def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | 
 
     sharded = mesh is not None
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa")
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa",
+                            gradient_checkpointing=gradient_checkpointing)
     student = load_student(model_cfg, RopeConfig(method="abf", theta=40000.0, target_length=512))
     teacher = load_teacher(model_dir, model_cfg)
     vocab = student.config.vocab_size
@@ -189,12 +190,37 @@ def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | 
     return result
 
 
+def check_teacher(model_dir: str, out: str, mesh) -> None:
+    """Max |difference| of TruncatedTeacher's hidden states, sharded vs unsharded, per requested depth."""
+    import torch.distributed as dist
+
+    from distill import parallel
+    from distill.config import ModelConfig
+    from distill.models import TruncatedTeacher, load_teacher
+
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa")
+    plain = load_teacher(model_dir, model_cfg)
+    sharded = parallel.shard_teacher(load_teacher(model_dir, model_cfg), mesh)
+    mb = plan_of(7)[0]
+    batch = batch_of(mb, plain.config.vocab_size)
+    diffs = {}
+    for layers in ([0], [1], [1, 2], [2]):
+        want = TruncatedTeacher(plain)(batch["input_ids"], batch["position_ids"], None, layers)
+        got = TruncatedTeacher(sharded)(batch["input_ids"], batch["position_ids"], None, layers)
+        diffs[str(layers)] = max((got[i] - want[i]).abs().max().item() for i in layers) if \
+            got.keys() == want.keys() else float("inf")
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "teacher.json"), "w", encoding="utf-8") as f:
+            json.dump(diffs, f)
+
+
 def main() -> None:
     """Under torchrun: three sharded runs in one launch (process start-up dominates on CPU).
 
     OUT/fsdp2: `--steps` steps with a checkpoint after `--save-at`; OUT/resumed: a fresh sharded model and
     optimiser loaded from OUT/fsdp2/step-<save-at> trained to `--steps`; OUT/deferred: like OUT/fsdp2 with
-    gradients reduced once per step (set_requires_gradient_sync). Without torchrun: one unsharded run.
+    gradients reduced once per step (set_requires_gradient_sync); OUT/checkpointing: like OUT/fsdp2 with
+    activation checkpointing in the student's layers. Without torchrun: one unsharded run.
     """
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -213,11 +239,14 @@ def main() -> None:
         return
     dist.init_process_group("gloo")
     mesh = parallel.make_mesh("cpu")
+    os.makedirs(args.out, exist_ok=True)
+    check_teacher(args.model, args.out, mesh)
     first = os.path.join(args.out, "fsdp2")
     train(args.model, first, args.steps, args.save_at, mesh=mesh)
     train(args.model, os.path.join(args.out, "resumed"), args.steps,
           resume=os.path.join(first, f"step-{args.save_at}"), mesh=mesh)
     train(args.model, os.path.join(args.out, "deferred"), args.steps, deferred_sync=True, mesh=mesh)
+    train(args.model, os.path.join(args.out, "checkpointing"), args.steps, gradient_checkpointing=True, mesh=mesh)
     dist.destroy_process_group()
 
 

@@ -1,6 +1,6 @@
 """FSDP2 (distill.parallel): 2 CPU processes (gloo) against 1 unsharded process on the tiny Llama.
 
-One torchrun launch of tests/integration/fsdp2_worker.py runs three sharded trainings (process start-up
+One torchrun launch of tests/integration/fsdp2_worker.py runs four sharded trainings (process start-up
 dominates on CPU); the unsharded references run in this process. The plan has 3 + 2 + 1 micro-batches of
 three streams, so ranks get dummies; the teacher is sharded and run at full depth and truncated.
 """
@@ -61,16 +61,18 @@ def test_aligned_plan_round_robin_and_padding():
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
-    """{name: directory}: fsdp2, resumed, deferred (2 processes) and single, single_from_fsdp2 (1 process)."""
+    """{name: directory}: fsdp2, resumed, deferred, checkpointing (2 processes) and single,
+    single_from_fsdp2 (1 process); root holds teacher.json."""
     out = tmp_path_factory.mktemp("fsdp2")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "tests", "integration", "fsdp2_worker.py"), tiny_llama, str(out),
            "--steps", str(STEPS), "--save-at", str(SAVE_AT)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    dirs = {name: str(out / name) for name in ("fsdp2", "resumed", "deferred")}
+    dirs = {name: str(out / name) for name in ("fsdp2", "resumed", "deferred", "checkpointing")}
+    dirs["root"] = str(out)
     dirs["single"] = str(out / "single")
     worker.train(tiny_llama, dirs["single"], STEPS)
     # The 2-process checkpoint, loaded by a plain unsharded model and AdamW(param_groups(model)).
@@ -152,3 +154,20 @@ def test_fsdp2_deferred_gradient_sync_matches(runs):
     a, b = load_file(os.path.join(runs["single"], "model.safetensors")), \
         load_file(os.path.join(runs["deferred"], "model.safetensors"))
     assert _max_diff(b, a) < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp2_activation_checkpointing_matches(runs):
+    one, ckpt = _result(runs["single"]), _result(runs["checkpointing"])
+    _close_rel(ckpt["loss"], one["loss"])
+    _close_rel(ckpt["grad_norm"], one["grad_norm"])
+
+
+@pytest.mark.slow
+def test_sharded_teacher_truncation_is_exact(runs):
+    import json
+
+    with open(os.path.join(runs["root"], "teacher.json"), encoding="utf-8") as f:
+        diffs = json.load(f)
+    assert set(diffs) == {"[0]", "[1]", "[1, 2]", "[2]"}  # embeddings, truncated, full depth
+    assert all(d <= 1e-6 for d in diffs.values()), diffs
