@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distill.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides (parsed as YAML)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. tokenizer=path/to/tok")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir once the new one is built")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     # Progress and summaries on stdout: stderr carries only the one-line error.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from distill.data.build import build
