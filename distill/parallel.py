@@ -89,8 +89,24 @@ def shard_plan_aligned(plan: list[MicroBatch], rank: int, world: int) -> list[Sl
 # sharding
 # ---------------------------------------------------------------------------------------------------
 def fsdp_requested() -> bool:
-    """Whether the launcher asked for FSDP (accelerate sets ACCELERATE_USE_FSDP from the config file)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    """Whether the launcher asked for FSDP (accelerate exports ACCELERATE_USE_FSDP=true from a config with
+    `distributed_type: FSDP`, e.g. recipes/accelerate/fsdp2.yaml).
+
+    Raises:
+        ValueError: FSDP was asked for with `fsdp_version` other than 2 (FSDP_VERSION).
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true", "yes"):
+        return False
+    version = os.environ.get("FSDP_VERSION", "2")
+    if version != "2":
+        raise ValueError(f"fsdp_config.fsdp_version: {version} is not supported; allowed: 2 "
+                         f"(see recipes/accelerate/fsdp2.yaml)")
+    return True
+
+
+def reshard_after_forward_requested() -> bool:
+    """The launcher's `fsdp_reshard_after_forward` (FSDP_RESHARD_AFTER_FORWARD; default true)."""
+    return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("0", "false", "no")
 
 
 def make_mesh(device: torch.device | str | None = None):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.mixture import MicroBatch
-from distill.parallel import shard_plan_aligned
+from distill.parallel import fsdp_requested, reshard_after_forward_requested, shard_plan_aligned
 from tests.integration import fsdp2_worker as worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,6 +54,21 @@ def test_aligned_plan_round_robin_and_padding():
     assert slots[2].fetch.index == 1 and slots[3].fetch.index == 3  # stand-ins: the stream's first
     with pytest.raises(ValueError):
         shard_plan_aligned(_plan(), 2, 2)
+
+
+def test_fsdp_requested_reads_the_launcher_environment(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not fsdp_requested()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert fsdp_requested()
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version"):
+        fsdp_requested()
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    assert not reshard_after_forward_requested()
+    monkeypatch.delenv("FSDP_RESHARD_AFTER_FORWARD")
+    assert reshard_after_forward_requested()
 
 
 # ---------------------------------------------------------------------------------------------------
