@@ -7,6 +7,7 @@ import logging
 import math
 import netrc
 import os
+import secrets
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Tracker:
         import wandb
 
         os.makedirs(output_dir, exist_ok=True)
-        self.run_id = run_id or wandb.util.generate_id()
+        self.run_id = run_id or secrets.token_hex(4)  # kept in checkpoints: a resumed run logs to the same id
         try:
             self.run = wandb.init(project=project, entity=entity, name=name, dir=output_dir, config=config,
                                   id=self.run_id, resume="allow", mode=mode, reinit="finish_previous")

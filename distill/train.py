@@ -431,10 +431,6 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             nonfinite_total += 1
             logger.warning("step %d: non-finite loss %.4g or grad-norm %.4g; step skipped (%d in a row)",
                            step + 1, total, grad_norm, streak)
-            if streak >= cfg.train.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{streak} non-finite steps in a row (last: step {step + 1}, loss {total}, grad-norm "
-                    f"{grad_norm}); stopping. Lower optim.lr, check the data, or resume from the last checkpoint")
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += step_tokens
         elapsed = time.perf_counter() - t0
@@ -460,6 +456,10 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             if done % cfg.train.log_every == 0:
                 (progress.write if progress is not None else print)(console_line(record))
 
+        if streak >= cfg.train.max_nonfinite_steps:  # after the step's record is written
+            raise TrainingError(
+                f"{streak} non-finite steps in a row (last: step {done}, loss {total}, grad-norm {grad_norm}); "
+                f"stopping. Lower optim.lr, check the data, or resume from the last checkpoint")
         # A signal, or the stop file a cluster script creates (scripts/slurm/train.sbatch), stops the run.
         asked = preempt.raised or (procs.is_main and stop_file is not None and os.path.exists(stop_file))
         stop = torch.tensor([1.0 if asked else 0.0], device=device)

@@ -195,3 +195,50 @@ def test_bad_recipes_structural(tmp_path, tiny_llama, tiny_models, built_data, t
     cfg = base()
     cfg["model"]["path"] = other
     _assert_refused(tmp_path, cfg, "different tokenizer")
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_llama, built_data, monkeypatch):
+    """A NaN loss skips the optimiser step (weights unchanged) and is counted; N in a row stop the run."""
+    from distill import objectives, train
+
+    real = objectives.lm_loss
+    calls = {"n": 0}
+
+    def poisoned(hidden, weight, labels, chunk_size=4096, **kw):
+        total, count = real(hidden, weight, labels, chunk_size=chunk_size, **kw)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] > 4 else total), count  # step 1 (4 micro-batches) fine, then NaN
+
+    monkeypatch.setattr(objectives, "lm_loss", poisoned)
+    cfg = recipe(tiny_llama, built_data, tmp_path / "run", "long_cpt", steps=10)
+    cfg["train"]["max_nonfinite_steps"] = 3
+    cfg["train"]["save_every"] = 1
+    with pytest.raises(train.TrainingError, match="3 non-finite steps in a row"):
+        train.run(load_recipe(write(cfg, tmp_path / "r.yaml")))
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2, 3]
+    w2 = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors"))
+    w3 = load_file(str(tmp_path / "run" / "checkpoints" / "step-3" / "model.safetensors"))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # skipped steps leave the weights untouched
+    assert train.main([write(cfg, tmp_path / "r2.yaml"), "train.resume=never", f"run.output_dir={tmp_path}/x"]) == 3
+
+
+def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, tiny_llama, built_data, monkeypatch):
+    from distill.metrics import wandb_mode
+    from distill.train import run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_mode("auto") == "offline"
+    cfg = recipe(tiny_llama, built_data, tmp_path / "run", "long_cpt", steps=2)
+    cfg["log"]["wandb"] = {"project": "test", "mode": "auto"}
+    assert run(load_recipe(write(cfg, tmp_path / "r.yaml"))) == 0
+    state = json.load(open(tmp_path / "run" / "checkpoints" / "step-2" / "state.json"))
+    run_id = state["wandb_id"]
+    assert run_id
+    assert run(load_recipe(write(cfg, tmp_path / "r.yaml"), ["train.max_steps=3"])) == 0
+    dirs = [d for d in os.listdir(tmp_path / "run" / "wandb") if d.startswith("offline-run-")]
+    assert len(dirs) == 2 and all(d.endswith(run_id) for d in dirs)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
