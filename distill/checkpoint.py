@@ -22,7 +22,7 @@ import signal
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,12 @@ def _rng_state() -> dict:
 
 
 def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-         rank: int, world: int, barrier) -> str:
-    """Write checkpoint step-`step` atomically; every rank calls this (each saves its own RNG state)."""
+         rank: int, world: int, barrier, model_state: dict | None = None, optim_state: dict | None = None) -> str:
+    """Write checkpoint step-`step` atomically; every rank calls this (each saves its own RNG state).
+
+    `model_state` / `optim_state`: full state dicts gathered from a sharded model (FSDP2), written by rank 0
+    instead of the model's and optimiser's own; the format is the same either way.
+    """
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f"step-{step}.tmp")
     error = None
@@ -102,8 +106,13 @@ def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
         if error is None:
             torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
             if rank == 0:
-                save_model(_unwrap(model), os.path.join(tmp, "model.safetensors"))
-                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                if model_state is not None:
+                    save_file({k: v.contiguous() for k, v in model_state.items()},
+                              os.path.join(tmp, "model.safetensors"))
+                else:
+                    save_model(_unwrap(model), os.path.join(tmp, "model.safetensors"))
+                torch.save(optim_state if optim_state is not None else optimizer.state_dict(),
+                           os.path.join(tmp, "optimizer.pt"))
                 with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
                     json.dump({**state, "step": step, "world_size": world}, f, indent=1)
     except OSError as err:
@@ -151,15 +160,29 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-        rng_file = os.path.join(path, f"rng-{rank}.pt")
-        if os.path.isfile(rng_file):
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(rng["python"])
+        optimizer.load_state_dict(read_optimizer(path))
+        load_rng(path, rank)
     return state
+
+
+def read_state(path: str) -> dict:
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_optimizer(path: str) -> dict:
+    return torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+
+
+def load_rng(path: str, rank: int) -> None:
+    """Restore this rank's RNG states (a rank the checkpoint did not have keeps its own)."""
+    rng_file = os.path.join(path, f"rng-{rank}.pt")
+    if os.path.isfile(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(rng["python"])
 
 
 def _unwrap(model):

@@ -205,8 +205,9 @@ def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict
         student_mask = torch.ones_like(input_ids)
 
     with autocast():
-        out = student.get_decoder()(input_ids=input_ids, position_ids=student_positions,
-                                    attention_mask=student_mask, output_hidden_states=True, use_cache=False)
+        # Through the root (FSDP2 gathers embeddings and lm_head there); logits only for the last token.
+        out = student(input_ids=input_ids, position_ids=student_positions, attention_mask=student_mask,
+                      output_hidden_states=True, use_cache=False, logits_to_keep=1)
     states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
     sums = {}
     if objectives.lm is not None:
@@ -310,6 +311,22 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     if init_path is not None and resume_path is None:
         ckpt.load(init_path, student, None, procs.rank)  # a new stage: weights only
         logger.info("initialised the student from %s (fresh optimiser and data state)", init_path)
+    if resume_path is not None:
+        ckpt.load(resume_path, student, None, procs.rank)  # weights into the whole model, before any sharding
+
+    # FSDP2 (accelerate launch --config_file recipes/accelerate/fsdp2.yaml): shard after every whole-model
+    # check and load above, since a forward on one rank alone would wait forever for the others.
+    from distill import parallel
+
+    fsdp = procs.world > 1 and parallel.fsdp_requested()
+    if fsdp:
+        mesh = parallel.make_mesh(device)
+        mp = dtype if device.type == "cuda" and dtype != torch.float32 else None
+        parallel.shard_student(student, mesh, parallel.reshard_after_forward_requested(), mp_dtype=mp)
+        if teacher is not None:
+            parallel.shard_teacher(teacher, mesh)
+            teacher_runner = TruncatedTeacher(teacher)
+        logger.info("FSDP2: student and teacher sharded over %d processes", procs.world)
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -320,7 +337,13 @@ def run(cfg: RecipeConfig, return_state: bool = False):
 
     start_step, tokens_seen, wandb_id, nonfinite_total = 0, 0, None, 0
     if resume_path is not None:
-        state = ckpt.load(resume_path, student, optimizer, procs.rank)
+        if fsdp:
+            optim_state = ckpt.read_optimizer(resume_path) if procs.is_main else None
+            parallel.load_full_optimizer_state_dict(student, optimizer, optim_state)
+        else:
+            optimizer.load_state_dict(ckpt.read_optimizer(resume_path))
+        ckpt.load_rng(resume_path, procs.rank)
+        state = ckpt.read_state(resume_path)
         start_step, tokens_seen = state["step"], state["tokens"]
         mixture.load_state_dict(state["mixture"])
         wandb_id, nonfinite_total = state.get("wandb_id"), state.get("nonfinite_total", 0)
@@ -342,7 +365,10 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     preempt = ckpt.PreemptionFlag()
     stop_file = os.environ.get("DISTILL_STOP_FILE") or None
     evaluation = None
-    if cfg.train.eval_every and procs.is_main:
+    if cfg.train.eval_every and fsdp:
+        logger.warning("train.eval_every: in-training evaluation needs the whole model on one process; skipped "
+                       "under FSDP2 (run scripts/evaluate.py on a checkpoint or on final/)")
+    if cfg.train.eval_every and procs.is_main and not fsdp:
         short_eval, long_eval = eval_streams(cfg)
         if short_eval is None and long_eval is None:
             logger.warning("train.eval_every is set but no held-out data was found (eval.short_data / eval.long_data)")
@@ -366,8 +392,12 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     def save_checkpoint(step: int) -> str:
         state = {"tokens": tokens_seen, "mixture": mixture.state_dict(), "wandb_id": wandb_id,
                  "nonfinite_total": nonfinite_total, "lr": lr}
+        model_state = optim_state = None
+        if fsdp:  # gathered on every rank (collectives), written by rank 0
+            model_state = parallel.full_model_state_dict(student)
+            optim_state = parallel.full_optimizer_state_dict(student, optimizer)
         path = ckpt.save(os.path.join(out_dir, "checkpoints"), step, student, optimizer, state,
-                         procs.rank, procs.world, procs.barrier)
+                         procs.rank, procs.world, procs.barrier, model_state=model_state, optim_state=optim_state)
         if procs.is_main:
             ckpt.prune(os.path.join(out_dir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_every)
         return path
@@ -388,37 +418,46 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             group["lr"] = lr
 
         plan = mixture.plan(step)
-        mine = shard(plan, procs.rank, procs.world, cost)
+        if fsdp:  # every rank runs the same sequence of stream kinds (dummies pad it): collectives match
+            mine = parallel.shard_plan_aligned(plan, procs.rank, procs.world)
+        else:
+            mine = [parallel.Slot(mb.stream, mb, mb) for mb in shard(plan, procs.rank, procs.world, cost)]
         # Fetch every micro-batch of the step first, then count loss-bearing tokens over all of them and
         # all ranks once: every micro-batch's sums are divided by these global counts (exact accumulation).
         fetched = []
         local_counts = torch.zeros(len(keys), dtype=torch.float64)
-        for mb in mine:
-            stream = streams[mb.stream]
-            batch = {k: v.to(device) for k, v in stream.batch(mb.rows).items() if torch.is_tensor(v)}
-            real = _real_mask(stream, mb.rows, stream.seq_len).to(device)
-            for obj, n in micro_batch_counts(cfg.streams[mb.stream], batch, real).items():
-                local_counts[keys.index((mb.stream, obj))] += n
-            fetched.append((mb, batch, real))
+        for slot in mine:
+            stream, rows = streams[slot.stream], slot.fetch.rows
+            batch = {k: v.to(device) for k, v in stream.batch(rows).items() if torch.is_tensor(v)}
+            real = _real_mask(stream, rows, stream.seq_len).to(device)
+            if not slot.is_dummy:
+                for obj, n in micro_batch_counts(cfg.streams[slot.stream], batch, real).items():
+                    local_counts[keys.index((slot.stream, obj))] += n
+            fetched.append((slot, batch, real))
         global_counts = procs.all_reduce(local_counts.to(device)).cpu()
         step_tokens = sum(len(mb.rows) * streams[mb.stream].seq_len for mb in plan)
 
         loss_sums = torch.zeros(len(keys), dtype=torch.float64)
-        for mb, batch, real in fetched:
-            stream_cfg = cfg.streams[mb.stream]
-            sums = micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch, real, layers.get(mb.stream, []),
-                                      num_layers, cfg.rope.target_length,
-                                      _seed(cfg.run.seed, "positions", step, mb.index) % (2**63), autocast)
+        for slot, batch, real in fetched:
+            stream_cfg = cfg.streams[slot.stream]
+            sums = micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch, real,
+                                      layers.get(slot.stream, []), num_layers, cfg.rope.target_length,
+                                      _seed(cfg.run.seed, "positions", step, slot.fetch.index) % (2**63), autocast)
             loss = 0.0
+            scale = 0.0 if slot.is_dummy else 1.0  # a dummy only keeps the ranks' collectives in step
             for obj, value in sums.items():
-                i = keys.index((mb.stream, obj))
-                loss = loss + weights[i].item() * value / max(global_counts[i].item(), 1.0)
-                loss_sums[i] += value.detach().double().cpu()
+                i = keys.index((slot.stream, obj))
+                loss = loss + scale * weights[i].item() * value / max(global_counts[i].item(), 1.0)
+                if not slot.is_dummy:
+                    loss_sums[i] += value.detach().double().cpu()
             loss.backward()
             del sums, loss
-        procs.sum_gradients(params)
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # a sync point
+        if fsdp:  # gradients were reduce-scattered (summed) in backward
+            grad_norm = parallel.clip_grad_norm(params, max_norm)
+        else:
+            procs.sum_gradients(params)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # a sync point
         loss_sums = procs.all_reduce(loss_sums.to(device)).cpu()
         means = loss_sums / global_counts.clamp(min=1)
         total = float((weights * means).sum())
@@ -484,10 +523,12 @@ def run(cfg: RecipeConfig, return_state: bool = False):
 
     if progress is not None:
         progress.close()
+    full_state = parallel.full_model_state_dict(student) if (cfg.train.export and fsdp) else None
     if cfg.train.export and procs.is_main:
         final = os.path.join(out_dir, "final")
         # fp32 master weights are exported in the recipe's dtype (bf16 for real models).
-        export(student, tokenizer, final, state_dict={k: v.detach().to(dtype) for k, v in student.state_dict().items()})
+        source = full_state if fsdp else student.state_dict()
+        export(student, tokenizer, final, state_dict={k: v.detach().to(dtype) for k, v in source.items()})
         logger.info("exported %s", final)
     procs.barrier()
     if metrics is not None:

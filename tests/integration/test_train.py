@@ -127,18 +127,31 @@ def test_teacher_is_frozen_and_outside_optimiser_and_export(tmp_path, tiny_llama
     assert len(ckpt) <= len(student.state_dict()) and not any(k.startswith("teacher") for k in ckpt)
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_llama, built_data):
+    out = tmp_path_factory.mktemp("one") / "run"
+    proc = train_cli(write(recipe(tiny_llama, built_data, out, "longred", steps=3), out.parent / "one.yaml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, tiny_llama, built_data):
-    """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo) = 1 process with the same global batch."""
-    cfg = recipe(tiny_llama, built_data, tmp_path / "one", "longred", steps=3)
-    one = train_cli(write(cfg, tmp_path / "one.yaml"))
-    assert one.returncode == 0, one.stderr[-2000:]
-    cfg["run"]["output_dir"] = str(tmp_path / "two")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, tiny_llama, built_data, one_process_run, mode):
+    """accelerate launch with 2 CPU processes (gloo), replicated (DDP) or sharded (FSDP2), has the same
+    per-step losses as 1 process with the same global batch."""
+    cfg = recipe(tiny_llama, built_data, tmp_path / "two", "longred", steps=3)
+    if mode == "ddp":
+        launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    else:
+        launcher = ["--config_file", os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"), "--num_processes", "2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", "29533" if mode == "ddp" else "29534"]
     two = train_cli(write(cfg, tmp_path / "two.yaml"), launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    if mode == "fsdp2":
+        assert "FSDP2: student and teacher sharded over 2 processes" in two.stderr
+    a, b = read_metrics(one_process_run / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
         assert ra["tokens"] == rb["tokens"]
@@ -146,6 +159,11 @@ def test_two_processes_match_one(tmp_path, tiny_llama, built_data):
             if key.startswith("loss"):
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra["step"], key)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+    # The checkpoint and export are plain full state dicts either way.
+    wa = load_file(str(one_process_run / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
 BAD = [
