@@ -437,7 +437,7 @@ def run(cfg: RecipeConfig, return_state: bool = False):
         global_counts = procs.all_reduce(local_counts.to(device)).cpu()
         step_tokens = sum(len(mb.rows) * streams[mb.stream].seq_len for mb in plan)
 
-        loss_sums = torch.zeros(len(keys), dtype=torch.float64)
+        loss_sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # on device: no sync per micro-batch
         for slot, batch, real in fetched:
             stream_cfg = cfg.streams[slot.stream]
             sums = micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch, real,
@@ -449,7 +449,7 @@ def run(cfg: RecipeConfig, return_state: bool = False):
                 i = keys.index((slot.stream, obj))
                 loss = loss + scale * weights[i].item() * value / max(global_counts[i].item(), 1.0)
                 if not slot.is_dummy:
-                    loss_sums[i] += value.detach().double().cpu()
+                    loss_sums[i] += value.detach().double()
             loss.backward()
             del sums, loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
@@ -458,7 +458,7 @@ def run(cfg: RecipeConfig, return_state: bool = False):
         else:
             procs.sum_gradients(params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # a sync point
-        loss_sums = procs.all_reduce(loss_sums.to(device)).cpu()
+        loss_sums = procs.all_reduce(loss_sums).cpu()
         means = loss_sums / global_counts.clamp(min=1)
         total = float((weights * means).sum())
 
