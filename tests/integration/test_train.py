@@ -174,37 +174,52 @@ BAD = [
 
 
 @pytest.mark.parametrize("extra, message", BAD)
-def test_bad_recipe_values_fail_with_one_line(tmp_path, tiny_llama, built_data, extra, message):
-    _assert_refused(tmp_path, recipe(tiny_llama, built_data, tmp_path / "run", "longred", **extra), message)
+def test_bad_recipe_values_fail_with_one_line(tmp_path, tiny_llama, built_data, extra, message, capsys):
+    cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", **extra)
+    _assert_refused(tmp_path, cfg, message, capsys if "dtyp" not in str(extra) else None)
 
 
-def _assert_refused(tmp_path, cfg, message):
+def _assert_refused(tmp_path, cfg, message, capsys=None):
+    """Exit code 2, one `error:` line naming the problem, nothing in the output dir touched.
+
+    Through the real command line in a subprocess, or in-process through the same `main` when `capsys`
+    is given (the CLI is `sys.exit(main())`; in-process saves the interpreter start-up per case).
+    """
+    from distill import train
+
     out = tmp_path / "run"
     out.mkdir(exist_ok=True)
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    proc = train_cli(write(cfg, tmp_path / "bad.yaml"))
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    path = write(cfg, tmp_path / "bad.yaml")
+    if capsys is None:
+        proc = train_cli(path)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        capsys.readouterr()
+        code = train.main([path])
+        stderr = capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # nothing destroyed
 
 
-def test_bad_recipes_structural(tmp_path, tiny_llama, tiny_models, built_data, tokenizer_dir):
+def test_bad_recipes_structural(tmp_path, tiny_llama, tiny_models, built_data, tokenizer_dir, capsys):
     base = lambda: recipe(tiny_llama, built_data, tmp_path / "run", "longred")  # noqa: E731
     cfg = base()
     for s in cfg["streams"].values():
         s["share"] = 0
-    _assert_refused(tmp_path, cfg, "stream shares sum to 0")
+    _assert_refused(tmp_path, cfg, "stream shares sum to 0", capsys)
     cfg = base()
     cfg["streams"]["long"]["data"] = str(tmp_path / "missing")
-    _assert_refused(tmp_path, cfg, "streams.long.data")
+    _assert_refused(tmp_path, cfg, "streams.long.data", capsys)
     cfg = base()
     cfg["streams"]["short"]["objectives"]["hidden"]["layers"] = [1, 40]
-    _assert_refused(tmp_path, cfg, "streams.short.objectives.hidden.layers[1]: 40 is out of range")
+    _assert_refused(tmp_path, cfg, "streams.short.objectives.hidden.layers[1]: 40 is out of range", capsys)
     cfg = base()
     cfg["rope"]["target_length"] = 256
-    _assert_refused(tmp_path, cfg, "rope.target_length")
+    _assert_refused(tmp_path, cfg, "rope.target_length", capsys)
     # Data built with another tokenizer: a model whose tokenizer has a different vocabulary.
     from distill.testing import make_tiny_model, train_tokenizer
 
@@ -212,7 +227,7 @@ def test_bad_recipes_structural(tmp_path, tiny_llama, tiny_models, built_data, t
     other = make_tiny_model(str(tmp_path / "other"), "llama", tokenizer_dir=other_tok)
     cfg = base()
     cfg["model"]["path"] = other
-    _assert_refused(tmp_path, cfg, "different tokenizer")
+    _assert_refused(tmp_path, cfg, "different tokenizer", capsys)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_llama, built_data, monkeypatch):
