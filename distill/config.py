@@ -193,17 +193,29 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply `a.b=value` overrides to a nested mapping in place (creating mappings as needed)."""
+    """Apply `a.b=value` overrides to a nested mapping in place (creating mappings as needed).
+
+    A number indexes into an existing list: `sources.1.path=/data/x.jsonl`.
+    """
     for keys, value in parse_overrides(overrides):
         node = data
-        for i, k in enumerate(keys[:-1]):
-            nxt = node.get(k)
+        for i, k in enumerate(keys):
+            where = ".".join(keys[: i + 1])
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ConfigError(f"override {'.'.join(keys)}: {where} is not an index of a list of "
+                                      f"{len(node)} items (0..{len(node) - 1})")
+                k = int(k)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:i])} is not a mapping or a list")
+            if last:
+                node[k] = value
+                break
+            nxt = node[k] if isinstance(node, list) else node.get(k)
             if nxt is None:
                 nxt = node[k] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a mapping")
             node = nxt
-        node[keys[-1]] = value
     return data
 
 

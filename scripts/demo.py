@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import os
 import shutil
 import subprocess
@@ -33,11 +34,51 @@ METHODS = {"long_cpt": "Long CPT", "mix_cpt": "Mix CPT", "longred": "LongReD"}
 # and extend three times within the demo's budget.
 MODEL = dict(arch="llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
              max_position_embeddings=256, rope_theta=10000.0)
-FULL = dict(vocab=2000, teacher_steps=400, extend_steps=150, eval_rows=32, passkey_samples=8,
+FULL = dict(vocab=2000, teacher_steps=300, extend_steps=150, eval_rows=24, passkey_samples=6,
             data=[])
 QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, eval_rows=2, passkey_samples=1,
              data=["streams.long.max_tokens=60000", "streams.short.max_tokens=30000",
                    "streams.s2l.max_tokens=30000", "holdout.max_tokens=20000"])
+
+
+def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 3) -> int:
+    """The demo corpus as JSONL: the stdlib modules, every `every`-th one with `PASSKEY = <5 digits>` lines
+    and, some lines later, `assert PASSKEY == <the same digits>` — a retrieval skill to measure long context.
+
+    The distance between the two is log-uniform between 1 and 120 lines (about 10–1200 tokens): the teacher
+    learns the lookup within its 256-token window, and only long-context training teaches it at 1024. The
+    evaluation's passkey prompts use the same two statements inside held-out code.
+    """
+    rng = random.Random(seed)
+    written = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for n, file in enumerate(files):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            if n % every:  # one corpus (no module twice), so the held-out split stays unseen
+                out.write(json.dumps({"text": text}) + "\n")
+                written += 1
+                continue
+            lines = text.splitlines()
+            doc, i = [], 0
+            while i < len(lines):
+                gap = rng.randint(0, 20)
+                doc.extend(lines[i: i + gap])
+                i += gap
+                if i >= len(lines):
+                    break
+                key = rng.randint(10000, 99999)
+                distance = int(math.exp(rng.uniform(0.0, math.log(120.0))))
+                doc.append(f"PASSKEY = {key}")
+                doc.extend(lines[i: i + distance])
+                i += distance
+                doc.append(f"assert PASSKEY == {key}")
+            out.write(json.dumps({"text": "\n".join(doc) + "\n"}) + "\n")
+            written += 1
+    return written
 
 
 def log(message: str) -> None:
@@ -92,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if not done(init_dir):
         log("random-init the teacher: Llama, 4 layers x 128, 256-token window")
         make_tiny_model(init_dir, tokenizer_dir=tok_dir, seed=0, **MODEL)
+    passkey_docs = os.path.join(out, "corpus.jsonl")
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
+        n = write_passkey_documents(passkey_docs, stdlib_files())
+        log(f"wrote {n} stdlib modules (a third with PASSKEY look-ups) to {passkey_docs}")
         run([sys.executable, "scripts/prepare_data.py", "data/demo.yaml", f"tokenizer={tok_dir}",
-             f"output_dir={data_dir}", "--quiet", *size["data"]])
+             f"output_dir={data_dir}", "sources.0.kind=jsonl", f"sources.0.path={passkey_docs}",
+             "sources.0.include=[]", "sources.0.exclude=[]", "--quiet", *size["data"]])
 
     runs = os.path.join(out, "runs")
     data = {s: os.path.join(data_dir, s) for s in ("long", "short", "s2l")}

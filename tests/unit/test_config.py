@@ -61,6 +61,18 @@ def test_bad_values_name_the_dotted_key(tmp_path, overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_overrides_index_lists():
+    from distill.config import apply_overrides
+
+    data = {"sources": [{"name": "a", "path": "x"}, {"name": "b", "path": "y"}]}
+    apply_overrides(data, ["sources.1.path=/data/z.jsonl"])
+    assert data["sources"][1]["path"] == "/data/z.jsonl"
+    with pytest.raises(ConfigError, match="sources.2 is not an index of a list of 2 items"):
+        apply_overrides(data, ["sources.2.path=q"])
+    with pytest.raises(ConfigError, match="not a mapping or a list"):
+        apply_overrides(data, ["sources.0.path.deeper=q"])
+
+
 def test_missing_required_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match="model: required key is missing"):
         from_dict(RecipeConfig, {"rope": MINIMAL["rope"], "streams": MINIMAL["streams"]})
