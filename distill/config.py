@@ -333,6 +333,9 @@ class LMObjectiveConfig:
     """Weight of the per-token mean cross-entropy of this stream."""
     chunk_size: int = 4096
     """Tokens per chunk of the memory-bounded loss (never materialises (T, V) logits)."""
+    fused: bool = False
+    """Use liger-kernel's fused linear cross-entropy when it is installed and the model is on CUDA
+    (otherwise the chunked loss runs)."""
 
     def validate(self, path: str) -> None:
         check(self.weight >= 0, join(path, "weight"), f"must be >= 0, got {self.weight}")

@@ -212,7 +212,7 @@ def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict
     sums = {}
     if objectives.lm is not None:
         sums["lm"] = lm_loss(states[-1], student.get_output_embeddings().weight, batch["labels"],
-                             chunk_size=objectives.lm.chunk_size)
+                             chunk_size=objectives.lm.chunk_size, use_liger=objectives.lm.fused)
     if teacher is not None and objectives.needs_teacher:
         wanted = sorted(set(layers) | ({num_layers} if objectives.kl is not None else set()))
         with autocast():
