@@ -34,14 +34,14 @@ METHODS = {"long_cpt": "Long CPT", "mix_cpt": "Mix CPT", "longred": "LongReD"}
 # and extend three times within the demo's budget.
 MODEL = dict(arch="llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
              max_position_embeddings=256, rope_theta=10000.0)
-FULL = dict(vocab=2000, teacher_steps=300, extend_steps=150, eval_rows=24, passkey_samples=6,
+FULL = dict(vocab=2000, teacher_steps=700, extend_steps=150, eval_rows=24, passkey_samples=6,
             data=[])
 QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, eval_rows=2, passkey_samples=1,
              data=["streams.long.max_tokens=60000", "streams.short.max_tokens=30000",
                    "streams.s2l.max_tokens=30000", "holdout.max_tokens=20000"])
 
 
-def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 3) -> int:
+def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 2) -> int:
     """The demo corpus as JSONL: the stdlib modules, every `every`-th one with `PASSKEY = <5 digits>` lines
     and, some lines later, `assert PASSKEY == <the same digits>` — a retrieval skill to measure long context.
 
@@ -65,7 +65,7 @@ def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: i
             lines = text.splitlines()
             doc, i = [], 0
             while i < len(lines):
-                gap = rng.randint(0, 20)
+                gap = rng.randint(0, 10)
                 doc.extend(lines[i: i + gap])
                 i += gap
                 if i >= len(lines):
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     passkey_docs = os.path.join(out, "corpus.jsonl")
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         n = write_passkey_documents(passkey_docs, stdlib_files())
-        log(f"wrote {n} stdlib modules (a third with PASSKEY look-ups) to {passkey_docs}")
+        log(f"wrote {n} stdlib modules (half with PASSKEY look-ups) to {passkey_docs}")
         run([sys.executable, "scripts/prepare_data.py", "data/demo.yaml", f"tokenizer={tok_dir}",
              f"output_dir={data_dir}", "sources.0.kind=jsonl", f"sources.0.path={passkey_docs}",
              "sources.0.include=[]", "sources.0.exclude=[]", "--quiet", *size["data"]])

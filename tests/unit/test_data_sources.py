@@ -169,3 +169,25 @@ def test_upsampling_long_documents_keeps_the_budget(tmp_path, tokenizer_dir):
     assert 0 <= after["sources"]["s"]["tokens"] - before["sources"]["s"]["tokens"] < 20
     assert after["sources"]["s"]["docs"] < before["sources"]["s"]["docs"]
     assert after["sources"]["s"]["skipped"]["over_max_tokens"] > 0
+
+
+def test_hf_kind_reads_local_datasets_offline(tmp_path):
+    """kind hf through the real `datasets` loaders, offline: a save_to_disk directory (Dataset and
+    DatasetDict with a split), and a local data directory by name through load_dataset (also streaming)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["first doc", "", "second doc"], "meta": ["a", "b", "c"]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    docs, reader = _read(kind="hf", dataset=str(tmp_path / "saved"))
+    assert docs == ["first doc", "second doc"] and reader.skipped["empty"] == 1
+    datasets.DatasetDict({"train": ds, "validation": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert _read(kind="hf", dataset=str(tmp_path / "dd"), split="validation")[0] == ["first doc"]
+    with pytest.raises(DataError, match="has no split 'test'; splits: train, validation"):
+        _read(kind="hf", dataset=str(tmp_path / "dd"), split="test")
+    (tmp_path / "hub_like").mkdir()
+    pq.write_table(pa.table({"text": ["x one", "x two"]}), tmp_path / "hub_like" / "train.parquet")
+    for streaming in (False, True):
+        docs, _ = _read(kind="hf", dataset=str(tmp_path / "hub_like"), split="train", streaming=streaming)
+        assert docs == ["x one", "x two"]
+    with pytest.raises(DataError, match="has no column 'body'"):
+        _read(kind="hf", dataset=str(tmp_path / "saved"), text_field="body")
