@@ -65,6 +65,7 @@ def runs(tiny_llama, tmp_path_factory):
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     dirs = {"root": str(out), "zero3": str(out / "zero3"), "resumed": str(out / "resumed"),
+            "poisoned": str(out / "poisoned"),
             "single": str(out / "single"), "single_from_zero3": str(out / "single_from_zero3")}
     reference.train(tiny_llama, dirs["single"], STEPS)
     # The 2-process checkpoint, loaded by a plain unsharded model and AdamW(param_groups(model)).
@@ -145,3 +146,12 @@ def test_zero3_teacher_truncation_is_exact(runs):
     assert teacher["partitioned"]  # the decoder layers' parameters are empty outside their forward
     assert set(teacher["diffs"]) == {"[0]", "[1]", "[1, 2]", "[2]"}  # embeddings, truncated, full depth
     assert all(d <= 1e-6 for d in teacher["diffs"].values()), teacher["diffs"]
+
+
+@pytest.mark.slow
+def test_zero3_skipped_step_leaves_no_trace(runs):
+    first, poisoned = _result(runs["zero3"]), _result(runs["poisoned"])
+    assert poisoned["poisoned_norm"] == "nan"  # the loop sees the non-finite norm before stepping
+    assert poisoned["loss"] == first["loss"][:1] and poisoned["grad_norm"] == first["grad_norm"][:1]
+    ob = _optim(runs["poisoned"])
+    assert all(float(e["step"]) == 1.0 for e in ob["state"].values())  # exactly one AdamW step taken

@@ -7,7 +7,8 @@ micro-batches of three streams, so ranks get dummies; an LM loss on the final hi
 partitioned lm_head weight, hidden cosine against the full-depth and a truncated ZeRO-3 teacher).
 Writes OUT_DIR/teacher.json (sharded vs plain TruncatedTeacher hidden states), and for each run
 OUT_DIR/<run>/{result.json, model.safetensors, optimizer.pt} (full state dicts, the unsharded format):
-`zero3` (with OUT_DIR/zero3/step-K/ after K steps) and `resumed` (a fresh engine loaded from zero3/step-K).
+`zero3` (with OUT_DIR/zero3/step-K/ after K steps), `resumed` (a fresh engine loaded from zero3/step-K) and
+`poisoned` (one step after a skipped NaN step).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def losses_of(engine, teacher_runner, mb, batch) -> dict[str, torch.Tensor]:
     return sums
 
 
-def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | None = None) -> dict:
+def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | None = None,
+          poison: bool = False) -> dict:
+    """`poison`: first back-propagate a NaN loss on every rank, check the norm is non-finite and discard it with
+    `zero3.skip_step` (the loop's skipped step); the run must then match an unpoisoned one exactly."""
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
 
@@ -94,6 +98,12 @@ def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | 
                 json.dump({**result, "steps": done}, f)
 
     engine.train()
+    if poison:
+        mb = plan_of(0)[0]
+        sums = losses_of(engine, teacher_runner, mb, batch_of(mb, vocab))
+        zero3.backward(engine, sum(sums.values()) * float("nan"))
+        result["poisoned_norm"] = str(zero3.grad_norm(engine))
+        zero3.skip_step(engine)
     for step in range(start, steps):
         plan = plan_of(step)
         slots = parallel.shard_plan_aligned(plan, rank, world)
@@ -175,6 +185,11 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(resumed, "result.json"), "w", encoding="utf-8") as f:
             json.dump({**result, "steps": args.steps}, f)
+    poisoned = os.path.join(args.out, "poisoned")
+    result = train(args.model, poisoned, 1, poison=True)
+    if dist.get_rank() == 0:
+        with open(os.path.join(poisoned, "result.json"), "w", encoding="utf-8") as f:
+            json.dump({**result, "steps": 1}, f)
     dist.destroy_process_group()
 
 
