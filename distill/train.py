@@ -115,6 +115,19 @@ def resolve_layers(cfg: RecipeConfig, num_layers: int, select=None) -> dict[str,
     return resolved
 
 
+def native_rope_reference(student, model_cfg) -> torch.nn.Module:
+    """A stand-in for the teacher in RoPE checks: the checkpoint's config and its native rotary module."""
+    from transformers import AutoConfig
+
+    from distill.models import rotary_embedding
+
+    config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    reference = torch.nn.Module()
+    reference.config = config
+    reference.rotary_emb = type(rotary_embedding(student))(config=config)
+    return reference
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; leave norms, biases and other 1-D parameters undecayed."""
     decay, no_decay = [], []
@@ -297,7 +310,9 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     check_output_dir(out_dir)
 
     if procs.is_main:
-        for line in check_extension(student, teacher, cfg.rope) if teacher is not None else []:
+        # Without a teacher (Long CPT), compare against the checkpoint's native RoPE built from its config.
+        reference = teacher if teacher is not None else native_rope_reference(student, cfg.model)
+        for line in check_extension(student, reference, cfg.rope):
             logger.info(line)
         err = check_packing_isolation(student, student.config._attn_implementation)
         logger.info("packed documents isolated (%s): max |logit difference| vs alone = %.2e",

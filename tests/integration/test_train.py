@@ -65,6 +65,8 @@ def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, 
     proc = train_cli(write(recipe(tiny_llama, built_data, out, method, train__eval_every=3), tmp_path / "r.yaml"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = read_metrics(out / "metrics.jsonl")
+    # The start-up checks ran and were logged, with or without a teacher.
+    assert "inv_freq matches our formulas" in proc.stderr and "packed documents isolated" in proc.stderr
     # The evaluation suite ran at step 3 on the held-out splits and logged under eval/.
     assert "eval/long_nll" in records[-1] and "eval/long_nll" not in records[0]
     if method == "longred":
