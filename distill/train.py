@@ -198,7 +198,8 @@ def find_resume(cfg: RecipeConfig) -> str | None:
 # one micro-batch
 # ---------------------------------------------------------------------------------------------------
 def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict, real: torch.Tensor, layers: list[int],
-                       num_layers: int, target_length: int, generator_seed: int, autocast) -> dict:
+                       num_layers: int, target_length: int, generator_seed: int, autocast,
+                       output_weight=None, forward=None) -> dict:
     """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
     from distill.objectives import hidden_cosine_loss, kl_loss, lm_loss
     from distill.rope import skipped_positions
@@ -219,12 +220,15 @@ def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict
 
     with autocast():
         # Through the root (FSDP2 gathers embeddings and lm_head there); logits only for the last token.
-        out = student(input_ids=input_ids, position_ids=student_positions, attention_mask=student_mask,
-                      output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        # (`forward`: the DeepSpeed engine under ZeRO-3, whose forward prepares its gradient bookkeeping.)
+        out = (forward or student)(input_ids=input_ids, position_ids=student_positions, attention_mask=student_mask,
+                                   output_hidden_states=True, use_cache=False, logits_to_keep=1)
     states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
+    # The lm_head weight for the chunked losses (ZeRO-3 keeps a gathered copy from the forward).
+    head = output_weight(student) if output_weight is not None else student.get_output_embeddings().weight
     sums = {}
     if objectives.lm is not None:
-        sums["lm"] = lm_loss(states[-1], student.get_output_embeddings().weight, batch["labels"],
+        sums["lm"] = lm_loss(states[-1], head, batch["labels"],
                              chunk_size=objectives.lm.chunk_size, use_liger=objectives.lm.fused)
     if teacher is not None and objectives.needs_teacher:
         wanted = sorted(set(layers) | ({num_layers} if objectives.kl is not None else set()))
@@ -234,7 +238,7 @@ def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict
             sums["hidden"] = hidden_cosine_loss([states[i] for i in layers], [taught[i] for i in layers], real)
         if objectives.kl is not None:
             kl = objectives.kl
-            sums["kl"] = kl_loss(states[-1], student.get_output_embeddings().weight, taught[num_layers],
+            sums["kl"] = kl_loss(states[-1], head, taught[num_layers],
                                  teacher.get_output_embeddings().weight, real, kind=kl.kind,
                                  temperature=kl.temperature, chunk_size=kl.chunk_size)
         del taught  # nothing of the teacher outlives its loss
@@ -334,6 +338,16 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     from distill import parallel
 
     fsdp = procs.world > 1 and parallel.fsdp_requested()
+    zero3 = None  # the distill.zero3 module when DeepSpeed ZeRO-3 runs the student
+    if procs.world > 1 and not fsdp:
+        from distill import zero3 as _zero3
+
+        try:
+            if _zero3.zero3_requested():
+                zero3 = _zero3
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    sharded = fsdp or zero3 is not None
     if fsdp:
         mesh = parallel.make_mesh(device)
         mp = dtype if device.type == "cuda" and dtype != torch.float32 else None
@@ -346,6 +360,14 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    engine = None
+    if zero3 is not None:  # DeepSpeed ZeRO-3 partitions parameters, gradients and this optimiser's state
+        engine = zero3.wrap_student(student, optimizer, cfg.optim.max_grad_norm)
+        if teacher is not None:
+            zero3.shard_teacher(teacher)
+            teacher_runner = TruncatedTeacher(teacher)
+        logger.info("DeepSpeed ZeRO-3: student (with optimiser) and teacher partitioned over %d processes",
+                    procs.world)
     mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
                        for n, s in cfg.streams.items()], cfg.mix.tokens_per_step, cfg.run.seed)
     cost = {n: streams[n].seq_len for n in streams}
@@ -355,6 +377,8 @@ def run(cfg: RecipeConfig, return_state: bool = False):
         if fsdp:
             optim_state = ckpt.read_optimizer(resume_path) if procs.is_main else None
             parallel.load_full_optimizer_state_dict(student, optimizer, optim_state)
+        elif zero3 is not None:
+            zero3.load_full_optimizer_state_dict(engine, ckpt.read_optimizer(resume_path) if procs.is_main else None)
         else:
             optimizer.load_state_dict(ckpt.read_optimizer(resume_path))
         ckpt.load_rng(resume_path, procs.rank)
@@ -380,10 +404,10 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     preempt = ckpt.PreemptionFlag()
     stop_file = os.environ.get("DISTILL_STOP_FILE") or None
     evaluation = None
-    if cfg.train.eval_every and fsdp:
+    if cfg.train.eval_every and sharded:
         logger.warning("train.eval_every: in-training evaluation needs the whole model on one process; skipped "
-                       "under FSDP2 (run scripts/evaluate.py on a checkpoint or on final/)")
-    if cfg.train.eval_every and procs.is_main and not fsdp:
+                       "when sharded (run scripts/evaluate.py on a checkpoint or on final/)")
+    if cfg.train.eval_every and procs.is_main and not sharded:
         short_eval, long_eval = eval_streams(cfg)
         if short_eval is None and long_eval is None:
             logger.warning("train.eval_every is set but no held-out data was found (eval.short_data / eval.long_data)")
@@ -411,6 +435,9 @@ def run(cfg: RecipeConfig, return_state: bool = False):
         if fsdp:  # gathered on every rank (collectives), written by rank 0
             model_state = parallel.full_model_state_dict(student)
             optim_state = parallel.full_optimizer_state_dict(student, optimizer)
+        elif zero3 is not None:
+            model_state = zero3.full_model_state_dict(engine)
+            optim_state = zero3.full_optimizer_state_dict(engine)
         path = ckpt.save(os.path.join(out_dir, "checkpoints"), step, student, optimizer, state,
                          procs.rank, procs.world, procs.barrier, model_state=model_state, optim_state=optim_state)
         if procs.is_main:
@@ -433,7 +460,7 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             group["lr"] = lr
 
         plan = mixture.plan(step)
-        if fsdp:  # every rank runs the same sequence of stream kinds (dummies pad it): collectives match
+        if sharded:  # every rank runs the same sequence of stream kinds (dummies pad it): collectives match
             mine = parallel.shard_plan_aligned(plan, procs.rank, procs.world)
         else:
             mine = [parallel.Slot(mb.stream, mb, mb) for mb in shard(plan, procs.rank, procs.world, cost)]
@@ -457,7 +484,9 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             stream_cfg = cfg.streams[slot.stream]
             sums = micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch, real,
                                       layers.get(slot.stream, []), num_layers, cfg.rope.target_length,
-                                      _seed(cfg.run.seed, "positions", step, slot.fetch.index) % (2**63), autocast)
+                                      _seed(cfg.run.seed, "positions", step, slot.fetch.index) % (2**63), autocast,
+                                      output_weight=zero3.output_weight if zero3 is not None else None,
+                                      forward=engine)
             loss = 0.0
             scale = 0.0 if slot.is_dummy else 1.0  # a dummy only keeps the ranks' collectives in step
             for obj, value in sums.items():
@@ -465,11 +494,16 @@ def run(cfg: RecipeConfig, return_state: bool = False):
                 loss = loss + scale * weights[i].item() * value / max(global_counts[i].item(), 1.0)
                 if not slot.is_dummy:
                     loss_sums[i] += value.detach().double()
-            loss.backward()
+            if zero3 is not None:
+                zero3.backward(engine, loss)  # summed over ranks, no division by accumulation steps
+            else:
+                loss.backward()
             del sums, loss
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         if fsdp:  # gradients were reduce-scattered (summed) in backward
             grad_norm = parallel.clip_grad_norm(params, max_norm)
+        elif zero3 is not None:  # the norm of the partitioned gradients; DeepSpeed clips inside engine.step()
+            grad_norm = zero3.grad_norm(engine)
         else:
             procs.sum_gradients(params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))  # a sync point
@@ -478,14 +512,17 @@ def run(cfg: RecipeConfig, return_state: bool = False):
         total = float((weights * means).sum())
 
         if math.isfinite(total) and math.isfinite(grad_norm):
-            optimizer.step()
+            engine.step() if zero3 is not None else optimizer.step()
             streak = 0
         else:
             streak += 1
             nonfinite_total += 1
+            if zero3 is not None:
+                zero3.skip_step(engine)
             logger.warning("step %d: non-finite loss %.4g or grad-norm %.4g; step skipped (%d in a row)",
                            step + 1, total, grad_norm, streak)
-        optimizer.zero_grad(set_to_none=True)
+        if zero3 is None:  # DeepSpeed resets its partitioned gradients itself
+            optimizer.zero_grad(set_to_none=True)
         tokens_seen += step_tokens
         elapsed = time.perf_counter() - t0
 
@@ -538,11 +575,15 @@ def run(cfg: RecipeConfig, return_state: bool = False):
 
     if progress is not None:
         progress.close()
-    full_state = parallel.full_model_state_dict(student) if (cfg.train.export and fsdp) else None
+    full_state = None
+    if cfg.train.export and fsdp:
+        full_state = parallel.full_model_state_dict(student)
+    elif cfg.train.export and zero3 is not None:
+        full_state = zero3.full_model_state_dict(engine)
     if cfg.train.export and procs.is_main:
         final = os.path.join(out_dir, "final")
         # fp32 master weights are exported in the recipe's dtype (bf16 for real models).
-        source = full_state if fsdp else student.state_dict()
+        source = full_state if sharded else student.state_dict()
         export(student, tokenizer, final, state_dict={k: v.detach().to(dtype) for k, v in source.items()})
         logger.info("exported %s", final)
     procs.barrier()

@@ -138,7 +138,7 @@ def one_process_run(tmp_path_factory, tiny_llama, built_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "zero3"])
 def test_two_processes_match_one(tmp_path, tiny_llama, built_data, one_process_run, mode):
     """accelerate launch with 2 CPU processes (gloo), replicated (DDP) or sharded (FSDP2), has the same
     per-step losses as 1 process with the same global batch."""
@@ -146,13 +146,16 @@ def test_two_processes_match_one(tmp_path, tiny_llama, built_data, one_process_r
     if mode == "ddp":
         launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     else:
-        launcher = ["--config_file", os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"), "--num_processes", "2"]
+        launcher = ["--config_file", os.path.join(ROOT, "recipes", "accelerate", f"{mode}.yaml"), "--num_processes", "2"]
+    port = {"ddp": "29533", "fsdp2": "29534", "zero3": "29535"}[mode]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", "29533" if mode == "ddp" else "29534"]
+                "--dynamo_backend", "no", "--main_process_port", port]
     two = train_cli(write(cfg, tmp_path / "two.yaml"), launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     if mode == "fsdp2":
         assert "FSDP2: student and teacher sharded over 2 processes" in two.stderr
+    if mode == "zero3":
+        assert "DeepSpeed ZeRO-3: student (with optimiser) and teacher partitioned over 2 processes" in two.stderr
     a, b = read_metrics(one_process_run / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
