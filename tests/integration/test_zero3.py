@@ -8,7 +8,7 @@ the lm_head weight included. Needs deepspeed (`pip install --no-build-isolation 
 
 import json
 import os
-import subprocess
+import subprocess  # noqa: F401  (the launch helper lives in test_fsdp2)
 import sys
 
 import pytest
@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from distill.zero3 import ds_config, zero3_requested
 from tests.integration import fsdp2_worker as reference
+from tests.integration.test_fsdp2 import launch_with_retry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, SAVE_AT = 3, 2
@@ -62,7 +63,7 @@ def runs(tiny_llama, tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "tests", "integration", "zero3_worker.py"), tiny_llama, str(out),
            "--steps", str(STEPS), "--save-at", str(SAVE_AT)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    proc = launch_with_retry(cmd, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     dirs = {"root": str(out), "zero3": str(out / "zero3"), "resumed": str(out / "resumed"),
             "poisoned": str(out / "poisoned"),
