@@ -183,19 +183,11 @@ def load_tokenizer(candidates: list[str | None]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from transformers.utils import logging as hf_logging
+    from distill.cli import guarded
 
-    hf_logging.disable_progress_bar()
-    try:
-        args = build_parser().parse_args(argv)
-        figures = evaluate(args)
-    except (UsageError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    code, _, figures = guarded(build_parser(), evaluate, (UsageError, ConfigError, DataError), argv)
+    if code:
+        return code
     width = max(len(k) for k in figures) if figures else 0
     for key, value in figures.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")

@@ -15,7 +15,6 @@ A user mistake prints one line `error: ...` and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -106,19 +105,11 @@ def format_report(result: dict) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from transformers.utils import logging as hf_logging
+    from distill.cli import guarded
 
-    hf_logging.disable_progress_bar()
-    try:
-        args = build_parser().parse_args(argv)
-        result = select(args)
-    except (UsageError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    code, args, result = guarded(build_parser(), select, (UsageError, ConfigError, DataError), argv)
+    if code:
+        return code
     table, snippet = format_report(result)
     print(table)
     print(f"# top-{args.top_k} by attention KL plus the last layer, for streams.<short>.objectives.hidden")
