@@ -157,8 +157,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     if reason is not None:
         raise CheckpointError(f"{path}: not a usable checkpoint ({reason})")
     load_model(_unwrap(model), os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_state(path)
     if optimizer is not None:
         optimizer.load_state_dict(read_optimizer(path))
         load_rng(path, rank)

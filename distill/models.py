@@ -412,6 +412,20 @@ def _resolve_indices(layers, n_layers: int) -> list[int]:
     return out
 
 
+def _decoder_states(decoder, input_ids, position_ids, attention_mask, depth: int):
+    """The decoder's forward with every hidden state (no cache, no lm_head): `depth` + 1 entries checked."""
+    out = decoder(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        output_hidden_states=True,
+    )
+    if len(out.hidden_states) != depth + 1:
+        raise RuntimeError(f"expected {depth + 1} hidden states, got {len(out.hidden_states)}")
+    return out
+
+
 def forward_hidden(
     model,
     input_ids: torch.Tensor,
@@ -435,16 +449,8 @@ def forward_hidden(
     decoder = decoder_of(model)
     n_layers = _num_layers(decoder)
     wanted = None if layers is None else _resolve_indices(layers, n_layers)
-    out = decoder(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        use_cache=False,
-        output_hidden_states=True,
-    )
+    out = _decoder_states(decoder, input_ids, position_ids, attention_mask, n_layers)
     hidden = out.hidden_states
-    if len(hidden) != n_layers + 1:
-        raise RuntimeError(f"expected {n_layers + 1} hidden states, got {len(hidden)}")
     if wanted is None:
         return hidden, out.last_hidden_state
     return [hidden[i] for i in wanted], out.last_hidden_state
@@ -520,19 +526,7 @@ class TruncatedTeacher:
         depth = max(wanted)
         if depth == 0:  # only the embeddings
             return {0: self.decoder.embed_tokens(input_ids)}
-        decoder = self._decoder(depth)
-        out = decoder(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=True,
-        )
-        hidden = out.hidden_states
-        if len(hidden) != depth + 1:
-            raise RuntimeError(
-                f"truncated teacher returned {len(hidden)} hidden states, expected {depth + 1}"
-            )
+        hidden = _decoder_states(self._decoder(depth), input_ids, position_ids, attention_mask, depth).hidden_states
         return {i: hidden[i] for i in wanted}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -161,14 +162,13 @@ def eval_streams(cfg: RecipeConfig) -> tuple[str | None, str | None]:
     """Held-out short and long data for in-training evaluation (explicit, or derived from the streams)."""
     short, long = cfg.eval.short_data, cfg.eval.long_data
     if short is None:
-        for s in cfg.streams.values():
-            if s.positions == "native" and s.objectives.needs_teacher and holdout_of(s.data):
-                short = holdout_of(s.data)
-                break
+        held = [holdout_of(s.data) for s in cfg.streams.values() if s.positions == "native" and s.objectives.needs_teacher]
+        short = next((h for h in held if h), None)
     if long is None:
-        native = [s for s in cfg.streams.values() if s.positions == "native" and holdout_of(s.data)]
+        native = [(s.data.endswith("long"), h) for s in cfg.streams.values()
+                  if s.positions == "native" and (h := holdout_of(s.data))]
         if native:
-            long = holdout_of(max(native, key=lambda s: s.data.endswith("long")).data)
+            long = max(native, key=lambda x: x[0])[1]  # a stream named ...long first, else the first one
     return short, long
 
 
@@ -229,20 +229,20 @@ def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict
     sums = {}
     if objectives.lm is not None:
         sums["lm"] = lm_loss(states[-1], head, batch["labels"],
-                             chunk_size=objectives.lm.chunk_size, use_liger=objectives.lm.fused)
+                             chunk_size=objectives.lm.chunk_size, use_liger=objectives.lm.fused)[0]
     if teacher is not None and objectives.needs_teacher:
         wanted = sorted(set(layers) | ({num_layers} if objectives.kl is not None else set()))
         with autocast():
             taught = teacher_runner(input_ids, positions, None, wanted, objectives.kl is not None)
         if objectives.hidden is not None:
-            sums["hidden"] = hidden_cosine_loss([states[i] for i in layers], [taught[i] for i in layers], real)
+            sums["hidden"] = hidden_cosine_loss([states[i] for i in layers], [taught[i] for i in layers], real)[0]
         if objectives.kl is not None:
             kl = objectives.kl
             sums["kl"] = kl_loss(states[-1], head, taught[num_layers],
                                  teacher.get_output_embeddings().weight, real, kind=kl.kind,
-                                 temperature=kl.temperature, chunk_size=kl.chunk_size)
+                                 temperature=kl.temperature, chunk_size=kl.chunk_size)[0]
         del taught  # nothing of the teacher outlives its loss
-    return {k: (v[0] if isinstance(v, tuple) else v) for k, v in sums.items()}
+    return sums  # the counts come from micro_batch_counts, before any forward
 
 
 def micro_batch_counts(stream_cfg, batch: dict, real: torch.Tensor) -> dict[str, int]:
@@ -266,7 +266,7 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     from distill.data.dataset import PackedStream
     from distill.metrics import MetricsFile, Tracker, console_line
     from distill.models import (TruncatedTeacher, check_extension, check_packing_isolation, export, load_student,
-                                load_teacher)
+                                load_teacher, resolve_dtype)
 
     procs = Processes()
     torch.manual_seed(cfg.run.seed)
@@ -289,10 +289,8 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             raise ConfigError(f"streams.{name}.data: rows of {streams[name].seq_len} tokens exceed "
                               f"rope.target_length {cfg.rope.target_length}")
     resume_path = find_resume(cfg)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    dtype = resolve_dtype(cfg.model.dtype)
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
-    import dataclasses
-
     student_model_cfg = dataclasses.replace(cfg.model, dtype="float32")
     init_path = cfg.train.init_from
     student = load_student(student_model_cfg, cfg.rope, device)

@@ -8,7 +8,6 @@ the lm_head weight included. Needs deepspeed (`pip install --no-build-isolation 
 
 import json
 import os
-import subprocess  # noqa: F401  (the launch helper lives in test_fsdp2)
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 
 from distill.zero3 import ds_config, zero3_requested
 from tests.integration import fsdp2_worker as reference
-from tests.integration.test_fsdp2 import launch_with_retry
+from tests.integration.test_fsdp2 import _close_rel, _max_diff, _result, launch_with_retry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, SAVE_AT = 3, 2
@@ -73,20 +72,6 @@ def runs(tiny_llama, tmp_path_factory):
     reference.train(tiny_llama, dirs["single_from_zero3"], STEPS,
                     resume=os.path.join(dirs["zero3"], f"step-{SAVE_AT}"))
     return dirs
-
-
-def _result(path):
-    with open(os.path.join(path, "result.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _close_rel(a, b, rtol=1e-5):
-    assert len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b)), (a, b)
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def _optim(path):
