@@ -47,6 +47,10 @@ TARGET_LENGTH = 1024
 
 def quiet() -> None:
     """Silence progress bars, info logs and known warnings so that stdout carries only the JSON line."""
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed (imported by transformers/accelerate) warns on stdout otherwise
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
     import transformers
 
@@ -172,7 +176,7 @@ def recipe(ws: Workspace, out_dir: str, streams: dict, tokens_per_step: int, ste
 
     return from_dict(RecipeConfig, {
         "run": {"name": "bench", "output_dir": out_dir, "seed": seed},
-        "model": {"path": ws.model, "dtype": dtype, "attention": "sdpa"},
+        "model": {"path": ws.model, "dtype": dtype, "attention": "auto"},  # sdpa_varlen on the CPU
         "rope": {"method": "abf", "theta": 160000.0, "target_length": TARGET_LENGTH},
         "streams": streams,
         "mix": {"tokens_per_step": tokens_per_step},

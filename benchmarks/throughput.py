@@ -2,26 +2,29 @@
 padded batches of variable-length short documents.
 
 Model: the tiny Llama of benchmarks/common.py (4 layers x 256 hidden, 8 heads, vocab 5000, ~6.8M
-parameters), sdpa attention, bf16 autocast on the CPU with fp32 master weights (--dtype float32 for plain
-fp32), AdamW (betas 0.9/0.95, weight decay 0.1), grad-norm clip 1.0, constant LR, one intra-op thread
-(see common.set_threads). Data: stdlib sources built by `distill.data.build`.
+parameters), bf16 autocast on the CPU with fp32 master weights (--dtype float32 for plain fp32), fused
+AdamW (betas 0.9/0.95, weight decay 0.1: the default of both our trainer and the HF Trainer), grad-norm
+clip 1.0, constant LR, one intra-op thread (see common.set_threads). Data: stdlib sources built by
+`distill.data.build`.
 
 (a) Long CPT, LM only, rows of 1024 tokens (concat packing), 4 micro-batches of 1 row per optimiser step:
-    ours = `distill.train.run` on the built `long` stream (documents isolated by position_ids, chunked
-           fp32 cross-entropy);
+    ours = `distill.train.run` on the built `long` stream with its defaults (`attention: auto`, i.e.
+           sdpa_varlen on the CPU: documents isolated by position_ids, one causal SDPA per document;
+           chunked cross-entropy);
     HF   = `transformers.Trainer` on the same rows as a `datasets.Dataset` of input_ids/labels (labels
-           identical to ours), per_device_train_batch_size 1, gradient_accumulation_steps 4, bf16, use_cpu,
-           optim adamw_torch, constant schedule, logging/saving/reporting off, no position_ids (plain
-           causal attention over the whole row, as `group_texts` recipes train).
+           identical to ours), sdpa, per_device_train_batch_size 1, gradient_accumulation_steps 4, bf16,
+           use_cpu, its default optimiser (adamw_torch_fused), constant schedule, logging/saving/reporting
+           off, no position_ids (plain causal attention over the whole row, as `group_texts` recipes train).
     Both: the same number of steps; tokens/s = token slots / wall time between consecutive step ends,
     median over the steps after --warmup, over --repeats interleaved runs of each.
 (b) The same short documents (stdlib modules of 30-1024 tokens, EOS included), one pass, the same number
-    of optimiser steps on each side, forward + loss + backward + clip + AdamW step timed per step:
+    of optimiser steps on each side, forward + loss + backward + clip + AdamW step timed per step, the
+    trainer's attention (sdpa_varlen) and optimiser on both sides:
     packed = best_fit rows of 1024 from our builder, 2 rows per step, position_ids restarting per document
-             and attention_mask None (documents isolated);
+             and attention_mask None (documents isolated: one causal SDPA per document);
     padded = the documents of those rows in a seeded random order, one per row, padded on the right to the
-             longest in the batch, attention_mask marking the padding; as many documents per step as make
-             the same number of steps.
+             longest in the batch, attention_mask marking the padding (transformers' masked sdpa); as many
+             documents per step as make the same number of steps.
     Both use the decoder + `distill.objectives.lm_loss`; real tokens/s counts document tokens only.
 
 Prints one JSON line:
@@ -29,8 +32,9 @@ Prints one JSON line:
      same by process CPU time, less disturbed by other load),
      "packed_real_tokens_per_s", "padded_real_tokens_per_s", "packed_vs_padded_ratio" (target >= 1.5),
      "cpu_packed_vs_padded_ratio", "docs", "setup",
-     "profile": {"ours_step": where our step's time goes, "hf_step_s", "diagnostics_1x1024": the cost of the
-                 document-isolation mask and of our chunked fp32 LM loss on one row, "packed", "padded"}}
+     "profile": {"ours_step": where our step's time goes, "hf_step_s", "diagnostics_1x1024": the cost of
+                 isolating documents (dense mask vs sdpa_varlen) and of our chunked LM loss on one row,
+                 "packed", "padded"}}
 
     python benchmarks/throughput.py            # ~4-5 minutes on 2 shared cores
     python benchmarks/throughput.py --quick    # ~2 minutes
@@ -121,7 +125,7 @@ def run_hf(ws, dataset, out: str, steps: int, warmup: int, dtype: str) -> tuple[
     args = TrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=1, gradient_accumulation_steps=MICRO_BATCHES,
         learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=WEIGHT_DECAY,
-        max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
         bf16=dtype == "bfloat16", use_cpu=True, logging_strategy="no", save_strategy="no", eval_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
     )
@@ -186,13 +190,18 @@ def train_batches(ws, batches: list[dict], dtype: str) -> list[tuple[float, floa
     import torch
     from transformers import AutoModelForCausalLM
 
+    from distill.models import resolve_attention
     from distill.objectives import lm_loss
-    from distill.train import param_groups
+    from distill.config import OptimConfig
+    from distill.train import make_optimizer
 
-    model = AutoModelForCausalLM.from_pretrained(ws.model, dtype=torch.float32, attn_implementation="sdpa")
+    # The trainer's default (`attention: auto` = sdpa_varlen on the CPU): packed rows run one causal SDPA per
+    # document; padded rows carry a mask, which sdpa_varlen hands to transformers' sdpa unchanged.
+    model = AutoModelForCausalLM.from_pretrained(ws.model, dtype=torch.float32,
+                                                 attn_implementation=resolve_attention("auto"))
     model.config.use_cache = False
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
+    optimizer = make_optimizer(model, OptimConfig(lr=LR, betas=list(BETAS), weight_decay=WEIGHT_DECAY), sharded=False)
     params = [p for p in model.parameters() if p.requires_grad]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
@@ -200,7 +209,7 @@ def train_batches(ws, batches: list[dict], dtype: str) -> list[tuple[float, floa
         with autocast(dtype):
             hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                              attention_mask=batch.get("attention_mask"), use_cache=False).last_hidden_state
-        loss, count = lm_loss(hidden, head.weight, batch["labels"])  # (B, T, H) -> sum, count
+            loss, count = lm_loss(hidden, head.weight, batch["labels"])  # (B, T, H) -> sum, count
         (loss / count.clamp(min=1)).backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
@@ -231,37 +240,45 @@ def _cpu_median(fn, repeats: int = 7) -> float:
 def diagnostics(ws, dtype: str) -> dict:
     """Process CPU seconds of the pieces that differ between the sides, on one 1024-token row:
     decoder forward+backward with contiguous positions (causal, no mask: what the HF Trainer runs) vs
-    positions restarting at a document boundary (the isolated-documents mask our packed rows need), and
-    the LM loss forward+backward as `distill.objectives.lm_loss` computes it (fp32 logits in chunks,
-    recomputed in backward) vs bf16 logits under autocast + F.cross_entropy (what the HF model runs)."""
+    positions restarting at document boundaries (isolated documents, as our packed rows need) through
+    transformers' sdpa (a dense T x T document mask) and through sdpa_varlen (one causal SDPA per
+    document, our default), for two documents (1/3 + 2/3 of the row) and for six of 49-291 tokens; and the
+    LM loss forward+backward as `distill.objectives.lm_loss` computes it (logits in chunks, matmuls in the
+    autocast dtype, reductions fp32, recomputed in backward) vs bf16 logits under autocast +
+    F.cross_entropy (what the HF model runs)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
+    from distill.models import resolve_attention
     from distill.objectives import lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(ws.model, dtype=torch.float32, attn_implementation="sdpa")
     decoder, weight = model.get_decoder(), model.get_output_embeddings().weight
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, SEQ_LEN), generator=gen)  # (1, T)
-    contiguous = torch.arange(SEQ_LEN)[None]  # (1, T)
-    two_docs = torch.cat([torch.arange(SEQ_LEN // 3), torch.arange(SEQ_LEN - SEQ_LEN // 3)])[None]
 
-    def decoder_step(positions):
+    def positions(*lengths):
+        return torch.cat([torch.arange(n) for n in lengths])[None]  # (1, T)
+
+    rows = {"two_documents": positions(SEQ_LEN // 3, SEQ_LEN - SEQ_LEN // 3),
+            "six_documents": positions(227, 245, 50, 162, 291, SEQ_LEN - 975)}
+
+    def decoder_step(pos, implementation):
         def fn():
+            model.set_attn_implementation(implementation)
             with autocast(dtype):
-                hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+                hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
             hidden.float().square().mean().backward()
             model.zero_grad(set_to_none=True)
         return fn
 
-    hidden = torch.randn(1, SEQ_LEN, weight.shape[1], generator=gen)
-    if dtype != "float32":
-        hidden = hidden.bfloat16()
+    hidden = torch.randn(1, SEQ_LEN, weight.shape[1], generator=gen)  # fp32, as the residual stream is
 
     def ours_loss():
         h = hidden.detach().requires_grad_()
-        loss, _ = lm_loss(h, weight, ids)
+        with autocast(dtype):  # as the trainer calls it: matmuls in the autocast dtype
+            loss, _ = lm_loss(h, weight, ids)
         loss.backward()
         weight.grad = None
 
@@ -273,11 +290,17 @@ def diagnostics(ws, dtype: str) -> dict:
         loss.backward()
         weight.grad = None
 
-    causal, isolated = _cpu_median(decoder_step(contiguous)), _cpu_median(decoder_step(two_docs))
+    varlen = resolve_attention("sdpa_varlen")
+    causal = _cpu_median(decoder_step(positions(SEQ_LEN), "sdpa"))
+    decoder_s = {"causal_no_mask": round(causal, 4)}
+    for name, pos in rows.items():
+        dense, ours_attn = _cpu_median(decoder_step(pos, "sdpa")), _cpu_median(decoder_step(pos, varlen))
+        decoder_s[name] = {"sdpa_dense_mask": round(dense, 4), "sdpa_varlen": round(ours_attn, 4),
+                           "varlen_vs_causal": round(ours_attn / causal, 3),
+                           "dense_mask_vs_causal": round(dense / causal, 3)}
     ours, hf = _cpu_median(ours_loss), _cpu_median(hf_loss)
-    return {"decoder_fwd_bwd_cpu_s": {"causal_no_mask": round(causal, 4), "two_documents_mask": round(isolated, 4),
-                                      "mask_overhead": round(isolated / causal - 1, 3)},
-            "lm_loss_fwd_bwd_cpu_s": {"ours_chunked_fp32": round(ours, 4), "bf16_logits_cross_entropy": round(hf, 4),
+    return {"decoder_fwd_bwd_cpu_s": decoder_s,
+            "lm_loss_fwd_bwd_cpu_s": {"ours_chunked": round(ours, 4), "bf16_logits_cross_entropy": round(hf, 4),
                                       "ours_overhead": round(ours / hf - 1, 3)}}
 
 

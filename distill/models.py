@@ -23,6 +23,7 @@ import os
 import torch
 from torch import nn
 
+from distill import attention
 from distill.config import ConfigError, ModelConfig, RopeConfig
 from distill.rope import _base_inv_freq, apply_extension, extended_rope_parameters, head_dim, our_inv_freq
 
@@ -37,13 +38,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_attention(name: str, device: str | torch.device = "cpu") -> str:
-    """The attention implementation to load: auto → flash_attention_2 on CUDA with flash-attn, else sdpa."""
-    if name != "auto":
-        return name
-    is_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-    if is_cuda and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """The attention implementation to load: auto → flash_attention_2 on CUDA with flash-attn, else
+    sdpa_varlen (per-document SDPA for packed rows, registered with transformers here)."""
+    if name == "auto":
+        is_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        if is_cuda and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        name = attention.NAME
+    if name == attention.NAME:
+        attention.register()
+    return name
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -47,7 +47,8 @@ def teachers(tiny_models):
 
 
 def test_resolve_attention_and_dtype():
-    assert resolve_attention("auto", "cpu") == "sdpa"
+    assert resolve_attention("auto", "cpu") == "sdpa_varlen"
+    assert resolve_attention("sdpa", "cpu") == "sdpa"
     assert resolve_attention("eager", "cpu") == "eager"
     assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype("float32") is torch.float32
     with pytest.raises(ConfigError, match="model.dtype"):
@@ -106,7 +107,7 @@ def test_method_none_student_equals_teacher(tiny_models, teachers, arch):
     assert torch.equal(s_last, s_hidden[-1]) and torch.equal(s_last, t_last)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa_varlen", "sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_packed_documents_are_isolated(tiny_models, arch, attention):
     student = load_student(_cfg(tiny_models[arch], attention=attention), RECIPES["abf"])
