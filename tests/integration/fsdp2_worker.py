@@ -106,7 +106,7 @@ def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | 
 
     sharded = mesh is not None
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa",
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto",
                             gradient_checkpointing=gradient_checkpointing)
     student = load_student(model_cfg, RopeConfig(method="abf", theta=40000.0, target_length=512))
     teacher = load_teacher(model_dir, model_cfg)
@@ -198,7 +198,7 @@ def check_teacher(model_dir: str, out: str, mesh) -> None:
     from distill.config import ModelConfig
     from distill.models import TruncatedTeacher, load_teacher
 
-    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa")
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto")
     plain = load_teacher(model_dir, model_cfg)
     sharded = parallel.shard_teacher(load_teacher(model_dir, model_cfg), mesh)
     mb = plan_of(7)[0]

@@ -32,7 +32,7 @@ def recipe(model, data, out, method="longred", steps=3, **extra):
                    "s2l": {**s2l, "positions": "cream", "objectives": {"hidden": {"weight": 2.5, "layers": ["last"]}}}}
     cfg = {
         "run": {"name": f"test-{method}", "output_dir": str(out), "seed": 0},
-        "model": {"path": model, "dtype": "float32", "attention": "sdpa"},
+        "model": {"path": model, "dtype": "float32", "attention": "auto"},
         "rope": {"method": "abf", "theta": 160000.0, "target_length": 1024},
         "streams": streams,
         "mix": {"tokens_per_step": 4096},

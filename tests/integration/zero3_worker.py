@@ -56,7 +56,7 @@ def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | 
     from distill.train import param_groups
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa")
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto")
     student = load_student(model_cfg, RopeConfig(method="abf", theta=40000.0, target_length=512))
     teacher = load_teacher(model_dir, model_cfg)
     vocab = student.config.vocab_size
@@ -143,7 +143,7 @@ def check_teacher(model_dir: str, out: str) -> None:
     from distill.config import ModelConfig
     from distill.models import TruncatedTeacher, load_teacher
 
-    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="sdpa")
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto")
     plain = load_teacher(model_dir, model_cfg)
     sharded = zero3.shard_teacher(load_teacher(model_dir, model_cfg), persistence_threshold=PERSIST)
     partitioned = all(p.numel() == 0 for p in sharded.model.layers.parameters())
