@@ -570,6 +570,13 @@ class WandbConfig:
 class LogConfig:
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
     progress_bar: bool = True
+    peak_tflops: float | None = None
+    """Per-device peak TFLOP/s for the logged MFU; None looks it up from the GPU's name (dense bf16:
+    H100/H200 989, A100 312, ...; see distill.metrics.PEAK_TFLOPS). No MFU on a CPU unless set."""
+
+    def validate(self, path: str) -> None:
+        check(self.peak_tflops is None or self.peak_tflops > 0, join(path, "peak_tflops"),
+              f"must be positive, got {self.peak_tflops}")
 
 
 @dataclasses.dataclass

@@ -57,12 +57,67 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def console_line(record: dict) -> str:
-    """One compact line: step, loss, per-objective losses, lr, grad-norm, tokens/s."""
+    """One compact line: step, loss, per-objective losses, lr, grad-norm, tokens/s (and MFU when known)."""
     parts = [f"step {record['step']:>6d}", f"loss {record['loss']:.4f}"]
     parts += [f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/")]
     parts += [f"lr {record['lr']:.3e}", f"gnorm {record['grad_norm']:.3f}",
               f"tok/s {record['tokens_per_s']:.0f}"]
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
     return " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model FLOPs and MFU
+# ---------------------------------------------------------------------------------------------------
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "L40": 181.0, "A6000": 155.0, "A10G": 70.0, "A10": 125.0,
+               "L4": 121.0, "4090": 165.0, "3090": 71.0}
+"""Dense bf16 tensor-core peak TFLOP/s per device (vendor datasheets, without sparsity), by name fragment."""
+
+
+def peak_tflops(device, configured: float | None = None) -> float | None:
+    """The per-device peak used for MFU: the recipe's `log.peak_tflops`, else looked up from the CUDA
+    device's name (`PEAK_TFLOPS`); None on a CPU or an unknown GPU (no MFU is logged)."""
+    import torch
+
+    if configured is not None:
+        return float(configured)
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    for fragment in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "GH200" before "H200"
+        if fragment in name:
+            return PEAK_TFLOPS[fragment]
+    return None
+
+
+def flop_counts(model) -> dict[str, float]:
+    """What the FLOP formulas need from a causal LM: L layers, width d, vocabulary V, N_layers (the
+    decoder layers' parameters) and N = every parameter that is a matmul operand (all but the input
+    embedding, which is a lookup; lm_head counts, tied or not)."""
+    config = model.config
+    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in f".{n}")
+    embed = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight
+    tied = head is embed
+    return {"L": float(config.num_hidden_layers), "d": float(config.hidden_size), "V": float(head.shape[0]),
+            "N_layers": float(layers), "N": float(total - embed.numel() + (head.numel() if tied else 0))}
+
+
+def train_flops_per_token(counts: dict, seq_len: int) -> float:
+    """Training FLOPs per token of a row of `seq_len`: 6N + 12·L·d·T (forward + backward; the attention
+    term counts the full T×T scores, as the usual MFU convention does, not the causal half)."""
+    return 6.0 * counts["N"] + 12.0 * counts["L"] * counts["d"] * seq_len
+
+
+def teacher_flops_per_token(counts: dict, seq_len: int, depth: int, logits: bool) -> float:
+    """Forward-only FLOPs per token of a teacher run to `depth` layers (lm_head only with `logits`)."""
+    share = depth / counts["L"]
+    head = 2.0 * counts["d"] * counts["V"] if logits else 0.0
+    return 2.0 * counts["N_layers"] * share + head + 4.0 * depth * counts["d"] * seq_len
 
 
 def _has_wandb_key() -> bool:

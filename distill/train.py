@@ -138,6 +138,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def step_flop_rates(cfg: RecipeConfig, streams: dict, layers: dict[str, list[int]], student,
+                    teacher) -> dict[str, tuple[float, float]]:
+    """Per stream, (student training FLOPs, teacher forward FLOPs) per token slot of its rows."""
+    from distill.metrics import flop_counts, teacher_flops_per_token, train_flops_per_token
+
+    counts = flop_counts(student)
+    teacher_counts = flop_counts(teacher) if teacher is not None else None
+    rates = {}
+    for name, stream_cfg in cfg.streams.items():
+        T, objectives = streams[name].seq_len, stream_cfg.objectives
+        taught = 0.0
+        if teacher_counts is not None and objectives.needs_teacher:
+            depth = max(layers.get(name, []) + ([int(teacher_counts["L"])] if objectives.kl is not None else []))
+            taught = teacher_flops_per_token(teacher_counts, T, depth, objectives.kl is not None)
+        rates[name] = (train_flops_per_token(counts, T), taught)
+    return rates
+
+
 def make_optimizer(model: torch.nn.Module, optim_cfg, sharded: bool) -> torch.optim.AdamW:
     """AdamW over `param_groups`, with the kernel `optim.implementation` asks for (see OptimConfig)."""
     kind = optim_cfg.implementation
@@ -280,7 +298,7 @@ def run(cfg: RecipeConfig, return_state: bool = False):
     from transformers import AutoTokenizer
 
     from distill.data.dataset import PackedStream
-    from distill.metrics import MetricsFile, Tracker, console_line
+    from distill.metrics import MetricsFile, Tracker, console_line, peak_tflops
     from distill.models import (TruncatedTeacher, check_extension, check_packing_isolation, export, load_student,
                                 load_teacher, resolve_dtype)
 
@@ -326,6 +344,8 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             return select_layers(student, teacher, rows["input_ids"].to(device), top_k=top_k)["layers"]
     layers = resolve_layers(cfg, num_layers, select)
     check_output_dir(out_dir)
+    flops = step_flop_rates(cfg, streams, layers, student, teacher)  # before sharding: whole parameter counts
+    peak = peak_tflops(device, cfg.log.peak_tflops)
 
     if procs.is_main:
         # Without a teacher (Long CPT), compare against the checkpoint's native RoPE built from its config.
@@ -491,6 +511,8 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             fetched.append((slot, batch, real))
         global_counts = procs.all_reduce(local_counts.to(device)).cpu()
         step_tokens = sum(len(mb.rows) * streams[mb.stream].seq_len for mb in plan)
+        step_flops = [sum(len(mb.rows) * streams[mb.stream].seq_len * flops[mb.stream][k] for mb in plan)
+                      for k in (0, 1)]  # (student training, teacher forward) FLOPs of the whole step
 
         loss_sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # on device: no sync per micro-batch
         for slot, batch, real in fetched:
@@ -543,6 +565,14 @@ def run(cfg: RecipeConfig, return_state: bool = False):
         if procs.is_main:
             record = {"step": done, "tokens": tokens_seen, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": step_tokens / max(elapsed, 1e-9), "loss": total}
+            # Model FLOP/s per device (6N + 12·L·d·T per trained token), the teacher's forward apart; MFU
+            # against the device's peak when it is known (log.peak_tflops or the GPU's name).
+            per_device = [f / max(elapsed, 1e-9) / procs.world / 1e12 for f in step_flops]
+            record["tflops_per_s"] = per_device[0]
+            if step_flops[1] > 0:
+                record["teacher_tflops_per_s"] = per_device[1]
+            if peak is not None:
+                record["mfu"] = per_device[0] / peak
             for (n, o), value, count in zip(keys, means.tolist(), global_counts.tolist()):
                 if count > 0:  # a stream absent from this step has no loss to report
                     record[f"loss/{n}/{o}"] = value

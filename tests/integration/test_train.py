@@ -62,7 +62,8 @@ def train_cli(recipe_path, *overrides, launcher=None, env_extra=None, timeout=60
 @pytest.mark.parametrize("method", ["long_cpt", "mix_cpt", "longred"])
 def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, method):
     out = tmp_path / "run"
-    proc = train_cli(write(recipe(tiny_llama, built_data, out, method, train__eval_every=3), tmp_path / "r.yaml"))
+    proc = train_cli(write(recipe(tiny_llama, built_data, out, method, train__eval_every=3, log__peak_tflops=0.5),
+                           tmp_path / "r.yaml"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = read_metrics(out / "metrics.jsonl")
     # The start-up checks ran and were logged, with or without a teacher.
@@ -78,10 +79,21 @@ def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, 
                 "longred": {"loss/long/lm", "loss/short/hidden", "loss/short/kl", "loss/s2l/hidden"}}[method]
     assert expected <= set(records[0])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    assert (out / "config.yaml").exists() and (out / "checkpoints" / "step-3" / "COMPLETE").exists()
-    # The export loads with AutoModelForCausalLM and carries the extended RoPE.
+    # Model FLOPs: tflops_per_s / tokens_per_s is the step's FLOPs per token slot, whatever the timing.
     from transformers import AutoModelForCausalLM
 
+    from distill.data.dataset import PackedStream
+    from distill.metrics import flop_counts, train_flops_per_token
+
+    counts = flop_counts(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tflops_per_s"] / 0.5) and ("teacher_tflops_per_s" in r) == (
+            method == "longred")
+    if method == "long_cpt":
+        per_token = train_flops_per_token(counts, PackedStream(built_data["long"]).seq_len)
+        assert records[-1]["tflops_per_s"] * 1e12 / records[-1]["tokens_per_s"] == pytest.approx(per_token)
+    assert (out / "config.yaml").exists() and (out / "checkpoints" / "step-3" / "COMPLETE").exists()
+    # The export loads with AutoModelForCausalLM and carries the extended RoPE.
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.max_position_embeddings == 1024
     assert model.config.rope_parameters["rope_theta"] == 160000.0
