@@ -76,6 +76,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, Hq, T, D)
     if len(segments) == 1 and query.shape[0] > 1:  # one row of positions shared by the batch
         segments = segments * query.shape[0]
+    dtype = query.dtype  # returned in: a bf16 model without autocast needs bf16 into its o_proj
     if query.device.type == "cpu":
         # On the CPU the fp32 flash kernel is ~2x faster than the bf16 one on document-sized blocks
         # (benchmarks/throughput.py diagnostics): run the segments in fp32 with autocast off.
@@ -94,7 +95,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
                      for qi, ki, vi in pieces]  # (1, Hq, n, D) each
             rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])  # (1, Hq, T, D)
     out = torch.cat(rows) if len(rows) > 1 else rows[0]  # (B, Hq, T, D)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(dtype).contiguous(), None
 
 
 def sdpa_varlen_mask(*args, **kwargs):

@@ -114,3 +114,15 @@ def test_bf16_autocast_close_to_dense_mask():
         a = ours(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
         b = ref(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
     assert (a - b).abs().max().item() < 5e-2 * b.abs().max().item()
+
+
+def test_bf16_weights_without_autocast():
+    """A bf16 model (e.g. the teacher) run without autocast: the segments' output comes back in bf16."""
+    ref, ours = _pair()
+    ref, ours = ref.bfloat16(), ours.bfloat16()
+    pos = _positions([40, 24])
+    ids = torch.randint(3, 1000, (1, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a = ours(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+        b = ref(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+    assert (a - b).abs().max().item() < 5e-2 * b.abs().max().item()
