@@ -3,7 +3,7 @@
 Both methods run through `distill.train.run` (the real loop, one process) on the tiny Llama of
 benchmarks/common.py (4 layers x 256 hidden, 8 heads, vocab 5000, ~6.8M parameters), student RoPE abf
 extended from 256 to 1024 tokens, bf16 autocast on the CPU with fp32 master weights (--dtype float32 for
-plain fp32), sdpa attention, 8192 token slots per optimiser step:
+plain fp32), the trainer's default attention (sdpa_varlen on the CPU), 8192 token slots per optimiser step:
   LongReD   long : short : s2l shares 4 : 3 : 1 -> per step 4 x (1 x 1024) long rows with the LM loss,
             3 x (4 x 256) short rows distilling hidden states [1, 2, last] from the frozen teacher (native
             RoPE, truncated to the deepest layer needed), 1 x (4 x 256) short-to-long rows at CREAM
