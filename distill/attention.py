@@ -9,12 +9,16 @@ module is the same idea with stock SDPA: each document of a row is its own causa
 
 Registered with transformers as the attention implementation "sdpa_varlen" (and its mask function), so a
 model loads with `attn_implementation="sdpa_varlen"`; `distill.models.resolve_attention` picks it for
-`attention: auto` when flash-attn is not usable. It handles only the case it is for and hands every
-other call to transformers' own `sdpa` unchanged:
-- packed rows (`attention_mask` None, queries = keys, no cache): one causal SDPA per document, where a
-  document starts wherever a position does not increase (`pos[t] <= pos[t-1]`). Skipped positions (a
-  short-to-long row's jumps) keep increasing, so such a row stays one causal document;
-- an explicit mask (padding), a KV cache, decoding, sliding windows: transformers' `sdpa` path.
+`attention: auto` when flash-attn is not usable and the model type is one of `SUPPORTED`. It handles
+only the case it is for and hands every other call to transformers' own `sdpa` unchanged:
+- packed rows (`attention_mask` None, queries = keys, no cache offset): one causal SDPA per document,
+  where a document starts wherever a position does not increase (`pos[t] <= pos[t-1]`). Skipped
+  positions (a short-to-long row's jumps) keep increasing, so such a row stays one causal document (as
+  with flash-attn's varlen path; transformers' sdpa would cut it at every jump). A packed prompt's
+  prefill with a KV cache is isolated too (transformers' sdpa does not isolate with a cache);
+- an explicit mask (padding, or all ones): transformers' sdpa, which never splits a row with a mask; an
+  all-ones mask travels as a 1×1×1×1 marker, so the causal kernel runs without a T×T mask;
+- decoding with a cache, sliding windows: transformers' `sdpa` path.
 """
 
 from __future__ import annotations
@@ -26,32 +30,41 @@ import torch.nn.functional as F
 
 NAME = "sdpa_varlen"
 
-_memo: dict = {"ids": None, "version": -1, "segments": None}
+SUPPORTED = ("llama", "mistral", "qwen2")
+"""Model types whose decoders hand the mask function's result straight to the attention and build no
+other mask (no block / and-mask functions): `auto` picks sdpa_varlen only for these."""
+
+_NO_SPLIT: dict = {}
+"""Per device, the marker the mask function returns for an explicit mask that needs no masking (all ones):
+attention stays causal over the whole row, as with transformers' sdpa, and no T×T mask is built."""
 
 
 def document_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
     """Per row, the [start, end) spans of its documents; None when every row is one document.
 
     position_ids: (B, T). A document starts at t = 0 and wherever position_ids[t] <= position_ids[t - 1].
+    Computed from the boundaries only (one small transfer), at every layer: nothing is cached, so a
+    position buffer refilled in place can never be read stale.
     """
-    starts = position_ids[:, 1:] <= position_ids[:, :-1]  # (B, T-1)
-    if not bool(starts.any()):
+    B, T = position_ids.shape
+    starts = (position_ids[:, 1:] <= position_ids[:, :-1]).nonzero()  # (K, 2): (row, t - 1)
+    if starts.shape[0] == 0:
         return None
-    T = position_ids.shape[1]
-    out = []
-    for row in starts.cpu().tolist():
-        bounds = [0] + [t + 1 for t, s in enumerate(row) if s] + [T]
-        out.append(list(zip(bounds[:-1], bounds[1:])))
-    return out
+    cuts: list[list[int]] = [[0] for _ in range(B)]
+    for row, t in starts.tolist():  # row-major order: each row's cuts ascend
+        cuts[row].append(t + 1)
+    return [list(zip(c, c[1:] + [T])) for c in cuts]
 
 
-def _segments_of(position_ids: torch.Tensor):
-    """`document_segments`, computed once per forward: every layer receives the same position_ids tensor."""
-    if _memo["ids"] is position_ids and _memo["version"] == position_ids._version:
-        return _memo["segments"]
-    segments = document_segments(position_ids)
-    _memo.update(ids=position_ids, version=position_ids._version, segments=segments)
-    return segments
+def _no_split_marker(device) -> torch.Tensor:
+    device = torch.device(device)
+    if device not in _NO_SPLIT:
+        _NO_SPLIT[device] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+    return _NO_SPLIT[device]
+
+
+def _is_marker(mask) -> bool:
+    return mask is not None and any(mask is m for m in _NO_SPLIT.values())
 
 
 def _sliding(module, kwargs) -> bool:
@@ -61,19 +74,22 @@ def _sliding(module, kwargs) -> bool:
 def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         is_causal=None, **kwargs):
     """The attention interface: query (B, Hq, T, D), key/value (B, Hkv, T, D) → ((B, T, Hq, D), None)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _is_marker(attention_mask):  # an explicit all-ones mask: causal over the whole row, no split
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     position_ids = kwargs.get("position_ids")
     plain = (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
              or query.shape[2] < 2 or is_causal is False or not getattr(module, "is_causal", True)
-             or _sliding(module, kwargs) or kwargs.get("position_bias") is not None)
-    segments = None if plain else _segments_of(position_ids)
+             or _sliding(module, kwargs) or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux")))
+    segments = None if plain else document_segments(position_ids)
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, Hq, T, D)
+    # Grouped-query attention inside the kernel (as transformers' sdpa does without a mask): no repeated
+    # key/value copies held for backward.
+    gqa = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
     if len(segments) == 1 and query.shape[0] > 1:  # one row of positions shared by the batch
         segments = segments * query.shape[0]
     dtype = query.dtype  # returned in: a bf16 model without autocast needs bf16 into its o_proj
@@ -91,7 +107,8 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
         for spans, q, k, v in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):  # (H, T, D) each
             lengths = [e - s for s, e in spans]
             pieces = zip(q[None].split(lengths, 2), k[None].split(lengths, 2), v[None].split(lengths, 2))
-            parts = [F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=scaling, is_causal=True)
+            parts = [F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=scaling, is_causal=True,
+                                                    **gqa)
                      for qi, ki, vi in pieces]  # (1, Hq, n, D) each
             rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])  # (1, Hq, T, D)
     out = torch.cat(rows) if len(rows) > 1 else rows[0]  # (B, Hq, T, D)
@@ -99,18 +116,24 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
 
 
 def sdpa_varlen_mask(*args, **kwargs):
-    """The mask function: none for packed rows without a cache (the attention finds the documents from
-    position_ids); transformers' sdpa mask for everything else (padding, cache offsets)."""
+    """The mask function. No explicit mask and no cache: None (the attention finds the documents from
+    position_ids). An explicit mask: transformers' sdpa mask, except that where it would skip an all-ones
+    mask (None) this returns the no-split marker, so the row stays one causal sequence exactly as
+    transformers' sdpa runs it. Sliding windows and cache offsets: transformers' sdpa mask."""
     from transformers.masking_utils import sdpa_mask
 
     q_length, kv_length = kwargs.get("q_length"), kwargs.get("kv_length")
     config = kwargs.get("config")
     windowed = config is not None and getattr(config, "sliding_window", None) is not None and getattr(
         config, "use_sliding_window", True)
-    if (not windowed and kwargs.get("attention_mask") is None and q_length is not None and q_length == kv_length
+    given = kwargs.get("attention_mask") is not None
+    if (not windowed and not given and q_length is not None and q_length == kv_length
             and not kwargs.get("q_offset") and not kwargs.get("kv_offset") and kwargs.get("local_size") is None):
         return None
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None and given and q_length is not None and q_length > 1:
+        return _no_split_marker(kwargs.get("device", "cpu"))
+    return mask
 
 
 def register() -> str:

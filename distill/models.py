@@ -37,15 +37,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_attention(name: str, device: str | torch.device = "cpu") -> str:
+def resolve_attention(name: str, device: str | torch.device = "cpu", model_type: str | None = None) -> str:
     """The attention implementation to load: auto → flash_attention_2 on CUDA with flash-attn, else
-    sdpa_varlen (per-document SDPA for packed rows, registered with transformers here)."""
+    sdpa_varlen (per-document SDPA for packed rows, registered with transformers here) for the model
+    types it supports (`distill.attention.SUPPORTED`; any when `model_type` is None), else sdpa."""
+    supported = model_type is None or model_type in attention.SUPPORTED
     if name == "auto":
         is_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
         if is_cuda and importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        name = attention.NAME
+        name = attention.NAME if supported else "sdpa"
     if name == attention.NAME:
+        if not supported:
+            raise ConfigError(f"model.attention: '{attention.NAME}' supports model types "
+                              f"{', '.join(attention.SUPPORTED)}, not '{model_type}'; use auto or sdpa")
         attention.register()
     return name
 
@@ -170,7 +175,7 @@ def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | tor
     """
     config = _load_config(model_cfg.path, model_cfg.trust_remote_code)
     extended = apply_extension(config, rope_cfg)
-    attention = resolve_attention(model_cfg.attention, device)
+    attention = resolve_attention(model_cfg.attention, device, getattr(config, "model_type", None))
     model = _from_pretrained(model_cfg.path, extended, model_cfg, attention, "model.path")
     model.to(device)
     model.config.use_cache = False
@@ -196,7 +201,8 @@ def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.d
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path:", f"{key}:", 1)) from None
     config.use_cache = False
-    model = _from_pretrained(path, config, model_cfg, resolve_attention(model_cfg.attention, device), key)
+    attention = resolve_attention(model_cfg.attention, device, getattr(config, "model_type", None))
+    model = _from_pretrained(path, config, model_cfg, attention, key)
     model.to(device)
     model.config.use_cache = False
     for line in refresh_inv_freq(model):

@@ -167,6 +167,21 @@ def make_optimizer(model: torch.nn.Module, optim_cfg, sharded: bool) -> torch.op
                              betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, **flags)
 
 
+def keep_kernel(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: keep the kernel this run chose (`optim.implementation`), not the one saved in
+    the checkpoint's param groups (load_state_dict copies their fused / foreach flags); a fused kernel
+    wants fp32 `step` tensors on the parameters' device."""
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+        if group.get("fused"):
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 def _real_mask(stream, rows: list[int], seq_len: int) -> torch.Tensor:
     """(B, T) bool: True on document tokens, False on padding."""
     totals = torch.tensor([sum(stream.lengths(i)) for i in rows])
@@ -414,6 +429,8 @@ def run(cfg: RecipeConfig, return_state: bool = False):
             zero3.load_full_optimizer_state_dict(engine, ckpt.read_optimizer(resume_path) if procs.is_main else None)
         else:
             optimizer.load_state_dict(ckpt.read_optimizer(resume_path))
+        if zero3 is None:
+            keep_kernel(optimizer)
         ckpt.load_rng(resume_path, procs.rank)
         state = ckpt.read_state(resume_path)
         start_step, tokens_seen = state["step"], state["tokens"]

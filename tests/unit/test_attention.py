@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distill import attention
+from distill.config import ConfigError
 from distill.models import check_packing_isolation, resolve_attention
 from distill.testing import ARCHITECTURES, tiny_config
 
@@ -126,3 +127,41 @@ def test_bf16_weights_without_autocast():
         a = ours(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
         b = ref(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
     assert (a - b).abs().max().item() < 5e-2 * b.abs().max().item()
+
+
+def test_explicit_mask_never_splits_whatever_the_other_rows_hold():
+    """transformers' sdpa never isolates documents when a mask is given; an all-ones row must not split
+    either, whether or not another row of the batch has padding."""
+    ref, ours = _pair()
+    pos = _positions([10, 14], [24])
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(6))
+    for padded in (0, 1):
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[1, -1] = 0
+        with torch.no_grad():
+            a = ours(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+            b = ref(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode_and_a_position_buffer_refilled_in_place():
+    ref, ours = _pair()
+    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(7))
+    buffer = _positions([10, 14]).numpy().copy()
+    positions = torch.from_numpy(buffer)  # shares memory with `buffer`: refilling it bumps no version
+    with torch.inference_mode():
+        for lengths in ([10, 14], [24], [5, 5, 14]):
+            buffer[:] = _positions(lengths).numpy()
+            torch.testing.assert_close(ours(input_ids=ids, position_ids=positions, use_cache=False).logits,
+                                       ref(input_ids=ids, position_ids=positions, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
+        out = ours.generate(ids[:, :6], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)
+
+
+def test_only_supported_model_types():
+    assert resolve_attention("auto", "cpu", "llama") == attention.NAME
+    assert resolve_attention("auto", "cpu", "gemma3") == "sdpa"  # masks we do not rebuild: transformers' sdpa
+    with pytest.raises(ConfigError, match="model.attention: 'sdpa_varlen' supports model types"):
+        resolve_attention("sdpa_varlen", "cpu", "gemma3")
