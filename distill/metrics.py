@@ -70,7 +70,7 @@ def console_line(record: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Model FLOPs and MFU
 # ---------------------------------------------------------------------------------------------------
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIE": 756.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
                "A800": 312.0, "L40S": 362.0, "L40": 181.0, "A6000": 155.0, "A10G": 70.0, "A10": 125.0,
                "L4": 121.0, "4090": 165.0, "3090": 71.0}
 """Dense bf16 tensor-core peak TFLOP/s per device (vendor datasheets, without sparsity), by name fragment."""
@@ -107,10 +107,12 @@ def flop_counts(model) -> dict[str, float]:
             "N_layers": float(layers), "N": float(total - embed.numel() + (head.numel() if tied else 0))}
 
 
-def train_flops_per_token(counts: dict, seq_len: int) -> float:
+def train_flops_per_token(counts: dict, seq_len: int, logits: bool = True) -> float:
     """Training FLOPs per token of a row of `seq_len`: 6N + 12·L·d·T (forward + backward; the attention
-    term counts the full T×T scores, as the usual MFU convention does, not the causal half)."""
-    return 6.0 * counts["N"] + 12.0 * counts["L"] * counts["d"] * seq_len
+    term counts the full T×T scores, as the usual MFU convention does, not the causal half). Without
+    `logits` (a stream trained on hidden states only) the lm_head's 6·d·V is not run and not counted."""
+    n = counts["N"] - (0.0 if logits else counts["d"] * counts["V"])
+    return 6.0 * n + 12.0 * counts["L"] * counts["d"] * seq_len
 
 
 def teacher_flops_per_token(counts: dict, seq_len: int, depth: int, logits: bool) -> float:

@@ -152,7 +152,8 @@ def step_flop_rates(cfg: RecipeConfig, streams: dict, layers: dict[str, list[int
         if teacher_counts is not None and objectives.needs_teacher:
             depth = max(layers.get(name, []) + ([int(teacher_counts["L"])] if objectives.kl is not None else []))
             taught = teacher_flops_per_token(teacher_counts, T, depth, objectives.kl is not None)
-        rates[name] = (train_flops_per_token(counts, T), taught)
+        logits = objectives.lm is not None or objectives.kl is not None  # else no lm_head in the step
+        rates[name] = (train_flops_per_token(counts, T, logits), taught)
     return rates
 
 

@@ -34,8 +34,9 @@ def test_counts_match_a_hand_count(tied):
 
 
 def test_formulas():
-    counts = {"L": 2.0, "d": 64.0, "V": 1000.0, "N_layers": 100.0, "N": 200.0}
-    assert train_flops_per_token(counts, 512) == 6 * 200 + 12 * 2 * 64 * 512
+    counts = {"L": 2.0, "d": 64.0, "V": 1000.0, "N_layers": 100.0, "N": 100000.0}
+    assert train_flops_per_token(counts, 512) == 6 * 100000 + 12 * 2 * 64 * 512
+    assert train_flops_per_token(counts, 512, logits=False) == 6 * (100000 - 64 * 1000) + 12 * 2 * 64 * 512
     # a teacher run to 1 of 2 layers without logits: half the layers' matmuls and attention, forward only
     assert teacher_flops_per_token(counts, 256, 1, False) == 2 * 100 / 2 + 4 * 1 * 64 * 256
     assert teacher_flops_per_token(counts, 256, 2, True) == 2 * 100 + 2 * 64 * 1000 + 4 * 2 * 64 * 256
