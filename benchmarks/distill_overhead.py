@@ -53,6 +53,17 @@ def streams(data: dict, method: str) -> dict:
     }
 
 
+def build_data(ws) -> dict:
+    """The long / short / s2l streams of the LongReD step, built from stdlib modules (after prepare_model)."""
+    big = common.copy_corpus(ws, "big", common.long_files(8))
+    small = common.copy_corpus(ws, "small", common.short_files(limit=200))
+    return common.build_streams(ws, "streams", {"big": big, "small": small}, {
+        "long": {"sources": ["big"], "seq_len": LONG, "min_doc_tokens": LONG, "pack": "concat"},
+        "short": {"sources": ["small"], "seq_len": SHORT, "pack": "best_fit", "long_docs": "split"},
+        "s2l": {"sources": ["big"], "seq_len": S2L, "min_doc_tokens": S2L, "pack": "window"},
+    })
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repeat of 4 steps (1 warm-up)")
@@ -72,13 +83,7 @@ def main() -> None:
     with common.workspace(args.keep) as ws:
         t0 = time.perf_counter()
         common.prepare_model(ws)
-        big = common.copy_corpus(ws, "big", common.long_files(8))
-        small = common.copy_corpus(ws, "small", common.short_files(limit=200))
-        data = common.build_streams(ws, "streams", {"big": big, "small": small}, {
-            "long": {"sources": ["big"], "seq_len": LONG, "min_doc_tokens": LONG, "pack": "concat"},
-            "short": {"sources": ["small"], "seq_len": SHORT, "pack": "best_fit", "long_docs": "split"},
-            "s2l": {"sources": ["big"], "seq_len": S2L, "min_doc_tokens": S2L, "pack": "window"},
-        })
+        data = build_data(ws)
         rows = {s: data["manifest"]["streams"][s]["train"]["rows"] for s in ("long", "short", "s2l")}
         setup_s = time.perf_counter() - t0
         common.log(f"set-up {setup_s:.0f}s: rows {rows}")
