@@ -13,8 +13,8 @@ checks on the CPU kernels, smaller, which is how it is tested.
     value and gradient relative errors, time, peak memory; liger-kernel's fused cross-entropy the same way
     when it is installed (CUDA only).
 (3) train: `distill.train.run` on the LongReD step of distill_overhead.py (long : short : s2l =
-    4 : 3 : 1, long rows 4x the short window, 8192 token slots) for --steps steps: tokens/s, tflops_per_s and mfu (as logged; MFU needs a known GPU name or
-    --peak-tflops), and the peak memory.
+    4 : 3 : 1, long rows 4x the short window, 8192 token slots) for --steps steps: tokens/s,
+    tflops_per_s and mfu (as logged; MFU needs a known GPU name or --peak-tflops), and the peak memory.
 Multi-GPU runs (FSDP2 / ZeRO-3 over 2+ GPUs) need `accelerate launch`; this script reports the device
 count and leaves them to recipes/accelerate/*.yaml.
 
@@ -164,29 +164,24 @@ def check_loss(device, tokens: int) -> dict:
     labels = torch.randint(0, V, (1, tokens), generator=gen).to(device)
     labels[0, :7] = IGNORE_INDEX
 
-    def naive():
-        h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
-        logits = (h @ w.t()).float()[:, :-1]
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-        loss.backward()
-        return loss.detach(), h.grad, w.grad
-
-    def ours():
-        h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
-        loss, _ = lm_loss(h, w, labels)
-        loss.backward()
-        return loss.detach(), h.grad, w.grad
-
-    sides = {"naive": naive, "chunked": ours}
-    if device.type == "cuda" and liger_available():
-        def liger():
+    def fwd_bwd(loss_of):
+        """A side: fresh leaf copies of the inputs, loss forward + backward -> (loss, grad hidden, grad weight)."""
+        def fn():
             h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
-            loss, _ = lm_loss(h, w, labels, use_liger=True)
+            loss = loss_of(h, w)
             loss.backward()
             return loss.detach(), h.grad, w.grad
-        sides["liger"] = liger
-    ref = naive()
+        return fn
+
+    def full_logits(h, w):
+        logits = (h @ w.t()).float()[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+    sides = {"naive": fwd_bwd(full_logits), "chunked": fwd_bwd(lambda h, w: lm_loss(h, w, labels)[0])}
+    if device.type == "cuda" and liger_available():
+        sides["liger"] = fwd_bwd(lambda h, w: lm_loss(h, w, labels, use_liger=True)[0])
+    ref = sides["naive"]()
     out = {"tokens": tokens, "vocab": V, "hidden": H}
     for name, fn in sides.items():
         _peak_reset(device)

@@ -264,9 +264,10 @@ def diagnostics(ws, dtype: str) -> dict:
     rows = {"two_documents": positions(SEQ_LEN // 3, SEQ_LEN - SEQ_LEN // 3),
             "six_documents": positions(227, 245, 50, 162, 291, SEQ_LEN - 975)}
 
-    def decoder_step(pos, implementation):
+    def decoder_step(pos, implementation):  # timed right after it is made: the implementation is set once
+        model.set_attn_implementation(implementation)
+
         def fn():
-            model.set_attn_implementation(implementation)
             with autocast(dtype):
                 hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
             hidden.float().square().mean().backward()

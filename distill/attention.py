@@ -82,7 +82,8 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     position_ids = kwargs.get("position_ids")
     plain = (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
              or query.shape[2] < 2 or is_causal is False or not getattr(module, "is_causal", True)
-             or _sliding(module, kwargs) or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux")))
+             or _sliding(module, kwargs)
+             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux")))
     segments = None if plain else document_segments(position_ids)
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -82,21 +82,23 @@ def _load_config(path: str, trust_remote_code: bool):
         raise ConfigError(f"model.path: cannot load '{path}': {_short_reason(err)}") from None
 
 
-def _from_pretrained(path: str, config, model_cfg: ModelConfig, attention: str, key: str):
+def _from_pretrained(path: str, config, model_cfg: ModelConfig, device, key: str):
+    """`path` with `config`, in the recipe's dtype and attention (resolved for `device` and the model type)."""
     from transformers import AutoModelForCausalLM
 
+    implementation = resolve_attention(model_cfg.attention, device, getattr(config, "model_type", None))
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             dtype=resolve_dtype(model_cfg.dtype),
-            attn_implementation=attention,
+            attn_implementation=implementation,
             trust_remote_code=model_cfg.trust_remote_code,
         )
     except ConfigError:
         raise
     except ImportError as err:  # e.g. flash_attention_2 without the package
-        raise ConfigError(f"model.attention: cannot use '{attention}': {_short_reason(err)}") from None
+        raise ConfigError(f"model.attention: cannot use '{implementation}': {_short_reason(err)}") from None
     except Exception as err:  # noqa: BLE001 -- any load failure is a one-line user error
         raise ConfigError(f"{key}: cannot load '{path}': {_short_reason(err)}") from None
 
@@ -175,8 +177,7 @@ def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | tor
     """
     config = _load_config(model_cfg.path, model_cfg.trust_remote_code)
     extended = apply_extension(config, rope_cfg)
-    attention = resolve_attention(model_cfg.attention, device, getattr(config, "model_type", None))
-    model = _from_pretrained(model_cfg.path, extended, model_cfg, attention, "model.path")
+    model = _from_pretrained(model_cfg.path, extended, model_cfg, device, "model.path")
     model.to(device)
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:
@@ -201,8 +202,7 @@ def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.d
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path:", f"{key}:", 1)) from None
     config.use_cache = False
-    attention = resolve_attention(model_cfg.attention, device, getattr(config, "model_type", None))
-    model = _from_pretrained(path, config, model_cfg, attention, key)
+    model = _from_pretrained(path, config, model_cfg, device, key)
     model.to(device)
     model.config.use_cache = False
     for line in refresh_inv_freq(model):

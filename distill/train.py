@@ -173,9 +173,7 @@ def keep_kernel(optimizer: torch.optim.Optimizer) -> None:
     the checkpoint's param groups (load_state_dict copies their fused / foreach flags); a fused kernel
     wants fp32 `step` tensors on the parameters' device."""
     for group in optimizer.param_groups:
-        for key in ("fused", "foreach"):
-            if key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
         if group.get("fused"):
             for p in group["params"]:
                 state = optimizer.state.get(p, {})
@@ -263,35 +261,33 @@ def micro_batch_losses(student, teacher, teacher_runner, stream_cfg, batch: dict
             [skipped_positions(T, target_length, stream_cfg.positions, gen) for _ in range(B)]).to(input_ids.device)
         student_mask = torch.ones_like(input_ids)
 
+    # One autocast region for the forwards and the objectives: the chunked losses' two large matmuls take
+    # the compute dtype (as the model's own lm_head would) while their reductions stay fp32 (the hidden
+    # cosine upcasts itself). The final hidden state is fp32 under CPU autocast (the residual stream is):
+    # outside autocast those matmuls ran in fp32, 3x slower on a bf16 CPU.
     with autocast():
         # Through the root (FSDP2 gathers embeddings and lm_head there); logits only for the last token.
         # (`forward`: the DeepSpeed engine under ZeRO-3, whose forward prepares its gradient bookkeeping.)
         out = (forward or student)(input_ids=input_ids, position_ids=student_positions, attention_mask=student_mask,
                                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
-    states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
-    # The lm_head weight for the chunked losses (ZeRO-3 keeps a gathered copy from the forward).
-    head = output_weight(student) if output_weight is not None else student.get_output_embeddings().weight
-    sums = {}
-    # The chunked losses run under autocast too: their two large matmuls take the compute dtype (as the
-    # model's own lm_head would), reductions stay fp32. The final hidden state is fp32 under CPU autocast
-    # (the residual stream is), so outside autocast these matmuls ran in fp32: 3x slower on a bf16 CPU.
-    if objectives.lm is not None:
-        with autocast():
+        states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
+        # The lm_head weight for the chunked losses (ZeRO-3 keeps a gathered copy from the forward).
+        head = output_weight(student) if output_weight is not None else student.get_output_embeddings().weight
+        sums = {}
+        if objectives.lm is not None:
             sums["lm"] = lm_loss(states[-1], head, batch["labels"],
                                  chunk_size=objectives.lm.chunk_size, use_liger=objectives.lm.fused)[0]
-    if teacher is not None and objectives.needs_teacher:
-        wanted = sorted(set(layers) | ({num_layers} if objectives.kl is not None else set()))
-        with autocast():
+        if teacher is not None and objectives.needs_teacher:
+            wanted = sorted(set(layers) | ({num_layers} if objectives.kl is not None else set()))
             taught = teacher_runner(input_ids, positions, None, wanted, objectives.kl is not None)
-        if objectives.hidden is not None:
-            sums["hidden"] = hidden_cosine_loss([states[i] for i in layers], [taught[i] for i in layers], real)[0]
-        if objectives.kl is not None:
-            kl = objectives.kl
-            with autocast():
-                sums["kl"] = kl_loss(states[-1], head, taught[num_layers],
-                                     teacher.get_output_embeddings().weight, real, kind=kl.kind,
-                                     temperature=kl.temperature, chunk_size=kl.chunk_size)[0]
-        del taught  # nothing of the teacher outlives its loss
+            if objectives.hidden is not None:
+                sums["hidden"] = hidden_cosine_loss([states[i] for i in layers], [taught[i] for i in layers],
+                                                    real)[0]
+            if objectives.kl is not None:
+                kl = objectives.kl
+                sums["kl"] = kl_loss(states[-1], head, taught[num_layers], teacher.get_output_embeddings().weight,
+                                     real, kind=kl.kind, temperature=kl.temperature, chunk_size=kl.chunk_size)[0]
+            del taught  # nothing of the teacher outlives its loss
     return sums  # the counts come from micro_batch_counts, before any forward
 
 
@@ -528,9 +524,11 @@ def run(cfg: RecipeConfig, return_state: bool = False):
                     local_counts[keys.index((slot.stream, obj))] += n
             fetched.append((slot, batch, real))
         global_counts = procs.all_reduce(local_counts.to(device)).cpu()
-        step_tokens = sum(len(mb.rows) * streams[mb.stream].seq_len for mb in plan)
-        step_flops = [sum(len(mb.rows) * streams[mb.stream].seq_len * flops[mb.stream][k] for mb in plan)
-                      for k in (0, 1)]  # (student training, teacher forward) FLOPs of the whole step
+        slots = {}  # token slots of the whole step (all ranks) per stream
+        for mb in plan:
+            slots[mb.stream] = slots.get(mb.stream, 0) + len(mb.rows) * streams[mb.stream].seq_len
+        step_tokens = sum(slots.values())
+        step_flops = [sum(n * flops[name][k] for name, n in slots.items()) for k in (0, 1)]  # student, teacher
 
         loss_sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # on device: no sync per micro-batch
         for slot, batch, real in fetched:

@@ -38,19 +38,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from distill.cli import Parser, UsageError, number  # noqa: E402
 from distill.config import ConfigError  # noqa: E402
 from distill.data.dataset import STREAM_INFO, DataError  # noqa: E402
 
 logger = logging.getLogger("evaluate")
-
-
-class UsageError(Exception):
-    """A bad command line: reported as one `error:` line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block (argparse's default prints two and exits 2)
-        raise UsageError(message)
 
 
 def int_list(text: str) -> list[int]:
@@ -71,26 +63,6 @@ def depth_list(text: str) -> list[float]:
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
     return values
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
-    return value
 
 
 def stream_dir(path: str, name: str, flag: str) -> str:
@@ -134,21 +106,21 @@ def doubling(original: int, target: int) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the model to evaluate (Hugging Face directory, e.g. runs/<run>/final)")
     p.add_argument("--teacher", help="the original model, for retention figures (KL, hidden cosine, attention KL)")
     p.add_argument("--short-data", required=True, help="held-out short stream (or a built root: uses holdout/short)")
     p.add_argument("--long-data", required=True, help="held-out long stream (or a built root: uses holdout/long)")
-    p.add_argument("--original-length", type=positive_int, help="original context window")
-    p.add_argument("--target-length", type=positive_int, help="extended context window")
+    p.add_argument("--original-length", type=number(int), help="original context window")
+    p.add_argument("--target-length", type=number(int), help="extended context window")
     p.add_argument("--out", help="output directory (default: <model>/eval)")
-    p.add_argument("--max-rows", type=positive_int, default=8, help="rows per held-out stream (default 8)")
-    p.add_argument("--passkey-samples", type=non_negative_int, default=4,
+    p.add_argument("--max-rows", type=number(int), default=8, help="rows per held-out stream (default 8)")
+    p.add_argument("--passkey-samples", type=number(int, strict=False), default=4,
                    help="passkey prompts per (length, depth); 0 skips passkey (default 4)")
     p.add_argument("--lengths", type=int_list, help="passkey context lengths (default: original, 2×, ..., target)")
     p.add_argument("--depths", type=depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
-    p.add_argument("--buckets", type=positive_int, default=16, help="equal-width position buckets (default 16)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="short rows / passkey prompts per forward")
+    p.add_argument("--buckets", type=number(int), default=16, help="equal-width position buckets (default 16)")
+    p.add_argument("--batch-size", type=number(int), default=4, help="short rows / passkey prompts per forward")
     p.add_argument("--seed", type=int, default=0, help="passkey seed")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -185,7 +157,7 @@ def load_tokenizer(candidates: list[str | None]):
 def main(argv: list[str] | None = None) -> int:
     from distill.cli import guarded
 
-    code, _, figures = guarded(build_parser(), evaluate, (UsageError, ConfigError, DataError), argv)
+    code, _, figures = guarded(build_parser(), evaluate, (ConfigError, DataError), argv)
     if code:
         return code
     width = max(len(k) for k in figures) if figures else 0

@@ -20,44 +20,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from distill.cli import Parser, UsageError, number  # noqa: E402
 from distill.config import ConfigError  # noqa: E402
 from distill.data.dataset import STREAM_INFO, DataError  # noqa: E402
 
 
-class UsageError(Exception):
-    """A bad command line: reported as one `error:` line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(message)
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the checkpoint to extend (Hugging Face directory or id)")
     p.add_argument("--teacher", help="the original model (default: --model with its native RoPE)")
     p.add_argument("--rope-method", required=True, choices=["abf", "pi", "yarn", "llama3"])
-    p.add_argument("--rope-theta", type=_positive(float), help="new rope theta (abf)")
-    p.add_argument("--target-length", type=_positive(int), required=True, help="extended context length")
-    p.add_argument("--factor", type=_positive(float), help="scaling factor (pi / yarn / llama3; default target/original)")
-    p.add_argument("--original-length", type=_positive(int), help="original window (default: from the checkpoint)")
+    p.add_argument("--rope-theta", type=number(float), help="new rope theta (abf)")
+    p.add_argument("--target-length", type=number(int), required=True, help="extended context length")
+    p.add_argument("--factor", type=number(float), help="scaling factor (pi / yarn / llama3; default target/original)")
+    p.add_argument("--original-length", type=number(int), help="original window (default: from the checkpoint)")
     p.add_argument("--data", required=True, help="a built short stream (e.g. data/built/<name>/holdout/short)")
-    p.add_argument("--top-k", type=_positive(int), required=True, help="layers to keep besides the last (paper: 6 at 32K)")
-    p.add_argument("--rows", type=_positive(int), default=4, help="sample documents (default 4)")
-    p.add_argument("--tokens", type=_positive(int), default=1024, help="tokens per sample document (default 1024)")
+    p.add_argument("--top-k", type=number(int), required=True, help="layers to keep besides the last (paper: 6 at 32K)")
+    p.add_argument("--rows", type=number(int), default=4, help="sample documents (default 4)")
+    p.add_argument("--tokens", type=number(int), default=1024, help="tokens per sample document (default 1024)")
     p.add_argument("--out", help="also write the YAML snippet to this file")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -107,7 +87,7 @@ def format_report(result: dict) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     from distill.cli import guarded
 
-    code, args, result = guarded(build_parser(), select, (UsageError, ConfigError, DataError), argv)
+    code, args, result = guarded(build_parser(), select, (ConfigError, DataError), argv)
     if code:
         return code
     table, snippet = format_report(result)

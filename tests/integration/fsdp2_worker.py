@@ -190,28 +190,47 @@ def train(model_dir: str, out: str, steps: int, save_at: int = 0, resume: str | 
     return result
 
 
+def teacher_diffs(plain, sharded, layer_lists) -> dict[str, float]:
+    """Max |difference| of TruncatedTeacher's hidden states, sharded vs plain, per requested layer list
+    (one runner per side, reused across the lists as the trainer reuses it)."""
+    from distill.models import TruncatedTeacher
+
+    batch = batch_of(plan_of(7)[0], plain.config.vocab_size)
+    runner_plain, runner = TruncatedTeacher(plain), TruncatedTeacher(sharded)
+    diffs = {}
+    for layers in layer_lists:
+        want = runner_plain(batch["input_ids"], batch["position_ids"], None, layers)
+        got = runner(batch["input_ids"], batch["position_ids"], None, layers)
+        diffs[str(layers)] = max((got[i] - want[i]).abs().max().item() for i in layers) if \
+            got.keys() == want.keys() else float("inf")
+    return diffs
+
+
 def check_teacher(model_dir: str, out: str, mesh) -> None:
     """Max |difference| of TruncatedTeacher's hidden states, sharded vs unsharded, per requested depth."""
     import torch.distributed as dist
 
     from distill import parallel
     from distill.config import ModelConfig
-    from distill.models import TruncatedTeacher, load_teacher
+    from distill.models import load_teacher
 
     model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto")
     plain = load_teacher(model_dir, model_cfg)
     sharded = parallel.shard_teacher(load_teacher(model_dir, model_cfg), mesh)
-    mb = plan_of(7)[0]
-    batch = batch_of(mb, plain.config.vocab_size)
-    diffs = {}
-    for layers in ([0], [1], [1, 2], [2]):
-        want = TruncatedTeacher(plain)(batch["input_ids"], batch["position_ids"], None, layers)
-        got = TruncatedTeacher(sharded)(batch["input_ids"], batch["position_ids"], None, layers)
-        diffs[str(layers)] = max((got[i] - want[i]).abs().max().item() for i in layers) if \
-            got.keys() == want.keys() else float("inf")
+    diffs = teacher_diffs(plain, sharded, ([0], [1], [1, 2], [2]))
     if dist.get_rank() == 0:
         with open(os.path.join(out, "teacher.json"), "w", encoding="utf-8") as f:
             json.dump(diffs, f)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The workers' command line: MODEL OUT [--steps N] [--save-at K]."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--save-at", type=int, default=2)
+    return parser.parse_args(argv)
 
 
 def main() -> None:
@@ -222,12 +241,7 @@ def main() -> None:
     gradients reduced once per step (set_requires_gradient_sync); OUT/checkpointing: like OUT/fsdp2 with
     activation checkpointing in the student's layers. Without torchrun: one unsharded run.
     """
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("out")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--save-at", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_args()
 
     import torch.distributed as dist
 

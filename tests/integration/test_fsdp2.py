@@ -124,6 +124,51 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def _weights(run_dir):
+    return load_file(os.path.join(run_dir, "model.safetensors"))
+
+
+def _optim(run_dir):
+    return torch.load(os.path.join(run_dir, "optimizer.pt"), weights_only=True)
+
+
+def _assert_optimizer_close(got: dict, want: dict) -> None:
+    """Same param ids, order and hyper-parameters, same steps; moments within 1e-4 of their scale (the
+    summation order of a sharded run differs: a few cancelling embedding-gradient sums differ at ~1e-9)."""
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys() and len(want["state"]) > 0
+    for pid, entry in want["state"].items():
+        assert torch.equal(got["state"][pid]["step"], entry["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert got["state"][pid][key].shape == entry[key].shape
+            scale = entry[key].abs().max().item()
+            torch.testing.assert_close(got["state"][pid][key], entry[key], rtol=1e-4, atol=1e-4 * scale)
+
+
+def _assert_trained_like(run_dir, reference_dir, init_dir) -> None:
+    """Weights within 1e-5 of the unsharded reference run's (which moved away from the initial weights),
+    optimiser state close to its."""
+    w1, w2 = _weights(reference_dir), _weights(run_dir)
+    assert _max_diff(w2, w1) < 1e-5
+    w0 = _weights(init_dir)
+    assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-4  # training moved the weights
+    _assert_optimizer_close(_optim(run_dir), _optim(reference_dir))
+
+
+def _assert_resumed_identical(first_dir, resumed_dir) -> None:
+    """A sharded run resumed from the first run's checkpoint: the same later losses and norms, and
+    bit-identical weights and optimiser state after the step that follows the resume."""
+    first, resumed = _result(first_dir), _result(resumed_dir)
+    assert resumed["roundtrip_model"] and resumed["roundtrip_optimizer"]  # load then gather = the files
+    assert resumed["loss"] == first["loss"][SAVE_AT:]
+    assert resumed["grad_norm"] == first["grad_norm"][SAVE_AT:]
+    a, b = _weights(first_dir), _weights(resumed_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = _optim(first_dir), _optim(resumed_dir)
+    assert oa["param_groups"] == ob["param_groups"] and len(oa["state"]) > 0
+    assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) for i in oa["state"] for k in oa["state"][i])
+
+
 @pytest.mark.slow
 def test_fsdp2_matches_one_process(runs, tiny_llama):
     one, two = _result(runs["single"]), _result(runs["fsdp2"])
@@ -131,46 +176,19 @@ def test_fsdp2_matches_one_process(runs, tiny_llama):
     _close_rel(two["loss"], one["loss"])
     _close_rel(two["grad_norm"], one["grad_norm"])  # summed (not averaged) gradients; DTensor clip
     assert max(one["grad_norm"]) > worker.MAX_NORM  # clipping was exercised
-    w1, w2 = load_file(os.path.join(runs["single"], "model.safetensors")), \
-        load_file(os.path.join(runs["fsdp2"], "model.safetensors"))
-    assert _max_diff(w2, w1) < 1e-5
-    w0 = load_file(os.path.join(tiny_llama, "model.safetensors"))
-    assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-4  # training moved the weights
-    o1 = torch.load(os.path.join(runs["single"], "optimizer.pt"), weights_only=True)
-    o2 = torch.load(os.path.join(runs["fsdp2"], "optimizer.pt"), weights_only=True)
-    assert o2["param_groups"] == o1["param_groups"]  # same ids, order and hyper-parameters
-    assert o2["state"].keys() == o1["state"].keys()
-    for pid, entry in o1["state"].items():
-        assert torch.equal(o2["state"][pid]["step"], entry["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert o2["state"][pid][key].shape == entry[key].shape
-            # Summation order differs: a few cancelling embedding-gradient sums differ at ~1e-9 absolute.
-            scale = entry[key].abs().max().item()
-            torch.testing.assert_close(o2["state"][pid][key], entry[key], rtol=1e-4, atol=1e-4 * scale)
+    _assert_trained_like(runs["fsdp2"], runs["single"], tiny_llama)
 
 
 @pytest.mark.slow
 def test_fsdp2_resume_is_bit_identical(runs):
-    first, resumed = _result(runs["fsdp2"]), _result(runs["resumed"])
-    assert resumed["roundtrip_model"] and resumed["roundtrip_optimizer"]  # load then gather = the files
-    assert resumed["loss"] == first["loss"][SAVE_AT:]
-    assert resumed["grad_norm"] == first["grad_norm"][SAVE_AT:]
-    a, b = load_file(os.path.join(runs["fsdp2"], "model.safetensors")), \
-        load_file(os.path.join(runs["resumed"], "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    oa = torch.load(os.path.join(runs["fsdp2"], "optimizer.pt"), weights_only=True)
-    ob = torch.load(os.path.join(runs["resumed"], "optimizer.pt"), weights_only=True)
-    assert oa["param_groups"] == ob["param_groups"]
-    assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) for i in oa["state"] for k in oa["state"][i])
+    _assert_resumed_identical(runs["fsdp2"], runs["resumed"])
 
 
 @pytest.mark.slow
 def test_fsdp2_checkpoint_resumes_in_one_process(runs):
     two, one = _result(runs["fsdp2"]), _result(runs["single_from_fsdp2"])
     _close_rel(one["loss"], two["loss"][SAVE_AT:])
-    a, b = load_file(os.path.join(runs["fsdp2"], "model.safetensors")), \
-        load_file(os.path.join(runs["single_from_fsdp2"], "model.safetensors"))
-    assert _max_diff(b, a) < 1e-5
+    assert _max_diff(_weights(runs["single_from_fsdp2"]), _weights(runs["fsdp2"])) < 1e-5
 
 
 @pytest.mark.slow
@@ -178,9 +196,7 @@ def test_fsdp2_deferred_gradient_sync_matches(runs):
     one, deferred = _result(runs["single"]), _result(runs["deferred"])
     _close_rel(deferred["loss"], one["loss"])
     _close_rel(deferred["grad_norm"], one["grad_norm"])
-    a, b = load_file(os.path.join(runs["single"], "model.safetensors")), \
-        load_file(os.path.join(runs["deferred"], "model.safetensors"))
-    assert _max_diff(b, a) < 1e-5
+    assert _max_diff(_weights(runs["deferred"]), _weights(runs["single"])) < 1e-5
 
 
 @pytest.mark.slow

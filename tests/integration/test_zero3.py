@@ -11,15 +11,23 @@ import os
 import sys
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from distill.zero3 import ds_config, zero3_requested
 from tests.integration import fsdp2_worker as reference
-from tests.integration.test_fsdp2 import _close_rel, _max_diff, _result, launch_with_retry
+from tests.integration.test_fsdp2 import (
+    SAVE_AT,
+    STEPS,
+    _assert_resumed_identical,
+    _assert_trained_like,
+    _close_rel,
+    _max_diff,
+    _optim,
+    _result,
+    _weights,
+    launch_with_retry,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS, SAVE_AT = 3, 2
 
 
 def test_zero3_requested_reads_the_launcher_environment(monkeypatch):
@@ -74,10 +82,6 @@ def runs(tiny_llama, tmp_path_factory):
     return dirs
 
 
-def _optim(path):
-    return torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
-
-
 @pytest.mark.slow
 def test_zero3_matches_one_process(runs, tiny_llama):
     one, two = _result(runs["single"]), _result(runs["zero3"])
@@ -86,43 +90,19 @@ def test_zero3_matches_one_process(runs, tiny_llama):
     _close_rel(two["grad_norm"], one["grad_norm"])  # summed (not averaged) gradients, norm before the step
     _close_rel(two["ds_grad_norm"], two["grad_norm"], rtol=1e-9)  # = DeepSpeed's own norm after the step
     assert max(one["grad_norm"]) > reference.MAX_NORM  # DeepSpeed's clipping was exercised
-    w1, w2 = load_file(os.path.join(runs["single"], "model.safetensors")), \
-        load_file(os.path.join(runs["zero3"], "model.safetensors"))
-    assert _max_diff(w2, w1) < 1e-5
-    w0 = load_file(os.path.join(tiny_llama, "model.safetensors"))
-    assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-4  # training moved the weights
-    o1, o2 = _optim(runs["single"]), _optim(runs["zero3"])
-    assert o2["param_groups"] == o1["param_groups"]  # same ids, order and hyper-parameters
-    assert o2["state"].keys() == o1["state"].keys() and len(o1["state"]) > 0
-    for pid, entry in o1["state"].items():
-        assert torch.equal(o2["state"][pid]["step"], entry["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert o2["state"][pid][key].shape == entry[key].shape
-            scale = entry[key].abs().max().item()
-            torch.testing.assert_close(o2["state"][pid][key], entry[key], rtol=1e-4, atol=1e-4 * scale)
+    _assert_trained_like(runs["zero3"], runs["single"], tiny_llama)
 
 
 @pytest.mark.slow
 def test_zero3_resume_is_bit_identical(runs):
-    first, resumed = _result(runs["zero3"]), _result(runs["resumed"])
-    assert resumed["roundtrip_model"] and resumed["roundtrip_optimizer"]  # load then gather = the files
-    assert resumed["loss"] == first["loss"][SAVE_AT:]
-    assert resumed["grad_norm"] == first["grad_norm"][SAVE_AT:]
-    a, b = load_file(os.path.join(runs["zero3"], "model.safetensors")), \
-        load_file(os.path.join(runs["resumed"], "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the step after resuming too
-    oa, ob = _optim(runs["zero3"]), _optim(runs["resumed"])
-    assert oa["param_groups"] == ob["param_groups"] and len(oa["state"]) > 0
-    assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) for i in oa["state"] for k in oa["state"][i])
+    _assert_resumed_identical(runs["zero3"], runs["resumed"])
 
 
 @pytest.mark.slow
 def test_zero3_checkpoint_resumes_in_one_process(runs):
     two, one = _result(runs["zero3"]), _result(runs["single_from_zero3"])
     _close_rel(one["loss"], two["loss"][SAVE_AT:])
-    a, b = load_file(os.path.join(runs["zero3"], "model.safetensors")), \
-        load_file(os.path.join(runs["single_from_zero3"], "model.safetensors"))
-    assert _max_diff(b, a) < 1e-5
+    assert _max_diff(_weights(runs["single_from_zero3"]), _weights(runs["zero3"])) < 1e-5
 
 
 @pytest.mark.slow

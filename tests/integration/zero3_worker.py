@@ -13,13 +13,20 @@ OUT_DIR/<run>/{result.json, model.safetensors, optimizer.pt} (full state dicts, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
-from tests.integration.fsdp2_worker import MAX_NORM, STREAMS, batch_of, counts_of, plan_of
+from tests.integration.fsdp2_worker import (
+    MAX_NORM,
+    STREAMS,
+    batch_of,
+    counts_of,
+    parse_args,
+    plan_of,
+    teacher_diffs,
+)
 
 PERSIST = 0  # partition every parameter (the default threshold would keep the tiny model's lm_head whole)
 
@@ -141,33 +148,20 @@ def check_teacher(model_dir: str, out: str) -> None:
 
     from distill import zero3
     from distill.config import ModelConfig
-    from distill.models import TruncatedTeacher, load_teacher
+    from distill.models import load_teacher
 
     model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto")
     plain = load_teacher(model_dir, model_cfg)
     sharded = zero3.shard_teacher(load_teacher(model_dir, model_cfg), persistence_threshold=PERSIST)
     partitioned = all(p.numel() == 0 for p in sharded.model.layers.parameters())
-    mb = plan_of(7)[0]
-    batch = batch_of(mb, plain.config.vocab_size)
-    diffs = {}
-    runner_plain, runner = TruncatedTeacher(plain), TruncatedTeacher(sharded)
-    for layers in ([0], [1], [1, 2], [2], [1]):  # back to a truncated depth after the full one
-        want = runner_plain(batch["input_ids"], batch["position_ids"], None, layers)
-        got = runner(batch["input_ids"], batch["position_ids"], None, layers)
-        diffs[str(layers)] = max((got[i] - want[i]).abs().max().item() for i in layers) if \
-            got.keys() == want.keys() else float("inf")
+    diffs = teacher_diffs(plain, sharded, ([0], [1], [1, 2], [2], [1]))  # back to a truncated depth after the full one
     if dist.get_rank() == 0:
         with open(os.path.join(out, "teacher.json"), "w", encoding="utf-8") as f:
             json.dump({"diffs": diffs, "partitioned": partitioned}, f)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("out")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--save-at", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_args()
 
     import torch.distributed as dist
 
