@@ -249,7 +249,7 @@ def our_inv_freq(rope_parameters: dict, head_dim: int) -> tuple[torch.Tensor, fl
 # ----------------------------------------------------------------------------------------------------------
 
 CREAM_STD = 5.0
-"""Standard deviation of CREAM's truncated normal over the middle's stretch r (mean 1 + f)."""
+"""Standard deviation of the normal CREAM draws the middle's stretch r from (mean 1 + f)."""
 
 
 def _uniform_int(low: int, high: int, generator: torch.Generator) -> int:
@@ -261,17 +261,29 @@ def _uniform_float(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator, dtype=torch.float64).item())
 
 
-def truncated_normal(mean: float, std: float, low: float, high: float, generator: torch.Generator) -> float:
-    """One draw of N(mean, std²) truncated to [low, high] by inverse CDF: Φ⁻¹(U[Φ(a), Φ(b)])."""
-
-    def cdf(x: float) -> float:
-        return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
-
-    p_low, p_high = cdf(low), cdf(high)
-    p = p_low + (p_high - p_low) * _uniform_float(generator)
+def _normal_quantile(p: float) -> float:
+    """Φ⁻¹(p) of the standard normal, p in (0, 1)."""
     p = min(max(p, 1e-12), 1 - 1e-12)
-    z = torch.special.erfinv(torch.tensor(2.0 * p - 1.0, dtype=torch.float64)).item() * math.sqrt(2.0)
-    return min(max(mean + std * z, low), high)
+    return torch.special.erfinv(torch.tensor(2.0 * p - 1.0, dtype=torch.float64)).item() * math.sqrt(2.0)
+
+
+def cream_stretch(factor: float, generator: torch.Generator) -> int:
+    """CREAM's stretch r of the middle block, drawn as the reference code draws it.
+
+    The reference (CREAM's and LongReD's training scripts) maps u ~ U[0, 1) through an UNNORMALISED normal
+    CDF tabulated on [2, 2f] (`np.interp(u, Φ((x − μ)/σ), x)`, μ = 1 + f, σ = 5) and casts to int. np.interp
+    clamps outside the table, so the draw is a normal CLAMPED to [2, 2f], not a truncated one: at f = 4
+    about 35% of draws give r = 2 and 27% give r = 2f, the only stretch whose middle block can reach the end
+    of the target window. We compute the same quantile exactly: r = int(clamp(μ + σ·Φ⁻¹(u), 2, 2f)).
+
+    Args:
+        factor: f = target / original.
+
+    Returns:
+        r, an integer in [2, int(2f)].
+    """
+    x = 1.0 + factor + CREAM_STD * _normal_quantile(_uniform_float(generator))
+    return int(min(max(x, 2.0), 2.0 * factor))
 
 
 def skipped_positions(
@@ -283,8 +295,8 @@ def skipped_positions(
     f = target / T0). The head keeps positions 0..head−1, the tail ends at target−1, the middle is one
     contiguous block ending at end_id:
     - uniform: end_id ~ U[T0 − tail, target − tail − 1];
-    - cream: r ~ N(1 + f, 5²) truncated to [2, 2f] (cast to int), end_id ~ U[head + (len_middle−1)·r/2,
-      r/2·T0 − tail − 1], clamped to the valid range.
+    - cream: r ~ N(1 + f, 5²) clamped to [2, 2f] and cast to int, as the reference draws it
+      (`cream_stretch`), end_id ~ U[head + (len_middle−1)·r/2, r/2·T0 − tail − 1], clamped to the valid range.
 
     Args:
         original: T0, the number of tokens (the teacher's window).
@@ -316,7 +328,7 @@ def skipped_positions(
     if method == "uniform":
         end_id = _uniform_int(original - tail, highest, generator)  # original − tail ≤ highest as target > T0
     else:
-        r = int(truncated_normal(1.0 + f, CREAM_STD, 2.0, 2.0 * f, generator))
+        r = cream_stretch(f, generator)
         low = math.ceil(head + (middle - 1) * r / 2)
         high = math.floor(r / 2 * original - tail - 1)
         low = min(max(low, lowest), highest)

@@ -9,13 +9,14 @@ import torch
 from distill.config import ConfigError, RopeConfig
 from distill.rope import (
     apply_extension,
+    cream_stretch,
+
     extended_rope_parameters,
     head_dim,
     inv_freq,
     original_length,
     our_inv_freq,
     skipped_positions,
-    truncated_normal,
 )
 from distill.testing import tiny_config
 
@@ -216,28 +217,33 @@ def test_skipped_positions_distribution_uniform():
         assert e.std().item() == pytest.approx((high - low) / math.sqrt(12), rel=0.08)
 
 
-def test_truncated_normal_matches_analytic_moments():
+def test_cream_stretch_is_clamped_like_the_reference():
+    """r = int(clamp(N(1+f, 5), 2, 2f)), as the reference's np.interp over an unnormalised CDF gives: at f = 4
+    Φ(-0.4) ≈ 34.5% of draws at r = 2 and 1 − Φ(0.6) ≈ 27.4% at r = 2f (a truncated normal gives ~0 there)."""
     gen = torch.Generator().manual_seed(0)
-    mean, std, a, b = 5.0, 5.0, 2.0, 8.0
-    x = torch.tensor([truncated_normal(mean, std, a, b, gen) for _ in range(20000)], dtype=torch.float64)
-    assert x.min() >= a and x.max() <= b
-    alpha, beta = (a - mean) / std, (b - mean) / std
+    n = 20000
+    r = [cream_stretch(4.0, gen) for _ in range(n)]
+    assert set(r) <= set(range(2, 9))
+    assert r.count(2) / n == pytest.approx(0.3446, abs=0.015)
+    assert r.count(8) / n == pytest.approx(0.2743, abs=0.015)
+    # The interior follows the normal's quantiles: P(r = 5) = Φ(0.2) − Φ(0).
+    assert r.count(5) / n == pytest.approx(0.0793, abs=0.01)
 
-    def pdf(z):
-        return math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
 
-    def cdf(z):
-        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
-
-    want = mean + std * (pdf(alpha) - pdf(beta)) / (cdf(beta) - cdf(alpha))
-    assert x.mean().item() == pytest.approx(want, abs=0.03)
-    # Far in the tail the inverse CDF still lands in range.
-    y = truncated_normal(0.0, 1.0, 6.0, 7.0, gen)
-    assert 6.0 <= y <= 7.0
+def test_cream_middle_reaches_the_end_of_a_32k_target():
+    """At 8K → 32K the middle block of about 27% × ½ of rows (r = 2f, head = 4f) ends in the last 5%."""
+    original, target = 8192, 32768
+    gen = torch.Generator().manual_seed(3)
+    ends = []
+    for _ in range(400):
+        head, end = _split(skipped_positions(original, target, "cream", gen), original, target)
+        ends.append(end)
+    late = sum(end >= 0.95 * target for end in ends) / len(ends)
+    assert 0.07 < late < 0.21, late
 
 
 def test_skipped_positions_distribution_cream():
-    """CREAM puts the middle nearer the start than uniform does (r ~ N(1+f, 5) truncated to [2, 2f])."""
+    """CREAM puts the middle nearer the start than uniform does (r ~ N(1+f, 5) clamped to [2, 2f])."""
     original, target = 300, 1200
     gen = torch.Generator().manual_seed(1)
     cream, uniform = [], []
