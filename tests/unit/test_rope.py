@@ -10,7 +10,6 @@ from distill.config import ConfigError, RopeConfig
 from distill.rope import (
     apply_extension,
     cream_stretch,
-
     extended_rope_parameters,
     head_dim,
     inv_freq,
