@@ -609,6 +609,11 @@ class RecipeConfig:
         fixed = [s.share for s in self.streams.values() if isinstance(s.share, float)]
         if len(fixed) == len(self.streams):
             check(sum(fixed) > 0, "streams", "stream shares sum to 0; at least one share must be positive")
+        from distill.schedules import check_lr_schedule  # schedules imports this module
+
+        problem = check_lr_schedule(self.optim.schedule, self.train.max_steps)
+        if problem is not None:
+            raise ConfigError(problem)
 
     @property
     def needs_teacher(self) -> bool:

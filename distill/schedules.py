@@ -44,10 +44,27 @@ def _cosine_lr(step: int, base_lr: float, cfg: ScheduleConfig, total: int) -> fl
 
 
 def wsd_decay_steps(cfg: ScheduleConfig, total: int) -> int:
-    """Length of the WSD cooldown: cfg.decay_steps, or 20% of the horizon (at least one step)."""
+    """Length of the WSD cooldown: cfg.decay_steps, or 20% of the horizon, at most the steps after warm-up
+    (so the LR reaches its floor at `total`; an explicit decay_steps longer than that is refused when the
+    recipe loads, see `check_lr_schedule`), and at least one step."""
     if cfg.decay_steps is not None:
         return max(1, cfg.decay_steps)
-    return max(1, round(0.2 * total))
+    return max(1, min(round(0.2 * total), total - cfg.warmup_steps))
+
+
+def check_lr_schedule(cfg: ScheduleConfig, max_steps: int) -> str | None:
+    """Why the schedule cannot reach its floor by the end of its horizon (a one-line reason naming the
+    key), or None. Cosine and WSD need steps after warm-up; WSD's decay must fit in them."""
+    total = cfg.total_steps if cfg.total_steps is not None else max_steps
+    horizon = "optim.schedule.total_steps" if cfg.total_steps is not None else "train.max_steps"
+    if cfg.name in ("cosine", "wsd") and cfg.warmup_steps >= total:
+        return (f"optim.schedule.warmup_steps: {cfg.warmup_steps} leaves no step to decay in ({horizon} is "
+                f"{total}); allowed: fewer than {total}")
+    if cfg.name == "wsd" and cfg.decay_steps is not None and cfg.decay_steps > total - cfg.warmup_steps:
+        return (f"optim.schedule.decay_steps: {cfg.decay_steps} does not fit after the warm-up "
+                f"({horizon} {total} − warmup_steps {cfg.warmup_steps} = {total - cfg.warmup_steps}); the LR "
+                f"would not reach its floor; allowed: 1..{total - cfg.warmup_steps}")
+    return None
 
 
 def _wsd_lr(step: int, base_lr: float, cfg: ScheduleConfig, total: int) -> float:

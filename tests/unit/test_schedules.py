@@ -8,7 +8,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from distill.config import ConfigError, ScheduleConfig, ShareScheduleConfig, from_dict
-from distill.schedules import lr_at, share_at, wsd_decay_steps
+from distill.schedules import check_lr_schedule, lr_at, share_at, wsd_decay_steps
 
 BASE = 1e-3
 
@@ -77,6 +77,34 @@ def test_wsd_shapes_order_and_explicit_decay_steps():
     assert lr_at(30, BASE, cfg, 1000) == pytest.approx(BASE)
     assert lr_at(45, BASE, cfg, 1000) == pytest.approx(BASE / 2)
     assert lr_at(60, BASE, cfg, 1000) == 0.0
+
+
+@pytest.mark.parametrize("warmup,total", [(0, 10), (10, 100), (90, 100), (99, 100), (0, 1), (3, 4)])
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_wsd_reaches_its_floor_at_the_end_whatever_the_warmup(warmup, total, shape):
+    """The default decay (20% of the horizon) is cut to the steps after warm-up: with warm-up 90 of 100 it
+    used to start at 90 and last 20 steps, ending half-way at step 100."""
+    cfg = _cfg(name="wsd", warmup_steps=warmup, decay_shape=shape, min_lr_ratio=0.1)
+    assert check_lr_schedule(cfg, total) is None
+    assert lr_at(total, BASE, cfg, total) == pytest.approx(0.1 * BASE)
+    assert lr_at(total - 1, BASE, cfg, total) > 0.1 * BASE
+
+
+def test_schedules_that_cannot_reach_their_floor_are_refused(tmp_path):
+    from distill.config import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {path: m}\nrope: {method: abf, theta: 1.0e6, target_length: 1024}\n"
+                      "streams: {long: {data: d, objectives: {lm: 1.0}}}\ntrain: {max_steps: 100}\n")
+    with pytest.raises(ConfigError, match=r"optim.schedule.decay_steps: 95 does not fit after the warm-up "
+                                          r"\(train.max_steps 100 − warmup_steps 10 = 90\)"):
+        load_recipe(str(recipe), ["optim.schedule.name=wsd", "optim.schedule.warmup_steps=10",
+                                  "optim.schedule.decay_steps=95"])
+    with pytest.raises(ConfigError, match="optim.schedule.warmup_steps: 100 leaves no step to decay"):
+        load_recipe(str(recipe), ["optim.schedule.name=cosine", "optim.schedule.warmup_steps=100"])
+    cfg = load_recipe(str(recipe), ["optim.schedule.name=wsd", "optim.schedule.warmup_steps=10",
+                                    "optim.schedule.decay_steps=90"])
+    assert lr_at(100, BASE, cfg.optim.schedule, 100) == 0.0
 
 
 def test_infinite_schedule_phases():
