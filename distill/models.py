@@ -557,21 +557,57 @@ def teacher_hidden(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def export(model, tokenizer, out_dir: str, state_dict: dict | None = None) -> str:
+def legacy_rope_fields(rope_parameters: dict) -> dict:
+    """The pre-5.0 spelling of a `rope_parameters` dict: {"rope_theta", "rope_scaling"}.
+
+    transformers 4.x (and the serving and conversion tools pinned to it) read only `rope_theta` and
+    `rope_scaling`; without them an exported model loads SILENTLY with the architecture's default θ and no
+    scaling. `rope_scaling` is None for a plain (ABF) RoPE, else every key but rope_theta ("rope_type"
+    included, which 4.x reads before its older name "type"; transformers 5 merges rope_scaling into
+    rope_parameters on load, so an extra "type" key would change the reloaded dict)."""
+    params = dict(rope_parameters)
+    theta = params.pop("rope_theta")
+    kind = params.get("rope_type", "default")
+    scaling = None if kind == "default" and len(params) <= 1 else params
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def export(model, tokenizer, out_dir: str, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> str:
     """Save a Hugging Face model directory (safetensors, config with the extended RoPE, tokenizer).
 
     The exported config has use_cache True (for generation); training code loads it with use_cache False.
+    It records the weights' dtype (a bf16 export loads as bf16 by default, not as fp32 at twice the memory)
+    and carries the legacy `rope_theta` / `rope_scaling` fields beside `rope_parameters`
+    (`legacy_rope_fields`), so readers that predate `rope_parameters` get the extended RoPE too.
 
     Args:
         state_dict: a full state dict gathered from a sharded model (FSDP2/ZeRO-3); None uses `model`'s own.
+        dtype: the dtype the weights are written in (cast here); None keeps the tensors' own.
     """
+    import json
+
     os.makedirs(out_dir, exist_ok=True)
-    previous = model.config.use_cache
+    source = state_dict if state_dict is not None else model.state_dict()
+    if dtype is not None:
+        source = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in source.items()}
+    floating = [v.dtype for v in source.values() if v.is_floating_point()]
+    saved_dtype = floating[0] if floating else torch.float32
+    previous = model.config.use_cache, model.config.dtype
     model.config.use_cache = True
+    model.config.dtype = saved_dtype
     try:
-        model.save_pretrained(out_dir, state_dict=state_dict)
+        model.save_pretrained(out_dir, state_dict=source)
     finally:
-        model.config.use_cache = previous
+        model.config.use_cache, model.config.dtype = previous
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("rope_parameters"):
+        config.update(legacy_rope_fields(config["rope_parameters"]))
+    config["torch_dtype"] = config["dtype"] = str(saved_dtype).removeprefix("torch.")  # 4.x read torch_dtype
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -261,6 +261,56 @@ def test_export_round_trip(tiny_llama, tmp_path, method):
     assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(tiny_llama))
 
 
+def _rope_as_transformers_4_reads_it(config_json: dict) -> dict:
+    """The RoPE a transformers 4.x reader builds from config.json: it knows only `rope_theta` (LlamaConfig's
+    default 10000.0 when absent) and `rope_scaling` (None when absent; its type under "rope_type" or "type")."""
+    scaling = dict(config_json.get("rope_scaling") or {})
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    return {**scaling, "rope_type": kind, "rope_theta": float(config_json.get("rope_theta", 10000.0))}
+
+
+@pytest.mark.parametrize("method", ["abf", "pi", "yarn", "llama3"])
+def test_export_is_read_with_the_extended_rope_by_legacy_readers(tiny_llama, tmp_path, method):
+    """A 4.x reader (serving and conversion tools pinned to it) sees the extended RoPE, not the default one."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    student = load_student(_cfg(tiny_llama), RECIPES[method])
+    out = export(student, None, str(tmp_path / "final"))
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    legacy = _rope_as_transformers_4_reads_it(config)
+    dim = head_dim(student.config)
+    want, want_scale = our_inv_freq(dict(student.config.rope_parameters), dim)
+    got, got_scale = our_inv_freq(legacy, dim)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert got_scale == pytest.approx(want_scale)
+    torch.testing.assert_close(got, rotary_embedding(student).inv_freq, rtol=1e-6, atol=0)
+    # transformers 5 still reads rope_parameters, unchanged by the legacy fields beside it.
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.rope_parameters == student.config.rope_parameters
+    torch.testing.assert_close(rotary_embedding(reloaded).inv_freq, rotary_embedding(student).inv_freq)
+
+
+def test_export_records_its_dtype(tiny_llama, tmp_path):
+    """fp32 master weights exported in bf16 load as bf16 by default (not fp32, twice the memory)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    student = load_student(_cfg(tiny_llama), RECIPES["abf"])
+    out = export(student, None, str(tmp_path / "final"), dtype=torch.bfloat16)
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    assert student.config.dtype == torch.float32  # the training model keeps its own
+    assert next(student.parameters()).dtype == torch.float32
+
+
 def test_bad_model_path_is_a_config_error(tmp_path):
     with pytest.raises(
         ConfigError, match=r"^model\.path: cannot load '/nonexistent/model': no such directory"
