@@ -8,10 +8,11 @@ Everything is offline and built through the library's own entry points, as a use
   - packed streams built from standard-library files by `distill.data.build`,
   - recipes as dicts turned into `RecipeConfig`s by `distill.config.from_dict` and run by `distill.train.run`.
 
-`StepProfiler` times the parts of the real training loop (no copy of the loop): it wraps, for the duration
-of one `run`, the stream reader, the student's decoder forward, the teacher runner, the objectives, the
-backward, gradient clipping and the optimiser step, and closes a step each time the loop writes its
-metrics line. CPU work is synchronous, so wall-clock timers around a call measure that call.
+`StepProfiler` times the parts of the real training loop through the spans the step itself exposes
+(`distill.step.Spans`, passed to `distill.train.run(cfg, spans=...)`): data fetch, student forward, teacher
+forward, objectives, backward, gradient reduction and clipping, optimiser step; it closes a step when the
+loop hands it the step's metrics record. Nothing of the library is patched. CPU work is synchronous, so
+wall-clock timers around a span measure that span.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from distill.step import Spans  # noqa: E402  (after the environment above: it imports torch)
 
 # The tiny model every benchmark trains (about 6.8M parameters with the 5000-token vocabulary).
 VOCAB = 5000
@@ -189,14 +192,15 @@ def recipe(ws: Workspace, out_dir: str, streams: dict, tokens_per_step: int, ste
 
 
 PARTS = ("data", "student_forward", "teacher_forward", "loss", "backward", "clip_grad", "optimizer")
+FORWARD = ("student_forward", "teacher_forward", "loss")  # a micro-batch's forward: student + teacher + loss
 
 
-class StepProfiler:
-    """Times the parts of `distill.train.run`'s steps by wrapping what the loop calls, for one run.
+class StepProfiler(Spans):
+    """Records the step's spans (`distill.step.Spans`) per step.
 
-    Per step: wall time between consecutive metrics lines (the whole step, logging included), the loop's
-    own `tokens_per_s`, seconds in each of PARTS (`other` = the rest: planning, counting, zero_grad,
-    metrics), and per stream the micro-batch forward (student + teacher + loss) and backward seconds.
+    Per step: wall time between consecutive metrics records (the whole step, logging included), the loop's
+    own `tokens_per_s`, seconds in each of PARTS (`other` = the rest: planning, counting, metrics), and per
+    stream the micro-batch forward (student + teacher + loss) and backward seconds, wall and process CPU.
     `loss` is the objectives' forward only; their backward is inside `backward`.
     """
 
@@ -204,159 +208,54 @@ class StepProfiler:
         self.steps: list[dict] = []
         self._parts = defaultdict(float)
         self._streams = defaultdict(lambda: defaultdict(float))
-        self._stream = None
-        self._names: dict[int, str] = {}
-        self._last = self._last_cpu = None
+        self._last, self._last_cpu = time.perf_counter(), time.process_time()
 
-    # -- accounting --------------------------------------------------------------------------------
-    def _add(self, part: str, seconds: float) -> None:
-        self._parts[part] += seconds
+    @contextlib.contextmanager
+    def _span(self, name: str, stream: str | None):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            self._parts[name] += wall
+            if stream is not None and name in FORWARD + ("backward",):
+                per = self._streams[stream]
+                kind = "backward" if name == "backward" else "forward"
+                per[f"{kind}_s"] += wall
+                per[f"{kind}_cpu_s"] += cpu
+                per["micro_batches"] += name == "student_forward"
 
-    def _timed(self, part: str, fn):
-        profiler = self
+    def __call__(self, name: str, stream: str | None = None):
+        return self._span(name, stream)
 
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                profiler._add(part, time.perf_counter() - t0)
-
-        return wrapper
-
-    def _close_step(self, record: dict) -> None:
+    def step_done(self, record: dict) -> None:
         now, cpu_now = time.perf_counter(), time.process_time()
-        wall = now - self._last if self._last is not None else float("nan")
-        cpu = cpu_now - self._last_cpu if self._last_cpu is not None else float("nan")
+        wall, cpu = now - self._last, cpu_now - self._last_cpu
         self._last, self._last_cpu = now, cpu_now
-        parts = {p: self._parts.get(p, 0.0) for p in PARTS}
         step_tokens = record["tokens"] - (self.steps[-1]["tokens"] if self.steps else 0)
         step_s = step_tokens / record["tokens_per_s"] if record.get("tokens_per_s") else float("nan")
+        streams = {k: dict(v) for k, v in self._streams.items()}
+        for name, per in streams.items():
+            per["tokens"] = record.get(f"tokens/{name}", 0)
         self.steps.append({
-            "step": record["step"], "tokens": record["tokens"], "step_tokens": step_tokens, "wall_s": wall, "cpu_s": cpu, "loop_s": step_s, "tokens_per_s": record["tokens_per_s"],
-            "parts": parts, "streams": {k: dict(v) for k, v in self._streams.items()},
+            "step": record["step"], "tokens": record["tokens"], "step_tokens": step_tokens, "wall_s": wall,
+            "cpu_s": cpu, "loop_s": step_s, "tokens_per_s": record["tokens_per_s"],
+            "parts": {p: self._parts.get(p, 0.0) for p in PARTS}, "streams": streams,
         })
         self._parts.clear()
         self._streams.clear()
 
-    # -- patching ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def patch(self, cfg):
-        """Install the timers for one `run(cfg)`; everything is restored on exit."""
-        import torch
-        import torch.optim.optimizer as optimizer_mod
-
-        import distill.data.dataset as dataset_mod
-        import distill.metrics as metrics_mod
-        import distill.models as models_mod
-        import distill.objectives as objectives_mod
-        import distill.train as train_mod
-
-        profiler = self
-        self._names = {id(s): n for n, s in cfg.streams.items()}
-        saved = []
-
-        def swap(owner, name, value):
-            saved.append((owner, name, getattr(owner, name)))
-            setattr(owner, name, value)
-
-        swap(dataset_mod.PackedStream, "batch", self._timed("data", dataset_mod.PackedStream.batch))
-        for name in ("lm_loss", "hidden_cosine_loss", "kl_loss"):
-            swap(objectives_mod, name, self._timed("loss", getattr(objectives_mod, name)))
-        swap(torch.nn.utils, "clip_grad_norm_", self._timed("clip_grad", torch.nn.utils.clip_grad_norm_))
-
-        original_backward = torch.Tensor.backward
-
-        def backward(tensor, *args, **kwargs):
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return original_backward(tensor, *args, **kwargs)
-            finally:
-                dt = time.perf_counter() - t0
-                profiler._add("backward", dt)
-                if profiler._stream is not None:
-                    per = profiler._streams[profiler._stream]
-                    per["backward_s"] += dt
-                    per["backward_cpu_s"] += time.process_time() - c0
-
-        swap(torch.Tensor, "backward", backward)
-
-        original_losses = train_mod.micro_batch_losses
-
-        def micro_batch_losses(student, teacher, runner, stream_cfg, batch, *args, **kwargs):
-            profiler._stream = profiler._names.get(id(stream_cfg), "?")
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return original_losses(student, teacher, runner, stream_cfg, batch, *args, **kwargs)
-            finally:
-                per = profiler._streams[profiler._stream]
-                per["forward_s"] += time.perf_counter() - t0
-                per["forward_cpu_s"] += time.process_time() - c0
-                per["micro_batches"] += 1
-                per["tokens"] += batch["input_ids"].numel()
-
-        swap(train_mod, "micro_batch_losses", micro_batch_losses)
-
-        original_teacher = models_mod.TruncatedTeacher
-
-        class TimedTeacher(original_teacher):
-            def __call__(self, *args, **kwargs):
-                t0 = time.perf_counter()
-                try:
-                    return super().__call__(*args, **kwargs)
-                finally:
-                    profiler._add("teacher_forward", time.perf_counter() - t0)
-
-        swap(models_mod, "TruncatedTeacher", TimedTeacher)
-
-        original_load_student = models_mod.load_student
-        hooks = []
-
-        def load_student(*args, **kwargs):
-            student = original_load_student(*args, **kwargs)
-            decoder = student.get_decoder()
-            start = {}
-            hooks.append(decoder.register_forward_pre_hook(lambda m, a: start.__setitem__("t", time.perf_counter())))
-            hooks.append(decoder.register_forward_hook(
-                lambda m, a, o: profiler._add("student_forward", time.perf_counter() - start.pop("t"))))
-            return student
-
-        swap(models_mod, "load_student", load_student)
-
-        opt_start = {}
-        hooks.append(optimizer_mod.register_optimizer_step_pre_hook(
-            lambda opt, a, k: opt_start.__setitem__("t", time.perf_counter())))
-        hooks.append(optimizer_mod.register_optimizer_step_post_hook(
-            lambda opt, a, k: profiler._add("optimizer", time.perf_counter() - opt_start.pop("t"))))
-
-        original_write = metrics_mod.MetricsFile.write
-
-        def write(metrics_file, record):
-            original_write(metrics_file, record)
-            profiler._close_step(record)
-
-        swap(metrics_mod.MetricsFile, "write", write)
-        self._last, self._last_cpu = time.perf_counter(), time.process_time()
-        try:
-            yield self
-        finally:
-            for handle in hooks:
-                handle.remove()
-            for owner, name, value in reversed(saved):
-                setattr(owner, name, value)
-
-    # -- summary -----------------------------------------------------------------------------------
     def measured(self, warmup: int) -> list[dict]:
         return self.steps[warmup:]
 
 
 def run_profiled(cfg, warmup: int) -> StepProfiler:
-    """`distill.train.run(cfg)` under a StepProfiler; returns it (steps after `warmup` are the measured ones)."""
+    """`distill.train.run(cfg)` with a StepProfiler as its spans; returns it (steps after `warmup` are the
+    measured ones)."""
     from distill.train import run
 
     profiler = StepProfiler()
-    with profiler.patch(cfg):
-        code = run(cfg)
+    code = run(cfg, spans=profiler)
     if code != 0:
         raise RuntimeError(f"distill.train.run returned {code}")
     if len(profiler.steps) <= warmup:

@@ -193,7 +193,7 @@ def train_batches(ws, batches: list[dict], dtype: str) -> list[tuple[float, floa
     from distill.models import resolve_attention
     from distill.objectives import lm_loss
     from distill.config import OptimConfig
-    from distill.train import make_optimizer
+    from distill.optim import make_optimizer
 
     # The trainer's default (`attention: auto` = sdpa_varlen on the CPU): packed rows run one causal SDPA per
     # document; padded rows carry a mask, which sdpa_varlen hands to transformers' sdpa unchanged.

@@ -1,9 +1,9 @@
-"""Atomic checkpoints, retention, automatic resume and preemption signals.
+"""Atomic checkpoints, the training state, retention, automatic resume, the run lock and preemption signals.
 
 Layout: `<output_dir>/checkpoints/step-N/` with
-    model.safetensors   the student's weights
-    optimizer.pt        the optimiser state (tensors only; loaded with weights_only=True)
-    state.json          step, tokens, mixture cursors, LR-schedule position, wandb id, counters
+    model.safetensors   the student's full weights (every parallel mode writes the same format)
+    optimizer.pt        the optimiser state of an unsharded AdamW (tensors only; loaded with weights_only=True)
+    state.json          `TrainState`: step, tokens, mixture cursors, LR, wandb id, counters
     rng-<rank>.pt       torch / numpy / python RNG states of each rank
     COMPLETE            written last: the sizes of every file above (a checkpoint without it is incomplete)
 A checkpoint is written into `step-N.tmp-<pid>` and renamed once complete, so a kill at any moment leaves
@@ -12,6 +12,7 @@ either the previous checkpoints or a complete new one; older ones are deleted on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,10 +20,13 @@ import random
 import re
 import shutil
 import signal
+import socket
+import threading
+import time
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +87,54 @@ def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
-def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-         rank: int, world: int, barrier, model_state: dict | None = None, optim_state: dict | None = None) -> str:
-    """Write checkpoint step-`step` atomically; every rank calls this (each saves its own RNG state).
+@dataclasses.dataclass
+class TrainState:
+    """Everything besides the weights and the optimiser that a resumed run needs, saved and loaded as one
+    object (state.json): the step reached, tokens trained on, counters, the LR of the last step, the wandb
+    run id and the data plan's cursors (`mixture`, a distill.mixture.Mixture)."""
 
-    `model_state` / `optim_state`: full state dicts gathered from a sharded model (FSDP2), written by rank 0
-    instead of the model's and optimiser's own; the format is the same either way.
-    """
+    mixture: object
+    step: int = 0
+    tokens: int = 0
+    nonfinite_total: int = 0
+    skipped_rows: int = 0
+    wandb_id: str | None = None
+    lr: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
+                "skipped_rows": self.skipped_rows, "wandb_id": self.wandb_id, "lr": self.lr,
+                "mixture": self.mixture.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.skipped_rows = int(state.get("skipped_rows", 0))
+        self.wandb_id, self.lr = state.get("wandb_id"), float(state.get("lr", 0.0))
+        self.mixture.load_state_dict(state["mixture"])
+
+
+def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with a private copy of any tensor another key already holds (tied embeddings):
+    safetensors refuses tensors that share memory."""
+    out, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().to("cpu").contiguous()
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else None
+        if ptr is not None and ptr in seen:
+            value = value.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = value
+    return out
+
+
+def save(root: str, step: int, strategy, state: TrainState, procs) -> str:
+    """Write checkpoint step-`step` atomically; every rank calls this (the strategy gathers full state dicts
+    with collectives; each rank saves its own RNG state; rank 0 writes the rest)."""
+    rank, barrier = procs.rank, procs.barrier
+    model_state = strategy.model_state_dict()  # full, on rank 0 ({} elsewhere)
+    optim_state = strategy.optimizer_state_dict()
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f"step-{step}.tmp")
     error = None
@@ -106,15 +151,10 @@ def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
         if error is None:
             torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
             if rank == 0:
-                if model_state is not None:
-                    save_file({k: v.contiguous() for k, v in model_state.items()},
-                              os.path.join(tmp, "model.safetensors"))
-                else:
-                    save_model(_unwrap(model), os.path.join(tmp, "model.safetensors"))
-                torch.save(optim_state if optim_state is not None else optimizer.state_dict(),
-                           os.path.join(tmp, "optimizer.pt"))
+                save_file(_untied(model_state), os.path.join(tmp, "model.safetensors"))
+                torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
                 with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-                    json.dump({**state, "step": step, "world_size": world}, f, indent=1)
+                    json.dump({**state.state_dict(), "step": step, "world_size": procs.world}, f, indent=1)
     except OSError as err:
         error = err
     barrier()
@@ -151,17 +191,36 @@ def prune(root: str, keep_last: int, keep_every: int) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rank: int) -> dict:
-    """Restore weights (and optimiser, RNG) from a complete checkpoint; returns its state.json."""
+def load_weights(path: str, model: torch.nn.Module) -> dict:
+    """Load a complete checkpoint's weights into a whole (unsharded) model; returns its state.json."""
     reason = verify(path)
     if reason is not None:
         raise CheckpointError(f"{path}: not a usable checkpoint ({reason})")
-    load_model(_unwrap(model), os.path.join(path, "model.safetensors"))
-    state = read_state(path)
-    if optimizer is not None:
-        optimizer.load_state_dict(read_optimizer(path))
-        load_rng(path, rank)
-    return state
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+    return read_state(path)
+
+
+def restore(path: str, strategy, state: TrainState, rank: int) -> None:
+    """Resume from `path` after `load_weights` and `strategy.setup`: the optimiser (through the strategy),
+    this rank's RNG states and the training state. Every rank calls it."""
+    strategy.load_optimizer_state(lambda: read_optimizer(path))
+    load_rng(path, rank)
+    state.load_state_dict(read_state(path))
+
+
+def resume_point(mode: str, output_dir: str) -> str | None:
+    """The checkpoint a run resumes from (`train.resume`): auto = the newest complete one in output_dir,
+    never = none, else the given path (which must be a complete checkpoint)."""
+    from distill.config import ConfigError
+
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return latest(os.path.join(output_dir, "checkpoints"))
+    reason = verify(mode) if os.path.isdir(mode) else "not a directory"
+    if reason is not None:
+        raise ConfigError(f"train.resume: '{mode}' is not a usable checkpoint ({reason})")
+    return mode
 
 
 def read_state(path: str) -> dict:
@@ -184,10 +243,6 @@ def load_rng(path: str, rank: int) -> None:
         random.setstate(rng["python"])
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
 class PreemptionFlag:
     """SIGUSR1 / SIGTERM set a flag; the loop checks it (agreed across ranks) at each step boundary."""
 
@@ -202,3 +257,114 @@ class PreemptionFlag:
     @property
     def raised(self) -> bool:
         return self.signum is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# one run per output directory
+# ---------------------------------------------------------------------------------------------------
+class RunLockError(RuntimeError):
+    """Another live run holds the output directory (one line: who, where, since when)."""
+
+
+class RunLock:
+    """`<output_dir>/.lock`: one run per output directory.
+
+    The lock file holds the holder's host, pid, start time and SLURM job id; a daemon thread refreshes its
+    mtime every `HEARTBEAT_S` seconds while the run lives. A lock is stale (taken over, with a warning) when
+    its holder is provably gone: the same host and the pid is not running; the same SLURM job id (a requeued
+    job is a new incarnation of the one that held it); or no heartbeat for `STALE_AFTER_S` seconds (a killed
+    run on another host).
+    """
+
+    NAME = ".lock"
+    HEARTBEAT_S = 30.0
+    STALE_AFTER_S = 300.0
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, self.NAME)
+        self._stop = threading.Event()
+        self._thread = None
+        self.held = False
+
+    @staticmethod
+    def _me() -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")}
+
+    def _stale_reason(self, holder: dict) -> str | None:
+        if holder.get("host") == socket.gethostname():
+            if holder.get("pid") == os.getpid():
+                return "held by this process"
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return f"its process {holder['pid']} is gone"
+            except (PermissionError, KeyError, TypeError, ValueError):
+                pass
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job_id") == job and \
+                holder.get("slurm_restart_count") != os.environ.get("SLURM_RESTART_COUNT", "0"):
+            return f"it was held by an earlier run of SLURM job {job} (requeued)"
+        try:
+            age = time.time() - os.path.getmtime(self.path)
+        except OSError:
+            return "it vanished"
+        if age > self.STALE_AFTER_S:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunLockError naming the holder; a stale lock is taken over."""
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path, encoding="utf-8") as f:
+                        holder = json.load(f)
+                except (OSError, ValueError):
+                    holder = {}
+                reason = self._stale_reason(holder)
+                if reason is None:
+                    raise RunLockError(
+                        f"run.output_dir: {os.path.dirname(self.path)} is in use by another run (host "
+                        f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}"
+                        f"{', SLURM job ' + str(holder['slurm_job_id']) if holder.get('slurm_job_id') else ''}); "
+                        f"wait for it, or use another output_dir (if that run is dead, delete {self.path})"
+                    ) from None
+                logger.warning("taking over the lock %s: %s", self.path, reason)
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self._me(), f)
+            self.held = True
+            self._thread = threading.Thread(target=self._beat, name="distill-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return
+        raise RunLockError(f"run.output_dir: cannot take the lock {self.path} (another run keeps taking it)")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                mine = json.load(f).get("pid") == os.getpid()
+        except (OSError, ValueError):
+            mine = False
+        if mine:
+            os.remove(self.path)
+        self.held = False

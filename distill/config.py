@@ -546,6 +546,10 @@ class TrainConfig:
     """Start a new stage from this checkpoint's weights, with fresh optimiser and data state."""
     max_nonfinite_steps: int = 3
     """Stop after this many non-finite steps in a row (each one is skipped)."""
+    bad_rows: Literal["stop", "skip"] = "stop"
+    """A row with a token id outside the model's vocabulary (damaged data): stop with a checkpoint and one
+    line naming the stream, the row and the file; or skip the row (its tokens carry no loss) and count it
+    (`skipped_rows` in metrics.jsonl)."""
     export: bool = True
     """Write final/ in Hugging Face format at the end."""
 
@@ -556,6 +560,14 @@ class TrainConfig:
         check(self.log_every > 0, join(path, "log_every"), "must be positive")
         check(self.keep_last > 0, join(path, "keep_last"), "must be positive")
         check(self.max_nonfinite_steps > 0, join(path, "max_nonfinite_steps"), "must be positive")
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    gradient_sync: Literal["micro_batch", "step"] = "micro_batch"
+    """FSDP2: reduce-scatter gradients after every micro-batch's backward (least memory), or once after
+    the step's last one (fewer collectives; unsharded gradients are held meanwhile). The parallel mode
+    itself comes from the launcher (`accelerate launch --config_file recipes/accelerate/<mode>.yaml`)."""
 
 
 @dataclasses.dataclass
@@ -601,6 +613,7 @@ class RecipeConfig:
     mix: MixConfig = dataclasses.field(default_factory=MixConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data.dataset import IGNORE_INDEX, DataError, PackedStream
-from distill.layers import attention_kl
+from distill.data.dataset import IGNORE_INDEX, DataError, PackedStream, holdout_of
+from distill.layers import attention_kl, sample_documents
 from distill.models import decoder_of, forward_hidden
 from distill.objectives import kl_loss
 
@@ -79,12 +79,6 @@ def _row_indices(stream: PackedStream, max_rows: int | None) -> list[int]:
         raise DataError(f"{stream.path}: the stream has no rows to evaluate on")
     n = len(stream) if max_rows is None else min(int(max_rows), len(stream))
     return list(range(n))
-
-
-def _real_mask(stream: PackedStream, indices: Sequence[int]) -> torch.Tensor:
-    """(B, T) bool: True on document tokens, False on padding."""
-    real = torch.tensor([sum(stream.lengths(i)) for i in indices])  # (B,)
-    return torch.arange(stream.seq_len)[None, :] < real[:, None]
 
 
 def _exact(device: torch.device):
@@ -150,33 +144,6 @@ def _mean(total: float, count: int) -> float:
 # Short-text retention
 # --------------------------------------------------------------------------------------------------------------
 
-def sample_documents(stream, count: int = 2, max_tokens: int = 512, scan_rows: int = 64) -> torch.Tensor:
-    """Up to `count` single documents from a stream, cut to one common length, for attention-KL measurements.
-
-    Scans the first `scan_rows` rows, takes the longest documents (any document of a packed row, whole), and
-    truncates them to min(max_tokens, the shortest chosen). Each returned row is ONE document with positions
-    0..T-1, as `distill.layers.attention_kl` expects.
-
-    Returns:
-        (N, T) int64 token ids, N ≤ count.
-    """
-    stream = _open(stream)
-    docs = []
-    for i in range(min(scan_rows, len(stream))):
-        ids = stream.input_ids(i)
-        start = 0
-        for n in stream.lengths(i):
-            docs.append(ids[start: start + n])
-            start += n
-    docs = [d for d in docs if len(d) >= 2]
-    if not docs:
-        raise DataError(f"{stream.path}: no document of at least 2 tokens in the first {scan_rows} rows")
-    docs.sort(key=len, reverse=True)  # stable: ties keep stream order, so the choice is deterministic
-    chosen = docs[:count]
-    length = min(int(max_tokens), min(len(d) for d in chosen))
-    return torch.from_numpy(np.stack([d[:length].astype(np.int64) for d in chosen]))
-
-
 @torch.no_grad()
 def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size: int = 4,
                     attention_rows: int = 2, attention_tokens: int = 512, chunk_size: int = 4096) -> dict:
@@ -213,7 +180,7 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
             ids = batch["input_ids"].to(device)  # (B, T)
             pos = batch["position_ids"].to(device)  # (B, T)
             labels = batch["labels"].to(device)  # (B, T)
-            real = _real_mask(stream, chunk).to(device)  # (B, T)
+            real = stream.real_mask(chunk).to(device)  # (B, T)
             if teacher is None:
                 s_final = _final_hidden(model, ids, pos)  # (B, T, H)
                 nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
@@ -598,6 +565,23 @@ def _finite(x):
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
+
+
+def eval_streams(cfg) -> tuple[str | None, str | None]:
+    """Held-out short and long data for in-training evaluation (`eval.short_data` / `eval.long_data`, or
+    the held-out splits of the recipe's streams: the first native-position stream with a teacher objective
+    for short text; a native-position stream named ...long, else the first one, for long text)."""
+    short, long = cfg.eval.short_data, cfg.eval.long_data
+    if short is None:
+        held = [holdout_of(s.data) for s in cfg.streams.values()
+                if s.positions == "native" and s.objectives.needs_teacher]
+        short = next((h for h in held if h), None)
+    if long is None:
+        native = [(s.data.endswith("long"), h) for s in cfg.streams.values()
+                  if s.positions == "native" and (h := holdout_of(s.data))]
+        if native:
+            long = max(native, key=lambda x: x[0])[1]  # a stream named ...long first, else the first one
+    return short, long
 
 
 def evaluate_suite(model, teacher, short_stream, long_stream, original_length: int, target_length: int,

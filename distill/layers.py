@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
+
+from distill.config import ConfigError
+from distill.data.dataset import DataError, PackedStream
 
 
 @contextlib.contextmanager
@@ -55,6 +59,34 @@ def attention_kl(student, teacher, input_ids: torch.Tensor, batch_size: int = 1)
     return total / rows
 
 
+def sample_documents(stream, count: int = 2, max_tokens: int = 512, scan_rows: int = 64) -> torch.Tensor:
+    """Up to `count` single documents from a stream, cut to one common length, for attention-KL measurements.
+
+    Scans the first `scan_rows` rows, takes the longest documents (any document of a packed row, whole), and
+    truncates them to min(max_tokens, the shortest chosen). Each returned row is ONE document with positions
+    0..T-1, as `distill.layers.attention_kl` expects.
+
+    Returns:
+        (N, T) int64 token ids, N ≤ count.
+    """
+    if not isinstance(stream, PackedStream):
+        stream = PackedStream(stream)
+    docs = []
+    for i in range(min(scan_rows, len(stream))):
+        ids = stream.input_ids(i)
+        start = 0
+        for n in stream.lengths(i):
+            docs.append(ids[start: start + n])
+            start += n
+    docs = [d for d in docs if len(d) >= 2]
+    if not docs:
+        raise DataError(f"{stream.path}: no document of at least 2 tokens in the first {scan_rows} rows")
+    docs.sort(key=len, reverse=True)  # stable: ties keep stream order, so the choice is deterministic
+    chosen = docs[:count]
+    length = min(int(max_tokens), min(len(d) for d in chosen))
+    return torch.from_numpy(np.stack([d[:length].astype(np.int64) for d in chosen]))
+
+
 def select_layers(student, teacher, input_ids: torch.Tensor, top_k: int = 6) -> dict:
     """The top-k layers by attention KL, as hidden_states indices, plus the last layer.
 
@@ -66,3 +98,38 @@ def select_layers(student, teacher, input_ids: torch.Tensor, top_k: int = 6) -> 
     ranking = torch.argsort(kl, descending=True).tolist()
     chosen = {i + 1 for i in ranking[: min(top_k, num_layers)]} | {num_layers}
     return {"layers": sorted(chosen), "kl": kl.tolist(), "ranking": [i + 1 for i in ranking]}
+
+
+def resolve_layers(cfg, num_layers: int, student=None, teacher=None, streams=None, documents: int = 4,
+                   max_tokens: int = 1024) -> dict[str, list[int]]:
+    """Hidden-state indices per stream with a `hidden` objective, range-checked ('last' = num_layers, the
+    final-norm output). `layers: auto` runs `select_layers` on `documents` single documents of the stream's
+    own data (each alone, positions 0..T-1, as scripts/select_layers.py does: a packed row would let
+    attention cross documents), cut to `max_tokens`.
+
+    Raises:
+        ConfigError: an index out of range, or `auto` without a teacher to compare with.
+    """
+    resolved = {}
+    for name, stream in cfg.streams.items():
+        hidden = stream.objectives.hidden
+        if hidden is None:
+            continue
+        if hidden.layers == "auto":
+            if teacher is None or student is None or streams is None:
+                raise ConfigError(f"streams.{name}.objectives.hidden.layers: 'auto' needs a teacher to rank "
+                                  f"layers against")
+            device = next(student.parameters()).device
+            docs = sample_documents(streams[name], documents, max_tokens).to(device)  # (N, T)
+            resolved[name] = select_layers(student, teacher, docs, top_k=hidden.top_k)["layers"]
+            continue
+        layers = []
+        for i, layer in enumerate(hidden.layers):
+            index = num_layers if layer == "last" else layer
+            if not 0 <= index <= num_layers:
+                raise ConfigError(
+                    f"streams.{name}.objectives.hidden.layers[{i}]: {layer} is out of range; allowed: "
+                    f"0..{num_layers} (0 = embeddings, {num_layers} = final-norm output) or 'last'")
+            layers.append(index)
+        resolved[name] = sorted(set(layers))
+    return resolved

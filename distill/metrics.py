@@ -97,8 +97,10 @@ def flop_counts(model) -> dict[str, float]:
     """What the FLOP formulas need from a causal LM: L layers, width d, vocabulary V, N_layers (the
     decoder layers' parameters) and N = every parameter that is a matmul operand (all but the input
     embedding, which is a lookup; lm_head counts, tied or not)."""
+    from distill.models import decoder_layers
+
     config = model.config
-    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in f".{n}")
+    layers = sum(p.numel() for p in decoder_layers(model).parameters())
     embed = model.get_input_embeddings().weight
     total = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight
@@ -120,6 +122,30 @@ def teacher_flops_per_token(counts: dict, seq_len: int, depth: int, logits: bool
     share = depth / counts["L"]
     head = 2.0 * counts["d"] * counts["V"] if logits else 0.0
     return 2.0 * counts["N_layers"] * share + head + 4.0 * depth * counts["d"] * seq_len
+
+
+def flop_rates(cfg, seq_lens: dict[str, int], layers: dict[str, list[int]], student,
+               teacher) -> dict[str, tuple[float, float]]:
+    """Per stream, (student training FLOPs, teacher forward FLOPs) per token slot of its rows, from the
+    whole (unsharded) models' parameter counts.
+
+    Args:
+        cfg: the RecipeConfig (each stream's objectives).
+        seq_lens: each stream's row length.
+        layers: each stream's distilled hidden-state indices (distill.layers.resolve_layers).
+    """
+    counts = flop_counts(student)
+    teacher_counts = flop_counts(teacher) if teacher is not None else None
+    rates = {}
+    for name, stream_cfg in cfg.streams.items():
+        T, objectives = seq_lens[name], stream_cfg.objectives
+        taught = 0.0
+        if teacher_counts is not None and objectives.needs_teacher:
+            depth = max(layers.get(name, []) + ([int(teacher_counts["L"])] if objectives.kl is not None else []))
+            taught = teacher_flops_per_token(teacher_counts, T, depth, objectives.kl is not None)
+        logits = objectives.lm is not None or objectives.kl is not None  # else no lm_head in the step
+        rates[name] = (train_flops_per_token(counts, T, logits), taught)
+    return rates
 
 
 def _has_wandb_key() -> bool:

@@ -1,8 +1,14 @@
 """The per-step plan: which stream each micro-batch of an optimiser step draws from, and which rows.
 
 The plan is a pure function of (seed, step, data cursors): it does not depend on the number of processes.
-Every rank computes the same global list of micro-batches and takes every `world`-th one, so a run
-resumed on another number of processes continues the same global data order.
+Every rank computes the same global list of micro-batches and takes its part of it (`shard`, or
+`shard_aligned` when every rank must run the same sequence of stream kinds), so a run resumed on another
+number of processes continues the same global data order.
+
+A stream whose token share is less than one micro-batch per step is absent from some steps. Its loss is
+divided by the tokens of the steps it is present in, so each of those steps gives it its full weight and
+the others none: `Mixture.presence` gives the factor (1 / the probability of being present) that keeps its
+configured weight on average over steps.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 from distill.schedules import share_at
 
 
-def _seed(*parts) -> int:
+def stable_seed(*parts) -> int:
     """A stable 64-bit seed from strings and ints (Python's hash() is salted per process)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little")
@@ -71,21 +77,49 @@ class Mixture:
     def shares(self, step: int) -> dict[str, float]:
         return {name: share_at(step, s.share) for name, s in self.streams.items()}
 
-    def counts(self, step: int) -> dict[str, int]:
-        """Micro-batches per stream at this step (stochastic rounding of the expected count)."""
+    def expected(self, step: int) -> dict[str, float]:
+        """Expected micro-batches per stream at this step: its share of the step's token slots over the
+        token slots of one of its micro-batches."""
         shares = self.shares(step)
         total = sum(shares.values())
         if total <= 0:
             raise ValueError(f"step {step}: stream shares sum to {total}; at least one must be positive")
-        rng = np.random.default_rng(_seed(self.seed, "counts", step))
+        return {name: shares[name] / total * self.tokens_per_step / (s.micro_batch * s.seq_len)
+                for name, s in self.streams.items()}
+
+    def counts(self, step: int) -> dict[str, int]:
+        """Micro-batches per stream at this step (stochastic rounding of the expected count)."""
+        expected = self.expected(step)
+        rng = np.random.default_rng(stable_seed(self.seed, "counts", step))
         counts = {}
-        for name, s in self.streams.items():
-            expected = shares[name] / total * self.tokens_per_step / (s.micro_batch * s.seq_len)
-            whole = math.floor(expected)
-            counts[name] = whole + int(rng.random() < expected - whole)
+        for name in self.streams:
+            whole = math.floor(expected[name])
+            counts[name] = whole + int(rng.random() < expected[name] - whole)
         if sum(counts.values()) == 0:  # a step must train on something: the largest share wins
-            counts[max(shares, key=shares.get)] = 1
+            counts[max(expected, key=expected.get)] = 1
         return counts
+
+    def presence(self, step: int) -> dict[str, float]:
+        """Per stream, the factor on its losses at this step that keeps its configured weight on average.
+
+        A stream expecting e ≥ 1 micro-batches is in every step: 1. One expecting e < 1 is present with
+        probability p = e (plus, for the largest share, the chance that no stream drew a micro-batch, when
+        `counts` gives it one); its losses are divided by its own tokens of the step, so multiplying them by
+        1 / p where present gives E[weight] = p · (1 / p) · weight = weight. (Without it, a stream at
+        e = 0.25 counted a quarter of its configured weight.) A pure function of the step.
+        """
+        expected = self.expected(step)
+        largest = max(expected, key=expected.get)
+        none_drawn = math.prod(1.0 - e for e in expected.values()) if max(expected.values()) < 1.0 else 0.0
+        factors = {}
+        for name, e in expected.items():
+            p = min(1.0, e) + (none_drawn if name == largest else 0.0)
+            factors[name] = 1.0 / p if p > 0.0 else 1.0
+        return factors
+
+    def sparse_streams(self, step: int = 0) -> dict[str, float]:
+        """Streams expecting fewer than one micro-batch per step (at `step`): {name: expected count}."""
+        return {n: e for n, e in self.expected(step).items() if 0.0 < e < 1.0}
 
     def _row(self, name: str, k: int) -> int:
         """The k-th row consumed from a stream: a fresh permutation per epoch."""
@@ -94,7 +128,7 @@ class Mixture:
         key = (name, epoch)
         perm = self._perm_cache.get(key)
         if perm is None:
-            perm = np.random.default_rng(_seed(self.seed, "perm", name, epoch)).permutation(n)
+            perm = np.random.default_rng(stable_seed(self.seed, "perm", name, epoch)).permutation(n)
             self._perm_cache = {k2: v for k2, v in self._perm_cache.items() if k2[0] != name}
             self._perm_cache[key] = perm
         return int(perm[pos])
@@ -110,14 +144,32 @@ class Mixture:
                 rows = [self._row(name, cursor[name] + j) for j in range(mb)]
                 cursor[name] += mb
                 batches.append((name, rows))
-        order = np.random.default_rng(_seed(self.seed, "order", step)).permutation(len(batches))
+        order = np.random.default_rng(stable_seed(self.seed, "order", step)).permutation(len(batches))
         plan = [MicroBatch(batches[j][0], batches[j][1], i) for i, j in enumerate(order)]
         if advance:
             self.cursor = cursor
         return plan
 
 
-def shard(plan: list[MicroBatch], rank: int, world: int, cost: dict[str, int] | None = None) -> list[MicroBatch]:
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One micro-batch a rank runs in a step.
+
+    `micro_batch` is None for a dummy (`shard_aligned`): the rank still runs `stream`'s forward and backward
+    (the collectives must match the other ranks') on the rows of `fetch` (a real micro-batch of the same
+    stream, trained on by another rank), with every loss multiplied by 0 and no tokens counted.
+    """
+
+    stream: str
+    micro_batch: MicroBatch | None
+    fetch: MicroBatch  # the rows to read: `micro_batch` itself, or a stand-in for a dummy
+
+    @property
+    def is_dummy(self) -> bool:
+        return self.micro_batch is None
+
+
+def shard(plan: list[MicroBatch], rank: int, world: int, cost: dict[str, int] | None = None) -> list[Slot]:
     """This rank's part of the global plan.
 
     Micro-batches are dealt greedily by token cost (largest first, to the least-loaded rank, ties to the
@@ -125,7 +177,7 @@ def shard(plan: list[MicroBatch], rank: int, world: int, cost: dict[str, int] | 
     The result depends only on the plan and the world size: every rank computes the same assignment.
     """
     if world == 1:
-        return list(plan)
+        return [Slot(mb.stream, mb, mb) for mb in plan]
     cost = cost or {}
     load = [0] * world
     owner = {}
@@ -133,4 +185,33 @@ def shard(plan: list[MicroBatch], rank: int, world: int, cost: dict[str, int] | 
         r = min(range(world), key=lambda i: (load[i], i))
         owner[mb.index] = r
         load[r] += cost.get(mb.stream, 1) * len(mb.rows)
-    return [mb for mb in plan if owner[mb.index] == rank]
+    return [Slot(mb.stream, mb, mb) for mb in plan if owner[mb.index] == rank]
+
+
+def shard_aligned(plan: list[MicroBatch], rank: int, world: int) -> list[Slot]:
+    """This rank's micro-batches, in the same sequence of kinds on every rank.
+
+    Each stream's micro-batches (in plan order) are dealt round-robin; a stream's list is padded with
+    dummies to a multiple of `world`, so every rank gets the same count per stream; slots are ordered by
+    stream name then position. Depends only on (plan, world): every rank computes the same assignment.
+
+    Every global micro-batch is real on exactly one rank. A dummy's stand-in is the first micro-batch of
+    its stream in the plan. The caller, for a dummy slot: fetch `slot.fetch.rows`, count no tokens, run the
+    same forward/backward as for a real one with `loss * 0.0` (or every loss sum times 0), and add nothing to
+    the logged loss sums. (0 × a finite loss gives exactly zero gradients; a non-finite one is non-finite on
+    the rank owning those rows too, so the step is skipped either way.)
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} out of range for world {world}")
+    by_stream: dict[str, list[MicroBatch]] = {}
+    for mb in plan:
+        by_stream.setdefault(mb.stream, []).append(mb)
+    mine = []
+    for name in sorted(by_stream):
+        batches = by_stream[name]
+        padded = -(-len(batches) // world) * world
+        for k in range(rank, padded, world):
+            mb = batches[k] if k < len(batches) else None
+            mine.append(Slot(name, mb, mb if mb is not None else batches[0]))
+    return mine
+

@@ -25,7 +25,7 @@ from torch import nn
 
 from distill import attention
 from distill.config import ConfigError, ModelConfig, RopeConfig
-from distill.rope import _base_inv_freq, apply_extension, extended_rope_parameters, head_dim, our_inv_freq
+from distill.rope import apply_extension, base_inv_freq, extended_rope_parameters, head_dim, our_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def check_extension(student, teacher, rope_cfg: RopeConfig) -> list[str]:
         if not torch.equal(s_inv, t_inv):
             problems.append("rope.method none but student and teacher inv_freq differ")
     elif method == "abf" and native_default:
-        if not _close(s_inv, _base_inv_freq(float(rope_cfg.theta), dim)):
+        if not _close(s_inv, base_inv_freq(float(rope_cfg.theta), dim)):
             problems.append(f"student inv_freq is not {rope_cfg.theta:g}^(-2i/d)")
     elif method == "pi" and native_default:
         if not _close(s_inv, t_inv / float(want["factor"])):
@@ -305,6 +305,16 @@ def check_extension(student, teacher, rope_cfg: RopeConfig) -> list[str]:
         f"{ratio.min().item():.4g}..{ratio.max().item():.4g}, attention scaling {s_scale:.4g}"
     )
     return lines
+
+
+def native_rope_reference(student, model_cfg: ModelConfig) -> nn.Module:
+    """A stand-in for the teacher in RoPE checks when there is none (Long CPT): the checkpoint's own config
+    and its native rotary module, built without loading any weights."""
+    config = _load_config(model_cfg.path, model_cfg.trust_remote_code)
+    reference = nn.Module()
+    reference.config = config
+    reference.rotary_emb = type(rotary_embedding(student))(config=config)
+    return reference
 
 
 def check_teacher_frozen(student: nn.Module, teacher: nn.Module) -> list[str]:
@@ -402,6 +412,15 @@ def decoder_of(model: nn.Module) -> nn.Module:
     if hasattr(model, "model"):
         return model.model
     return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (Llama / Mistral / Qwen2: `model.model.layers`): what FSDP2 wraps
+    one by one, what the FLOP count sums, what a truncated teacher cuts."""
+    layers = getattr(decoder_of(model), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder with a `layers` list")
+    return layers
 
 
 def _num_layers(decoder: nn.Module) -> int:

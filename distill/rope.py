@@ -161,7 +161,7 @@ def inv_freq(hf_config) -> tuple[torch.Tensor, float]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     """θ_i = θ^(−2i/d) for i = 0..d/2−1 (Su et al. 2021), fp32.  # (d/2,)"""
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
     return 1.0 / (theta**exponents)
@@ -185,7 +185,7 @@ def our_inv_freq(rope_parameters: dict, head_dim: int) -> tuple[torch.Tensor, fl
     rope_type = rope_parameters.get("rope_type", "default")
     theta = float(rope_parameters["rope_theta"])
     dim = head_dim
-    freqs = _base_inv_freq(theta, dim)
+    freqs = base_inv_freq(theta, dim)
     if rope_type == "default":  # ABF only changes θ
         return freqs, 1.0
     factor = float(rope_parameters["factor"])

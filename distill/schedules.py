@@ -53,11 +53,11 @@ def wsd_decay_steps(cfg: ScheduleConfig, total: int) -> int:
 
 
 def check_lr_schedule(cfg: ScheduleConfig, max_steps: int) -> str | None:
-    """Why the schedule cannot reach its floor by the end of its horizon (a one-line reason naming the
-    key), or None. Cosine and WSD need steps after warm-up; WSD's decay must fit in them."""
+    """Why a WSD schedule cannot reach its floor by the end of its horizon (a one-line reason naming the
+    key), or None: it needs steps after the warm-up, and its decay must fit in them."""
     total = cfg.total_steps if cfg.total_steps is not None else max_steps
     horizon = "optim.schedule.total_steps" if cfg.total_steps is not None else "train.max_steps"
-    if cfg.name in ("cosine", "wsd") and cfg.warmup_steps >= total:
+    if cfg.name == "wsd" and cfg.warmup_steps >= total:
         return (f"optim.schedule.warmup_steps: {cfg.warmup_steps} leaves no step to decay in ({horizon} is "
                 f"{total}); allowed: fewer than {total}")
     if cfg.name == "wsd" and cfg.decay_steps is not None and cfg.decay_steps > total - cfg.warmup_steps:

@@ -1,9 +1,12 @@
 """Build the packed streams of a data spec.
 
     python scripts/prepare_data.py data/<spec>.yaml [key=value ...] [--overwrite]
+    python scripts/prepare_data.py --verify data/built/<name>
 
 Writes <output_dir>/<stream>/, <output_dir>/holdout/<stream>/ and <output_dir>/manifest.json. A user
 mistake (bad spec, missing file, bad data) prints one line `error: ...` and exits with status 2.
+`--verify DIR` checks every file of a built directory against the sha256 its manifest recorded, with a
+progress bar: one line per bad file and exit status 1 when any is bad, 0 when all are intact.
 """
 
 from __future__ import annotations
@@ -21,11 +24,17 @@ from distill.data.dataset import DataError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="data spec YAML (data/<name>.yaml)")
+    parser.add_argument("spec", nargs="?", help="data spec YAML (data/<name>.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. tokenizer=path/to/tok")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir once the new one is built")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verify", metavar="DIR", help="check a built directory's files against its manifest")
     args = parser.parse_intermixed_args(argv)
+    if args.verify:
+        return verify(args.verify, progress=not args.quiet)
+    if args.spec is None:
+        print("error: give a data spec (data/<name>.yaml) or --verify DIR", file=sys.stderr)
+        return 2
     # Progress and summaries on stdout: stderr carries only the one-line error.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     from distill.data.build import build
@@ -44,6 +53,26 @@ def main(argv: list[str] | None = None) -> int:
         for r in splits.values():
             print(f"{spec.output_dir}/{r['path']}: {r['rows']} rows × {r['seq_len']} ({r['pack']}), "
                   f"{r['real_tokens']} real tokens, fill {r['fill']:.4f}")
+    return 0
+
+
+def verify(directory: str, progress: bool = True) -> int:
+    from distill.data.build import verify as verify_files
+
+    try:
+        checked, problems = verify_files(directory, progress=progress)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    for line in problems:
+        print(f"bad: {line}", file=sys.stderr)
+    if problems:
+        print(f"{directory}: {len(problems)} of {checked} files failed verification", file=sys.stderr)
+        return 1
+    print(f"{directory}: all {checked} files match the manifest")
     return 0
 
 

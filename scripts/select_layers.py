@@ -48,7 +48,7 @@ def select(args) -> dict:
     import torch
 
     from distill.config import ModelConfig, RopeConfig
-    from distill.evaluate import sample_documents
+    from distill.layers import sample_documents
     from distill.layers import select_layers
     from distill.models import load_student, load_teacher
 

@@ -21,15 +21,13 @@ from typing import Any
 import numpy as np
 
 from distill.config import to_dict
-from distill.data.dataset import STREAM_INFO, DataError, tokenizer_identity
-from distill.data.pack import Packed, _gather, pack
+from distill.data.dataset import MANIFEST, STREAM_INFO, DataError, tokenizer_identity
+from distill.data.pack import Packed, gather_pieces, pack
 from distill.data.sources import SourceReader
 from distill.data.spec import DataSpec, DataStreamConfig, SourceConfig
 from distill.data.tokenize import TokenizedSource, load_tokenizer, tokenize_documents
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
 
 
 def _crc(name: str) -> int:
@@ -157,7 +155,7 @@ def _assemble(parts: list[tuple[int, np.ndarray]], data: list[TokenizedSource], 
     tokens = np.empty(int(lengths.sum()), dtype=np.int32)
     for s, _ in parts:
         sel = src == s
-        _gather(data[s].tokens, data[s].starts[doc[sel]], dst[sel], lengths[sel], tokens)
+        gather_pieces(data[s].tokens, data[s].starts[doc[sel]], dst[sel], lengths[sel], tokens)
     return tokens, lengths
 
 
@@ -283,12 +281,13 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                 }
                 log.info("stream %s/%s: %d rows × %d, %d real tokens, fill %.4f", stream_name, split, packed.rows,
                          stream.seq_len, packed.real_tokens, fill)
-        checksums = {}
+        checksums, sizes = {}, {}
         for root, _, names in sorted(os.walk(tmp)):
             for name in sorted(names):
                 if name.endswith(".arrow"):
                     full = os.path.join(root, name)
-                    checksums[os.path.relpath(full, tmp).replace(os.sep, "/")] = _sha256(full)
+                    rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+                    checksums[rel], sizes[rel] = _sha256(full), os.path.getsize(full)
         manifest = {
             "format": 1,
             "spec": to_dict(spec),
@@ -296,6 +295,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
             "streams": stream_report,
             "sources": source_report,
             "checksums": dict(sorted(checksums.items())),
+            "sizes": dict(sorted(sizes.items())),
         }
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
@@ -316,6 +316,50 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
             datasets.utils.logging.enable_progress_bar()
     log.info("built %s in %.1f s", spec.output_dir, time.perf_counter() - start)
     return manifest
+
+
+def verify(output_dir: str, progress: bool = True) -> tuple[int, list[str]]:
+    """Check every file the manifest of a built directory lists against its sha256 (and size).
+
+    Returns:
+        (files checked, one line per bad file: missing, wrong size or wrong checksum).
+
+    Raises:
+        DataError: `output_dir` is not a built data directory (no readable manifest with checksums).
+    """
+    path = os.path.join(output_dir, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        checksums = dict(manifest["checksums"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{output_dir}: not a built data directory (no readable {MANIFEST} with checksums); "
+                        f"build it with scripts/prepare_data.py") from None
+    sizes = manifest.get("sizes", {})
+    problems = []
+    total = sum(os.path.getsize(os.path.join(output_dir, rel)) for rel in checksums
+                if os.path.isfile(os.path.join(output_dir, rel)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {output_dir}")
+    for rel, want in checksums.items():
+        full = os.path.join(output_dir, rel)
+        if not os.path.isfile(full):
+            problems.append(f"{full}: missing (listed in {MANIFEST})")
+            continue
+        size = os.path.getsize(full)
+        got = _sha256(full)
+        if bar is not None:
+            bar.update(size)
+        if rel in sizes and size != sizes[rel]:
+            problems.append(f"{full}: {size} bytes, the manifest says {sizes[rel]}")
+        elif got != want:
+            problems.append(f"{full}: sha256 {got[:16]}… differs from the manifest's {want[:16]}… (damaged)")
+    if bar is not None:
+        bar.close()
+    return len(checksums), problems
 
 
 def build_from_yaml(path: str, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False,

@@ -60,6 +60,36 @@ def row_positions_labels(input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np
     return positions, labels
 
 
+MANIFEST = "manifest.json"
+
+
+def find_manifest(path: str) -> tuple[str | None, dict | None]:
+    """(build root, manifest) of a built stream `<root>/<stream>` or `<root>/holdout/<stream>`; (None, None)
+    when no manifest is found above it."""
+    here = os.path.abspath(path)
+    for root in (os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        candidate = os.path.join(root, MANIFEST)
+        if os.path.isfile(candidate):
+            try:
+                with open(candidate, encoding="utf-8") as f:
+                    return root, json.load(f)
+            except (OSError, ValueError):
+                return root, None
+    return None, None
+
+
+def holdout_of(stream_dir: str) -> str | None:
+    """`<built>/<stream>` → `<built>/holdout/<stream>` when it exists and has rows."""
+    root, name = os.path.split(os.path.normpath(stream_dir))
+    path = os.path.join(root, "holdout", name)
+    try:
+        with open(os.path.join(path, STREAM_INFO), encoding="utf-8") as f:
+            rows = json.load(f).get("rows", 0)
+    except (OSError, ValueError):
+        return None
+    return path if rows > 0 else None  # an empty held-out split evaluates nothing
+
+
 class PackedStream:
     """One built stream directory (train or holdout split), read row by row without decoding the rest.
 
@@ -116,6 +146,14 @@ class PackedStream:
             self._len_values.append(lens.values.to_numpy(zero_copy_only=False))
             start += len(ids)
         self._rows = start
+        # The Arrow file each row lives in (a bad row is reported with its file).
+        self.files: list[tuple[str, int, int]] = []  # (path, first row, rows)
+        first = 0
+        for block in getattr(self.dataset.data, "blocks", [[self.dataset.data]]):
+            for table in block:
+                path = getattr(table, "path", None) or self.path
+                self.files.append((path, first, len(table)))
+                first += len(table)
 
     def __len__(self) -> int:
         return self._rows
@@ -135,6 +173,59 @@ class PackedStream:
         k, j = self._locate(int(i))
         offsets = self._len_offsets[k]
         return self._len_values[k][offsets[j]: offsets[j + 1]].tolist()
+
+    def file_of(self, i: int) -> str:
+        """The Arrow file holding row i."""
+        i = int(i) % self._rows
+        for path, first, rows in self.files:
+            if first <= i < first + rows:
+                return path
+        return self.path
+
+    def real_mask(self, indices) -> torch.Tensor:
+        """(B, T) bool: True on document tokens, False on the padding at the end of each row."""
+        import torch
+
+        totals = torch.tensor([sum(self.lengths(int(i))) for i in indices])  # (B,)
+        return torch.arange(self.seq_len)[None, :] < totals[:, None]
+
+    def check_manifest(self) -> None:
+        """The cheap start-up check: this stream's row count and Arrow file sizes against what the build
+        recorded (stream.json and the build's manifest.json). Checksums are `scripts/prepare_data.py
+        --verify`'s job (they read every byte).
+
+        Raises:
+            DataError: one line naming the file, what it has and what was recorded.
+        """
+        recorded = int(self.info.get("rows", self._rows))
+        if recorded != self._rows:
+            raise DataError(f"{self.path}: {self._rows} rows, but the build recorded {recorded} (damaged or "
+                            f"replaced?); rebuild it, or check it with scripts/prepare_data.py --verify")
+        root, manifest = find_manifest(self.path)
+        sizes = (manifest or {}).get("sizes", {})
+        for path, _, _ in self.files:
+            rel = os.path.relpath(path, root).replace(os.sep, "/") if root else None
+            if rel in sizes and os.path.getsize(path) != sizes[rel]:
+                raise DataError(f"{path}: {os.path.getsize(path)} bytes, but the build recorded {sizes[rel]} "
+                                f"(damaged or replaced?); run scripts/prepare_data.py --verify {root}")
+
+    def bad_rows(self, indices, input_ids: torch.Tensor, vocab_size: int) -> list[str]:
+        """One line per row of a batch holding a token id outside [0, vocab_size), naming the row, the
+        first bad id and its file; [] when every id is in range (one vectorised check per batch).
+
+        Args:
+            indices: the rows of the batch (B,).
+            input_ids: their (B, T) token ids.
+        """
+        bad = (input_ids < 0) | (input_ids >= vocab_size)  # (B, T)
+        if not bool(bad.any()):
+            return []
+        lines = []
+        for b in bad.any(dim=1).nonzero().flatten().tolist():
+            t = int(bad[b].nonzero()[0])
+            lines.append(f"row {int(indices[b])} of {self.path} (file {self.file_of(indices[b])}) has token id "
+                         f"{int(input_ids[b, t])} at position {t}, outside the vocabulary [0, {vocab_size})")
+        return lines
 
     def _row_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         k, j = self._locate(int(i))

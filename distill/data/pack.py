@@ -55,8 +55,8 @@ def _doc_starts(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths, dtype=np.int64) - lengths
 
 
-def _gather(tokens: np.ndarray, src_starts: np.ndarray, dst_starts: np.ndarray, lens: np.ndarray,
-            out: np.ndarray) -> None:
+def gather_pieces(tokens: np.ndarray, src_starts: np.ndarray, dst_starts: np.ndarray, lens: np.ndarray,
+                  out: np.ndarray) -> None:
     """Copy pieces tokens[src:src+len] to out.flat[dst:dst+len] (vectorised over pieces)."""
     lens = lens.astype(np.int64)
     total = int(lens.sum())
@@ -184,12 +184,12 @@ def pack_best_fit(tokens: np.ndarray, lengths: np.ndarray, seq_len: int, pad_id:
     # Full pieces first, then the bins.
     n_full_rows = len(full_src)
     full_rows_dst = np.arange(n_full_rows, dtype=np.int64) * seq_len
-    _gather(tokens, full_src, full_rows_dst, np.full(n_full_rows, seq_len, dtype=np.int64), ids)
+    gather_pieces(tokens, full_src, full_rows_dst, np.full(n_full_rows, seq_len, dtype=np.int64), ids)
     excl = np.cumsum(piece_lens) - piece_lens
     first_piece = np.cumsum(counts) - counts
     offset_in_bin = excl - np.repeat(excl[first_piece], counts)
     dst = (n_full_rows + np.repeat(np.arange(n_bins, dtype=np.int64), counts)) * seq_len + offset_in_bin
-    _gather(tokens, starts[by_bin], dst, piece_lens, ids)
+    gather_pieces(tokens, starts[by_bin], dst, piece_lens, ids)
     all_lens = np.concatenate((np.full(n_full_rows, seq_len, dtype=np.int64), piece_lens)).astype(np.int32)
     all_counts = np.concatenate((np.ones(n_full_rows, dtype=np.int64), counts))
     offsets = np.zeros(rows + 1, dtype=np.int64)

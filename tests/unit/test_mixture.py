@@ -1,7 +1,9 @@
 """The per-step plan: shares in tokens, determinism, independence of the number of processes, resume."""
 
 from distill.config import ShareScheduleConfig
-from distill.mixture import Mixture, StreamPlan, shard
+import pytest
+
+from distill.mixture import MicroBatch, Mixture, StreamPlan, shard, shard_aligned
 
 
 def _mixture(seed=0, shares=(4, 3, 1)):
@@ -51,9 +53,10 @@ def test_sharding_partitions_the_global_plan_for_any_world():
     cost = {"long": 1024, "short": 256, "s2l": 256}
     for world in (1, 2, 3, 4):
         parts = [shard(plan, r, world, cost) for r in range(world)]
-        indices = sorted(mb.index for part in parts for mb in part)
+        assert all(not s.is_dummy and s.fetch is s.micro_batch for part in parts for s in part)
+        indices = sorted(s.micro_batch.index for part in parts for s in part)
         assert indices == list(range(len(plan)))
-        loads = [sum(cost[mb.stream] * len(mb.rows) for mb in part) for part in parts]
+        loads = [sum(cost[s.stream] * len(s.fetch.rows) for s in part) for part in parts]
         assert max(loads) - min(loads) <= max(cost.values()) * 2
 
 
@@ -62,3 +65,79 @@ def test_scheduled_share_moves_the_mix():
                  StreamPlan("short", 50, 512, 1, 1.0)], tokens_per_step=4096, seed=0)
     assert m.counts(0)["long"] == 0
     assert m.counts(20)["long"] == 4 and m.counts(20)["short"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# streams present on only some steps keep their weight on average
+# ---------------------------------------------------------------------------------------------------
+def _effective_weights(m: Mixture, steps: int) -> dict[str, float]:
+    """Average over steps of the factor each stream's losses carry (0 on steps without it): what its
+    configured weight is multiplied by in the long run."""
+    total = dict.fromkeys(m.streams, 0.0)
+    for step in range(steps):
+        counts, presence = m.counts(step), m.presence(step)
+        for name in m.streams:
+            if counts[name] > 0:
+                total[name] += presence[name]
+    return {n: v / steps for n, v in total.items()}
+
+
+def test_sparse_streams_keep_their_configured_weight_over_steps():
+    """The demo's LongReD mix: 2048 token slots per step at 4 : 3 : 1 gives long 1, short 0.75 and s2l
+    0.25 micro-batches per step. Dividing each present stream by its own tokens only, short counted ~0.75
+    and s2l ~0.25 of their weights (hidden 15 → ~11, s2l 10 → ~2.5); the presence factor restores 1."""
+    m = Mixture([StreamPlan("long", 500, 1024, 1, 4.0), StreamPlan("short", 500, 256, 4, 3.0),
+                 StreamPlan("s2l", 500, 256, 4, 1.0)], tokens_per_step=2048, seed=0)
+    assert m.expected(0) == pytest.approx({"long": 1.0, "short": 0.75, "s2l": 0.25})
+    assert m.sparse_streams() == pytest.approx({"short": 0.75, "s2l": 0.25})
+    assert m.presence(0) == pytest.approx({"long": 1.0, "short": 1 / 0.75, "s2l": 4.0})
+    effective = _effective_weights(m, 4000)
+    assert effective["long"] == 1.0
+    assert effective["short"] == pytest.approx(1.0, abs=0.03)
+    assert effective["s2l"] == pytest.approx(1.0, abs=0.08)
+
+
+def test_presence_accounts_for_the_forced_micro_batch():
+    """When no stream draws a micro-batch the largest share gets one: its presence probability is higher
+    than its expected count, and the factor follows, so its weight still holds on average."""
+    m = Mixture([StreamPlan("a", 500, 256, 4, 3.0), StreamPlan("b", 500, 256, 4, 1.0)], tokens_per_step=512,
+                seed=0)
+    assert m.expected(0) == pytest.approx({"a": 0.375, "b": 0.125})
+    assert m.presence(0)["a"] == pytest.approx(1 / (0.375 + 0.625 * 0.875))
+    effective = _effective_weights(m, 6000)
+    assert effective == pytest.approx({"a": 1.0, "b": 1.0}, abs=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the aligned plan of sharded modes
+# ---------------------------------------------------------------------------------------------------
+def _plan():
+    streams = ["short", "long", "long", "s2l", "long", "short", "long", "long"]
+    return [MicroBatch(name, [10 * i, 10 * i + 1], i) for i, name in enumerate(streams)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_aligned_plan_same_kinds_every_real_batch_once(world):
+    plan = _plan()
+    per_rank = [shard_aligned(plan, r, world) for r in range(world)]
+    kinds = [[s.stream for s in slots] for slots in per_rank]
+    assert all(k == kinds[0] for k in kinds), kinds  # same sequence of kinds on every rank
+    assert kinds[0] == sorted(kinds[0])  # ordered by stream name
+    real = sorted(s.micro_batch.index for slots in per_rank for s in slots if not s.is_dummy)
+    assert real == list(range(len(plan)))  # every micro-batch trained on exactly once
+    for slots in per_rank:
+        for s in slots:
+            assert s.fetch.stream == s.stream  # a dummy reads rows of its own stream
+            assert s.is_dummy or s.fetch is s.micro_batch
+    counts = {n: sum(mb.stream == n for mb in plan) for n in {mb.stream for mb in plan}}
+    assert len(per_rank[0]) == sum(-(-c // world) for c in counts.values())  # padded to a multiple of world
+
+
+def test_aligned_plan_round_robin_and_padding():
+    slots = shard_aligned(_plan(), 1, 2)
+    # long has 5 (indices 1, 2, 4, 6, 7): rank 1 gets the 2nd and 4th, then a dummy; s2l's one goes to rank 0
+    assert [(s.stream, None if s.is_dummy else s.micro_batch.index) for s in slots] == [
+        ("long", 2), ("long", 6), ("long", None), ("s2l", None), ("short", 5)]
+    assert slots[2].fetch.index == 1 and slots[3].fetch.index == 3  # stand-ins: the stream's first
+    with pytest.raises(ValueError):
+        shard_aligned(_plan(), 2, 2)

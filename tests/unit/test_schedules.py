@@ -101,7 +101,7 @@ def test_schedules_that_cannot_reach_their_floor_are_refused(tmp_path):
         load_recipe(str(recipe), ["optim.schedule.name=wsd", "optim.schedule.warmup_steps=10",
                                   "optim.schedule.decay_steps=95"])
     with pytest.raises(ConfigError, match="optim.schedule.warmup_steps: 100 leaves no step to decay"):
-        load_recipe(str(recipe), ["optim.schedule.name=cosine", "optim.schedule.warmup_steps=100"])
+        load_recipe(str(recipe), ["optim.schedule.name=wsd", "optim.schedule.warmup_steps=100"])
     cfg = load_recipe(str(recipe), ["optim.schedule.name=wsd", "optim.schedule.warmup_steps=10",
                                     "optim.schedule.decay_steps=90"])
     assert lr_at(100, BASE, cfg.optim.schedule, 100) == 0.0

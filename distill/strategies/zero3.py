@@ -4,10 +4,10 @@
 
 accelerate exports ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_DEEPSPEED_ZERO_STAGE from the config; the
 trainer never calls `accelerator.prepare`: it builds the DeepSpeed config itself (`ds_config`), so the
-recipe stays the one source of hyper-parameters. Everything shared with FSDP2 comes from distill.parallel:
-ZeRO-3 also all-gathers each module's parameters in every forward/backward and reduce-scatters gradients
-in every backward, so every rank must run the same sequence of micro-batch kinds (`shard_plan_aligned`,
-with dummies whose losses are multiplied by 0).
+recipe stays the one source of hyper-parameters. `ZeRO3` is the strategy (distill.strategies.base). Like
+FSDP2, ZeRO-3 all-gathers each module's parameters in every forward/backward and reduce-scatters gradients
+in every backward, so every rank must run the same sequence of micro-batch kinds (`shard_aligned`, with
+dummies whose losses are multiplied by 0).
 
 Semantics kept identical to the one-process loop:
 - The optimiser is the recipe's torch AdamW over `param_groups(model)` handed to `deepspeed.initialize`
@@ -48,6 +48,10 @@ import os
 
 import torch
 from torch import nn
+
+from distill.models import decoder_of
+from distill.optim import make_optimizer
+from distill.strategies.base import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +159,7 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
 
     Args:
         model: the whole student, with its weights already loaded (checkpoint or init_from), on its device.
-        optimizer: torch AdamW over `distill.train.param_groups(model, wd)`, built BEFORE this call and not
+        optimizer: torch AdamW over `distill.optim.param_groups(model, wd)`, built BEFORE this call and not
             stepped yet. Keep the reference: its `param_groups` stay the place to set the learning rate (ZeRO-3
             swaps their "params" for flat partitions, nothing else). Never call its step()/zero_grad().
         max_grad_norm: clip inside `engine.step()` (0 = off).
@@ -258,7 +262,7 @@ def shard_teacher(teacher: nn.Module, persistence_threshold: int = 100_000, buck
     if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
         raise ValueError("shard_teacher: the teacher must be frozen (eval(), requires_grad_(False)) first")
     _init_distributed()
-    decoder = teacher.get_decoder() if hasattr(teacher, "get_decoder") else teacher.model
+    decoder = decoder_of(teacher)
     engine, _, _, _ = deepspeed.initialize(
         model=decoder, config=ds_config(0.0, persistence_threshold, bucket_size, train=False))
     engine.eval()
@@ -299,45 +303,6 @@ def full_model_state_dict(model) -> dict[str, torch.Tensor]:
         elif rank0:
             out[key] = value.detach().to("cpu", copy=True)
     return out if rank0 else {}
-
-
-def load_full_model_state_dict(model, sd: dict[str, torch.Tensor] | None) -> None:
-    """Load a full state dict held by rank 0 (others may pass None) into the partitioned model and into
-    ZeRO-3's fp32 master partitions (what the optimiser steps). Every rank must call it.
-
-    Usually not needed: the loop loads weights into the whole model before `wrap_student`.
-    """
-    import deepspeed
-    import torch.distributed as tdist
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    module = unwrap(model)
-    rank0 = _rank() == 0
-    keys = [list(sd.keys()) if rank0 else None]
-    tdist.broadcast_object_list(keys, src=0)
-    state = module.state_dict(keep_vars=True)
-    missing = sorted(set(state) - set(keys[0]))
-    if missing:
-        raise ValueError(f"state dict lacks {len(missing)} keys, e.g. {missing[:3]}")
-    done = set()
-    for key in state:
-        value = state[key]
-        if id(value) in done:
-            continue
-        done.add(id(value))
-        if hasattr(value, "ds_id"):
-            with deepspeed.zero.GatheredParameters([value], modifier_rank=0):
-                if rank0:
-                    value.data.copy_(sd[key].to(value.device, value.dtype))
-            if value.requires_grad and hasattr(value, "_z3_optimizer"):
-                full = sd[key].to(value.device, torch.float32) if rank0 else \
-                    torch.empty(value.ds_shape, dtype=torch.float32, device=value.device)
-                tdist.broadcast(full, src=0)
-                safe_set_full_fp32_param(value, full)
-        else:
-            full = sd[key].to(value.device, value.dtype) if rank0 else torch.empty_like(value)
-            tdist.broadcast(full, src=0)
-            value.data.copy_(full)
 
 
 def _flat_partitions(engine) -> list[torch.Tensor]:
@@ -426,3 +391,64 @@ def load_full_optimizer_state_dict(engine, sd: dict | None) -> None:
                 torch.empty(p.ds_shape, dtype=torch.float32, device=p.ds_tensor.device)
             tdist.broadcast(full, src=0)
             safe_set_full_optimizer_state(p, full, key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the strategy
+# ---------------------------------------------------------------------------------------------------
+class ZeRO3(Strategy):
+    """The student (with the recipe's AdamW) and the teacher's decoder partitioned by DeepSpeed ZeRO-3."""
+
+    name = "zero3"
+    aligned = True
+    sharded = True
+
+    def setup(self, student, teacher, optim_cfg, dtype) -> None:
+        del dtype  # fp32 partitions; the loop's autocast does mixed precision
+        # The client AdamW is built over the whole model BEFORE ZeRO-3 flattens it: its param_groups keep
+        # the parameter order of the checkpoint format and stay the place to set the learning rate.
+        self.optimizer = make_optimizer(student, optim_cfg, sharded=True)
+        self.engine = wrap_student(student, self.optimizer, optim_cfg.max_grad_norm)
+        if teacher is not None:
+            shard_teacher(teacher)
+        self.student, self.teacher = student, teacher
+        self.params = [p for p in student.parameters() if p.requires_grad]
+
+    def describe(self) -> str:
+        return (f"DeepSpeed ZeRO-3: student (with optimiser) and teacher partitioned over "
+                f"{self.procs.world} processes")
+
+    def forward(self, **inputs):
+        return self.engine(**inputs)  # the engine's forward prepares its gradient bookkeeping
+
+    def output_weight(self) -> torch.Tensor:
+        return output_weight(self.engine)  # the gathered copy kept during this micro-batch's forward
+
+    def backward(self, loss, last: bool) -> None:
+        del last  # ZeRO-3 reduce-scatters after every backward
+        backward(self.engine, loss)
+
+    def reduce_gradients(self) -> None:
+        """Nothing left to do: gradients were reduce-scattered (summed) in backward."""
+
+    def clip(self, max_norm: float) -> float:
+        del max_norm  # DeepSpeed clips inside engine.step() (gradient_clipping = optim.max_grad_norm)
+        return grad_norm(self.engine)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def skip_step(self) -> None:
+        skip_step(self.engine)
+
+    def zero_grad(self) -> None:
+        """Nothing to do: DeepSpeed resets its partitioned gradients in engine.step() / skip_step."""
+
+    def model_state_dict(self):
+        return full_model_state_dict(self.engine)
+
+    def optimizer_state_dict(self):
+        return full_optimizer_state_dict(self.engine)
+
+    def load_optimizer_state(self, read) -> None:
+        load_full_optimizer_state_dict(self.engine, read() if self.procs.is_main else None)

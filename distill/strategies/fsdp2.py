@@ -3,15 +3,17 @@
 The data-parallel loop replicates the student and sums gradients after a step. Sharded, every forward and
 backward issues collectives (all-gathers of each layer's parameters, reduce-scatters of its gradients, and
 the teacher's all-gathers too), so every rank must run the SAME sequence of micro-batch kinds in a step:
-`shard_plan_aligned` deals each stream's micro-batches round-robin and pads with dummies.
+`distill.mixture.shard_aligned` deals each stream's micro-batches round-robin and pads with dummies.
 
 Gradient semantics match the DDP loop: losses are already divided by GLOBAL token counts, so gradients are
 SUMMED over ranks (FSDP2 averages by default; `shard_student` sets a divide factor of 1 with sum-only
 reductions). Gradients are reduce-scattered after every backward and accumulated into the sharded `.grad`
-(exact accumulation; `set_gradient_sync` defers the reduction to the last micro-batch instead).
+(exact accumulation; `parallel.gradient_sync: step` defers the reduction to the step's last micro-batch,
+trading memory (unsharded gradients) for fewer collectives).
 
 Checkpoints stay plain full state dicts (model.safetensors + the `optimizer.state_dict()` of an unsharded
-AdamW over `param_groups(model)`): a run can resume on another number of processes, sharded or not.
+AdamW over `distill.optim.param_groups(model)`): a run can resume on another number of processes, sharded
+or not. `FSDP2` is the strategy (distill.strategies.base) built from these pieces.
 
 Layout of the sharding (Llama / Mistral / Qwen2: `model.model.layers`):
 - student: each decoder layer is one FSDP unit, the root (embeddings, final norm, lm_head) another. The
@@ -24,65 +26,17 @@ Layout of the sharding (Llama / Mistral / Qwen2: `model.model.layers`):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
 import torch
 from torch import nn
 
-from distill.mixture import MicroBatch
+from distill.models import decoder_layers
+from distill.optim import keep_kernel, make_optimizer
+from distill.strategies.base import Strategy
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the plan
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """One micro-batch of a rank in a sharded step.
-
-    `micro_batch` is None for a dummy: the rank still runs `stream`'s forward and backward (the collectives
-    must match the other ranks') on the rows of `fetch` (a real micro-batch of the same stream, trained on
-    by another rank), with every loss multiplied by 0 and no tokens counted.
-    """
-
-    stream: str
-    micro_batch: MicroBatch | None
-    fetch: MicroBatch  # the rows to read: `micro_batch` itself, or a stand-in for a dummy
-
-    @property
-    def is_dummy(self) -> bool:
-        return self.micro_batch is None
-
-
-def shard_plan_aligned(plan: list[MicroBatch], rank: int, world: int) -> list[Slot]:
-    """This rank's micro-batches, in the same sequence of kinds on every rank.
-
-    Each stream's micro-batches (in plan order) are dealt round-robin; a stream's list is padded with
-    dummies to a multiple of `world`, so every rank gets the same count per stream; slots are ordered by
-    stream name then position. Depends only on (plan, world): every rank computes the same assignment.
-
-    Every global micro-batch is real on exactly one rank. A dummy's stand-in is the first micro-batch of
-    its stream in the plan. The caller, for a dummy slot: fetch `slot.fetch.rows`, count no tokens, run the
-    same forward/backward as for a real one with `loss * 0.0` (or every loss sum times 0), and add nothing to
-    the logged loss sums. (0 × a finite loss gives exactly zero gradients; a non-finite one is non-finite on
-    the rank owning those rows too, so the step is skipped either way.)
-    """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} out of range for world {world}")
-    by_stream: dict[str, list[MicroBatch]] = {}
-    for mb in plan:
-        by_stream.setdefault(mb.stream, []).append(mb)
-    mine = []
-    for name in sorted(by_stream):
-        batches = by_stream[name]
-        padded = -(-len(batches) // world) * world
-        for k in range(rank, padded, world):
-            mb = batches[k] if k < len(batches) else None
-            mine.append(Slot(name, mb, mb if mb is not None else batches[0]))
-    return mine
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,13 +75,6 @@ def make_mesh(device: torch.device | str | None = None):
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "layers"):
-        raise ValueError(f"{type(model).__name__}: no decoder with a `layers` list to shard")
-    return decoder
-
-
 def _mesh_for(model: nn.Module, mesh):
     return mesh if mesh is not None else make_mesh(next(model.parameters()).device)
 
@@ -155,7 +102,7 @@ def shard_student(model: nn.Module, mesh=None, reshard_after_forward: bool = Tru
     mesh = _mesh_for(model, mesh)
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else \
         MixedPrecisionPolicy()
-    for layer in _decoder(model).layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     for module in model.modules():
@@ -185,7 +132,7 @@ def shard_teacher(teacher: nn.Module, mesh=None, mp_dtype: torch.dtype | None = 
         raise ValueError("shard_teacher: the teacher must be frozen (eval(), requires_grad_(False)) first")
     mesh = _mesh_for(teacher, mesh)
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype) if mp_dtype else MixedPrecisionPolicy()
-    for layer in _decoder(teacher).layers:
+    for layer in decoder_layers(teacher):
         fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
     return teacher
 
@@ -236,15 +183,6 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_model_state_dict(model: nn.Module, sd: dict[str, torch.Tensor] | None) -> None:
-    """Load a full state dict held by rank 0 (other ranks may pass None) into the sharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    # set_model_state_dict replaces the values of the dict it is given (with DTensors): pass a copy.
-    set_model_state_dict(model, dict(sd) if _rank() == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -320,3 +258,49 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
             entry[key] = full
         state[pid] = entry
     optimizer.load_state_dict({"state": state, "param_groups": layout["groups"]})
+
+
+# ---------------------------------------------------------------------------------------------------
+# the strategy
+# ---------------------------------------------------------------------------------------------------
+class FSDP2(Strategy):
+    """The student and the teacher sharded with FSDP2 over all ranks (aligned plans, summed gradients)."""
+
+    name = "fsdp2"
+    aligned = True
+    sharded = True
+
+    def setup(self, student, teacher, optim_cfg, dtype) -> None:
+        # Shard after every whole-model check and load: a forward on one rank alone would wait forever.
+        mesh = make_mesh(self.procs.device)
+        mp = dtype if self.procs.device.type == "cuda" and dtype != torch.float32 else None
+        shard_student(student, mesh, reshard_after_forward_requested(), mp_dtype=mp)
+        if teacher is not None:
+            shard_teacher(teacher, mesh)
+        self.student, self.teacher = student, teacher
+        self.optimizer = make_optimizer(student, optim_cfg, sharded=True)  # over the sharded parameters
+        self.params = [p for p in student.parameters() if p.requires_grad]
+
+    def describe(self) -> str:
+        return f"FSDP2: student and teacher sharded over {self.procs.world} processes"
+
+    def backward(self, loss, last: bool) -> None:
+        if self.gradient_sync == "step":  # reduce-scatter once, after the step's last micro-batch
+            set_gradient_sync(self.student, last)
+        loss.backward()
+
+    def reduce_gradients(self) -> None:
+        """Nothing left to do: gradients were reduce-scattered (summed) in backward."""
+
+    def clip(self, max_norm: float) -> float:
+        return clip_grad_norm(self.params, max_norm if max_norm > 0 else float("inf"))
+
+    def model_state_dict(self):
+        return full_model_state_dict(self.student)
+
+    def optimizer_state_dict(self):
+        return full_optimizer_state_dict(self.student, self.optimizer)
+
+    def load_optimizer_state(self, read) -> None:
+        load_full_optimizer_state_dict(self.student, self.optimizer, read() if self.procs.is_main else None)
+        keep_kernel(self.optimizer)

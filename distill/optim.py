@@ -1,0 +1,43 @@
+"""The optimiser: AdamW over decayed and undecayed parameter groups, with the kernel the recipe asks for."""
+
+from __future__ import annotations
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; leave norms, biases and other 1-D parameters undecayed.
+
+    The order of the parameters (groups, then `named_parameters` order) is the numbering of the optimiser's
+    state_dict, which every parallel mode keeps so checkpoints move between them.
+    """
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, optim_cfg, sharded: bool) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, with the kernel `optim.implementation` asks for (see OptimConfig): auto is
+    fused for a whole model, torch's default over sharded (DTensor / partitioned) parameters."""
+    kind = optim_cfg.implementation
+    if kind == "auto":
+        kind = "default" if sharded else "fused"
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
+             "default": {}}[kind]
+    return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
+                             betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, **flags)
+
+
+def keep_kernel(optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: keep the kernel this run chose (`optim.implementation`), not the one saved in
+    the checkpoint's param groups (load_state_dict copies their fused / foreach flags); a fused kernel
+    wants fp32 `step` tensors on the parameters' device."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = optimizer.defaults["fused"], optimizer.defaults["foreach"]
+        if group.get("fused"):
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)

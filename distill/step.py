@@ -1,0 +1,314 @@
+"""One optimiser step, the same in every parallel mode: fetch, global counts, micro-batch losses, backward,
+clip and step.
+
+The loss rule (torchtitan's, TRL's): every (stream, objective) is normalised by its loss-bearing tokens over
+ALL micro-batches of the step and ALL ranks, counted once before any forward; each micro-batch's loss sums
+are divided by those global counts, weighted, and back-propagated, so gradient accumulation and data
+parallelism are exact and gradients are summed over ranks. A stream expecting fewer than one micro-batch
+per step also carries `Mixture.presence`'s factor, which keeps its configured weight on average.
+
+Everything a parallel mode does differently sits behind `distill.strategies.Strategy`; everything a stream
+does differently (its objectives, layers, positions and teacher) sits in its `StreamObjectives`, built once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from distill.config import ConfigError, RecipeConfig, StreamConfig
+from distill.data.dataset import DataError, PackedStream
+from distill.mixture import Mixture, stable_seed
+from distill.objectives import hidden_cosine_loss, kl_loss, lm_loss
+from distill.rope import skipped_positions
+
+
+class Spans:
+    """Named spans of a step, for measuring where the time goes (benchmarks/common.py records them). This
+    base records nothing and costs one call per span; GPU work is asynchronous, so a recorder that wants
+    device time must synchronise itself."""
+
+    _NULL = contextlib.nullcontext()
+
+    def __call__(self, name: str, stream: str | None = None):
+        """A context manager around span `name` (e.g. "student_forward"), of `stream` when it is one's."""
+        del name, stream
+        return self._NULL
+
+    def step_done(self, record: dict) -> None:
+        """Called once per step with the step's metrics record, after the step."""
+
+
+NO_SPANS = Spans()
+
+
+class BadRowError(DataError):
+    """A row of built data holds a token id outside the vocabulary (one line: stream, row, file)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# one stream
+# ---------------------------------------------------------------------------------------------------
+def check_stream(name: str, stream_cfg: StreamConfig, data: PackedStream, window: int, target_length: int) -> None:
+    """A stream's recipe against its built data; one-line ConfigError.
+
+    Short-to-long streams (positions cream / uniform) need one document per row (the `window` packer), rows
+    no longer than the teacher's native window, and a target length beyond that window, since the student
+    sees the row at skipped positions reaching the target while the teacher reads it at 0..T-1.
+    """
+    if data.seq_len > target_length:
+        raise ConfigError(f"streams.{name}.data: rows of {data.seq_len} tokens exceed rope.target_length "
+                          f"{target_length}")
+    if stream_cfg.positions == "native":
+        return
+    key = f"streams.{name}"
+    pack = data.info.get("pack")
+    if pack != "window":
+        raise ConfigError(f"{key}.positions: {stream_cfg.positions} needs rows of one document each, built with "
+                          f"pack: window; {data.path} was built with pack: {pack}")
+    if data.seq_len > window:
+        raise ConfigError(f"{key}.data: rows of {data.seq_len} tokens exceed the teacher's window {window}; "
+                          f"positions: {stream_cfg.positions} distils text of at most the original length "
+                          f"(allowed: seq_len ≤ {window})")
+    if target_length <= window:
+        raise ConfigError(f"{key}.positions: {stream_cfg.positions} spreads rows over rope.target_length "
+                          f"{target_length}, which must exceed the teacher's window {window}")
+
+
+@dataclasses.dataclass
+class StreamObjectives:
+    """One stream's loss state, built once: what it trains on and how.
+
+    Attributes:
+        name: the stream's name in the recipe.
+        cfg: its StreamConfig (objectives, positions).
+        data: the built rows.
+        layers: hidden-state indices for `hidden` (0 = embeddings, num_layers = the final-norm output).
+        num_layers: the student's decoder layers.
+        target_length: rope.target_length (skipped positions reach it).
+        teacher: the truncated teacher runner, None for a stream without teacher objectives.
+        teacher_head: the teacher's lm_head weight (for `kl`), else None.
+    """
+
+    name: str
+    cfg: StreamConfig
+    data: PackedStream
+    layers: list[int]
+    num_layers: int
+    target_length: int
+    teacher: Callable | None = None
+    teacher_head: torch.Tensor | None = None
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.cfg.objectives.active())
+
+    def fetch(self, rows: list[int], device, vocab_size: int) -> tuple[dict, list[str]]:
+        """The micro-batch's tensors on `device` ({"input_ids", "position_ids", "labels"} (B, T) int64,
+        "real" (B, T) bool) and one line per row with a token id outside [0, vocab_size)."""
+        batch = {k: v for k, v in self.data.batch(rows).items() if torch.is_tensor(v)}
+        bad = self.data.bad_rows(rows, batch["input_ids"], vocab_size)
+        batch["real"] = self.data.real_mask(rows)
+        return {k: v.to(device) for k, v in batch.items()}, bad
+
+    def counts(self, batch: dict) -> dict[str, int]:
+        """Loss-bearing tokens per objective (the normaliser), known before any forward."""
+        counts = {}
+        if self.cfg.objectives.lm is not None:
+            counts["lm"] = int((batch["labels"][:, 1:] != -100).sum())
+        for name in ("hidden", "kl"):
+            if getattr(self.cfg.objectives, name) is not None:
+                counts[name] = int(batch["real"].sum())
+        return counts
+
+    def losses(self, strategy, batch: dict, positions_seed: int, autocast, spans: Spans = NO_SPANS) -> dict:
+        """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
+        input_ids, positions, real = batch["input_ids"], batch["position_ids"], batch["real"]  # (B, T) each
+        B, T = input_ids.shape
+        objectives = self.cfg.objectives
+        if self.cfg.positions == "native":
+            student_positions, student_mask = positions, None  # mask None: packed documents stay isolated
+        else:
+            # Short-to-long: one document per row seen at skipped positions reaching the target length. An
+            # explicit all-ones mask stops transformers from reading the position jump as a new document.
+            gen = torch.Generator().manual_seed(positions_seed)
+            student_positions = torch.stack([skipped_positions(T, self.target_length, self.cfg.positions, gen)
+                                             for _ in range(B)]).to(input_ids.device)
+            student_mask = torch.ones_like(input_ids)
+
+        # One autocast region for the forwards and the objectives: the chunked losses' two large matmuls take
+        # the compute dtype (as the model's own lm_head would) while their reductions stay fp32 (the hidden
+        # cosine upcasts itself). The final hidden state is fp32 under CPU autocast (the residual stream is):
+        # outside autocast those matmuls ran in fp32, 3x slower on a bf16 CPU.
+        with autocast():
+            with spans("student_forward", self.name):
+                # Through the root (sharded modes gather embeddings and lm_head there); logits for one token.
+                out = strategy.forward(input_ids=input_ids, position_ids=student_positions,
+                                       attention_mask=student_mask, output_hidden_states=True, use_cache=False,
+                                       logits_to_keep=1)
+            states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
+            head = strategy.output_weight()
+            sums = {}
+            if objectives.lm is not None:
+                with spans("loss", self.name):
+                    sums["lm"] = lm_loss(states[-1], head, batch["labels"], chunk_size=objectives.lm.chunk_size,
+                                         use_liger=objectives.lm.fused)[0]
+            if self.teacher is not None:
+                wanted = sorted(set(self.layers) | ({self.num_layers} if objectives.kl is not None else set()))
+                with spans("teacher_forward", self.name):
+                    taught = self.teacher(input_ids, positions, None, wanted, objectives.kl is not None)
+                with spans("loss", self.name):
+                    if objectives.hidden is not None:
+                        sums["hidden"] = hidden_cosine_loss([states[i] for i in self.layers],
+                                                            [taught[i] for i in self.layers], real)[0]
+                    if objectives.kl is not None:
+                        kl = objectives.kl
+                        sums["kl"] = kl_loss(states[-1], head, taught[self.num_layers], self.teacher_head, real,
+                                             kind=kl.kind, temperature=kl.temperature, chunk_size=kl.chunk_size)[0]
+                del taught  # nothing of the teacher outlives its loss
+        return sums
+
+
+def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers: dict[str, list[int]],
+                     num_layers: int, teacher=None) -> dict[str, StreamObjectives]:
+    """Every stream's StreamObjectives (after the strategy's set-up: `teacher` is the sharded one if any)."""
+    from distill.models import TruncatedTeacher
+
+    runner = TruncatedTeacher(teacher) if teacher is not None else None  # shared: one copy per depth
+    built = {}
+    for name, stream_cfg in cfg.streams.items():
+        taught = teacher is not None and stream_cfg.objectives.needs_teacher
+        built[name] = StreamObjectives(
+            name=name, cfg=stream_cfg, data=streams[name], layers=layers.get(name, []), num_layers=num_layers,
+            target_length=cfg.rope.target_length, teacher=runner if taught else None,
+            teacher_head=teacher.get_output_embeddings().weight if taught and stream_cfg.objectives.kl else None)
+    return built
+
+
+# ---------------------------------------------------------------------------------------------------
+# one step
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StepContext:
+    """What every step of a run shares (built once in distill.train.run)."""
+
+    strategy: object
+    streams: dict[str, StreamObjectives]
+    mixture: Mixture
+    device: torch.device
+    autocast: Callable
+    seed: int
+    max_grad_norm: float
+    vocab_size: int
+    bad_rows: str = "stop"
+    spans: Spans = NO_SPANS
+
+    def __post_init__(self):
+        self.keys = [(n, o) for n, s in self.streams.items() for o in s.objectives]  # (stream, objective)
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.weights = torch.tensor([self.streams[n].cfg.objectives.active()[o].weight for n, o in self.keys],
+                                    dtype=torch.float64)
+        self.cost = {n: s.data.seq_len for n, s in self.streams.items()}
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: float
+    """Σ weight · presence · per-token mean over the (stream, objective)s of the step."""
+    grad_norm: float
+    means: dict[tuple[str, str], float]
+    """Per-token mean of each (stream, objective) present in the step."""
+    slots: dict[str, int]
+    """Token slots per stream over the whole step (all ranks)."""
+    stepped: bool
+    """False when the loss or the gradient norm was not finite and the step was skipped."""
+    skipped_rows: int = 0
+    """Rows skipped for out-of-vocabulary token ids (train.bad_rows: skip), over all ranks."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.slots.values())
+
+
+def train_step(ctx: StepContext, step: int) -> StepResult:
+    """Run optimiser step `step` (0-based) of the plan; every rank calls it with the same step."""
+    strategy, spans, keys = ctx.strategy, ctx.spans, ctx.keys
+    cursors = ctx.mixture.state_dict()
+    plan = ctx.mixture.plan(step)
+    slots = strategy.assign(plan, ctx.cost)
+
+    # Fetch every micro-batch of the step first, then count loss-bearing tokens over all of them and all
+    # ranks once: every micro-batch's sums are divided by these global counts (exact accumulation).
+    fetched, problems = [], []
+    local = torch.zeros(len(keys) + 1, dtype=torch.float64)  # counts per key, then bad rows
+    for slot in slots:
+        stream = ctx.streams[slot.stream]
+        with spans("data", slot.stream):
+            batch, bad = stream.fetch(slot.fetch.rows, ctx.device, ctx.vocab_size)
+        if bad and not slot.is_dummy:
+            problems += [f"streams.{slot.stream}: {line}" for line in bad]
+            local[-1] += len(bad)
+        if bad:
+            _blank_bad_rows(batch, ctx.vocab_size)  # a dummy reads another rank's rows: same treatment
+        if not slot.is_dummy:
+            for obj, n in stream.counts(batch).items():
+                local[ctx.index[(slot.stream, obj)]] += n
+        fetched.append((slot, batch))
+    global_counts = strategy.procs.all_reduce(local.to(ctx.device)).cpu()
+    bad_rows, global_counts = int(global_counts[-1]), global_counts[:-1]
+    if bad_rows and ctx.bad_rows == "stop":
+        ctx.mixture.load_state_dict(cursors)  # the step did not happen: a resume replays it
+        found = [line for lines in strategy.procs.gather_objects(problems) for line in lines]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise BadRowError(f"{found[0]}{more}; rebuild the stream (scripts/prepare_data.py --verify finds damaged "
+                          f"files) or set train.bad_rows: skip")
+
+    presence = ctx.mixture.presence(step)
+    loss_sums = torch.zeros(len(keys), dtype=torch.float64, device=ctx.device)  # on device: no sync per batch
+    for i, (slot, batch) in enumerate(fetched):
+        stream = ctx.streams[slot.stream]
+        seed = stable_seed(ctx.seed, "positions", step, slot.fetch.index) % (2**63)
+        sums = stream.losses(strategy, batch, seed, ctx.autocast, spans)
+        loss = 0.0
+        scale = 0.0 if slot.is_dummy else presence[slot.stream]  # a dummy only keeps collectives in step
+        for obj, value in sums.items():
+            k = ctx.index[(slot.stream, obj)]
+            loss = loss + scale * ctx.weights[k].item() * value / max(global_counts[k].item(), 1.0)
+            if not slot.is_dummy:
+                loss_sums[k] += value.detach().double()
+        with spans("backward", slot.stream):
+            strategy.backward(loss, last=i == len(fetched) - 1)
+        del sums, loss
+    with spans("clip_grad"):
+        strategy.reduce_gradients()
+        grad_norm = strategy.clip(ctx.max_grad_norm)
+    loss_sums = strategy.procs.all_reduce(loss_sums).cpu()
+    means = loss_sums / global_counts.clamp(min=1)
+    factors = torch.tensor([presence[n] for n, _ in keys], dtype=torch.float64)
+    present = global_counts > 0
+    total = float((ctx.weights * factors * means)[present].sum())
+
+    stepped = math.isfinite(total) and math.isfinite(grad_norm)
+    with spans("optimizer"):
+        strategy.step() if stepped else strategy.skip_step()
+        strategy.zero_grad()
+    slot_tokens: dict[str, int] = {}  # token slots of the whole step (all ranks) per stream
+    for mb in plan:
+        slot_tokens[mb.stream] = slot_tokens.get(mb.stream, 0) + len(mb.rows) * ctx.cost[mb.stream]
+    return StepResult(loss=total, grad_norm=grad_norm,
+                      means={k: m for k, m, c in zip(keys, means.tolist(), global_counts.tolist()) if c > 0},
+                      slots=slot_tokens, stepped=stepped, skipped_rows=bad_rows)
+
+
+def _blank_bad_rows(batch: dict, vocab_size: int) -> None:
+    """train.bad_rows: skip — a row with an out-of-range id keeps its place (every rank's forwards stay
+    aligned) but carries no loss: ids set to 0, labels ignored, no real tokens."""
+    ids = batch["input_ids"]
+    rows = ((ids < 0) | (ids >= vocab_size)).any(dim=1)  # (B,)
+    ids[rows] = 0
+    batch["labels"][rows] = -100
+    batch["real"][rows] = False

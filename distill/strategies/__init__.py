@@ -1,0 +1,37 @@
+"""Parallel modes behind one interface (`Strategy`, distill.strategies.base), picked once from the launcher.
+
+| launch                                                      | strategy                          |
+|-------------------------------------------------------------|-----------------------------------|
+| `python -m distill.train`, or any launch of one process     | `Replicated` (one process)        |
+| `accelerate launch` (MULTI_GPU, e.g. recipes/accelerate/ddp.yaml) | `Replicated` (data parallel) |
+| `accelerate launch --config_file recipes/accelerate/fsdp2.yaml`   | `FSDP2`                      |
+| `accelerate launch --config_file recipes/accelerate/zero3.yaml`   | `ZeRO3` (DeepSpeed)          |
+"""
+
+from __future__ import annotations
+
+from distill.strategies.base import Processes, Strategy
+
+__all__ = ["Processes", "Strategy", "choose"]
+
+
+def choose(procs: Processes, gradient_sync: str = "micro_batch") -> Strategy:
+    """The strategy the launcher's environment asks for (one process: always replicated).
+
+    Raises:
+        ConfigError: the launcher asked for a mode or an option we do not support (one line).
+    """
+    from distill.config import ConfigError
+    from distill.strategies import fsdp2, zero3
+    from distill.strategies.replicated import Replicated
+
+    if procs.world == 1:
+        return Replicated(procs, gradient_sync)
+    try:
+        if fsdp2.fsdp_requested():
+            return fsdp2.FSDP2(procs, gradient_sync)
+        if zero3.zero3_requested():
+            return zero3.ZeRO3(procs, gradient_sync)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return Replicated(procs, gradient_sync)

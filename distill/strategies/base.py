@@ -1,0 +1,158 @@
+"""The processes of a run and the interface every parallel mode implements.
+
+A `Strategy` owns the student, the teacher and the optimiser once they are set up, and is the only place
+that knows how a mode moves tensors between ranks. The step (distill.step) and the run (distill.train) call
+it the same way in every mode:
+
+    strategy.setup(student, teacher, optim_cfg, dtype)        # shard / wrap, build the optimiser
+    slots = strategy.assign(plan, cost)                        # this rank's micro-batches of the step
+    out = strategy.forward(input_ids=..., ...)                 # the student's forward
+    weight = strategy.output_weight()                          # lm_head weight for the chunked losses
+    strategy.backward(loss, last=...)                          # per micro-batch
+    strategy.reduce_gradients()                                # once: gradients SUMMED over ranks
+    norm = strategy.clip(max_norm)                             # global norm before clipping (all ranks)
+    strategy.step() or strategy.skip_step(); strategy.zero_grad()
+    strategy.model_state_dict() / optimizer_state_dict()       # full state dicts on rank 0 (all ranks call)
+    strategy.load_optimizer_state_dict(sd)                     # sd on rank 0 (others None)
+
+Loss semantics are the same everywhere: every micro-batch's loss sums are divided by GLOBAL token counts
+(over micro-batches and ranks), so gradients are summed, never averaged, over ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from distill.mixture import MicroBatch, Slot, shard, shard_aligned
+
+logger = logging.getLogger(__name__)
+
+
+class Processes:
+    """Rank, world and the few collectives the loop needs (sums over ranks; no-ops on one process)."""
+
+    def __init__(self):
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.is_main = self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank passed True (a collective: every rank calls it)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return self.all_reduce(value, op="max").item() > 0
+
+    def gather_objects(self, obj) -> list:
+        """`obj` of every rank, in rank order (a collective)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+
+class Strategy:
+    """The interface of a parallel mode; the defaults are those of a whole (unsharded) student."""
+
+    name = "base"
+    aligned = False
+    """Whether every rank must run the same sequence of stream kinds in a step (sharded modes: each forward
+    and backward issues collectives), padded with dummy micro-batches."""
+    sharded = False
+    """Whether the student's parameters are split over ranks (no whole model on any one process)."""
+
+    def __init__(self, procs: Processes, gradient_sync: str = "micro_batch"):
+        self.procs = procs
+        self.gradient_sync = gradient_sync
+        self.student: nn.Module | None = None
+        self.teacher: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[nn.Parameter] = []
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def setup(self, student: nn.Module, teacher: nn.Module | None, optim_cfg, dtype: torch.dtype) -> None:
+        """Take the whole student (weights loaded) and teacher, shard them as the mode does, build AdamW."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One log line: the mode and how the models are laid out."""
+        raise NotImplementedError
+
+    # -- the plan --------------------------------------------------------------------------------------
+    def assign(self, plan: list[MicroBatch], cost: dict[str, int]) -> list[Slot]:
+        """This rank's micro-batches of the step's global plan."""
+        if self.aligned:
+            return shard_aligned(plan, self.procs.rank, self.procs.world)
+        return shard(plan, self.procs.rank, self.procs.world, cost)
+
+    # -- one micro-batch -------------------------------------------------------------------------------
+    def forward(self, **inputs):
+        """The student's forward through its root module (sharded modes gather embeddings and lm_head there)."""
+        return self.student(**inputs)
+
+    def output_weight(self) -> torch.Tensor:
+        """The student's full lm_head weight for the chunked losses (valid after this micro-batch's forward)."""
+        return self.student.get_output_embeddings().weight
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Back-propagate one micro-batch's loss (`last`: the step's last micro-batch on this rank)."""
+        del last
+        loss.backward()
+
+    # -- the end of a step -----------------------------------------------------------------------------
+    def reduce_gradients(self) -> None:
+        """Once per step, after the last backward: leave every rank with gradients summed over ranks."""
+        raise NotImplementedError
+
+    def clip(self, max_norm: float) -> float:
+        """Clip the summed gradients to `max_norm` (0: no clipping); returns the global norm before clipping
+        (a collective in sharded modes: every rank calls it)."""
+        raise NotImplementedError
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def skip_step(self) -> None:
+        """Discard this step's gradients (non-finite loss or norm) without touching weights or moments."""
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's full state dict, CPU tensors on rank 0 ({} elsewhere). Every rank calls it."""
+        raise NotImplementedError
+
+    def optimizer_state_dict(self) -> dict:
+        """The optimiser state as an unsharded AdamW(param_groups(student)) gives it, on rank 0 ({} elsewhere).
+        Every rank calls it."""
+        raise NotImplementedError
+
+    def load_optimizer_state(self, read: Callable[[], dict]) -> None:
+        """Load an unsharded-format optimiser state; `read()` returns it (called on the ranks that need the
+        file: all of them when replicated, rank 0 when sharded). Every rank calls this."""
+        raise NotImplementedError

@@ -1,0 +1,124 @@
+"""The shipped trainer (`distill.train.main`, hence `distill.step.train_step` through the launcher's strategy)
+run several times in one multi-process launch, for tests/integration/test_strategies.py:
+
+    accelerate launch --config_file recipes/accelerate/<cpu2|fsdp2|zero3>.yaml --num_processes 2 \
+        tests/integration/strategy_worker.py RECIPE OUT [--teacher MODEL]
+
+Runs (each its own output directory under OUT, 3 steps, a checkpoint every step):
+  full/          uninterrupted
+  resumed/       stopped after 2 steps (train.max_steps=2), then resumed to 3 by a second run
+  poisoned/      every LM loss of step 1 is NaN: the step is skipped, then steps 2 and 3 train
+  checkpointing/ (FSDP2) activation checkpointing in the student's layers
+  deferred/      (FSDP2) parallel.gradient_sync: step (one reduce-scatter per step)
+With --teacher, OUT/teacher.json holds the sharded teacher's truncated hidden states against the plain ones.
+Process start-up dominates on CPU, hence one launch for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def poisoned_run(recipe: str, out: str, *overrides: str) -> int:
+    """`distill.train.main` with every LM loss of step 1 (index 0) multiplied by NaN on every rank."""
+    from distill import step as step_module
+    from distill import train
+
+    real_step, real_lm = train.train_step, step_module.lm_loss
+    poison = {"on": False}
+
+    def train_step(ctx, index):
+        poison["on"] = index == 0
+        return real_step(ctx, index)
+
+    def lm_loss(*args, **kwargs):
+        total, count = real_lm(*args, **kwargs)
+        return (total * float("nan") if poison["on"] else total), count
+
+    train.train_step, step_module.lm_loss = train_step, lm_loss
+    try:
+        return train.main([recipe, f"run.output_dir={out}", *overrides])
+    finally:
+        train.train_step, step_module.lm_loss = real_step, real_lm
+
+
+def teacher_diffs(model_dir: str, mode: str) -> dict[str, float]:
+    """Max |difference| of TruncatedTeacher's hidden states, sharded (the strategy module's shard_teacher) vs
+    plain, per requested list of hidden-state indices (one runner per side, reused across the lists as the
+    trainer reuses it)."""
+    from distill.config import ModelConfig
+    from distill.models import TruncatedTeacher, load_teacher
+    from distill.strategies import fsdp2, zero3
+
+    model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto")
+    plain = load_teacher(model_dir, model_cfg)
+    sharded = load_teacher(model_dir, model_cfg)
+    if mode == "fsdp2":
+        fsdp2.shard_teacher(sharded, fsdp2.make_mesh("cpu"))
+    else:
+        zero3.shard_teacher(sharded, persistence_threshold=0)  # partition everything, the lm_head included
+    layers_partitioned = all(p.numel() == 0 for p in sharded.model.layers.parameters())
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, plain.config.vocab_size, (2, 24), generator=g)
+    positions = torch.arange(24)[None].expand(2, -1)
+    runner_plain, runner = TruncatedTeacher(plain), TruncatedTeacher(sharded)
+    diffs = {}
+    for layers in ([0], [1], [1, 2], [2], [1]):  # back to a truncated depth after the full one
+        want = runner_plain(ids, positions, None, layers)
+        got = runner(ids, positions, None, layers)
+        diffs[str(layers)] = max((got[i] - want[i]).abs().max().item() for i in layers) if \
+            got.keys() == want.keys() else float("inf")
+    return {"diffs": diffs, "partitioned": layers_partitioned}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("out")
+    parser.add_argument("--teacher", help="a model directory: also check the sharded teacher")
+    args = parser.parse_args()
+
+    import torch.distributed as dist
+
+    from distill import train
+    from distill.strategies import Processes, choose
+
+    torch.set_num_threads(1)
+    procs = Processes()
+    mode = choose(procs).name
+    codes = {}
+    if args.teacher and mode != "replicated":
+        result = teacher_diffs(args.teacher, mode)
+        if procs.is_main:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "teacher.json"), "w", encoding="utf-8") as f:
+                json.dump(result, f)
+
+    def run(name, *overrides):
+        return train.main([args.recipe, f"run.output_dir={os.path.join(args.out, name)}", *overrides])
+
+    codes["full"] = run("full")
+    codes["resumed_first"] = run("resumed", "train.max_steps=2")
+    codes["resumed"] = run("resumed")
+    codes["poisoned"] = poisoned_run(args.recipe, os.path.join(args.out, "poisoned"))
+    if mode == "fsdp2":
+        codes["checkpointing"] = run("checkpointing", "model.gradient_checkpointing=true")
+        codes["deferred"] = run("deferred", "parallel.gradient_sync=step")
+    if procs.is_main:
+        with open(os.path.join(args.out, "codes.json"), "w", encoding="utf-8") as f:
+            json.dump({"mode": mode, "world": procs.world, "codes": codes}, f)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
