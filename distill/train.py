@@ -321,8 +321,8 @@ def _stopped(done: int, preempt: ckpt.PreemptionFlag, stop_file: str | None, is_
                 os.remove(stop_file)  # acted on: the resumed run must not stop again at once
             with open(stop_file + ".checkpointed", "w", encoding="utf-8") as f:
                 f.write(f"{done}\n")
-        logger.warning("preempted at step %d (%s): checkpoint written; the job script requeues the job", done,
-                       cause)
+            logger.warning("preempted at step %d (%s): checkpoint written; the job script requeues the job",
+                           done, cause)
         return 0
     logger.warning("stopped (%s) after step %d; checkpoint written; run the same command to resume (exit code "
                    "%d)", cause, done, EXIT_PREEMPTED)

@@ -2,9 +2,11 @@
 run resumed on 1 process, and an output directory that cannot be written. The real command line runs in
 subprocesses; "bit-identical" means torch.equal on every tensor of the final weights."""
 
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -198,37 +200,103 @@ def test_init_from_starts_a_new_stage(tmp_path, tiny_llama, built_data, caplog):
     assert yaml.safe_load(open(tmp_path / "second" / "config.yaml"))["train"]["init_from"].endswith("step-2")
 
 
-@pytest.mark.slow
-def test_slurm_script_checkpoints_on_usr1_and_requeues(tmp_path, tiny_llama, built_data):
-    """scripts/slurm/train.sbatch with stand-ins for srun/scontrol (no SLURM here): SIGUSR1 to the batch
-    shell → stop file → checkpoint → exit 75 → `scontrol requeue`; the requeued command resumes."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nexec "$@"\n')  # drop --kill-on-bad-exit
-    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol.log\n'
-                                      'if [ "$1" = show ]; then echo localhost; fi\n')
-    (bin_dir / "accelerate").write_text(f'#!/usr/bin/env bash\nexec {sys.executable} -m accelerate.commands.accelerate_cli "$@"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
+def test_second_run_into_the_same_output_dir_is_refused(tmp_path, tiny_llama, built_data):
+    """Two launches of one recipe into one run.output_dir: the second refuses with one line naming the
+    holder (host, pid, since when) and touches nothing; the first runs on."""
     out = tmp_path / "run"
-    path = write(resume_recipe(tiny_llama, built_data, out), tmp_path / "r.yaml")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": ROOT, "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
-           "SLURM_NODEID": "0", "GPUS_PER_NODE": "1", "ACCELERATE_CONFIG": os.path.join(ROOT, "recipes", "accelerate", "cpu2.yaml"),
-           "ACCELERATE_USE_CPU": "1", "DISTILL_STOP_FILE": str(tmp_path / "stop")}
-    script = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
-    proc = subprocess.Popen(["bash", script, path], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    if not wait_for_step(proc, out / "metrics.jsonl", 2):
-        raise AssertionError(proc.communicate()[0][-3000:])
-    proc.send_signal(signal.SIGUSR1)
-    log, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, log[-3000:]
-    assert "requeue 4242" in (tmp_path / "scontrol.log").read_text()
-    stopped_at = len(read_metrics(out / "metrics.jsonl"))
-    assert stopped_at < STEPS and ckpt.verify(str(out / "checkpoints" / f"step-{stopped_at}")) is None
-    assert not (tmp_path / "stop").exists()
-    assert (tmp_path / "stop.checkpointed").read_text().strip() == str(stopped_at)
-    again = train_cli(path)  # what the requeued job runs
+    cfg = resume_recipe(tiny_llama, built_data, out)
+    cfg["train"]["max_steps"] = 500  # still running when the second launch looks
+    path = write(cfg, tmp_path / "r.yaml")
+    first = start(path)
+    assert wait_for_step(first, out / "metrics.jsonl", 1)
+    second = train_cli(path)
+    lines = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert f"is in use by another run (host {socket.gethostname()}, pid {first.pid}, since " in lines[0]
+    assert first.poll() is None  # the first run is untouched and still going
+    first.send_signal(signal.SIGUSR1)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == ckpt.PREEMPT_EXIT_CODE, stderr[-2000:]
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: each step once
+    assert not (out / ckpt.RunLock.NAME).exists()  # released when the run ends
+
+
+def test_lock_of_a_killed_run_is_taken_over(tmp_path, tiny_llama, built_data):
+    out = tmp_path / "run"
+    cfg = resume_recipe(tiny_llama, built_data, out)
+    cfg["train"]["max_steps"] = 3
+    path = write(cfg, tmp_path / "r.yaml")
+    proc = start(path)
+    assert wait_for_step(proc, out / "metrics.jsonl", 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert (out / ckpt.RunLock.NAME).exists()  # left behind by the killed run
+    again = train_cli(path)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert "taking over the lock" in again.stderr and f"its process {proc.pid} is gone" in again.stderr
+
+
+def test_lock_staleness_rules(tmp_path, monkeypatch):
+    """Same host and a dead pid, an earlier incarnation of the same SLURM job (requeued), or no heartbeat for
+    STALE_AFTER_S: stale. A live holder elsewhere with a fresh heartbeat, or another job: held."""
+    lock = ckpt.RunLock(str(tmp_path))
+    (tmp_path / ckpt.RunLock.NAME).write_text("{}")
+    elsewhere = {"host": "other-node", "pid": 123, "slurm_job_id": "77", "slurm_restart_count": "0"}
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert "requeued" in lock._stale_reason(elsewhere)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same incarnation: a second launch inside the job
+    assert lock._stale_reason(elsewhere) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    assert lock._stale_reason(elsewhere) is None
+    old = time.time() - ckpt.RunLock.STALE_AFTER_S - 5
+    os.utime(tmp_path / ckpt.RunLock.NAME, (old, old))
+    assert "no heartbeat" in lock._stale_reason(elsewhere)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert "is gone" in lock._stale_reason({"host": socket.gethostname(), "pid": dead.pid})
+    os.utime(tmp_path / ckpt.RunLock.NAME)
+    with pytest.raises(ckpt.RunLockError, match=r"in use by another run \(host other-node, pid 123"):
+        (tmp_path / ckpt.RunLock.NAME).write_text(json.dumps(elsewhere))
+        lock.acquire()
+
+
+def test_stop_file_checkpoints_and_exits_zero_with_a_note(tmp_path, tiny_llama, built_data, reference_run):
+    """The job-script protocol: the stop file asks for a stop; the trainer checkpoints, leaves
+    `<stop file>.checkpointed` holding the step and exits 0 (a planned stop, not a failure for the launcher)."""
+    out = tmp_path / "run"
+    stop = tmp_path / "stop"
+    path = write(resume_recipe(tiny_llama, built_data, out), tmp_path / "r.yaml")
+    env = {**os.environ, "PYTHONPATH": ROOT, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "DISTILL_STOP_FILE": str(stop)}
+    proc = subprocess.Popen([sys.executable, "-m", "distill.train", path], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for_step(proc, out / "metrics.jsonl", 2)
+    stop.touch()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    stopped_at = len(read_metrics(out / "metrics.jsonl"))
+    assert stopped_at < STEPS and "Traceback" not in stderr
+    assert f"preempted at step {stopped_at} (the stop file): checkpoint written" in stderr
+    assert (tmp_path / "stop.checkpointed").read_text().strip() == str(stopped_at) and not stop.exists()
+    assert not (out / "final").exists()
+    again = subprocess.run([sys.executable, "-m", "distill.train", path], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_run(reference_run, out)
+
+
+def test_stop_on_the_last_step_finishes_the_run(tmp_path, tiny_llama, built_data):
+    """A stop that arrives on the last step is no preemption: the run completes (export), leaves no note, and
+    a job script has nothing to requeue."""
+    out = tmp_path / "run"
+    stop = tmp_path / "stop"
+    stop.touch()  # already there when the first (and last) step ends
+    cfg = resume_recipe(tiny_llama, built_data, out)
+    cfg["train"]["max_steps"] = 1
+    proc = train_cli(write(cfg, tmp_path / "r.yaml"), env_extra={"DISTILL_STOP_FILE": str(stop)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "final" / "config.json").exists()
+    assert not (tmp_path / "stop.checkpointed").exists() and not stop.exists()
+    assert "preempted" not in proc.stderr

@@ -250,3 +250,87 @@ def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, tiny_llama, built_d
     dirs = [d for d in os.listdir(tmp_path / "run" / "wandb") if d.startswith("offline-run-")]
     assert len(dirs) == 2 and all(d.endswith(run_id) for d in dirs)
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_short_to_long_streams_are_checked_at_start_up(tmp_path, tiny_llama, built_data, capsys):
+    """positions cream/uniform need one-document rows (pack: window) no longer than the teacher's window, and
+    a target beyond it; each mistake is one line before anything runs (rows of the target length used to
+    crash with a traceback at the first micro-batch)."""
+    base = lambda: recipe(tiny_llama, built_data, tmp_path / "run", "longred")  # noqa: E731
+    cfg = base()
+    cfg["streams"]["s2l"]["data"] = built_data["short"]  # best_fit rows: several documents each
+    _assert_refused(tmp_path, cfg, "streams.s2l.positions: cream needs rows of one document each, built with "
+                                   "pack: window", capsys)
+    cfg = base()
+    cfg["streams"]["s2l"]["data"] = built_data["long"]  # concat rows of 1024 = the target length
+    _assert_refused(tmp_path, cfg, "streams.s2l.positions: cream needs rows of one document each", capsys)
+    cfg = base()
+    cfg["rope"]["original_length"] = 128  # the teacher's window below the s2l rows of 256
+    _assert_refused(tmp_path, cfg, "streams.s2l.data: rows of 256 tokens exceed the teacher's window 128", capsys)
+    cfg = base()
+    cfg["rope"] = {"method": "none", "target_length": 256}
+    cfg["streams"].pop("long")
+    _assert_refused(tmp_path, cfg, "streams.s2l.positions: cream spreads rows over rope.target_length 256, which "
+                                   "must exceed the teacher's window 256", capsys)
+
+
+def test_sparse_streams_are_announced_and_keep_their_weight(tmp_path, tiny_llama, built_data, caplog):
+    """4096 token slots at 4 : 1 : 1 with micro-batches of 4 × 256: short and s2l expect 0.67 micro-batches per
+    step. The start-up says so with the numbers, and their losses carry 1 / 0.67 where present."""
+    from distill import step as step_module
+    from distill.train import run
+
+    cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=2)
+    cfg["streams"]["long"]["share"] = 4
+    seen = []
+    real = step_module.StepContext.__post_init__
+
+    def keep(ctx):
+        real(ctx)
+        seen.append(ctx)
+
+    caplog.set_level("WARNING", logger="distill.train")
+    step_module.StepContext.__post_init__ = keep
+    try:
+        assert run(load_recipe(write(cfg, tmp_path / "r.yaml"))) == 0
+    finally:
+        step_module.StepContext.__post_init__ = real
+    warnings = [r.getMessage() for r in caplog.records if "micro-batches of" in r.getMessage()]
+    assert len(warnings) == 2 and any(w.startswith("streams.short: its share gives 683 of mix.tokens_per_step "
+                                                   "4096 token slots, 0.67 micro-batches of 4 × 256") for w in warnings)
+    assert "weighted ×1.50" in warnings[0]
+    presence = seen[0].mixture.presence(0)
+    assert presence == pytest.approx({"long": 1.0, "short": 1.5, "s2l": 1.5})
+
+
+def test_auto_layers_are_ranked_on_single_documents(tmp_path, tiny_llama, built_data, monkeypatch):
+    """layers: auto compares attention on documents run alone (positions 0..T-1), not on packed rows whose
+    documents would attend to each other."""
+    from distill import layers as layers_module
+    from distill.data.dataset import PackedStream
+    from distill.train import run
+
+    seen = []
+    real = layers_module.attention_kl
+
+    def spy(student, teacher, input_ids, batch_size=1):
+        seen.append(input_ids.cpu())
+        return real(student, teacher, input_ids, batch_size)
+
+    monkeypatch.setattr(layers_module, "attention_kl", spy)
+    cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=1)
+    cfg["streams"]["short"]["objectives"]["hidden"]["layers"] = "auto"
+    cfg["streams"]["short"]["objectives"]["hidden"]["top_k"] = 1
+    assert run(load_recipe(write(cfg, tmp_path / "r.yaml"))) == 0
+    assert len(seen) == 1
+    stream = PackedStream(built_data["short"])
+    documents = set()
+    for i in range(min(64, len(stream))):
+        ids, start = stream.input_ids(i), 0
+        for n in stream.lengths(i):
+            documents.add(tuple(ids[start: start + n].tolist()))
+            start += n
+    rows = seen[0]
+    assert rows.shape[0] == 4
+    for row in rows.tolist():  # every row is the start of ONE document: no second document, no padding
+        assert any(doc[: len(row)] == tuple(row) for doc in documents if len(doc) >= len(row))
