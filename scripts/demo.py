@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -85,19 +86,84 @@ def log(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run(cmd: list[str], env: dict | None = None) -> None:
-    """Run one public command; stop the demo with its last lines if it fails."""
-    log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
-                                              **(env or {})},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.strip() and "it/s]" not in line]
-    for line in lines:
-        if line.startswith(("step ", "error:", "[")) or " INFO distill.train: " in line and "checkpoint" not in line:
+PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "desc:  12%|█▏ | 84/700 [01:10<08:40, ...]"
+
+
+def stream(cmd: list[str], env: dict, show, progress, keep: int = 30) -> tuple[int, list[str]]:
+    """Run `cmd`, handing each line of its output (stdout and stderr) to `show` or, for progress-bar
+    updates (tqdm rewrites its line with \r), to `progress`, AS IT ARRIVES; returns (exit code, last lines)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+    tail, pending = [], b""
+    while True:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        pending += chunk
+        *parts, pending = re.split(rb"[\r\n]", pending)
+        for raw in parts:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if not line.strip():
+                continue
+            if PROGRESS.search(line):
+                progress(line)
+            else:
+                tail = (tail + [line])[-keep:]
+                show(line)
+    if pending.strip():
+        line = pending.decode("utf-8", errors="replace").rstrip()
+        tail = (tail + [line])[-keep:]
+        show(line)
+    return proc.wait(), tail
+
+
+class Console:
+    """The demo's live output: a stage's log lines as they come, its progress bar redrawn in place on a
+    terminal (on a pipe, one bar line every `every` seconds, so a log file shows progress too)."""
+
+    def __init__(self, every: float = 30.0):
+        self.tty = sys.stdout.isatty()
+        self.every = every
+        self.last = 0.0
+        self.open_bar = False
+
+    NOISE = ("Loading weights", "Writing model shards", "Saving the dataset", "Setting accelerator to CPU")
+
+    def show(self, line: str) -> None:
+        if any(n in line for n in self.NOISE):
+            return
+        self._end_bar()
+        print("    " + line, flush=True)
+
+    def progress(self, line: str) -> None:
+        now = time.time()
+        if self.tty:
+            if now - self.last >= 0.5:
+                print("\r    " + line[:150].ljust(150), end="", flush=True)
+                self.open_bar, self.last = True, now
+        elif now - self.last >= self.every:
             print("    " + line, flush=True)
-    if proc.returncode != 0:
-        print("\n".join(lines[-30:]), file=sys.stderr)
-        raise SystemExit(f"error: demo step failed (exit {proc.returncode}): {' '.join(cmd)}")
+            self.last = now
+
+    def _end_bar(self) -> None:
+        if self.open_bar:
+            print(flush=True)
+            self.open_bar = False
+
+    def done(self) -> None:
+        self._end_bar()
+        self.last = 0.0
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    """Run one public command with live output; stop the demo with its last lines if it fails."""
+    log("$ " + " ".join(cmd))
+    console = Console()
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
+    code, tail = stream(cmd, env, console.show, console.progress)
+    console.done()
+    if code != 0:
+        print("\n".join(tail), file=sys.stderr)
+        raise SystemExit(f"error: demo step failed (exit {code}): {' '.join(cmd)}")
 
 
 def launch(recipe: str, overrides: list[str]) -> None:
@@ -139,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {n} stdlib modules (half with PASSKEY look-ups) to {passkey_docs}")
         run([sys.executable, "scripts/prepare_data.py", "data/demo.yaml", f"tokenizer={tok_dir}",
              f"output_dir={data_dir}", "sources.0.kind=jsonl", f"sources.0.path={passkey_docs}",
-             "sources.0.include=[]", "sources.0.exclude=[]", "--quiet", *size["data"]])
+             "sources.0.include=[]", "sources.0.exclude=[]", *size["data"]])
 
     runs = os.path.join(out, "runs")
     data = {s: os.path.join(data_dir, s) for s in ("long", "short", "s2l")}
@@ -188,6 +254,23 @@ def _num(value) -> float:
     return float("nan") if value is None else float(value)
 
 
+def environment() -> dict:
+    """What a rerun must match to give the same digits: library versions, the CPU, the thread count."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
 def write_report(out: str, results: dict, seconds: float) -> dict:
     """report.json (per method: short_nll, short_nll_gap, recovered_fraction, long_nll, passkey_accuracy),
     report.md, and a combined NLL-by-position plot."""
@@ -210,6 +293,7 @@ def write_report(out: str, results: dict, seconds: float) -> dict:
         m["recovered_fraction"] = 1.0 - m["short_nll_gap"] / cpt_gap if cpt_gap and math.isfinite(cpt_gap) else float("nan")
         m["long_nll_vs_long_cpt"] = m["long_nll"] / methods["long_cpt"]["long_nll"] - 1.0
     report = {
+        "environment": environment(),
         "teacher": {"short_nll": teacher_short, "long_nll": _num(teacher.get("long_nll_beyond")),
                     "passkey_accuracy": _num(teacher.get("passkey_accuracy"))},
         "methods": methods,

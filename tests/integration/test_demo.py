@@ -38,3 +38,34 @@ def test_demo_pipeline_quick(tmp_path):
     again = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "$ " not in again.stdout
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", os.path.join(ROOT, "scripts", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_shows_each_stage_live():
+    """A stage's lines and its progress bar reach the console while it runs, not when it ends (the teacher's
+    ten minutes used to pass in silence)."""
+    import time
+
+    demo = _demo_module()
+    child = ("import sys, time\n"
+             "print('step 1 | loss 2.0', flush=True)\n"
+             "sys.stderr.write('teacher:  50%|#####     | 1/2 [00:01<00:01]\\r'); sys.stderr.flush()\n"
+             "time.sleep(3)\n"
+             "print('step 2 | loss 1.0', flush=True)\n")
+    seen = []
+    start = time.time()
+    code, tail = demo.stream([sys.executable, "-c", child], dict(os.environ),
+                             lambda line: seen.append(("line", line, time.time() - start)),
+                             lambda line: seen.append(("bar", line, time.time() - start)))
+    ended = time.time() - start
+    assert code == 0 and tail == ["step 1 | loss 2.0", "step 2 | loss 1.0"]
+    assert [kind for kind, _, _ in seen] == ["line", "bar", "line"]
+    assert seen[0][2] < ended - 2 and seen[1][2] < ended - 2  # shown before the stage finished
