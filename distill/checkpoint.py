@@ -2,7 +2,7 @@
 
 Layout: `<output_dir>/checkpoints/step-N/` with
     model.safetensors   the student's full weights (every parallel mode writes the same format)
-    optimizer.pt        the optimiser state of an unsharded AdamW (tensors only; loaded with weights_only=True)
+    optimizer.pt        the optimiser state of an unsharded AdamW (tensors only; weights_only=True loads it)
     state.json          `TrainState`: step, tokens, mixture cursors, LR, wandb id, counters
     rng-<rank>.pt       torch / numpy / python RNG states of each rank
     COMPLETE            written last: the sizes of every file above (a checkpoint without it is incomplete)
@@ -289,7 +289,8 @@ class RunLock:
     @staticmethod
     def _me() -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")}
 
     def _stale_reason(self, holder: dict) -> str | None:
@@ -327,12 +328,12 @@ class RunLock:
                     holder = {}
                 reason = self._stale_reason(holder)
                 if reason is None:
+                    job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
                     raise RunLockError(
                         f"run.output_dir: {os.path.dirname(self.path)} is in use by another run (host "
-                        f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}"
-                        f"{', SLURM job ' + str(holder['slurm_job_id']) if holder.get('slurm_job_id') else ''}); "
-                        f"wait for it, or use another output_dir (if that run is dead, delete {self.path})"
-                    ) from None
+                        f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
+                        f"{holder.get('since', '?')}{job}); wait for it, or use another output_dir (if that "
+                        f"run is dead, delete {self.path})") from None
                 logger.warning("taking over the lock %s: %s", self.path, reason)
                 try:
                     os.remove(self.path)

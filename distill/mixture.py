@@ -64,7 +64,8 @@ class Mixture:
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"cursor": dict(self.cursor), "epoch": {n: self.epoch(n) for n in self.cursor}, "seed": self.seed}
+        return {"cursor": dict(self.cursor), "epoch": {n: self.epoch(n) for n in self.cursor},
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.cursor:

@@ -53,7 +53,8 @@ class BadRowError(DataError):
 # ---------------------------------------------------------------------------------------------------
 # one stream
 # ---------------------------------------------------------------------------------------------------
-def check_stream(name: str, stream_cfg: StreamConfig, data: PackedStream, window: int, target_length: int) -> None:
+def check_stream(name: str, stream_cfg: StreamConfig, data: PackedStream, window: int,
+                 target_length: int) -> None:
     """A stream's recipe against its built data; one-line ConfigError.
 
     Short-to-long streams (positions cream / uniform) need one document per row (the `window` packer), rows
@@ -68,8 +69,8 @@ def check_stream(name: str, stream_cfg: StreamConfig, data: PackedStream, window
     key = f"streams.{name}"
     pack = data.info.get("pack")
     if pack != "window":
-        raise ConfigError(f"{key}.positions: {stream_cfg.positions} needs rows of one document each, built with "
-                          f"pack: window; {data.path} was built with pack: {pack}")
+        raise ConfigError(f"{key}.positions: {stream_cfg.positions} needs rows of one document each, built "
+                          f"with pack: window; {data.path} was built with pack: {pack}")
     if data.seq_len > window:
         raise ConfigError(f"{key}.data: rows of {data.seq_len} tokens exceed the teacher's window {window}; "
                           f"positions: {stream_cfg.positions} distils text of at most the original length "
@@ -148,17 +149,19 @@ class StreamObjectives:
             with spans("student_forward", self.name):
                 # Through the root (sharded modes gather embeddings and lm_head there); logits for one token.
                 out = strategy.forward(input_ids=input_ids, position_ids=student_positions,
-                                       attention_mask=student_mask, output_hidden_states=True, use_cache=False,
-                                       logits_to_keep=1)
+                                       attention_mask=student_mask, output_hidden_states=True,
+                                       use_cache=False, logits_to_keep=1)
             states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
             head = strategy.output_weight()
             sums = {}
             if objectives.lm is not None:
                 with spans("loss", self.name):
-                    sums["lm"] = lm_loss(states[-1], head, batch["labels"], chunk_size=objectives.lm.chunk_size,
-                                         use_liger=objectives.lm.fused)[0]
+                    lm = objectives.lm
+                    sums["lm"] = lm_loss(states[-1], head, batch["labels"], chunk_size=lm.chunk_size,
+                                         use_liger=lm.fused)[0]
             if self.teacher is not None:
-                wanted = sorted(set(self.layers) | ({self.num_layers} if objectives.kl is not None else set()))
+                final = {self.num_layers} if objectives.kl is not None else set()
+                wanted = sorted(set(self.layers) | final)
                 with spans("teacher_forward", self.name):
                     taught = self.teacher(input_ids, positions, None, wanted, objectives.kl is not None)
                 with spans("loss", self.name):
@@ -167,8 +170,9 @@ class StreamObjectives:
                                                             [taught[i] for i in self.layers], real)[0]
                     if objectives.kl is not None:
                         kl = objectives.kl
-                        sums["kl"] = kl_loss(states[-1], head, taught[self.num_layers], self.teacher_head, real,
-                                             kind=kl.kind, temperature=kl.temperature, chunk_size=kl.chunk_size)[0]
+                        sums["kl"] = kl_loss(states[-1], head, taught[self.num_layers], self.teacher_head,
+                                             real, kind=kl.kind, temperature=kl.temperature,
+                                             chunk_size=kl.chunk_size)[0]
                 del taught  # nothing of the teacher outlives its loss
         return sums
 
@@ -182,10 +186,10 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
     built = {}
     for name, stream_cfg in cfg.streams.items():
         taught = teacher is not None and stream_cfg.objectives.needs_teacher
+        head = teacher.get_output_embeddings().weight if taught and stream_cfg.objectives.kl else None
         built[name] = StreamObjectives(
             name=name, cfg=stream_cfg, data=streams[name], layers=layers.get(name, []), num_layers=num_layers,
-            target_length=cfg.rope.target_length, teacher=runner if taught else None,
-            teacher_head=teacher.get_output_embeddings().weight if taught and stream_cfg.objectives.kl else None)
+            target_length=cfg.rope.target_length, teacher=runner if taught else None, teacher_head=head)
     return built
 
 
@@ -264,8 +268,8 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
         ctx.mixture.load_state_dict(cursors)  # the step did not happen: a resume replays it
         found = [line for lines in strategy.procs.gather_objects(problems) for line in lines]
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise BadRowError(f"{found[0]}{more}; rebuild the stream (scripts/prepare_data.py --verify finds damaged "
-                          f"files) or set train.bad_rows: skip")
+        raise BadRowError(f"{found[0]}{more}; rebuild the stream (scripts/prepare_data.py --verify finds "
+                          f"damaged files) or set train.bad_rows: skip")
 
     presence = ctx.mixture.presence(step)
     loss_sums = torch.zeros(len(keys), dtype=torch.float64, device=ctx.device)  # on device: no sync per batch

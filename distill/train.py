@@ -1,6 +1,6 @@
 """Restoration distillation, end to end.
 
-    accelerate launch [--config_file recipes/accelerate/fsdp2.yaml] -m distill.train RECIPE.yaml [a.b=value ...]
+    accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m distill.train RECIPE.yaml [a.b=value ...]
     python -m distill.train RECIPE.yaml            # one process
 
 `run` reads top to bottom: set-up (everything that can be wrong with the recipe or the data is checked
@@ -67,10 +67,10 @@ def warn_sparse_streams(cfg: RecipeConfig, mixture) -> None:
         s, seq_len = cfg.streams[name], mixture.streams[name].seq_len
         logger.warning(
             "streams.%s: its share gives %.0f of mix.tokens_per_step %d token slots, %.2f micro-batches of "
-            "%d × %d per step: it is present on ~%.0f%% of steps, and its losses are weighted ×%.2f there so its "
-            "configured weights hold on average; raise mix.tokens_per_step or lower micro_batch to have it in "
-            "every step", name, e * s.micro_batch * seq_len, cfg.mix.tokens_per_step, e, s.micro_batch, seq_len,
-            100 * e, 1 / e)
+            "%d × %d per step: it is present on ~%.0f%% of steps, and its losses are weighted ×%.2f there so "
+            "its configured weights hold on average; raise mix.tokens_per_step or lower micro_batch to have "
+            "it in every step", name, e * s.micro_batch * seq_len, cfg.mix.tokens_per_step, e, s.micro_batch,
+            seq_len, 100 * e, 1 / e)
 
 
 def take_lock(procs, output_dir: str) -> ckpt.RunLock:
@@ -125,7 +125,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
 
     # -- set-up: everything that can be wrong with the recipe or the data is checked before any write -----
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any load failure is the user's path
         raise ConfigError(f"model.path: cannot load a tokenizer from '{cfg.model.path}': "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -137,7 +138,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     num_layers = student.config.num_hidden_layers
     teacher = None
     if cfg.needs_teacher:
-        teacher_cfg = cfg.model if cfg.teacher.path is None else dataclasses.replace(cfg.model, path=cfg.teacher.path)
+        teacher_cfg = cfg.model if cfg.teacher.path is None else \
+            dataclasses.replace(cfg.model, path=cfg.teacher.path)
         teacher = load_teacher(teacher_cfg.path, teacher_cfg, device)
     # Without a teacher (Long CPT), the RoPE checks compare against the checkpoint's native rotary module.
     reference = teacher if teacher is not None else native_rope_reference(student, cfg.model)
@@ -194,10 +196,11 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         state.wandb_id = tracker.run_id
     evaluation = None
     if cfg.train.eval_every and strategy.sharded:
-        logger.warning("train.eval_every: in-training evaluation needs the whole model on one process; skipped "
-                       "when sharded (run scripts/evaluate.py on a checkpoint or on final/)")
+        logger.warning("train.eval_every: in-training evaluation needs the whole model on one process; "
+                       "skipped when sharded (run scripts/evaluate.py on a checkpoint or on final/)")
     elif cfg.train.eval_every and procs.is_main:
-        evaluation = _evaluation(cfg, tokenizer, teacher if teacher is not None else student, eval_streams(cfg))
+        native = teacher if teacher is not None else student
+        evaluation = _evaluation(cfg, tokenizer, native, eval_streams(cfg))
 
     ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher),
                       mixture=mixture, device=device, autocast=_autocast(device, dtype), seed=cfg.run.seed,
@@ -229,7 +232,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         try:
             result = train_step(ctx, step)
         except BadRowError:
-            logger.error("a bad row in step %d: writing a checkpoint at step %d before stopping", step + 1, step)
+            logger.error("a bad row in step %d: writing a checkpoint at step %d before stopping", step + 1,
+                         step)
             save_checkpoint(step)
             raise
         elapsed = time.perf_counter() - t0
@@ -276,7 +280,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         if streak >= cfg.train.max_nonfinite_steps:  # after the step's record is written
             raise TrainingError(
                 f"{streak} non-finite steps in a row (last: step {done}, loss {result.loss}, grad-norm "
-                f"{result.grad_norm}); stopping. Lower optim.lr, check the data, or resume from the last checkpoint")
+                f"{result.grad_norm}); stopping. Lower optim.lr, check the data, or resume from the last "
+                f"checkpoint")
         # A signal, or the stop file a cluster script creates (scripts/slurm/train.sbatch), stops the run; all
         # ranks agree at the step boundary.
         from_file = procs.is_main and stop_file is not None and os.path.exists(stop_file)
@@ -295,7 +300,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         full_state = strategy.model_state_dict()  # a collective when sharded
         if procs.is_main:
             final = os.path.join(out_dir, "final")
-            export(student, tokenizer, final, state_dict=full_state, dtype=dtype)  # masters in the recipe's dtype
+            # fp32 master weights are exported in the recipe's dtype (bf16 for real models).
+            export(student, tokenizer, final, state_dict=full_state, dtype=dtype)
             logger.info("exported %s", final)
     if stop_file is not None and procs.is_main and os.path.exists(stop_file):
         os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
@@ -324,8 +330,8 @@ def _stopped(done: int, preempt: ckpt.PreemptionFlag, stop_file: str | None, is_
             logger.warning("preempted at step %d (%s): checkpoint written; the job script requeues the job",
                            done, cause)
         return 0
-    logger.warning("stopped (%s) after step %d; checkpoint written; run the same command to resume (exit code "
-                   "%d)", cause, done, EXIT_PREEMPTED)
+    logger.warning("stopped (%s) after step %d; checkpoint written; run the same command to resume (exit "
+                   "code %d)", cause, done, EXIT_PREEMPTED)
     return EXIT_PREEMPTED
 
 
@@ -336,14 +342,16 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def _evaluation(cfg: RecipeConfig, tokenizer, native_model, held_out: tuple[str | None, str | None]) -> dict | None:
+def _evaluation(cfg: RecipeConfig, tokenizer, native_model,
+                held_out: tuple[str | None, str | None]) -> dict | None:
     """The arguments of `evaluate_suite` for in-training evaluation, or None without held-out data."""
     from distill.data.dataset import PackedStream
     from distill.rope import original_length
 
     short_eval, long_eval = held_out
     if short_eval is None and long_eval is None:
-        logger.warning("train.eval_every is set but no held-out data was found (eval.short_data / eval.long_data)")
+        logger.warning("train.eval_every is set but no held-out data was found (eval.short_data / "
+                       "eval.long_data)")
         return None
     logger.info("evaluating every %d steps on %s and %s", cfg.train.eval_every, short_eval, long_eval)
     return dict(short_stream=PackedStream(short_eval, tokenizer) if short_eval else None,

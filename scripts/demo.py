@@ -91,8 +91,10 @@ PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "desc:  12%|█▏ | 84/700 
 
 def stream(cmd: list[str], env: dict, show, progress, keep: int = 30) -> tuple[int, list[str]]:
     """Run `cmd`, handing each line of its output (stdout and stderr) to `show` or, for progress-bar
-    updates (tqdm rewrites its line with \r), to `progress`, AS IT ARRIVES; returns (exit code, last lines)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+    updates (tqdm rewrites its line with \r), to `progress`, AS IT ARRIVES; returns (exit code, last
+    lines)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            bufsize=0)
     tail, pending = [], b""
     while True:
         chunk = os.read(proc.stdout.fileno(), 65536)
@@ -158,7 +160,8 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     """Run one public command with live output; stop the demo with its last lines if it fails."""
     log("$ " + " ".join(cmd))
     console = Console()
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     code, tail = stream(cmd, env, console.show, console.progress)
     console.done()
     if code != 0:
@@ -174,14 +177,15 @@ def launch(recipe: str, overrides: list[str]) -> None:
 
 
 def done(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
+    return all(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "model.safetensors"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     parser.add_argument("--quick", action="store_true", help="a reduced-size smoke run (used by the tests)")
-    parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished steps")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete --out first instead of reusing finished steps")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     out = os.path.abspath(args.out)
@@ -267,8 +271,9 @@ def environment() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def write_report(out: str, results: dict, seconds: float) -> dict:
@@ -290,7 +295,8 @@ def write_report(out: str, results: dict, seconds: float) -> dict:
         }
     cpt_gap = methods["long_cpt"]["short_nll_gap"]
     for m in methods.values():
-        m["recovered_fraction"] = 1.0 - m["short_nll_gap"] / cpt_gap if cpt_gap and math.isfinite(cpt_gap) else float("nan")
+        usable = cpt_gap and math.isfinite(cpt_gap)
+        m["recovered_fraction"] = 1.0 - m["short_nll_gap"] / cpt_gap if usable else float("nan")
         m["long_nll_vs_long_cpt"] = m["long_nll"] / methods["long_cpt"]["long_nll"] - 1.0
     report = {
         "environment": environment(),
@@ -325,28 +331,33 @@ def write_report(out: str, results: dict, seconds: float) -> dict:
         "A 4-layer Llama (128 wide) pre-trained at a 256-token window on Python standard-library code, then "
         "extended 4x to 1024 by ABF (theta 1e4 -> 1.6e5) three ways. Held-out data; NLL in nats per token.",
         "",
-        f"Teacher short NLL: **{teacher_short:.4f}**; teacher NLL beyond 256: {report['teacher']['long_nll']:.4f}; "
+        f"Teacher short NLL: **{teacher_short:.4f}**; teacher NLL beyond 256: "
+        f"{report['teacher']['long_nll']:.4f}; "
         f"teacher passkey accuracy: {report['teacher']['passkey_accuracy']:.2f}.",
         "",
-        "| method | short NLL | gap to teacher | recovered | KL(teacher‖student) | long NLL (pos ≥ 256) | vs Long CPT | passkey |",
+        "| method | short NLL | gap to teacher | recovered | KL(teacher‖student) | long NLL (pos ≥ 256) | "
+        "vs Long CPT | passkey |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, label in METHODS.items():
         m = methods[method]
-        lines.append(f"| {label} | {m['short_nll']:.4f} | {m['short_nll_gap']:+.4f} | {m['recovered_fraction']:.2f} | "
-                     f"{m['kl_teacher_student']:.4f} | {m['long_nll']:.4f} | {m['long_nll_vs_long_cpt']:+.1%} | "
+        lines.append(f"| {label} | {m['short_nll']:.4f} | {m['short_nll_gap']:+.4f} | "
+                     f"{m['recovered_fraction']:.2f} | {m['kl_teacher_student']:.4f} | {m['long_nll']:.4f} | "
+                     f"{m['long_nll_vs_long_cpt']:+.1%} | "
                      f"{m['passkey_accuracy']:.2f} |")
     verdict = []
     verdict.append(f"- recovered fraction of Long CPT's short-NLL gap: {lrd['recovered_fraction']:.2f} "
                    f"(target ≥ 0.90: {'met' if lrd['recovered_fraction'] >= 0.9 else 'NOT met'})")
     verdict.append(f"- long NLL vs Long CPT: {lrd['long_nll_vs_long_cpt']:+.1%} (target within 2%: "
                    f"{'met' if lrd['long_nll_vs_long_cpt'] <= 0.02 else 'NOT met'})")
-    verdict.append(f"- passkey: {lrd['passkey_accuracy']:.2f} vs Long CPT {methods['long_cpt']['passkey_accuracy']:.2f} "
-                   f"({'no worse' if lrd['passkey_accuracy'] >= methods['long_cpt']['passkey_accuracy'] else 'worse'})")
+    cpt_passkey = methods["long_cpt"]["passkey_accuracy"]
+    verdict.append(f"- passkey: {lrd['passkey_accuracy']:.2f} vs Long CPT {cpt_passkey:.2f} "
+                   f"({'no worse' if lrd['passkey_accuracy'] >= cpt_passkey else 'worse'})")
     lines += ["", "LongReD against the targets:", *verdict, ""]
     if plot:
         lines += ["![NLL by position](nll_by_position.png)", ""]
-    lines += [f"Per-model details (per-layer hidden cosine and attention KL, passkey grids): `eval/<model>/eval.json`. "
+    lines += [f"Per-model details (per-layer hidden cosine and attention KL, passkey grids): "
+              f"`eval/<model>/eval.json`. "
               f"Total time {seconds / 60:.1f} min.", ""]
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

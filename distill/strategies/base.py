@@ -107,11 +107,13 @@ class Strategy:
 
     # -- one micro-batch -------------------------------------------------------------------------------
     def forward(self, **inputs):
-        """The student's forward through its root module (sharded modes gather embeddings and lm_head there)."""
+        """The student's forward through its root module (sharded modes gather embeddings and lm_head
+        there)."""
         return self.student(**inputs)
 
     def output_weight(self) -> torch.Tensor:
-        """The student's full lm_head weight for the chunked losses (valid after this micro-batch's forward)."""
+        """The student's full lm_head weight for the chunked losses (valid after this micro-batch's
+        forward)."""
         return self.student.get_output_embeddings().weight
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -148,8 +150,8 @@ class Strategy:
         raise NotImplementedError
 
     def optimizer_state_dict(self) -> dict:
-        """The optimiser state as an unsharded AdamW(param_groups(student)) gives it, on rank 0 ({} elsewhere).
-        Every rank calls it."""
+        """The optimiser state as an unsharded AdamW(param_groups(student)) gives it, on rank 0 ({}
+        elsewhere). Every rank calls it."""
         raise NotImplementedError
 
     def load_optimizer_state(self, read: Callable[[], dict]) -> None:

@@ -211,7 +211,8 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return {"state": state, "param_groups": [dict(g) for g in sd["param_groups"]]}
 
 
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict | None) -> None:
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   sd: dict | None) -> None:
     """Load a full (unsharded-format) optimiser state dict held by rank 0 into the sharded optimiser.
 
     Rank 0 broadcasts the layout, then each tensor; every rank keeps its own shard of each tensor whose
@@ -230,10 +231,11 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     layout = [None]
     if rank0:
         # Small values (AdamW's 0-dim `step`) travel with the layout; large tensors are broadcast one by one.
-        layout = [{"groups": sd["param_groups"],
-                   "state": {pid: {k: (("big", tuple(v.shape), v.dtype) if torch.is_tensor(v) and v.numel() > 1
-                                       else ("value", v)) for k, v in entry.items()}
-                             for pid, entry in sd["state"].items()}}]
+        def spec(v):
+            return ("big", tuple(v.shape), v.dtype) if torch.is_tensor(v) and v.numel() > 1 else ("value", v)
+
+        state = {pid: {k: spec(v) for k, v in entry.items()} for pid, entry in sd["state"].items()}
+        layout = [{"groups": sd["param_groups"], "state": state}]
     dist.broadcast_object_list(layout, src=0)
     layout = layout[0]
     if layout["state"] and max(layout["state"]) >= len(params):
@@ -250,7 +252,8 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
             _, shape, dtype = spec
             is_dtensor = isinstance(param, DTensor)
             device = torch.device(param.device_mesh.device_type) if is_dtensor else param.device
-            full = sd["state"][pid][key].to(device) if rank0 else torch.empty(shape, dtype=dtype, device=device)
+            full = sd["state"][pid][key].to(device) if rank0 else \
+                torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(full, src=0)
             if is_dtensor and tuple(shape) == tuple(param.shape):
                 # Every rank now holds the full tensor: keep the local piece, no further communication.

@@ -29,8 +29,9 @@ Semantics kept identical to the one-process loop:
   loop's chunked losses use it outside any module call, so `wrap_student` installs a forward hook on the
   output-embedding module, before DeepSpeed's own hooks: during the student's forward (logits_to_keep=1
   calls lm_head on the last token) it keeps a full copy with an autograd edge to the parameter whose
-  backward re-gathers the parameter (`_FullWeight`), so its gradient flows into ZeRO-3's reduce-scatter. `output_weight(model)` returns it
-  (valid until the next forward; one full lm_head per rank, like FSDP2's root kept gathered).
+  backward re-gathers the parameter (`_FullWeight`), so its gradient flows into ZeRO-3's reduce-scatter.
+  `output_weight(model)` returns it (valid until the next forward; one full lm_head per rank, like FSDP2's
+  root kept gathered).
 - The teacher's decoder is partitioned by a second, optimiser-less ZeRO-3 engine (`shard_teacher`);
   its lm_head stays a plain replicated tensor (for a logits KL). `distill.models.TruncatedTeacher` works on
   it unchanged: the shallow decoder copy shares the decoder's hooks and the layers' hooks, and the layers past
@@ -62,13 +63,14 @@ _TRUE = ("1", "true", "yes")
 # the launcher's request
 # ---------------------------------------------------------------------------------------------------
 def zero3_requested() -> bool:
-    """Whether the launcher asked for DeepSpeed (accelerate exports ACCELERATE_USE_DEEPSPEED=true from a config
-    with `distributed_type: DEEPSPEED`, e.g. recipes/accelerate/zero3.yaml).
+    """Whether the launcher asked for DeepSpeed (accelerate exports ACCELERATE_USE_DEEPSPEED=true from a
+    config with `distributed_type: DEEPSPEED`, e.g. recipes/accelerate/zero3.yaml).
 
     Raises:
-        ValueError: DeepSpeed was asked for with a ZeRO stage other than 3 (ACCELERATE_DEEPSPEED_ZERO_STAGE), or
-            with a `deepspeed_config_file` (ACCELERATE_DEEPSPEED_CONFIG_FILE: the recipe owns the optimiser,
-            clipping and batch sizes; the trainer builds the DeepSpeed config itself), or with offloading.
+        ValueError: DeepSpeed was asked for with a ZeRO stage other than 3 (ACCELERATE_DEEPSPEED_ZERO_STAGE),
+            or with a `deepspeed_config_file` (ACCELERATE_DEEPSPEED_CONFIG_FILE: the recipe owns the
+            optimiser, clipping and batch sizes; the trainer builds the DeepSpeed config itself), or with
+            offloading.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in _TRUE:
         return False
@@ -78,13 +80,14 @@ def zero3_requested() -> bool:
                          f"(see recipes/accelerate/zero3.yaml)")
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if config_file and config_file.lower() != "none":
-        raise ValueError(f"deepspeed_config.deepspeed_config_file: '{config_file}' is not supported; the trainer "
-                         f"builds the DeepSpeed config from the recipe (see recipes/accelerate/zero3.yaml)")
+        raise ValueError(f"deepspeed_config.deepspeed_config_file: '{config_file}' is not supported; the "
+                         f"trainer builds the DeepSpeed config from the recipe (see "
+                         f"recipes/accelerate/zero3.yaml)")
     for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
         value = os.environ.get(key, "none").lower()
         if value not in ("none", ""):
-            raise ValueError(f"deepspeed_config.{key[len('ACCELERATE_DEEPSPEED_'):].lower()}: '{value}' is not "
-                             f"supported; allowed: none")
+            name = key[len("ACCELERATE_DEEPSPEED_"):].lower()
+            raise ValueError(f"deepspeed_config.{name}: '{value}' is not supported; allowed: none")
     return True
 
 
@@ -160,8 +163,9 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
     Args:
         model: the whole student, with its weights already loaded (checkpoint or init_from), on its device.
         optimizer: torch AdamW over `distill.optim.param_groups(model, wd)`, built BEFORE this call and not
-            stepped yet. Keep the reference: its `param_groups` stay the place to set the learning rate (ZeRO-3
-            swaps their "params" for flat partitions, nothing else). Never call its step()/zero_grad().
+            stepped yet. Keep the reference: its `param_groups` stay the place to set the learning rate
+            (ZeRO-3 swaps their "params" for flat partitions, nothing else). Never call its step() or
+            zero_grad().
         max_grad_norm: clip inside `engine.step()` (0 = off).
 
     Returns:
@@ -207,7 +211,8 @@ def output_weight(model) -> torch.Tensor:
 
 
 def backward(engine, loss: torch.Tensor) -> None:
-    """Back-propagate one micro-batch's loss so that gradients are summed over ranks (no 1/world, no 1/GAS)."""
+    """Back-propagate one micro-batch's loss so that gradients are summed over ranks (no 1/world, no
+    1/GAS)."""
     import torch.distributed as tdist
 
     world = tdist.get_world_size() if tdist.is_initialized() else 1
@@ -215,7 +220,8 @@ def backward(engine, loss: torch.Tensor) -> None:
 
 
 def grad_norm(engine) -> float:
-    """The global 2-norm of the summed gradients, BEFORE clipping and stepping (a collective: all ranks call it).
+    """The global 2-norm of the summed gradients, BEFORE clipping and stepping (a collective: all ranks call
+    it).
 
     Computed from each rank's fp32 gradient partitions (`safe_get_local_grad`), squared-summed in fp64 and
     all-reduced. `engine.get_global_grad_norm()` gives DeepSpeed's own value only after `engine.step()`.
@@ -344,7 +350,8 @@ def full_optimizer_state_dict(engine) -> dict:
         if rank0:
             state[pid] = entry
     for group, size in zip(inner.param_groups, sizes):
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(ids, ids + size))})
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        groups.append({**hyper, "params": list(range(ids, ids + size))})
         ids += size
     if not rank0:
         return {}

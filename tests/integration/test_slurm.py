@@ -62,8 +62,9 @@ def _wait(predicate, timeout: float, what: str):
 
 def _submit(env, tmp_path, name: str, recipe_path: str) -> str:
     job_env = {**env, "PYTHONPATH": ROOT, "PATH": f"{os.path.dirname(sys.executable)}:{env['PATH']}",
-               "ACCELERATE_CONFIG": "recipes/accelerate/cpu2.yaml", "RANKS_PER_NODE": "2", "ACCELERATE_USE_CPU": "1",
-               "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+               "ACCELERATE_CONFIG": "recipes/accelerate/cpu2.yaml", "RANKS_PER_NODE": "2",
+               "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+               "TOKENIZERS_PARALLELISM": "false",
                "DISTILL_STOP_FILE": str(tmp_path / f"stop-{name}"), "MASTER_PORT": str(29600 + len(name))}
     proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/{name}-%j.out",
                            f"--chdir={ROOT}", "--export=ALL", SCRIPT, recipe_path],
@@ -91,8 +92,11 @@ def test_sbatch_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path,
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=slurm)
     # The job checkpoints, exits 0 and requeues itself; SLURM holds a requeued job ~2 minutes before it is
     # eligible again: release it now.
-    _wait(lambda: _job(slurm, job).get("Restarts") == "1" and _job(slurm, job).get("JobState") == "PENDING", 300,
-          "the job did not requeue itself")
+    def requeued():
+        info = _job(slurm, job)
+        return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
+
+    _wait(requeued, 300, "the job did not requeue itself")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
     assert _wait(lambda: _finished(slurm, job), 600, "the requeued job did not finish") == "COMPLETED"
     assert _wait(lambda: _finished(slurm, whole), 600, "the uninterrupted job did not finish") == "COMPLETED"
@@ -114,7 +118,8 @@ def test_sbatch_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "preempted" / "final" / "config.json").exists()
     assert not (tmp_path / "preempted" / ".lock").exists()
-    assert not (tmp_path / "stop-preempted").exists() and not (tmp_path / "stop-preempted.checkpointed").exists()
+    assert not (tmp_path / "stop-preempted").exists()
+    assert not (tmp_path / "stop-preempted.checkpointed").exists()
 
 
 def _ranks(env: dict) -> str:

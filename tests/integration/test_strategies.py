@@ -43,14 +43,16 @@ def launch(mode: str, recipe_path: str, out: str, teacher: str) -> subprocess.Co
     died of SIGABRT at start-up (seen once in a dozen CI runs here, unrelated to the code under test)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1", "DS_BUILD_OPS": "0"}
+    worker = os.path.join(ROOT, "tests", "integration", "strategy_worker.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(ROOT, "recipes", "accelerate", LAUNCH[mode]), "--num_processes", "2", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", PORTS[mode],
-           os.path.join(ROOT, "tests", "integration", "strategy_worker.py"), recipe_path, out, "--teacher", teacher]
+           os.path.join(ROOT, "recipes", "accelerate", LAUNCH[mode]), "--num_processes", "2",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", PORTS[mode],
+           worker, recipe_path, out, "--teacher", teacher]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     if proc.returncode != 0 and "SIGABRT" in proc.stderr and "without an active exception" in proc.stderr:
         shutil.rmtree(out, ignore_errors=True)
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900,
+                              cwd=ROOT)
     return proc
 
 
@@ -72,7 +74,8 @@ def single(tmp_path_factory, tiny_llama, built_data):
 def two(request, tmp_path_factory, tiny_llama, built_data):
     mode = request.param
     if mode == "zero3":
-        pytest.importorskip("deepspeed", reason="ZeRO-3 needs deepspeed (pip install --no-build-isolation deepspeed)")
+        pytest.importorskip("deepspeed", reason="ZeRO-3 needs deepspeed (pip install --no-build-isolation "
+                                                "deepspeed)")
     root = tmp_path_factory.mktemp(mode)
     path = write(strategy_recipe(tiny_llama, built_data, root / "unused"), root / "r.yaml")
     proc = launch(mode, path, str(root), tiny_llama)
@@ -178,7 +181,8 @@ def test_two_process_checkpoint_resumes_on_one_process(two, single, tmp_path, ca
     with caplog.at_level("INFO", logger="distill.train"):
         assert train.main([two["recipe"], f"run.output_dir={out}"]) == 0
     assert "saved on 2 processes, now 1" in caplog.text
-    _assert_steps_close(read_metrics(out / "metrics.jsonl"), read_metrics(two["root"] / "full" / "metrics.jsonl"))
+    full = two["root"] / "full"
+    _assert_steps_close(read_metrics(out / "metrics.jsonl"), read_metrics(full / "metrics.jsonl"))
     assert _max_diff(_weights(out, STEPS), _weights(two["root"] / "full", STEPS)) < 1e-5
 
 
@@ -197,6 +201,8 @@ def test_fsdp2_options_and_sharded_teachers(two):
         full = read_metrics(two["root"] / "full" / "metrics.jsonl")
         for variant in ("checkpointing", "deferred"):
             _assert_steps_close(read_metrics(two["root"] / variant / "metrics.jsonl"), full, rel=1e-5)
-            assert _max_diff(_weights(two["root"] / variant, STEPS), _weights(two["root"] / "full", STEPS)) < 1e-5
+            variant_weights = _weights(two["root"] / variant, STEPS)
+            assert _max_diff(variant_weights, _weights(two["root"] / "full", STEPS)) < 1e-5
     else:
-        assert "DeepSpeed ZeRO-3: student (with optimiser) and teacher partitioned over 2 processes" in two["stderr"]
+        described = "DeepSpeed ZeRO-3: student (with optimiser) and teacher partitioned over 2 processes"
+        assert described in two["stderr"]
