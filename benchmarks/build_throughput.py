@@ -77,7 +77,8 @@ def ours(corpus: str, tokenizer_dir: str, seq_len: int, out: str, streams: dict)
     from distill.data.spec import spec_from_dict
 
     spec = spec_from_dict({"tokenizer": tokenizer_dir, "output_dir": out,
-                           "sources": [{"name": "stdlib", "kind": "jsonl", "path": corpus}], "streams": streams})
+                           "sources": [{"name": "stdlib", "kind": "jsonl", "path": corpus}],
+                           "streams": streams})
     start = time.perf_counter()
     manifest = build(spec, overwrite=True, progress=False)
     return manifest, time.perf_counter() - start
@@ -105,7 +106,8 @@ def main() -> None:
         long = manifest["streams"]["long"]["train"]
         tokens = long["real_tokens"]
         fills, _ = ours(corpus, tok, T, os.path.join(tmp, "fill"),
-                        {"short": {"sources": ["stdlib"], "seq_len": T, "pack": "best_fit", "long_docs": "split"}})
+                        {"short": {"sources": ["stdlib"], "seq_len": T, "pack": "best_fit",
+                                   "long_docs": "split"}})
         short = fills["streams"]["short"]["train"]
         result = {
             "tokens": tokens,

@@ -42,7 +42,8 @@ from distill.step import Spans  # noqa: E402  (after the environment above: it i
 
 # The tiny model every benchmark trains (about 6.8M parameters with the 5000-token vocabulary).
 VOCAB = 5000
-MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 8, "max_position_embeddings": 256}
+MODEL = {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 8,
+         "max_position_embeddings": 256}
 NATIVE_WINDOW = 256
 """The tiny model's native context (the teacher's); the student's RoPE is extended to `TARGET_LENGTH`."""
 TARGET_LENGTH = 1024
@@ -52,7 +53,8 @@ def quiet() -> None:
     """Silence progress bars, info logs and known warnings so that stdout carries only the JSON line."""
     import torch
 
-    if not torch.cuda.is_available():  # DeepSpeed (imported by transformers/accelerate) warns on stdout otherwise
+    # DeepSpeed (imported by transformers/accelerate) warns on stdout otherwise
+    if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
     import transformers
@@ -134,7 +136,8 @@ def copy_corpus(ws: Workspace, name: str, files: list[str]) -> str:
     return out
 
 
-def build_streams(ws: Workspace, name: str, sources: dict[str, str], streams: dict, seed: int = 0) -> dict[str, str]:
+def build_streams(ws: Workspace, name: str, sources: dict[str, str], streams: dict,
+                  seed: int = 0) -> dict[str, str]:
     """Build `streams` (data-spec stream entries) from `files` sources {source name: directory} with the
     workspace's tokenizer; returns {stream: built directory} plus 'manifest' (the build's manifest dict)."""
     from distill.data.build import build
@@ -286,7 +289,8 @@ def summarize(steps: list[dict]) -> dict:
             "tokens_per_step": round(tokens / len(per)),
             "forward_s_per_1k_tokens": round(1000 * total["forward_s"] / tokens, 4),
             "backward_s_per_1k_tokens": round(1000 * total["backward_s"] / tokens, 4),
-            "fwd_bwd_cpu_s_per_1k_tokens": round(1000 * (total["forward_cpu_s"] + total["backward_cpu_s"]) / tokens, 4),
+            "fwd_bwd_cpu_s_per_1k_tokens": round(
+                1000 * (total["forward_cpu_s"] + total["backward_cpu_s"]) / tokens, 4),
         }
     out["by_stream"] = by_stream
     return out

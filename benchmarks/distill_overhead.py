@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=8192)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (see common.set_threads)")
-    parser.add_argument("--keep", default=None, help="keep the workspace (model, data, runs) in this directory")
+    parser.add_argument("--keep", default=None,
+                        help="keep the workspace (model, data, runs) in this directory")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.warmup, args.repeats = 4, 1, 1
@@ -102,7 +103,8 @@ def main() -> None:
 
     tps = {m: common.median(s["tokens_per_s"] for run in runs for s in run) for m, runs in results.items()}
     # Process CPU seconds per token: the same comparison, less disturbed by other load on the machine.
-    cpu = {m: common.median(s["cpu_s"] / s["step_tokens"] for run in runs for s in run) for m, runs in results.items()}
+    cpu = {m: common.median(s["cpu_s"] / s["step_tokens"] for run in runs for s in run)
+           for m, runs in results.items()}
     per_repeat = [common.median(s["tokens_per_s"] for s in c) / common.median(s["tokens_per_s"] for s in lr)
                   for c, lr in zip(results["cpt"], results["longred"])]
     result = {
@@ -115,8 +117,8 @@ def main() -> None:
                   "threads": threads, "params": "~6.8M (4x256, 8 heads, vocab 5000)",
                   "tokens_per_step": args.tokens_per_step, "steps": args.steps, "warmup": args.warmup,
                   "repeats": args.repeats, "rows": rows,
-                  "longred_step": "4x(1x1024) long lm + 3x(4x256) short hidden[1,2,last] + 1x(4x256) s2l cream "
-                                  "hidden[last]",
+                  "longred_step": "4x(1x1024) long lm + 3x(4x256) short hidden[1,2,last] + 1x(4x256) s2l "
+                                  "cream hidden[last]",
                   "cpt_step": "8x(1x1024) long lm"},
         "profile": {m: common.summarize([s for run in runs for s in run]) for m, runs in results.items()},
     }

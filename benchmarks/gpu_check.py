@@ -134,7 +134,7 @@ def check_attention(device, seq: int, rows: int) -> dict:
         den = sum(float(r.float().square().sum()) for r in ref_grads)
         logit_err = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
 
-        def step():
+        def step(model=model):
             model.zero_grad(set_to_none=True)
             run(model, autocast=low)
 
@@ -142,13 +142,13 @@ def check_attention(device, seq: int, rows: int) -> dict:
         seconds = _timed(step, device)
         results[name] = {"logit_rel_err": _sig(logit_err), "grad_rel_err": _sig((num / den) ** 0.5),
                          "fwd_bwd_s": round(seconds, 4), "peak_mb": _peak_mb(device)}
-        del model
+        del model, step
     dense = results["sdpa"]["fwd_bwd_s"]
     for r in results.values():
         r["time_vs_dense_mask"] = round(r["fwd_bwd_s"] / dense, 3)
     docs = [int((row == 0).sum()) for row in positions.cpu()]
-    return {"rows": rows, "seq": seq, "documents_per_row": docs, "precision": "bf16 autocast" if low else "fp32",
-            "implementations": results}
+    return {"rows": rows, "seq": seq, "documents_per_row": docs,
+            "precision": "bf16 autocast" if low else "fp32", "implementations": results}
 
 
 def check_loss(device, tokens: int) -> dict:
@@ -165,7 +165,8 @@ def check_loss(device, tokens: int) -> dict:
     labels[0, :7] = IGNORE_INDEX
 
     def fwd_bwd(loss_of):
-        """A side: fresh leaf copies of the inputs, loss forward + backward -> (loss, grad hidden, grad weight)."""
+        """A side: fresh leaf copies of the inputs, loss forward + backward -> (loss, grad hidden, grad
+        weight)."""
         def fn():
             h, w = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
             loss = loss_of(h, w)

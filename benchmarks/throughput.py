@@ -61,7 +61,8 @@ LR, BETAS, WEIGHT_DECAY, MAX_GRAD_NORM = 1.0e-4, (0.9, 0.95), 0.1, 1.0
 
 
 def reset_accelerate() -> None:
-    """Forget the process-wide accelerate state between runs (the HF Trainer sets bf16 mixed precision on it)."""
+    """Forget the process-wide accelerate state between runs (the HF Trainer sets bf16 mixed precision on
+    it)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -96,7 +97,8 @@ def hf_dataset(path: str):
 
     stream = PackedStream(path)
     batch = stream.batch(np.arange(len(stream)))
-    return datasets.Dataset.from_dict({"input_ids": batch["input_ids"].tolist(), "labels": batch["labels"].tolist()})
+    return datasets.Dataset.from_dict({"input_ids": batch["input_ids"].tolist(),
+                                       "labels": batch["labels"].tolist()})
 
 
 def run_hf(ws, dataset, out: str, steps: int, warmup: int, dtype: str) -> tuple[list[float], list[float]]:
@@ -123,7 +125,8 @@ def run_hf(ws, dataset, out: str, steps: int, warmup: int, dtype: str) -> tuple[
     model = AutoModelForCausalLM.from_pretrained(ws.model, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     args = TrainingArguments(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=1, gradient_accumulation_steps=MICRO_BATCHES,
+        output_dir=out, max_steps=steps, per_device_train_batch_size=1,
+        gradient_accumulation_steps=MICRO_BATCHES,
         learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=WEIGHT_DECAY,
         max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
         bf16=dtype == "bfloat16", use_cpu=True, logging_strategy="no", save_strategy="no", eval_strategy="no",
@@ -131,7 +134,8 @@ def run_hf(ws, dataset, out: str, steps: int, warmup: int, dtype: str) -> tuple[
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                       callbacks=[StepClock()])
-    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its summary dict; stdout is for the JSON line
+    # the Trainer prints its summary dict; stdout is for the JSON line
+    with contextlib.redirect_stdout(sys.stderr):
         trainer.train()
     pairs = list(itertools.pairwise(ends))[warmup:]
     return ([MICRO_BATCHES * SEQ_LEN / (b[0] - a[0]) for a, b in pairs],
@@ -190,9 +194,9 @@ def train_batches(ws, batches: list[dict], dtype: str) -> list[tuple[float, floa
     import torch
     from transformers import AutoModelForCausalLM
 
+    from distill.config import OptimConfig
     from distill.models import resolve_attention
     from distill.objectives import lm_loss
-    from distill.config import OptimConfig
     from distill.optim import make_optimizer
 
     # The trainer's default (`attention: auto` = sdpa_varlen on the CPU): packed rows run one causal SDPA per
@@ -201,7 +205,8 @@ def train_batches(ws, batches: list[dict], dtype: str) -> list[tuple[float, floa
                                                  attn_implementation=resolve_attention("auto"))
     model.config.use_cache = False
     model.train()
-    optimizer = make_optimizer(model, OptimConfig(lr=LR, betas=list(BETAS), weight_decay=WEIGHT_DECAY), sharded=False)
+    optimizer = make_optimizer(model, OptimConfig(lr=LR, betas=list(BETAS), weight_decay=WEIGHT_DECAY),
+                               sharded=False)
     params = [p for p in model.parameters() if p.requires_grad]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
@@ -301,7 +306,8 @@ def diagnostics(ws, dtype: str) -> dict:
                            "dense_mask_vs_causal": round(dense / causal, 3)}
     ours, hf = _cpu_median(ours_loss), _cpu_median(hf_loss)
     return {"decoder_fwd_bwd_cpu_s": decoder_s,
-            "lm_loss_fwd_bwd_cpu_s": {"ours_chunked": round(ours, 4), "bf16_logits_cross_entropy": round(hf, 4),
+            "lm_loss_fwd_bwd_cpu_s": {"ours_chunked": round(ours, 4),
+                                      "bf16_logits_cross_entropy": round(hf, 4),
                                       "ours_overhead": round(ours / hf - 1, 3)}}
 
 
@@ -312,10 +318,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="(a) optimiser steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="(a) steps dropped at the start of every run")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each side, (a) and (b)")
-    parser.add_argument("--packed-rows", type=int, default=32, help="(b) packed rows of 1024 (the document set)")
+    parser.add_argument("--packed-rows", type=int, default=32,
+                        help="(b) packed rows of 1024 (the document set)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (see common.set_threads)")
-    parser.add_argument("--keep", default=None, help="keep the workspace (model, data, runs) in this directory")
+    parser.add_argument("--keep", default=None,
+                        help="keep the workspace (model, data, runs) in this directory")
     parser.add_argument("--part", default="ab", choices=["a", "b", "ab"], help="run part (a), (b) or both")
     args = parser.parse_args()
     if args.quick:
@@ -331,8 +339,8 @@ def main() -> None:
                    "small": common.copy_corpus(ws, "small", common.short_files(limit=400))}
         data = common.build_streams(ws, "streams", sources, {
             "long": {"sources": ["big"], "seq_len": SEQ_LEN, "min_doc_tokens": SEQ_LEN, "pack": "concat"},
-            "docs": {"sources": ["small"], "seq_len": SEQ_LEN, "min_doc_tokens": 30, "max_doc_tokens": SEQ_LEN,
-                     "pack": "best_fit", "long_docs": "drop"},
+            "docs": {"sources": ["small"], "seq_len": SEQ_LEN, "min_doc_tokens": 30,
+                     "max_doc_tokens": SEQ_LEN, "pack": "best_fit", "long_docs": "drop"},
         })
         built = {s: {k: data["manifest"]["streams"][s]["train"][k] for k in ("rows", "real_tokens", "fill")}
                  for s in ("long", "docs")}
@@ -379,15 +387,18 @@ def main() -> None:
                            "packed_vs_padded_ratio": round(packed_tps / padded_tps, 3)})
             for side in ("packed", "padded"):
                 slots = stats[f"{side}_slots"]
-                profile[side] = {"step_s": round(common.median(d["wall_s"] for d in detail[side]) / stats["steps"], 4),
+                profile[side] = {"step_s": round(
+                                     common.median(d["wall_s"] for d in detail[side]) / stats["steps"], 4),
                                  "cpu_s_per_1k_real_tokens": round(
                                      1000 * common.median(d["cpu_s"] for d in detail[side]) / real, 4),
                                  "slots": slots, "fill": round(real / slots, 4)}
             result["cpu_packed_vs_padded_ratio"] = round(
-                common.median(d["cpu_s"] for d in detail["padded"]) / common.median(d["cpu_s"] for d in detail["packed"]), 3)
+                common.median(d["cpu_s"] for d in detail["padded"])
+                / common.median(d["cpu_s"] for d in detail["packed"]), 3)
             result["docs"] = stats
 
-    result["setup"] = {"dtype": args.dtype + (" autocast, fp32 master weights" if args.dtype != "float32" else ""),
+    result["setup"] = {"dtype": args.dtype + (" autocast, fp32 master weights"
+                                              if args.dtype != "float32" else ""),
                        "threads": threads, "params": "~6.8M (4x256, 8 heads, vocab 5000)", "seq_len": SEQ_LEN,
                        "a_step": f"{MICRO_BATCHES}x(1x{SEQ_LEN})", "steps": args.steps, "warmup": args.warmup,
                        "repeats": args.repeats, "built": built}

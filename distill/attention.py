@@ -86,8 +86,8 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
              or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux")))
     segments = None if plain else document_segments(position_ids)
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
     # Grouped-query attention inside the kernel (as transformers' sdpa does without a mask): no repeated
     # key/value copies held for backward.
     gqa = {"enable_gqa": True} if getattr(module, "num_key_value_groups", 1) > 1 else {}
@@ -105,11 +105,12 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
     # 4-D pieces, as the CPU kernel is much slower on 3-D inputs.
     rows = []
     with context:
-        for spans, q, k, v in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):  # (H, T, D) each
+        # (H, T, D) each
+        for spans, q, k, v in zip(segments, query.unbind(0), key.unbind(0), value.unbind(0)):
             lengths = [e - s for s, e in spans]
             pieces = zip(q[None].split(lengths, 2), k[None].split(lengths, 2), v[None].split(lengths, 2))
-            parts = [F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                    **gqa)
+            parts = [F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, scale=scaling,
+                                                    is_causal=True, **gqa)
                      for qi, ki, vi in pieces]  # (1, Hq, n, D) each
             rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])  # (1, Hq, T, D)
     out = torch.cat(rows) if len(rows) > 1 else rows[0]  # (B, Hq, T, D)
@@ -129,7 +130,8 @@ def sdpa_varlen_mask(*args, **kwargs):
         config, "use_sliding_window", True)
     given = kwargs.get("attention_mask") is not None
     if (not windowed and not given and q_length is not None and q_length == kv_length
-            and not kwargs.get("q_offset") and not kwargs.get("kv_offset") and kwargs.get("local_size") is None):
+            and not kwargs.get("q_offset") and not kwargs.get("kv_offset")
+            and kwargs.get("local_size") is None):
         return None
     mask = sdpa_mask(*args, **kwargs)
     if mask is None and given and q_length is not None and q_length > 1:

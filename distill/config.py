@@ -57,7 +57,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         allowed = typing.get_args(tp)
         if any(value == a and type(value) is type(a) for a in allowed):
             return value
-        raise ConfigError(f"{_where(path)}: {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"{_where(path)}: {value!r} is not allowed; "
+                          f"allowed: {', '.join(map(repr, allowed))}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
@@ -151,7 +152,8 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     missing = [
         name
         for name, f in fields.items()
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         where = f"{path}." if path else ""
@@ -187,7 +189,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(
+                f"override {item!r}: value is not valid YAML ({str(err).splitlines()[0]})") from None
         parsed.append((keys, value))
     return parsed
 
@@ -208,7 +211,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                                       f"{len(node)} items (0..{len(node) - 1})")
                 k = int(k)
             elif not isinstance(node, dict):
-                raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:i])} is not a mapping or a list")
+                raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:i])} "
+                                  f"is not a mapping or a list")
             if last:
                 node[k] = value
                 break
@@ -312,7 +316,8 @@ class RopeConfig:
     """yarn only."""
 
     def validate(self, path: str) -> None:
-        check(self.target_length > 0, join(path, "target_length"), f"must be positive, got {self.target_length}")
+        check(self.target_length > 0, join(path, "target_length"),
+              f"must be positive, got {self.target_length}")
         if self.method == "abf":
             check(self.theta is not None and self.theta > 0, join(path, "theta"),
                   "abf needs a positive rope theta (e.g. 2.0e7)")
@@ -438,7 +443,8 @@ class ShareScheduleConfig:
                 check(stage[0] > prev, f"{join(path, 'stages')}[{i}]", "steps must increase")
                 check(stage[1] >= 0, f"{join(path, 'stages')}[{i}]", "share must be >= 0")
                 prev = stage[0]
-            check(self.stages[0][0] == 0, f"{join(path, 'stages')}[0]", "the first stage must start at step 0")
+            check(self.stages[0][0] == 0, f"{join(path, 'stages')}[0]",
+                  "the first stage must start at step 0")
 
 
 @dataclasses.dataclass
@@ -500,7 +506,8 @@ class ScheduleConfig:
         check(0 < self.const_lr_ratio <= 1, join(path, "const_lr_ratio"), "must be in (0, 1]")
         check(self.anneal_steps > 0, join(path, "anneal_steps"), "must be positive")
         if self.name == "infinite" and self.anneal_start is not None:
-            check(self.min_lr_ratio > 0, join(path, "min_lr_ratio"), "infinite annealing needs min_lr_ratio > 0")
+            check(self.min_lr_ratio > 0, join(path, "min_lr_ratio"),
+                  "infinite annealing needs min_lr_ratio > 0")
 
 
 @dataclasses.dataclass
@@ -594,7 +601,8 @@ class LogConfig:
 @dataclasses.dataclass
 class EvalConfig:
     short_data: str | None = None
-    """Held-out short stream (default: the holdout of the first stream with positions native and a teacher objective)."""
+    """Held-out short stream (default: the holdout of the first stream with positions native and a teacher
+    objective)."""
     long_data: str | None = None
     """Held-out long stream for NLL by position."""
     max_rows: int = 8

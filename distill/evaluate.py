@@ -41,9 +41,9 @@ logger = logging.getLogger(__name__)
 PASSKEY_DIGITS = 5
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Plumbing
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def eval_mode(*models):
@@ -91,8 +91,8 @@ def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-              chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+              bias: torch.Tensor | None = None, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token causal-LM NLL from final hidden states, in fp32 chunks (no (B·T, V) logits at once).
 
     Args:
@@ -132,7 +132,8 @@ def _token_nll(hidden, weight, labels, bias, chunk_size):
 
 def _final_hidden(model, input_ids, position_ids) -> torch.Tensor:
     """(B, T, H) final-norm hidden states of a packed batch, without keeping the per-layer states."""
-    out = decoder_of(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    out = decoder_of(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                            use_cache=False)
     return out.last_hidden_state
 
 
@@ -140,9 +141,9 @@ def _mean(total: float, count: int) -> float:
     return total / count if count else float("nan")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Short-text retention
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size: int = 4,
@@ -225,9 +226,9 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # NLL by position on long text
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def bucket_edges(seq_len: int, buckets: int | Sequence[int] | str = 16) -> list[int]:
     """Bucket edges over document positions [0, seq_len].
@@ -272,8 +273,8 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
             document start).
 
     Returns:
-        {"edges", "centers", "nll" (per bucket, NaN when empty), "count", "long_nll", "long_ppl", "long_tokens",
-         "original_length", "long_nll_within", "long_nll_beyond"}.
+        {"edges", "centers", "nll" (per bucket, NaN when empty), "count", "long_nll", "long_ppl",
+         "long_tokens", "original_length", "long_nll_within", "long_nll_beyond"}.
     """
     stream = _open(stream)
     indices = _row_indices(stream, max_rows)
@@ -319,9 +320,9 @@ def long_nll_beyond(result: dict, original_length: int | None = None) -> float:
     raise ValueError("recompute nll_by_position with original_length= to get the NLL beyond another window")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Passkey retrieval / needle in a haystack
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -400,7 +401,8 @@ def _prompt_rng(seed: int, length: int, depth: float, sample: int) -> random.Ran
 
 
 @torch.no_grad()
-def _score_answers(model, prompts: list[list[int]], answers: list[list[int]]) -> tuple[list[bool], list[float]]:
+def _score_answers(model, prompts: list[list[int]],
+                   answers: list[list[int]]) -> tuple[list[bool], list[float]]:
     """Exact greedy match and mean answer log-prob for same-length prompts (one forward per batch)."""
     device = _device(model)
     weight, bias = _lm_head(model)
@@ -423,7 +425,8 @@ def _score_answers(model, prompts: list[list[int]], answers: list[list[int]]) ->
 
 def _score_one(final: torch.Tensor, prompt: list[int], answer: list[int], weight, bias) -> tuple[bool, float]:
     """(exact match, mean log-prob) of `answer` from one row's final hidden states (T, H)."""
-    h = final[len(prompt) - 1: len(prompt) - 1 + len(answer)].float()  # (n, H): the states predicting the answer
+    # (n, H): the states predicting the answer
+    h = final[len(prompt) - 1: len(prompt) - 1 + len(answer)].float()
     logits = h @ weight.float().t()  # (n, V)
     if bias is not None:
         logits += bias.float()
@@ -470,7 +473,8 @@ def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256
     with eval_mode(model), _autocast(device):
         for i, length in enumerate(lengths):
             for j, depth in enumerate(depths):
-                cases = [passkey_prompts(tokenizer, filler_ids, length, depth, _prompt_rng(seed, length, depth, k))
+                cases = [passkey_prompts(tokenizer, filler_ids, length, depth,
+                                         _prompt_rng(seed, length, depth, k))
                          for k in range(samples)]
                 hits, logps = [], []
                 for start in range(0, len(cases), batch_size):
@@ -486,8 +490,9 @@ def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256
             "by_length": {str(n): float(acc[i].mean()) for i, n in enumerate(lengths)}}
 
 
-def needle_grid(model, tokenizer, filler_ids, lengths: Sequence[int], depths: Sequence[float], samples: int = 4,
-                seed: int = 0, path: str | None = None, title: str = "passkey retrieval", batch_size: int = 4) -> dict:
+def needle_grid(model, tokenizer, filler_ids, lengths: Sequence[int], depths: Sequence[float],
+                samples: int = 4, seed: int = 0, path: str | None = None, title: str = "passkey retrieval",
+                batch_size: int = 4) -> dict:
     """`passkey_accuracy` over context length × depth, plus a heatmap PNG at `path` when given."""
     grid = passkey_accuracy(model, tokenizer, filler_ids, lengths, depths, samples, seed, batch_size)
     if path is not None:
@@ -495,9 +500,9 @@ def needle_grid(model, tokenizer, filler_ids, lengths: Sequence[int], depths: Se
     return grid
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Plots
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _pyplot():
     import matplotlib
@@ -510,7 +515,8 @@ def _pyplot():
 
 def plot_nll_by_position(results: dict, path: str, original_length: int | None = None,
                          title: str = "NLL by position") -> str:
-    """One line per model (`results`: {name: nll_by_position result}); a dashed line at the original window."""
+    """One line per model (`results`: {name: nll_by_position result}); a dashed line at the original
+    window."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, res in results.items():
@@ -518,7 +524,8 @@ def plot_nll_by_position(results: dict, path: str, original_length: int | None =
         if original_length is None:
             original_length = res.get("original_length")
     if original_length:
-        ax.axvline(original_length, color="grey", linestyle="--", label=f"original window ({original_length})")
+        ax.axvline(original_length, color="grey", linestyle="--",
+                   label=f"original window ({original_length})")
     ax.set_xlabel("position in document (tokens)")
     ax.set_ylabel("NLL (nats / token)")
     ax.set_title(title)
@@ -552,9 +559,9 @@ def plot_needle_heatmap(grid: dict, path: str, title: str = "passkey retrieval")
     return path
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The suite
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _finite(x):
     """JSON-safe numbers: NaN/inf become None."""
@@ -586,9 +593,11 @@ def eval_streams(cfg) -> tuple[str | None, str | None]:
 
 def evaluate_suite(model, teacher, short_stream, long_stream, original_length: int, target_length: int,
                    out_dir: str | None = None, max_rows: int = 8, passkey_samples: int = 0, tokenizer=None,
-                   passkey_lengths: Sequence[int] | None = None, passkey_depths: Sequence[float] = (0.0, 0.5, 1.0),
+                   passkey_lengths: Sequence[int] | None = None,
+                   passkey_depths: Sequence[float] = (0.0, 0.5, 1.0),
                    seed: int = 0, batch_size: int = 4, long_batch_size: int = 1,
-                   buckets: int | Sequence[int] | str = 16, attention_rows: int = 2, attention_tokens: int = 512,
+                   buckets: int | Sequence[int] | str = 16, attention_rows: int = 2,
+                   attention_tokens: int = 512,
                    teacher_baselines: bool = False) -> dict:
     """Every evaluation as flat figures; the trainer logs them under `eval/...` every `eval_every` steps.
 
@@ -606,15 +615,17 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
 
     Returns:
         {"short_nll", "short_ppl", "teacher_short_nll", "short_nll_gap", "kl_teacher_student",
-         "hidden_cosine_mean", "hidden_cosine_last", "hidden_cosine/<i>", "attention_kl_mean", "attention_kl/<i>",
-         "long_nll", "long_ppl", "long_nll_within", "long_nll_beyond", "passkey_accuracy", "passkey_logprob",
-         "passkey_accuracy/<length>", and "teacher_..." twins with `teacher_baselines`}; absent parts are omitted.
+         "hidden_cosine_mean", "hidden_cosine_last", "hidden_cosine/<i>", "attention_kl_mean",
+         "attention_kl/<i>", "long_nll", "long_ppl", "long_nll_within", "long_nll_beyond", "passkey_accuracy",
+         "passkey_logprob", "passkey_accuracy/<length>", and "teacher_..." twins with `teacher_baselines`};
+         absent parts are omitted.
     """
     figures: dict = {}
     details: dict = {"original_length": int(original_length), "target_length": int(target_length)}
     plots: list[str] = []
     if short_stream is not None:
-        short = short_retention(model, teacher, short_stream, max_rows, batch_size, attention_rows, attention_tokens)
+        short = short_retention(model, teacher, short_stream, max_rows, batch_size, attention_rows,
+                                attention_tokens)
         details["short"] = short
         for key in ("short_nll", "short_ppl", "teacher_short_nll", "kl_teacher_student"):
             if key in short:
@@ -631,7 +642,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
             figures["attention_kl_mean"] = float(np.mean(akl))
             figures.update({f"attention_kl/{i}": v for i, v in enumerate(akl)})
     if long_stream is not None:
-        curves = {"student": nll_by_position(model, long_stream, max_rows, buckets, original_length, long_batch_size)}
+        curves = {"student": nll_by_position(model, long_stream, max_rows, buckets, original_length,
+                                             long_batch_size)}
         if teacher_baselines and teacher is not None:
             curves["teacher"] = nll_by_position(teacher, long_stream, max_rows, buckets, original_length,
                                                 long_batch_size)
@@ -641,7 +653,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
             for key in ("long_nll", "long_ppl", "long_nll_within", "long_nll_beyond"):
                 figures[prefix + key] = res.get(key, float("nan"))
         if out_dir is not None:
-            plots.append(plot_nll_by_position(curves, os.path.join(out_dir, "nll_by_position.png"), original_length))
+            plots.append(plot_nll_by_position(curves, os.path.join(out_dir, "nll_by_position.png"),
+                                              original_length))
     if passkey_samples > 0:
         if tokenizer is None:
             raise ValueError("passkey evaluation needs a tokenizer")
@@ -649,7 +662,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         if source is None:
             raise ValueError("passkey evaluation needs held-out text (a long or short stream) for the filler")
         filler = filler_from_stream(source)
-        lengths = list(passkey_lengths) if passkey_lengths else sorted({int(original_length), int(target_length)})
+        lengths = (list(passkey_lengths) if passkey_lengths
+                   else sorted({int(original_length), int(target_length)}))
         runs = {"student": model}
         if teacher_baselines and teacher is not None:
             runs["teacher"] = teacher

@@ -45,8 +45,10 @@ def attention_kl(student, teacher, input_ids: torch.Tensor, batch_size: int = 1)
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start: start + batch_size]
             mask = torch.ones_like(ids)
-            s = student.get_decoder()(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
-            t = teacher.get_decoder()(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+            s = student.get_decoder()(input_ids=ids, attention_mask=mask, output_attentions=True,
+                                      use_cache=False)
+            t = teacher.get_decoder()(input_ids=ids, attention_mask=mask, output_attentions=True,
+                                      use_cache=False)
             per_layer = []
             for a_s, a_t in zip(s.attentions, t.attentions):  # (B, heads, T, T) each
                 p_t = a_t.float().clamp_min(1e-12)

@@ -70,9 +70,9 @@ def console_line(record: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Model FLOPs and MFU
 # ---------------------------------------------------------------------------------------------------
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIE": 756.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0,
-               "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "A6000": 155.0, "A10G": 70.0, "A10": 125.0,
-               "L4": 121.0, "4090": 165.0, "3090": 71.0}
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIE": 756.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0,
+               "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0, "A6000": 155.0,
+               "A10G": 70.0, "A10": 125.0, "L4": 121.0, "4090": 165.0, "3090": 71.0}
 """Dense bf16 tensor-core peak TFLOP/s per device (vendor datasheets, without sparsity), by name fragment."""
 
 
@@ -141,7 +141,8 @@ def flop_rates(cfg, seq_lens: dict[str, int], layers: dict[str, list[int]], stud
         T, objectives = seq_lens[name], stream_cfg.objectives
         taught = 0.0
         if teacher_counts is not None and objectives.needs_teacher:
-            depth = max(layers.get(name, []) + ([int(teacher_counts["L"])] if objectives.kl is not None else []))
+            depth = max(layers.get(name, [])
+                        + ([int(teacher_counts["L"])] if objectives.kl is not None else []))
             taught = teacher_flops_per_token(teacher_counts, T, depth, objectives.kl is not None)
         logits = objectives.lm is not None or objectives.kl is not None  # else no lm_head in the step
         rates[name] = (train_flops_per_token(counts, T, logits), taught)
@@ -187,7 +188,8 @@ class Tracker:
 
     def log(self, record: dict, step: int) -> None:
         if self.run is not None:
-            self.run.log({k.replace("loss/", "train/"): v for k, v in record.items() if k != "step"}, step=step)
+            self.run.log({k.replace("loss/", "train/"): v for k, v in record.items() if k != "step"},
+                         step=step)
 
     def finish(self) -> None:
         if self.run is not None:

@@ -83,7 +83,8 @@ def _load_config(path: str, trust_remote_code: bool):
 
 
 def _from_pretrained(path: str, config, model_cfg: ModelConfig, device, key: str):
-    """`path` with `config`, in the recipe's dtype and attention (resolved for `device` and the model type)."""
+    """`path` with `config`, in the recipe's dtype and attention (resolved for `device` and the model
+    type)."""
     from transformers import AutoModelForCausalLM
 
     implementation = resolve_attention(model_cfg.attention, device, getattr(config, "model_type", None))
@@ -555,20 +556,9 @@ class TruncatedTeacher:
         depth = max(wanted)
         if depth == 0:  # only the embeddings
             return {0: self.decoder.embed_tokens(input_ids)}
-        hidden = _decoder_states(self._decoder(depth), input_ids, position_ids, attention_mask, depth).hidden_states
+        hidden = _decoder_states(self._decoder(depth), input_ids, position_ids, attention_mask,
+                                 depth).hidden_states
         return {i: hidden[i] for i in wanted}
-
-
-def teacher_hidden(
-    teacher,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    layers,
-    need_final: bool = False,
-) -> dict[int, torch.Tensor]:
-    """One-off `TruncatedTeacher(teacher)(...)`; keep a TruncatedTeacher in loops to reuse its copies."""
-    return TruncatedTeacher(teacher)(input_ids, position_ids, attention_mask, layers, need_final)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -591,7 +581,8 @@ def legacy_rope_fields(rope_parameters: dict) -> dict:
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-def export(model, tokenizer, out_dir: str, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> str:
+def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
+           dtype: torch.dtype | None = None) -> str:
     """Save a Hugging Face model directory (safetensors, config with the extended RoPE, tokenizer).
 
     The exported config has use_cache True (for generation); training code loads it with use_cache False.

@@ -108,7 +108,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         weight32 = weight.to(ctx.dtype)
         bias32 = bias.float() if bias is not None else None
         grad_hidden = torch.zeros_like(hidden) if need_h else None  # (N, H) input dtype
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # (V, H) fp32 accumulator
+        # (V, H) fp32 accumulator
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_bias = torch.zeros_like(bias32) if (need_b and bias32 is not None) else None
         g = grad_output.float()
         for s, e in _chunks(index.numel(), ctx.chunk_size):
@@ -189,7 +190,8 @@ def lm_loss(
     index = valid.nonzero().squeeze(1)  # (n,)
     dtype = _compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly inside
-        loss = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, bias, targets[index], index, chunk_size, dtype)
+        loss = _ChunkedLinearCrossEntropy.apply(hidden2d, weight, bias, targets[index], index, chunk_size,
+                                                dtype)
     return loss, count
 
 
@@ -232,7 +234,8 @@ def _divergence_and_grad(
 
 
 class _ChunkedLogitsKL(torch.autograd.Function):
-    """Σ_i D(teacher_i, student_i) over rows `index`, chunk by chunk; logits of both recomputed in backward."""
+    """Σ_i D(teacher_i, student_i) over rows `index`, chunk by chunk; logits of both recomputed in
+    backward."""
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, index, kind, temperature, chunk_size, dtype):
@@ -261,7 +264,8 @@ class _ChunkedLogitsKL(torch.autograd.Function):
         s_w32 = s_weight.to(ctx.dtype)
         t_w32 = t_weight.to(ctx.dtype)
         grad_hidden = torch.zeros_like(s_hidden) if need_h else None  # (N, Hs)
-        grad_weight = torch.zeros_like(s_weight, dtype=torch.float32) if need_w else None  # (V, Hs) fp32 accumulator
+        # (V, Hs) fp32 accumulator
+        grad_weight = torch.zeros_like(s_weight, dtype=torch.float32) if need_w else None
         # loss = τ² · D(s / τ): d loss / d s = τ² · (1/τ) · ∂D = τ · ∂D.
         scale = grad_output.float() * tau
         for s, e in _chunks(index.numel(), ctx.chunk_size):
@@ -270,7 +274,8 @@ class _ChunkedLogitsKL(torch.autograd.Function):
             # One (c, V) buffer: the student's logits, overwritten block by block with their gradient.
             grad_logits = _fp32_logits(h, s_w32, None).div_(tau)  # (c, V)
             for bs, be in _chunks(e - s, BLOCK_ROWS):
-                t_logits = _fp32_logits(t_hidden.index_select(0, rows[bs:be]), t_w32, None).div_(tau)  # (b, V)
+                # (b, V)
+                t_logits = _fp32_logits(t_hidden.index_select(0, rows[bs:be]), t_w32, None).div_(tau)
                 _, block_grad = _divergence_and_grad(grad_logits[bs:be], t_logits, ctx.kind, need_grad=True)
                 grad_logits[bs:be] = block_grad
                 del t_logits, block_grad

@@ -67,7 +67,8 @@ def tiny_config(arch: str = "llama", vocab_size: int = 1000, hidden_size: int = 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch {arch!r}; allowed: {ARCHITECTURES}")
     kwargs = dict(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
+        vocab_size=vocab_size, hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings, rope_theta=rope_theta, use_cache=False,
         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,

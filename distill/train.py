@@ -115,8 +115,15 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     from distill.layers import resolve_layers
     from distill.metrics import MetricsFile, Tracker, console_line, flop_rates, peak_tflops
     from distill.mixture import Mixture, StreamPlan
-    from distill.models import (check_extension, check_packing_isolation, export, load_student, load_teacher,
-                                native_rope_reference, resolve_dtype)
+    from distill.models import (
+        check_extension,
+        check_packing_isolation,
+        export,
+        load_student,
+        load_teacher,
+        native_rope_reference,
+        resolve_dtype,
+    )
     from distill.rope import original_length
     from distill.strategies import choose
 

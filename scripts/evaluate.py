@@ -59,7 +59,8 @@ def depth_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers in [0, 1], got {text!r}") from None
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
     return values
@@ -74,11 +75,12 @@ def stream_dir(path: str, name: str, flag: str) -> str:
         return nested
     if not os.path.isdir(path):
         raise DataError(f"{flag} {path}: no such directory")
-    raise DataError(f"{flag} {path}: not a built stream (no {STREAM_INFO}, nor holdout/{name}/{STREAM_INFO}); "
-                    f"build it with scripts/prepare_data.py")
+    raise DataError(f"{flag} {path}: not a built stream (no {STREAM_INFO}, "
+                    f"nor holdout/{name}/{STREAM_INFO}); build it with scripts/prepare_data.py")
 
 
-def default_lengths(model_config, teacher_config, original: int | None, target: int | None) -> tuple[int, int]:
+def default_lengths(model_config, teacher_config, original: int | None,
+                    target: int | None) -> tuple[int, int]:
     """(original, target) from the flags, else from the configs (see the module docstring)."""
     if target is None:
         target = int(model_config.max_position_embeddings)
@@ -89,8 +91,9 @@ def default_lengths(model_config, teacher_config, original: int | None, target: 
         elif params.get("original_max_position_embeddings"):
             original = int(params["original_max_position_embeddings"])
         else:
-            raise UsageError("cannot tell the original context length from the model's config (an abf extension "
-                             "does not record it): pass --original-length N or --teacher DIR")
+            raise UsageError("cannot tell the original context length from the model's config "
+                             "(an abf extension does not record it): "
+                             "pass --original-length N or --teacher DIR")
     if original > target:
         raise UsageError(f"--original-length {original} is greater than --target-length {target}")
     return original, target
@@ -107,20 +110,28 @@ def doubling(original: int, target: int) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="the model to evaluate (Hugging Face directory, e.g. runs/<run>/final)")
-    p.add_argument("--teacher", help="the original model, for retention figures (KL, hidden cosine, attention KL)")
-    p.add_argument("--short-data", required=True, help="held-out short stream (or a built root: uses holdout/short)")
-    p.add_argument("--long-data", required=True, help="held-out long stream (or a built root: uses holdout/long)")
+    p.add_argument("--model", required=True,
+                   help="the model to evaluate (Hugging Face directory, e.g. runs/<run>/final)")
+    p.add_argument("--teacher",
+                   help="the original model, for retention figures (KL, hidden cosine, attention KL)")
+    p.add_argument("--short-data", required=True,
+                   help="held-out short stream (or a built root: uses holdout/short)")
+    p.add_argument("--long-data", required=True,
+                   help="held-out long stream (or a built root: uses holdout/long)")
     p.add_argument("--original-length", type=number(int), help="original context window")
     p.add_argument("--target-length", type=number(int), help="extended context window")
     p.add_argument("--out", help="output directory (default: <model>/eval)")
     p.add_argument("--max-rows", type=number(int), default=8, help="rows per held-out stream (default 8)")
     p.add_argument("--passkey-samples", type=number(int, strict=False), default=4,
                    help="passkey prompts per (length, depth); 0 skips passkey (default 4)")
-    p.add_argument("--lengths", type=int_list, help="passkey context lengths (default: original, 2×, ..., target)")
-    p.add_argument("--depths", type=depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
-    p.add_argument("--buckets", type=number(int), default=16, help="equal-width position buckets (default 16)")
-    p.add_argument("--batch-size", type=number(int), default=4, help="short rows / passkey prompts per forward")
+    p.add_argument("--lengths", type=int_list,
+                   help="passkey context lengths (default: original, 2×, ..., target)")
+    p.add_argument("--depths", type=depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths in [0, 1]")
+    p.add_argument("--buckets", type=number(int), default=16,
+                   help="equal-width position buckets (default 16)")
+    p.add_argument("--batch-size", type=number(int), default=4,
+                   help="short rows / passkey prompts per forward")
     p.add_argument("--seed", type=int, default=0, help="passkey seed")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -182,7 +193,8 @@ def evaluate(args) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    dtype = (args.dtype if args.dtype != "auto"
+             else ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
 
     tokenizer = load_tokenizer([args.tokenizer, args.model, args.teacher])
     short = PackedStream(short_path, tokenizer)  # refuses data built with another tokenizer
@@ -195,12 +207,14 @@ def evaluate(args) -> dict:
     original, target = default_lengths(read_config(args.model, "--model"),
                                        read_config(args.teacher, "--teacher") if args.teacher else None,
                                        args.original_length, args.target_length)
-    # Both load as frozen models with the RoPE their own config carries (the exported model: the extended one).
-    model = load_teacher(args.model, ModelConfig(path=args.model, dtype=dtype, attention=args.attention), device)
+    # Both load as frozen models with the RoPE their own config carries (the exported model: the extended
+    # one).
+    model = load_teacher(args.model, ModelConfig(path=args.model, dtype=dtype, attention=args.attention),
+                         device)
     teacher = None
     if args.teacher:
-        teacher = load_teacher(args.teacher, ModelConfig(path=args.teacher, dtype=dtype, attention=args.attention),
-                               device)
+        teacher = load_teacher(args.teacher,
+                               ModelConfig(path=args.teacher, dtype=dtype, attention=args.attention), device)
     lengths = args.lengths or doubling(original, target)
     out_dir = args.out or os.path.join(args.model, "eval")
     figures = evaluate_suite(
@@ -213,7 +227,8 @@ def evaluate(args) -> dict:
     path = os.path.join(out_dir, "eval.json")
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
-    record = {"model": os.path.abspath(args.model), "teacher": os.path.abspath(args.teacher) if args.teacher else None,
+    record = {"model": os.path.abspath(args.model),
+              "teacher": os.path.abspath(args.teacher) if args.teacher else None,
               "short_data": os.path.abspath(short_path), "long_data": os.path.abspath(long_path),
               "max_rows": args.max_rows, "device": device, "dtype": dtype, **record}
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", nargs="?", help="data spec YAML (data/<name>.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. tokenizer=path/to/tok")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir once the new one is built")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output_dir once the new one is built")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--verify", metavar="DIR", help="check a built directory's files against its manifest")
+    parser.add_argument("--verify", metavar="DIR",
+                        help="check a built directory's files against its manifest")
     args = parser.parse_intermixed_args(argv)
     if args.verify:
         return verify(args.verify, progress=not args.quiet)

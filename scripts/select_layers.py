@@ -5,10 +5,11 @@
         [--tokens 1024] [--out layers.yaml]
 
 Builds the extended student exactly as training will (`distill.models.load_student` with the RoPE flags) and
-the teacher with its native RoPE (`load_teacher`; default: the same checkpoint), runs both with eager attention
-on sample short documents, and ranks decoder layers by KL(teacher ‖ student) of their attention distributions.
-Prints the ranking and a YAML snippet for a recipe's `hidden.layers`: the top-k layers plus the last one, as
-indices into the `hidden_states` tuple (decoder layer i → index i + 1; the last index is the final-norm output).
+the teacher with its native RoPE (`load_teacher`; default: the same checkpoint), runs both with eager
+attention on sample short documents, and ranks decoder layers by KL(teacher ‖ student) of their attention
+distributions. Prints the ranking and a YAML snippet for a recipe's `hidden.layers`: the top-k layers plus
+the last one, as indices into the `hidden_states` tuple (decoder layer i → index i + 1; the last index is the
+final-norm output).
 A user mistake prints one line `error: ...` and exits with status 2.
 """
 
@@ -32,12 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-method", required=True, choices=["abf", "pi", "yarn", "llama3"])
     p.add_argument("--rope-theta", type=number(float), help="new rope theta (abf)")
     p.add_argument("--target-length", type=number(int), required=True, help="extended context length")
-    p.add_argument("--factor", type=number(float), help="scaling factor (pi / yarn / llama3; default target/original)")
-    p.add_argument("--original-length", type=number(int), help="original window (default: from the checkpoint)")
-    p.add_argument("--data", required=True, help="a built short stream (e.g. data/built/<name>/holdout/short)")
-    p.add_argument("--top-k", type=number(int), required=True, help="layers to keep besides the last (paper: 6 at 32K)")
+    p.add_argument("--factor", type=number(float),
+                   help="scaling factor (pi / yarn / llama3; default target/original)")
+    p.add_argument("--original-length", type=number(int),
+                   help="original window (default: from the checkpoint)")
+    p.add_argument("--data", required=True,
+                   help="a built short stream (e.g. data/built/<name>/holdout/short)")
+    p.add_argument("--top-k", type=number(int), required=True,
+                   help="layers to keep besides the last (paper: 6 at 32K)")
     p.add_argument("--rows", type=number(int), default=4, help="sample documents (default 4)")
-    p.add_argument("--tokens", type=number(int), default=1024, help="tokens per sample document (default 1024)")
+    p.add_argument("--tokens", type=number(int), default=1024,
+                   help="tokens per sample document (default 1024)")
     p.add_argument("--out", help="also write the YAML snippet to this file")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -48,8 +54,7 @@ def select(args) -> dict:
     import torch
 
     from distill.config import ModelConfig, RopeConfig
-    from distill.layers import sample_documents
-    from distill.layers import select_layers
+    from distill.layers import sample_documents, select_layers
     from distill.models import load_student, load_teacher
 
     if not os.path.isfile(os.path.join(args.data, STREAM_INFO)):
@@ -75,7 +80,8 @@ def select(args) -> dict:
 def format_report(result: dict) -> tuple[str, str]:
     """(ranking table, YAML snippet)."""
     kl = result["kl"]
-    lines = [f"attention KL(teacher ‖ student) on {result['documents']} documents × {result['tokens']} tokens",
+    lines = [(f"attention KL(teacher ‖ student) on {result['documents']} documents × "
+              f"{result['tokens']} tokens"),
              "rank  layer  hidden_states index  attention KL"]
     for rank, index in enumerate(result["ranking"], 1):
         mark = "  *" if index in result["layers"] else ""

@@ -29,7 +29,8 @@ def tokenizer_dir(tmp_path_factory):
 def tiny_models(tmp_path_factory, tokenizer_dir):
     """{arch: directory} for Llama, Mistral and Qwen2 (2 layers, 64 wide, 256-token window)."""
     root = tmp_path_factory.mktemp("models")
-    return {arch: make_tiny_model(str(root / arch), arch, tokenizer_dir=tokenizer_dir) for arch in ARCHITECTURES}
+    return {arch: make_tiny_model(str(root / arch), arch, tokenizer_dir=tokenizer_dir)
+            for arch in ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Building the packed streams of a data spec: read → tokenize → select per stream → pack → write.
 
 Output (all inside `spec.output_dir`, built in a temp dir next to it and renamed at the end):
-    <stream>/            datasets.save_to_disk dir (input_ids int32 × seq_len, lengths list<int32>) + stream.json
+    <stream>/            datasets.save_to_disk dir (input_ids int32 × seq_len, lengths list<int32>)
+                         + stream.json
     holdout/<stream>/    the held-out documents of that stream, same format
     manifest.json        resolved spec, tokenizer fingerprint, counts per stream and source, skips, checksums
 The same spec and inputs give byte-identical Arrow files (no clocks, no unseeded randomness).
@@ -77,7 +78,8 @@ def _read_source(spec: DataSpec, index: int, source: SourceConfig, tokenizer: An
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"tokenize {source.name}", unit="tok", unit_scale=True, dynamic_ncols=True, leave=True,
+        bar = tqdm(desc=f"tokenize {source.name}", unit="tok", unit_scale=True, dynamic_ncols=True,
+                   leave=True,
                    disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
     try:
         tokenized = tokenize_documents(reader, tokenizer, batch_size=spec.batch_size, eos_id=eos_id,
@@ -89,14 +91,16 @@ def _read_source(spec: DataSpec, index: int, source: SourceConfig, tokenizer: An
         if reader.records == 0 and reader.filtered:
             raise DataError(f"{reader.where}: none of {reader.filtered} records matches {dict(source.match)}")
         if reader.records == 0:
-            raise DataError(f"{reader.where}: empty source, no documents in {source.path or source.dataset!r}")
+            raise DataError(f"{reader.where}: empty source, no documents in "
+                            f"{source.path or source.dataset!r}")
         examples = "; ".join(f"e.g. {v}" for v in list(reader.examples.values())[:2])
-        raise DataError(f"{reader.where}: all {reader.records} records were skipped ({reader.summary()}); {examples}")
+        raise DataError(f"{reader.where}: all {reader.records} records were skipped ({reader.summary()}); "
+                        f"{examples}")
     return tokenized, reader
 
 
-def _select(spec: DataSpec, stream_name: str, stream: DataStreamConfig, source_index: int, source: SourceConfig,
-            data: TokenizedSource, held_out: bool, share: float | None,
+def _select(spec: DataSpec, stream_name: str, stream: DataStreamConfig, source_index: int,
+            source: SourceConfig, data: TokenizedSource, held_out: bool, share: float | None,
             report: dict) -> np.ndarray:
     """Indices of the documents of one source that go into one split of a stream (repeats for upsampling)."""
     lengths = data.lengths
@@ -142,7 +146,8 @@ def _select(spec: DataSpec, stream_name: str, stream: DataStreamConfig, source_i
 def _assemble(parts: list[tuple[int, np.ndarray]], data: list[TokenizedSource], seed: int,
               stream_name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Interleave the selected documents of all sources in a seeded order: (flat tokens, lengths)."""
-    src = np.concatenate([np.full(len(idx), s, dtype=np.int64) for s, idx in parts]) if parts else np.zeros(0, np.int64)
+    src = (np.concatenate([np.full(len(idx), s, dtype=np.int64) for s, idx in parts]) if parts
+           else np.zeros(0, np.int64))
     doc = np.concatenate([idx for _, idx in parts]) if parts else np.zeros(0, np.int64)
     rng = np.random.default_rng([seed, _crc(stream_name), _crc(split)])
     perm = rng.permutation(len(doc))
@@ -172,7 +177,8 @@ def _write_stream(packed: Packed, path: str, info: dict) -> None:
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"), length=seq_len),
                                   "lengths": datasets.List(datasets.Value("int32"))})
     fingerprint = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
-    ds = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features), fingerprint=fingerprint)
+    ds = datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features),
+                          fingerprint=fingerprint)
     ds.save_to_disk(path, max_shard_size="1GB")
     with open(os.path.join(path, STREAM_INFO), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=False)
@@ -207,14 +213,16 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0
 
-    used = [(i, s) for i, s in enumerate(spec.sources) if any(s.name in st.sources for st in spec.streams.values())]
+    used = [(i, s) for i, s in enumerate(spec.sources)
+            if any(s.name in st.sources for st in spec.streams.values())]
     data: dict[int, TokenizedSource] = {}
     source_report: dict[str, dict] = {}
     for i, source in used:
         tokenized, reader = _read_source(spec, i, source, tokenizer, eos_id if spec.eos else None, progress)
         data[i] = tokenized
         source_report[source.name] = {
-            "kind": source.kind, "files": len(reader.files), "records": reader.records, "filtered_out": reader.filtered,
+            "kind": source.kind, "files": len(reader.files), "records": reader.records,
+            "filtered_out": reader.filtered,
             "documents": len(tokenized.lengths), "tokens": int(tokenized.lengths.sum()),
             "skipped": dict(sorted(reader.skipped.items())),
         }
@@ -243,23 +251,25 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                 for name in stream.sources:
                     i = index_of[name]
                     per_source[name] = {}
-                    idx = _select(spec, stream_name, stream, i, spec.sources[i], data[i], held_out, shares[name],
-                                  per_source[name])
+                    idx = _select(spec, stream_name, stream, i, spec.sources[i], data[i], held_out,
+                                  shares[name], per_source[name])
                     parts.append((i, idx))
                 tokens, lengths = _assemble(parts, data, spec.seed, stream_name, split)
-                packed = pack(stream.pack, tokens, lengths, stream.seq_len, pad_id, long_docs=stream.long_docs,
-                              stride=stream.stride, last_row=stream.last_row)
+                packed = pack(stream.pack, tokens, lengths, stream.seq_len, pad_id,
+                              long_docs=stream.long_docs, stride=stream.stride, last_row=stream.last_row)
                 if packed.rows == 0 and not held_out:
                     reasons = {k: v for r in per_source.values() for k, v in r.get("skipped", {}).items()}
                     reasons.update(packed.skipped_docs)
                     detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "no documents"
-                    raise DataError(f"streams.{stream_name}: no rows of seq_len {stream.seq_len} from sources "
-                                    f"{', '.join(stream.sources)} ({len(lengths)} documents, "
+                    raise DataError(f"streams.{stream_name}: no rows of seq_len {stream.seq_len} "
+                                    f"from sources {', '.join(stream.sources)} ({len(lengths)} documents, "
                                     f"{int(lengths.sum())} tokens; skipped: {detail})")
-                order = np.random.default_rng([spec.seed, _crc(stream_name), _crc(split), 1]).permutation(packed.rows)
+                order = np.random.default_rng([spec.seed, _crc(stream_name), _crc(split), 1]).permutation(
+                    packed.rows)
                 packed = packed.permute(order)
                 if budget is not None and packed.real_tokens > budget:
-                    # Whole documents overshoot the budget by up to one document per source: keep rows up to it.
+                    # Whole documents overshoot the budget by up to one document per source: keep rows up
+                    # to it.
                     per_row = np.add.reduceat(packed.lengths, packed.row_offsets[:-1]) if packed.rows else []
                     keep = int(np.searchsorted(np.cumsum(per_row), budget, side="right"))
                     dropped = packed.real_tokens
@@ -268,7 +278,8 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                                              "over_max_tokens": dropped - packed.real_tokens}
                 info = {
                     "stream": stream_name, "split": split, "seq_len": stream.seq_len, "pack": stream.pack,
-                    "rows": packed.rows, "real_tokens": packed.real_tokens, "padding_tokens": packed.padding_tokens,
+                    "rows": packed.rows, "real_tokens": packed.real_tokens,
+                    "padding_tokens": packed.padding_tokens,
                     "tokenizer_fingerprint": fingerprint, "eos_token_id": eos_id, "pad_token_id": pad_id,
                 }
                 rel = stream_name if not held_out else os.path.join("holdout", stream_name)
@@ -279,8 +290,8 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                     "fill": round(fill, 6), "path": rel, "sources": per_source,
                     "pack_skipped_docs": packed.skipped_docs, "pack_skipped_tokens": packed.skipped_tokens,
                 }
-                log.info("stream %s/%s: %d rows × %d, %d real tokens, fill %.4f", stream_name, split, packed.rows,
-                         stream.seq_len, packed.real_tokens, fill)
+                log.info("stream %s/%s: %d rows × %d, %d real tokens, fill %.4f", stream_name, split,
+                         packed.rows, stream.seq_len, packed.real_tokens, fill)
         checksums, sizes = {}, {}
         for root, _, names in sorted(os.walk(tmp)):
             for name in sorted(names):

@@ -104,9 +104,11 @@ class PackedStream:
         self.path = os.fspath(path)
         info_path = os.path.join(self.path, STREAM_INFO)
         if not os.path.isdir(self.path):
-            raise DataError(f"{self.path}: no such built stream directory; build it with scripts/prepare_data.py")
+            raise DataError(f"{self.path}: no such built stream directory; "
+                            f"build it with scripts/prepare_data.py")
         if not os.path.isfile(info_path):
-            raise DataError(f"{self.path}: not a built stream (no {STREAM_INFO}); build it with scripts/prepare_data.py")
+            raise DataError(f"{self.path}: not a built stream (no {STREAM_INFO}); "
+                            f"build it with scripts/prepare_data.py")
         try:
             with open(info_path, encoding="utf-8") as f:
                 self.info: dict = json.load(f)
@@ -117,15 +119,18 @@ class PackedStream:
             ours = tokenizer_fingerprint(tokenizer)
             theirs = str(self.info.get("tokenizer_fingerprint", ""))
             if ours != theirs:
-                raise DataError(f"{self.path}: built with a different tokenizer (fingerprint {theirs[:12]}… vs "
-                                f"{ours[:12]}…); rebuild with scripts/prepare_data.py")
+                raise DataError(f"{self.path}: built with a different tokenizer "
+                                f"(fingerprint {theirs[:12]}… vs {ours[:12]}…); "
+                                f"rebuild with scripts/prepare_data.py")
         if int(self.info.get("rows", 1)) == 0:
-            raise DataError(f"{self.path}: the stream has no rows (too little data for seq_len {self.seq_len}, or "
+            raise DataError(f"{self.path}: the stream has no rows "
+                            f"(too little data for seq_len {self.seq_len}, or "
                             f"a held-out fraction too small); rebuild with more data or a smaller seq_len")
         try:
             self.dataset = datasets.load_from_disk(self.path)  # memory-mapped
         except Exception as err:  # noqa: BLE001 - any failure here means a broken directory
-            raise DataError(f"{self.path}: cannot open the built dataset ({type(err).__name__}: {err})") from None
+            raise DataError(
+                f"{self.path}: cannot open the built dataset ({type(err).__name__}: {err})") from None
         if not isinstance(self.dataset, datasets.Dataset) or "input_ids" not in self.dataset.column_names:
             raise DataError(f"{self.path}: not a built stream (no input_ids column)")
         table = self.dataset.data.table
@@ -223,8 +228,9 @@ class PackedStream:
         lines = []
         for b in bad.any(dim=1).nonzero().flatten().tolist():
             t = int(bad[b].nonzero()[0])
-            lines.append(f"row {int(indices[b])} of {self.path} (file {self.file_of(indices[b])}) has token id "
-                         f"{int(input_ids[b, t])} at position {t}, outside the vocabulary [0, {vocab_size})")
+            lines.append(f"row {int(indices[b])} of {self.path} (file {self.file_of(indices[b])}) "
+                         f"has token id {int(input_ids[b, t])} at position {t}, "
+                         f"outside the vocabulary [0, {vocab_size})")
         return lines
 
     def _row_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

@@ -47,8 +47,10 @@ class Packed:
         starts = self.row_offsets[:-1][order]
         offsets = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        gather = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], counts) + np.repeat(starts, counts)
-        return Packed(self.input_ids[order], self.lengths[gather], offsets, self.skipped_docs, self.skipped_tokens)
+        gather = (np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], counts)
+                  + np.repeat(starts, counts))
+        return Packed(self.input_ids[order], self.lengths[gather], offsets, self.skipped_docs,
+                      self.skipped_tokens)
 
 
 def _doc_starts(lengths: np.ndarray) -> np.ndarray:

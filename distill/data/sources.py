@@ -23,7 +23,8 @@ from distill.data.spec import SourceConfig
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst"), "json": (".json",), "parquet": (".parquet",), "text": (".txt", ".md")}
+_EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst"), "json": (".json",),
+               "parquet": (".parquet",), "text": (".txt", ".md")}
 _BLANK_LINE = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 
 
@@ -113,7 +114,8 @@ class SourceReader:
             if src.kind == "files":
                 found = [p for p in found if self._wanted(os.path.relpath(p, path))]
             if not found:
-                allowed = "" if src.kind == "files" else f" with extension {' or '.join(_EXTENSIONS[src.kind])}"
+                allowed = ("" if src.kind == "files"
+                           else f" with extension {' or '.join(_EXTENSIONS[src.kind])}")
                 raise DataError(f"{self.where}: directory {src.path!r} has no files{allowed}"
                                 + (" matching include/exclude" if src.kind == "files" else ""))
         elif os.path.isfile(path):
@@ -155,8 +157,10 @@ class SourceReader:
                 try:
                     import zstandard
                 except ImportError:
-                    raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
-                return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
+                    raise DataError(
+                        f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+                return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True,
+                                                                  read_across_frames=True)
             return open(path, "rb")
         except OSError as err:
             raise DataError(f"{path}: cannot read ({err.strerror}; {self.where})") from None
@@ -186,7 +190,8 @@ class SourceReader:
                     continue
                 if not isinstance(record, dict):
                     self.records += 1
-                    self.skip("not_an_object", location, f"expected a JSON object, got {type(record).__name__}")
+                    self.skip("not_an_object", location,
+                              f"expected a JSON object, got {type(record).__name__}")
                     continue
                 if self._match and not self._matches(record):
                     continue
@@ -226,7 +231,8 @@ class SourceReader:
                 text = self._text(record.get(field), location)
             else:
                 self.records += 1
-                self.skip("not_an_object", location, f"expected an object or a string, got {type(record).__name__}")
+                self.skip("not_an_object", location,
+                          f"expected an object or a string, got {type(record).__name__}")
                 continue
             if text is not None:
                 yield text
@@ -241,7 +247,8 @@ class SourceReader:
             raise DataError(f"{path}: not a readable parquet file ({err}; {self.where})") from None
         names = pf.schema_arrow.names
         if field not in names:
-            raise DataError(f"{path}: no column {field!r} (text_field of {self.where}); columns: {', '.join(names)}")
+            raise DataError(f"{path}: no column {field!r} (text_field of {self.where}); "
+                            f"columns: {', '.join(names)}")
         row = 0
         for batch in pf.iter_batches(columns=[field], batch_size=4096):
             for value in batch.column(0).to_pylist():
@@ -292,7 +299,8 @@ class SourceReader:
                 ds = datasets.load_from_disk(name)
                 if isinstance(ds, datasets.DatasetDict):
                     if src.split not in ds:
-                        raise DataError(f"{self.where}: {name} has no split {src.split!r}; splits: {', '.join(ds)}")
+                        raise DataError(f"{self.where}: {name} has no split {src.split!r}; "
+                                        f"splits: {', '.join(ds)}")
                     ds = ds[src.split]
             else:
                 ds = datasets.load_dataset(name, src.config, split=src.split, streaming=src.streaming)

@@ -37,7 +37,8 @@ class SourceConfig:
     kind: SourceKind
     """jsonl | json (a list of records) | parquet | text | files (one file = one document) | hf."""
     path: str | None = None
-    """A file, a directory or a glob (`**` allowed; `~`, `$VAR` and `{stdlib}` expand); required except for hf."""
+    """A file, a directory or a glob (`**` allowed; `~`, `$VAR` and `{stdlib}` expand); required except for
+    hf."""
     text_field: str = "text"
     """Field holding the document text (jsonl, json, parquet, hf)."""
     weight: float = 1.0
@@ -67,7 +68,8 @@ class SourceConfig:
         check(bool(self.name.strip()), join(path, "name"), "must not be empty")
         check(self.weight > 0, join(path, "weight"), f"must be positive, got {self.weight}")
         if self.kind == "hf":
-            check(self.dataset is not None, join(path, "dataset"), "kind hf needs a dataset (id or directory)")
+            check(self.dataset is not None, join(path, "dataset"),
+                  "kind hf needs a dataset (id or directory)")
         else:
             check(self.path is not None and self.path != "", join(path, "path"),
                   f"kind {self.kind} needs a path (a file, a directory or a glob)")
@@ -105,11 +107,13 @@ class DataStreamConfig:
     """concat: the final partial row is dropped (counted as skipped) or padded."""
 
     def validate(self, path: str) -> None:
-        check(self.seq_len > 0, join(path, "seq_len"), f"must be a positive number of tokens, got {self.seq_len}")
+        check(self.seq_len > 0, join(path, "seq_len"),
+              f"must be a positive number of tokens, got {self.seq_len}")
         check(len(self.sources) > 0, join(path, "sources"), "a stream needs at least one source")
         check(len(set(self.sources)) == len(self.sources), join(path, "sources"),
               f"lists a source twice: {self.sources}")
-        check(self.min_doc_tokens >= 1, join(path, "min_doc_tokens"), f"must be >= 1, got {self.min_doc_tokens}")
+        check(self.min_doc_tokens >= 1, join(path, "min_doc_tokens"),
+              f"must be >= 1, got {self.min_doc_tokens}")
         if self.max_doc_tokens is not None:
             check(self.max_doc_tokens >= self.min_doc_tokens, join(path, "max_doc_tokens"),
                   f"{self.max_doc_tokens} is below min_doc_tokens {self.min_doc_tokens}")
@@ -120,7 +124,8 @@ class DataStreamConfig:
             check(self.pack == "window", join(path, "stride"), f"only for pack window, not {self.pack}")
             check(self.stride > 0, join(path, "stride"), f"must be positive, got {self.stride}")
         if self.pack == "window":
-            check(self.max_doc_tokens is None or self.max_doc_tokens >= self.seq_len, join(path, "max_doc_tokens"),
+            check(self.max_doc_tokens is None or self.max_doc_tokens >= self.seq_len,
+                  join(path, "max_doc_tokens"),
                   f"window needs documents of at least seq_len {self.seq_len} tokens")
 
 

@@ -111,7 +111,8 @@ def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def tokenize_documents(docs: Iterable[str], tokenizer: Any, *, batch_size: int = 1000, eos_id: int | None = None,
+def tokenize_documents(docs: Iterable[str], tokenizer: Any, *, batch_size: int = 1000,
+                       eos_id: int | None = None,
                        on_empty: Callable[[int], None] | None = None,
                        stop: Callable[[np.ndarray, np.ndarray], bool] | None = None,
                        progress: Any = None) -> TokenizedSource:
@@ -169,5 +170,5 @@ def tokenize_documents(docs: Iterable[str], tokenizer: Any, *, batch_size: int =
             break
     if not token_parts:
         return TokenizedSource(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 2)), no_tokens)
-    return TokenizedSource(np.concatenate(token_parts), np.concatenate(length_parts), np.concatenate(key_parts),
-                           no_tokens)
+    return TokenizedSource(np.concatenate(token_parts), np.concatenate(length_parts),
+                           np.concatenate(key_parts), no_tokens)

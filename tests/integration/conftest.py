@@ -35,7 +35,8 @@ def build_small(out, corpus_dir, tokenizer):
             {"name": "small", "kind": "files", "path": corpus_dir, "include": ["small_*.py"]},
         ],
         "streams": {
-            "long": {"sources": ["big"], "seq_len": 1024, "min_doc_tokens": 1024, "pack": "concat", "last_row": "pad"},
+            "long": {"sources": ["big"], "seq_len": 1024, "min_doc_tokens": 1024, "pack": "concat",
+                     "last_row": "pad"},
             "short": {"sources": ["small"], "seq_len": 256, "max_doc_tokens": 256, "pack": "best_fit"},
             "s2l": {"sources": ["big"], "seq_len": 256, "min_doc_tokens": 256, "pack": "window"},
         },
@@ -67,7 +68,8 @@ def built_data_for(tmp_path_factory, corpus_dir, tokenizer_dir, built_data):
         if fingerprint == reference:
             return built_data
         if fingerprint not in cache:
-            cache[fingerprint] = build_small(str(tmp_path_factory.mktemp("built") / "own"), corpus_dir, model_dir)
+            cache[fingerprint] = build_small(str(tmp_path_factory.mktemp("built") / "own"), corpus_dir,
+                                             model_dir)
         return cache[fingerprint]
 
     return get

@@ -42,15 +42,16 @@ def _poke_token(stream_dir: str, row: int, position: int, value: int) -> None:
     base = data.find(np.asarray(stream.input_ids(0), dtype="<i4").tobytes())
     assert base >= 0
     offset = base + 4 * (row * stream.seq_len + position)
-    assert int(np.frombuffer(data[offset: offset + 4], dtype="<i4")[0]) == int(stream.input_ids(row)[position])
+    assert (int(np.frombuffer(data[offset: offset + 4], dtype="<i4")[0])
+            == int(stream.input_ids(row)[position]))
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(np.asarray([value], dtype="<i4").tobytes())
 
 
 def _verify(directory):
-    return subprocess.run([sys.executable, SCRIPT, "--verify", directory, "--quiet"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, SCRIPT, "--verify", directory, "--quiet"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
 
 
 def test_verify_passes_intact_data_and_names_each_damaged_file(data_copy):
@@ -68,8 +69,8 @@ def test_verify_passes_intact_data_and_names_each_damaged_file(data_copy):
     assert any(_arrow_file(data_copy["s2l"]) in line and "bytes" in line for line in lines)
     assert "Traceback" not in bad.stderr
     missing = _verify(os.path.join(data_copy["root"], "long"))  # a stream dir, not the build root
-    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "not a built data directory" in \
-        missing.stderr
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and \
+        "not a built data directory" in missing.stderr
 
 
 def test_startup_refuses_a_stream_whose_files_changed_size(tmp_path, tiny_llama, data_copy, capsys):
@@ -81,8 +82,8 @@ def test_startup_refuses_a_stream_whose_files_changed_size(tmp_path, tiny_llama,
     capsys.readouterr()
     assert train.main([write(cfg, tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: streams.short.data: ") and "bytes, but the build recorded" in \
-        err[0] and "--verify" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: streams.short.data: ") and \
+        "bytes, but the build recorded" in err[0] and "--verify" in err[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

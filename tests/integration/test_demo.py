@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_demo_pipeline_quick(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"long_cpt", "mix_cpt", "longred"}
@@ -35,8 +35,8 @@ def test_demo_pipeline_quick(tmp_path):
     assert (out / "data" / "manifest.json").exists()
     assert (out / "runs" / "longred" / "final" / "config.json").exists()
     # A second invocation reuses every finished step and rewrites the same report.
-    again = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "$ " not in again.stdout
 
 

@@ -30,7 +30,8 @@ def _spec_dict(tokenizer_dir, out):
             {"name": "email_pkg", "kind": "files", "path": "{stdlib}/email/*.py", "weight": 2.0},
         ],
         "streams": {
-            "long": {"sources": ["json_pkg", "email_pkg"], "seq_len": 512, "pack": "concat", "min_doc_tokens": 64},
+            "long": {"sources": ["json_pkg", "email_pkg"], "seq_len": 512, "pack": "concat",
+                     "min_doc_tokens": 64},
             "short": {"sources": ["json_pkg", "email_pkg"], "seq_len": 128, "pack": "best_fit"},
             "s2l": {"sources": ["email_pkg"], "seq_len": 128, "pack": "window", "min_doc_tokens": 128,
                     "max_tokens": 20000},
@@ -69,7 +70,8 @@ def test_layout_and_stream_info(built, tokenizer_dir):
             assert real == info["real_tokens"] and info["padding_tokens"] == len(stream) * seq_len - real
             assert (path / "dataset_info.json").exists()
     assert manifest["tokenizer"]["vocab_size"] == len(tok.get_vocab())
-    assert set(manifest["checksums"]) >= {"long/data-00000-of-00001.arrow", "holdout/s2l/data-00000-of-00001.arrow"}
+    assert set(manifest["checksums"]) >= {"long/data-00000-of-00001.arrow",
+                                          "holdout/s2l/data-00000-of-00001.arrow"}
     assert manifest["spec"]["streams"]["long"]["seq_len"] == 512
     assert manifest["streams"]["long"]["train"]["fill"] == 1.0  # concat drops only the final partial row
     assert manifest["streams"]["short"]["train"]["fill"] > 0.95
@@ -132,8 +134,10 @@ def test_build_is_deterministic(built, tokenizer_dir, tmp_path):
 
 def test_refuses_another_tokenizer(built, tmp_path):
     out, _ = built
-    small = AutoTokenizer.from_pretrained(train_tokenizer(str(tmp_path / "tok500"), vocab_size=500, max_sentences=5000))
-    with pytest.raises(DataError, match=r"built with a different tokenizer \(fingerprint [0-9a-f]{12}… vs [0-9a-f]{12}…\); "
+    small = AutoTokenizer.from_pretrained(train_tokenizer(str(tmp_path / "tok500"), vocab_size=500,
+                                                          max_sentences=5000))
+    with pytest.raises(DataError, match=r"built with a different tokenizer "
+                                        r"\(fingerprint [0-9a-f]{12}… vs [0-9a-f]{12}…\); "
                                         r"rebuild with scripts/prepare_data.py"):
         PackedStream(out / "long", tokenizer=small)
 
@@ -159,8 +163,8 @@ def test_existing_output_is_refused_and_kept_on_error(built, tokenizer_dir):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args, "--quiet"], check=False, capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    return subprocess.run([sys.executable, SCRIPT, *args, "--quiet"], check=False, capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, tokenizer_dir):
@@ -168,7 +172,8 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, tokenizer_dir):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     cases = [
-        (["streams.long.seq_len=0"], "error: streams.long.seq_len: must be a positive number of tokens, got 0"),
+        (["streams.long.seq_len=0"],
+         "error: streams.long.seq_len: must be a positive number of tokens, got 0"),
         (["streams.short.sources=[]"], "error: streams.short.sources: a stream needs at least one source"),
         (["streams.long.seq_lenn=5"], "error: streams.long.seq_lenn: unknown key; did you mean 'seq_len'?"),
         ([f"tokenizer={tmp_path}"], f"error: tokenizer '{tmp_path}' (directory) does not load"),
@@ -185,7 +190,8 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, tokenizer_dir):
     assert result.returncode == 2
     assert result.stderr == "error: source 'email_pkg' (sources[1]): no files match '/no/such/*.py'\n"
     missing = _cli(str(tmp_path / "nope.yaml"))
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: file not found"
+    assert (missing.returncode == 2
+            and missing.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: file not found")
 
 
 def test_cli_builds(tmp_path, tokenizer_dir):

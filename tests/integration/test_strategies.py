@@ -59,9 +59,8 @@ def launch(mode: str, recipe_path: str, out: str, teacher: str) -> subprocess.Co
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_llama, built_data):
     """1-process references in this process: full (3 steps) and poisoned (step 1 NaN)."""
-    from tests.integration.strategy_worker import poisoned_run
-
     from distill import train
+    from tests.integration.strategy_worker import poisoned_run
 
     root = tmp_path_factory.mktemp("single")
     path = write(strategy_recipe(tiny_llama, built_data, root / "full"), root / "r.yaml")

@@ -25,11 +25,14 @@ def recipe(model, data, out, method="longred", steps=3, **extra):
     if method == "long_cpt":
         streams = {"long": long}
     elif method == "mix_cpt":
-        streams = {"long": long, "short": {**short, "objectives": {"lm": 1.0}}, "s2l": {**s2l, "objectives": {"lm": 1.0}}}
+        streams = {"long": long, "short": {**short, "objectives": {"lm": 1.0}},
+                   "s2l": {**s2l, "objectives": {"lm": 1.0}}}
     else:
         streams = {"long": long,
-                   "short": {**short, "objectives": {"hidden": {"weight": 3.75, "layers": [1, "last"]}, "kl": 1.0}},
-                   "s2l": {**s2l, "positions": "cream", "objectives": {"hidden": {"weight": 2.5, "layers": ["last"]}}}}
+                   "short": {**short,
+                             "objectives": {"hidden": {"weight": 3.75, "layers": [1, "last"]}, "kl": 1.0}},
+                   "s2l": {**s2l, "positions": "cream",
+                           "objectives": {"hidden": {"weight": 2.5, "layers": ["last"]}}}}
     cfg = {
         "run": {"name": f"test-{method}", "output_dir": str(out), "seed": 0},
         "model": {"path": model, "dtype": "float32", "attention": "auto"},
@@ -62,8 +65,8 @@ def train_cli(recipe_path, *overrides, launcher=None, env_extra=None, timeout=60
 @pytest.mark.parametrize("method", ["long_cpt", "mix_cpt", "longred"])
 def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, method):
     out = tmp_path / "run"
-    proc = train_cli(write(recipe(tiny_llama, built_data, out, method, train__eval_every=3, log__peak_tflops=0.5),
-                           tmp_path / "r.yaml"))
+    proc = train_cli(write(recipe(tiny_llama, built_data, out, method, train__eval_every=3,
+                                  log__peak_tflops=0.5), tmp_path / "r.yaml"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = read_metrics(out / "metrics.jsonl")
     # The start-up checks ran and were logged, with or without a teacher.
@@ -119,7 +122,8 @@ def test_no_extension_means_zero_short_distillation_loss(tmp_path, tiny_models, 
 def test_teacher_is_frozen_and_outside_optimiser_and_export(tmp_path, tiny_llama, built_data):
     from distill.train import run
 
-    cfg = load_recipe(write(recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=2), tmp_path / "r.yaml"))
+    cfg = load_recipe(write(recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=2),
+                            tmp_path / "r.yaml"))
     before = load_file(os.path.join(tiny_llama, "model.safetensors"))
     code, live = run(cfg, return_state=True)
     assert code == 0
@@ -215,7 +219,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_llama, bu
     def poisoned(hidden, weight, labels, chunk_size=4096, **kw):
         total, count = real(hidden, weight, labels, chunk_size=chunk_size, **kw)
         calls["n"] += 1
-        return (total * float("nan") if calls["n"] > 4 else total), count  # step 1 (4 micro-batches) fine, then NaN
+        # step 1 (4 micro-batches) fine, then NaN
+        return (total * float("nan") if calls["n"] > 4 else total), count
 
     monkeypatch.setattr(step, "lm_loss", poisoned)
     cfg = recipe(tiny_llama, built_data, tmp_path / "run", "long_cpt", steps=10)
@@ -228,7 +233,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_llama, bu
     w2 = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors"))
     w3 = load_file(str(tmp_path / "run" / "checkpoints" / "step-3" / "model.safetensors"))
     assert all(torch.equal(w2[k], w3[k]) for k in w2)  # skipped steps leave the weights untouched
-    assert train.main([write(cfg, tmp_path / "r2.yaml"), "train.resume=never", f"run.output_dir={tmp_path}/x"]) == 3
+    assert train.main([write(cfg, tmp_path / "r2.yaml"), "train.resume=never",
+                       f"run.output_dir={tmp_path}/x"]) == 3
 
 
 def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, tiny_llama, built_data, monkeypatch):
@@ -266,17 +272,18 @@ def test_short_to_long_streams_are_checked_at_start_up(tmp_path, tiny_llama, bui
     _assert_refused(tmp_path, cfg, "streams.s2l.positions: cream needs rows of one document each", capsys)
     cfg = base()
     cfg["rope"]["original_length"] = 128  # the teacher's window below the s2l rows of 256
-    _assert_refused(tmp_path, cfg, "streams.s2l.data: rows of 256 tokens exceed the teacher's window 128", capsys)
+    _assert_refused(tmp_path, cfg, "streams.s2l.data: rows of 256 tokens exceed the teacher's window 128",
+                    capsys)
     cfg = base()
     cfg["rope"] = {"method": "none", "target_length": 256}
     cfg["streams"].pop("long")
-    _assert_refused(tmp_path, cfg, "streams.s2l.positions: cream spreads rows over rope.target_length 256, which "
-                                   "must exceed the teacher's window 256", capsys)
+    _assert_refused(tmp_path, cfg, "streams.s2l.positions: cream spreads rows over rope.target_length 256, "
+                                   "which must exceed the teacher's window 256", capsys)
 
 
 def test_sparse_streams_are_announced_and_keep_their_weight(tmp_path, tiny_llama, built_data, caplog):
-    """4096 token slots at 4 : 1 : 1 with micro-batches of 4 × 256: short and s2l expect 0.67 micro-batches per
-    step. The start-up says so with the numbers, and their losses carry 1 / 0.67 where present."""
+    """4096 token slots at 4 : 1 : 1 with micro-batches of 4 × 256: short and s2l expect 0.67 micro-batches
+    per step. The start-up says so with the numbers, and their losses carry 1 / 0.67 where present."""
     from distill import step as step_module
     from distill.train import run
 
@@ -296,8 +303,9 @@ def test_sparse_streams_are_announced_and_keep_their_weight(tmp_path, tiny_llama
     finally:
         step_module.StepContext.__post_init__ = real
     warnings = [r.getMessage() for r in caplog.records if "micro-batches of" in r.getMessage()]
-    assert len(warnings) == 2 and any(w.startswith("streams.short: its share gives 683 of mix.tokens_per_step "
-                                                   "4096 token slots, 0.67 micro-batches of 4 × 256") for w in warnings)
+    assert len(warnings) == 2 and any(
+        w.startswith("streams.short: its share gives 683 of mix.tokens_per_step "
+                     "4096 token slots, 0.67 micro-batches of 4 × 256") for w in warnings)
     assert "weighted ×1.50" in warnings[0]
     presence = seen[0].mixture.presence(0)
     assert presence == pytest.approx({"long": 1.0, "short": 1.5, "s2l": 1.5})

@@ -26,9 +26,9 @@ def test_minimal_recipe_gets_defaults(tmp_path):
 
 
 def test_number_shorthand_and_schedule_share(tmp_path):
-    data = {**MINIMAL, "streams": {"short": {"data": "d", "share": {"name": "linear", "start": 1, "end": 3,
-                                                                      "steps": 10},
-                                               "objectives": {"hidden": 2, "kl": {"weight": 5, "kind": "jsd"}}}}}
+    data = {**MINIMAL, "streams": {"short": {
+        "data": "d", "share": {"name": "linear", "start": 1, "end": 3, "steps": 10},
+        "objectives": {"hidden": 2, "kl": {"weight": 5, "kind": "jsd"}}}}}
     cfg = load_recipe(_recipe(tmp_path, data))
     s = cfg.streams["short"]
     assert s.objectives.hidden.weight == 2.0 and s.objectives.hidden.layers == ["last"]
@@ -36,8 +36,8 @@ def test_number_shorthand_and_schedule_share(tmp_path):
 
 
 def test_overrides_are_yaml_and_nested(tmp_path):
-    cfg = load_recipe(_recipe(tmp_path, MINIMAL), ["optim.lr=3e-4", "train.max_steps=7", "optim.betas=[0.9, 0.99]",
-                                                   "streams.long.micro_batch=4"])
+    cfg = load_recipe(_recipe(tmp_path, MINIMAL), ["optim.lr=3e-4", "train.max_steps=7",
+                                                   "optim.betas=[0.9, 0.99]", "streams.long.micro_batch=4"])
     assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 7 and cfg.optim.betas == [0.9, 0.99]
     assert cfg.streams["long"].micro_batch == 4
 

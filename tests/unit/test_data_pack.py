@@ -114,9 +114,11 @@ def test_positions_and_labels_restart_per_document():
     ids = np.array([10, 11, 12, 20, 21, 30, PAD, PAD], dtype=np.int32)
     positions, labels = row_positions_labels(ids, np.array([3, 2, 1]))
     assert positions.tolist() == [0, 1, 2, 0, 1, 0, 0, 1]
-    assert labels.tolist() == [IGNORE_INDEX, 11, 12, IGNORE_INDEX, 21, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert labels.tolist() == [IGNORE_INDEX, 11, 12, IGNORE_INDEX, 21, IGNORE_INDEX, IGNORE_INDEX,
+                               IGNORE_INDEX]
     full, full_labels = row_positions_labels(ids[:5], np.array([5]))
-    assert full.tolist() == [0, 1, 2, 3, 4] and full_labels[0] == IGNORE_INDEX and (full_labels[1:] == ids[1:5]).all()
+    assert (full.tolist() == [0, 1, 2, 3, 4] and full_labels[0] == IGNORE_INDEX
+            and (full_labels[1:] == ids[1:5]).all())
 
 
 def test_permute_keeps_rows_with_their_lengths():

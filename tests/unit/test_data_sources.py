@@ -54,7 +54,8 @@ def test_json_parquet_text_and_match(tmp_path):
     docs, reader = _read(kind="parquet", path=str(tmp_path / "*.parquet"), text_field="content")
     assert docs == ["p1", "p2"] and reader.skipped["missing_field"] == 1
     (tmp_path / "t.txt").write_text("para one\nline\n\n  \npara two\n\n\n")
-    assert _read(kind="text", path=str(tmp_path / "t.txt"), text_split="blank_line")[0] == ["para one\nline", "para two"]
+    assert (_read(kind="text", path=str(tmp_path / "t.txt"), text_split="blank_line")[0]
+            == ["para one\nline", "para two"])
     assert _read(kind="text", path=str(tmp_path / "t.txt"))[0] == ["para one\nline\n\n  \npara two\n\n\n"]
 
 
@@ -104,20 +105,25 @@ def _spec(tmp_path, tokenizer, source, **stream):
 def test_empty_source_is_an_error(tmp_path, tokenizer_dir):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"source 's' \(sources\[0\]\): empty source, no documents in"):
-        build(_spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "empty.jsonl")}), progress=False)
+        build(_spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "empty.jsonl")}),
+              progress=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_text_field_everywhere_is_an_error(tmp_path, tokenizer_dir):
     _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"body": "x"})] * 3)
-    with pytest.raises(DataError, match=r"all 3 records were skipped \(missing_field: 3\); e\.g\. .*no field 'text'"):
-        build(_spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}), progress=False)
+    with pytest.raises(DataError,
+                       match=r"all 3 records were skipped \(missing_field: 3\); e\.g\. .*no field 'text'"):
+        build(_spec(tmp_path, tokenizer_dir, {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}),
+              progress=False)
 
 
 def test_all_non_utf8_is_an_error(tmp_path, tokenizer_dir):
     (tmp_path / "a.txt").write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(DataError, match=r"all 1 records were skipped \(not_utf8: 1\).*invalid UTF-8 at byte 0"):
-        build(_spec(tmp_path, tokenizer_dir, {"kind": "text", "path": str(tmp_path / "a.txt")}), progress=False)
+    with pytest.raises(DataError,
+                       match=r"all 1 records were skipped \(not_utf8: 1\).*invalid UTF-8 at byte 0"):
+        build(_spec(tmp_path, tokenizer_dir, {"kind": "text", "path": str(tmp_path / "a.txt")}),
+              progress=False)
 
 
 def test_documents_that_tokenize_to_nothing(tmp_path, tokenizer_dir, monkeypatch):
@@ -126,7 +132,8 @@ def test_documents_that_tokenize_to_nothing(tmp_path, tokenizer_dir, monkeypatch
 
     real = tokenize.BatchEncoder.encode
     monkeypatch.setattr(tokenize.BatchEncoder, "encode",
-                        lambda self, texts: [[] if t == "VOID" else ids for t, ids in zip(texts, real(self, texts))])
+                        lambda self, texts: [[] if t == "VOID" else ids
+                                             for t, ids in zip(texts, real(self, texts))])
     _write_jsonl(tmp_path / "a.jsonl", [json.dumps({"text": "VOID"})] * 2)
     source = {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}
     with pytest.raises(DataError, match=r"all 2 records were skipped \(no_tokens: 2\)"):
@@ -162,7 +169,8 @@ def test_upsampling_long_documents_keeps_the_budget(tmp_path, tokenizer_dir):
     source = {"kind": "jsonl", "path": str(tmp_path / "a.jsonl")}
     plain = build(_spec(tmp_path, tokenizer_dir, source, pack="concat", seq_len=16), progress=False)
     source["upsample_long"] = {"min_tokens": 100, "factor": 2.0}
-    up = build(_spec(tmp_path, tokenizer_dir, source, pack="concat", seq_len=16), overwrite=True, progress=False)
+    up = build(_spec(tmp_path, tokenizer_dir, source, pack="concat", seq_len=16), overwrite=True,
+               progress=False)
     before, after = plain["streams"]["short"]["train"], up["streams"]["short"]["train"]
     assert after["sources"]["s"]["upsampled_long_docs"] == 1
     # The same token budget (the source's own size, within one short document), long documents twice.

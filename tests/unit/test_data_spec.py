@@ -55,8 +55,10 @@ def test_valid_spec_defaults():
     ("streams.long.seq_len", 0, "streams.long.seq_len: must be a positive number of tokens, got 0"),
     ("streams.long.seq_len", -5, "streams.long.seq_len"),
     ("streams.long.sources", [], "streams.long.sources: a stream needs at least one source"),
-    ("streams.long.sources", ["a", "nope"], "streams.long.sources[1]: unknown source 'nope'; defined sources: a, b"),
-    ("streams.long.pack", "greedy", "streams.long.pack: 'greedy' is not allowed; allowed: 'concat', 'best_fit', 'window'"),
+    ("streams.long.sources", ["a", "nope"],
+     "streams.long.sources[1]: unknown source 'nope'; defined sources: a, b"),
+    ("streams.long.pack", "greedy",
+     "streams.long.pack: 'greedy' is not allowed; allowed: 'concat', 'best_fit', 'window'"),
     ("streams.long.stride", 8, "streams.long.stride: only for pack window"),
     ("streams.short.min_doc_tokens", 32, "streams.short.max_doc_tokens: 16 is below min_doc_tokens 32"),
     ("sources.0.kind", "csv", "sources[0].kind: 'csv' is not allowed"),
@@ -75,7 +77,8 @@ def test_bad_values_name_the_key(key, value, expected):
 def test_unknown_key_suggests_the_closest():
     data = _spec()
     data["streams"]["long"]["seq_length"] = 64
-    with pytest.raises(ConfigError, match=r"streams\.long\.seq_length: unknown key; did you mean 'seq_len'\?"):
+    with pytest.raises(ConfigError,
+                       match=r"streams\.long\.seq_length: unknown key; did you mean 'seq_len'\?"):
         spec_from_dict(data)
 
 

@@ -1,5 +1,6 @@
 """Evaluation suite: NLL against a known distribution, zero drift for identical models, the passkey generator,
-NLL-by-position buckets, plots, the suite's train/eval mode, and the two command-line tools on a tiny model."""
+NLL-by-position buckets, plots, the suite's train/eval mode, and the two command-line tools on a tiny
+model."""
 
 import importlib.util
 import json
@@ -101,9 +102,9 @@ def _uniform_model(path):
     return model
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # NLL and drift
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def test_uniform_model_nll_is_log_vocab(tiny_llama, built):
     model = _uniform_model(tiny_llama)
@@ -159,9 +160,9 @@ def test_extended_student_drifts_and_modes_are_restored(student, teacher, built)
     assert max(out["attention_kl"]) > 1e-6
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # NLL by position
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def test_bucket_edges():
     assert bucket_edges(256, 4) == [0, 64, 128, 192, 256]
@@ -178,8 +179,8 @@ def test_nll_by_position_buckets_follow_document_positions(teacher, built):
     res = nll_by_position(teacher, stream, max_rows=rows, buckets=[0, 64, 128, 256], original_length=128)
     # Expected counts from the documents' lengths: a document of n tokens has targets at positions 1..n-1.
     positions = np.concatenate([np.arange(1, n) for i in range(rows) for n in stream.lengths(i)])
-    assert res["count"] == [int(((positions >= lo) & (positions < hi)).sum()) for lo, hi in [(0, 64), (64, 128),
-                                                                                              (128, 256)]]
+    assert res["count"] == [int(((positions >= lo) & (positions < hi)).sum())
+                            for lo, hi in [(0, 64), (64, 128), (128, 256)]]
     assert sum(res["count"]) == res["long_tokens"] == positions.size
     n_within = int((positions < 128).sum())
     n_beyond = positions.size - n_within
@@ -198,8 +199,8 @@ def test_packed_documents_are_scored_alone(teacher, built):
     first = stream.lengths(i)[0]
     second = stream.lengths(i)[1]
     batch = {k: v[None] for k, v in row.items()}
-    final = teacher.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
-                          use_cache=False).last_hidden_state
+    final = teacher.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                          attention_mask=None, use_cache=False).last_hidden_state
     nll, _ = token_nll(final, teacher.lm_head.weight, batch["labels"])
     doc = row["input_ids"][first: first + second][None]
     alone = teacher.model(input_ids=doc, position_ids=torch.arange(second)[None], attention_mask=None,
@@ -210,9 +211,9 @@ def test_packed_documents_are_scored_alone(teacher, built):
     torch.testing.assert_close(nll[0, first: first + second], nll_alone[0], atol=1e-4, rtol=1e-4)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Passkey
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _find(seq, sub):
     return [i for i in range(len(seq) - len(sub) + 1) if seq[i: i + len(sub)] == sub]
@@ -228,8 +229,8 @@ def test_passkey_prompt_shape_depth_and_determinism(tokenizer, built, depth):
     needle = tokenizer(f"\nPASSKEY = {key}\n", add_special_tokens=False)["input_ids"]
     hits = _find(prompt, needle)
     assert len(hits) == 1
-    budget = 200 - len(needle) - (len(tokenizer(f"\nassert PASSKEY == {key}", add_special_tokens=False)["input_ids"])
-                                  - len(answer))
+    budget = 200 - len(needle) - (
+        len(tokenizer(f"\nassert PASSKEY == {key}", add_special_tokens=False)["input_ids"]) - len(answer))
     assert hits[0] == round(depth * budget)
     assert tokenizer.decode(prompt[-16:]).rstrip().endswith("assert PASSKEY ==")
     assert passkey_prompts(tokenizer, filler, 200, depth, 7) == (prompt, answer)  # same seed, same prompt
@@ -271,13 +272,14 @@ def test_passkey_accuracy_grid_and_heatmap(teacher, tokenizer, built, tmp_path):
     assert again["grid_logprob"] == grid["grid_logprob"]
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Plots and the suite
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def test_plot_nll_by_position(tmp_path):
     res = {"centers": [31.5, 95.5, 159.5], "nll": [3.0, 2.5, float("nan")], "original_length": 128}
-    path = plot_nll_by_position({"a": res, "b": {**res, "nll": [3.1, 2.7, 2.9]}}, str(tmp_path / "p" / "n.png"))
+    path = plot_nll_by_position({"a": res, "b": {**res, "nll": [3.1, 2.7, 2.9]}},
+                                str(tmp_path / "p" / "n.png"))
     with open(path, "rb") as f:
         assert f.read(8) == PNG_MAGIC and os.path.getsize(path) > 1000
 
@@ -285,8 +287,9 @@ def test_plot_nll_by_position(tmp_path):
 def test_evaluate_suite_flat_figures_files_and_mode(student, teacher, tokenizer, built, tmp_path):
     student.train()
     out = str(tmp_path / "eval")
-    figures = evaluate_suite(student, teacher, built["short"], built["long"], 256, 1024, out_dir=out, max_rows=1,
-                             passkey_samples=1, tokenizer=tokenizer, passkey_lengths=[64], passkey_depths=[0.5])
+    figures = evaluate_suite(student, teacher, built["short"], built["long"], 256, 1024, out_dir=out,
+                             max_rows=1, passkey_samples=1, tokenizer=tokenizer, passkey_lengths=[64],
+                             passkey_depths=[0.5])
     assert student.training and not teacher.training
     for key in ("short_nll", "teacher_short_nll", "short_nll_gap", "kl_teacher_student", "hidden_cosine_mean",
                 "hidden_cosine/0", "attention_kl/1", "long_nll", "long_nll_beyond", "passkey_accuracy",
@@ -307,12 +310,13 @@ def test_evaluate_suite_flat_figures_files_and_mode(student, teacher, tokenizer,
         evaluate_suite(student, None, None, built["long"], 128, 256, passkey_samples=1)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command-line tools
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"_script_{name}",
+                                                  os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -328,7 +332,8 @@ def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys)
     # In-process (the script's main): a subprocess would spend most of its time importing torch again.
     out = tmp_path / "cli"
     code = _script("evaluate").main([
-        "--model", tiny_llama, "--teacher", tiny_llama, "--short-data", built["root"], "--long-data", built["long"],
+        "--model", tiny_llama, "--teacher", tiny_llama, "--short-data", built["root"],
+        "--long-data", built["long"],
         "--original-length", "128", "--out", str(out), "--max-rows", "2", "--passkey-samples", "1",
         "--lengths", "64,128", "--depths", "0,1"])
     captured = capsys.readouterr()
@@ -346,15 +351,20 @@ def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "{missing}", "--short-data", "{short}", "--long-data", "{long}"], "--model .*no such directory"),
-    (["--model", "{model}", "--short-data", "{missing}", "--long-data", "{long}"], "--short-data .*no such directory"),
-    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{model}"], "--long-data .*not a built stream"),
-    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}", "--frobnicate"], "unrecognized"),
+    (["--model", "{missing}", "--short-data", "{short}", "--long-data", "{long}"],
+     "--model .*no such directory"),
+    (["--model", "{model}", "--short-data", "{missing}", "--long-data", "{long}"],
+     "--short-data .*no such directory"),
+    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{model}"],
+     "--long-data .*not a built stream"),
+    (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}", "--frobnicate"],
+     "unrecognized"),
     (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}"], "--original-length"),
     (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}", "--depths", "0,2"], "depths"),
 ])
 def test_evaluate_cli_errors_are_one_line(tiny_llama, built, tmp_path, capsys, argv, message):
-    values = {"model": tiny_llama, "short": built["short"], "long": built["long"], "missing": str(tmp_path / "nope")}
+    values = {"model": tiny_llama, "short": built["short"], "long": built["long"],
+              "missing": str(tmp_path / "nope")}
     code = _script("evaluate").main([a.format(**values) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -366,7 +376,8 @@ def test_evaluate_cli_errors_are_one_line(tiny_llama, built, tmp_path, capsys, a
 def test_select_layers_cli(tiny_llama, built, tmp_path):
     out = tmp_path / "layers.yaml"
     proc = _run("select_layers", "--model", tiny_llama, "--rope-method", "abf", "--rope-theta", "1e6",
-                "--target-length", "1024", "--data", built["short"], "--top-k", "1", "--rows", "2", "--out", str(out))
+                "--target-length", "1024", "--data", built["short"], "--top-k", "1", "--rows", "2",
+                "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     ranking = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
@@ -382,9 +393,10 @@ def test_select_layers_cli(tiny_llama, built, tmp_path):
 
 def test_select_layers_cli_errors(tiny_llama, built, capsys):
     main = _script("select_layers").main
-    assert main(["--model", tiny_llama, "--rope-method", "abf", "--target-length", "1024", "--data", built["short"],
-                 "--top-k", "1"]) == 2
-    assert capsys.readouterr().err.strip() == "error: rope.theta: abf needs a positive rope theta (e.g. 2.0e7)"
+    assert main(["--model", tiny_llama, "--rope-method", "abf", "--target-length", "1024", "--data",
+                 built["short"], "--top-k", "1"]) == 2
+    assert (capsys.readouterr().err.strip()
+            == "error: rope.theta: abf needs a positive rope theta (e.g. 2.0e7)")
     assert main(["--model", tiny_llama, "--rope-method", "rope2", "--target-length", "1024", "--data",
                  built["short"], "--top-k", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -50,6 +50,7 @@ def test_peak_lookup():
 
 
 def test_console_line_shows_mfu_when_known():
-    record = {"step": 3, "loss": 1.5, "loss/long/lm": 1.5, "lr": 1e-4, "grad_norm": 0.5, "tokens_per_s": 1000.0}
+    record = {"step": 3, "loss": 1.5, "loss/long/lm": 1.5, "lr": 1e-4, "grad_norm": 0.5,
+              "tokens_per_s": 1000.0}
     assert "mfu" not in console_line(record)
     assert console_line({**record, "mfu": 0.4213}).endswith("mfu 42.1%")

@@ -1,8 +1,8 @@
 """The per-step plan: shares in tokens, determinism, independence of the number of processes, resume."""
 
-from distill.config import ShareScheduleConfig
 import pytest
 
+from distill.config import ShareScheduleConfig
 from distill.mixture import MicroBatch, Mixture, StreamPlan, shard, shard_aligned
 
 
@@ -61,7 +61,8 @@ def test_sharding_partitions_the_global_plan_for_any_world():
 
 
 def test_scheduled_share_moves_the_mix():
-    m = Mixture([StreamPlan("long", 50, 512, 1, ShareScheduleConfig(name="linear", start=0.0, end=1.0, steps=10)),
+    m = Mixture([StreamPlan("long", 50, 512, 1,
+                            ShareScheduleConfig(name="linear", start=0.0, end=1.0, steps=10)),
                  StreamPlan("short", 50, 512, 1, 1.0)], tokens_per_step=4096, seed=0)
     assert m.counts(0)["long"] == 0
     assert m.counts(20)["long"] == 4 and m.counts(20)["short"] == 4

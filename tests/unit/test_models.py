@@ -21,7 +21,6 @@ from distill.models import (
     resolve_attention,
     resolve_dtype,
     rotary_embedding,
-    teacher_hidden,
 )
 from distill.rope import head_dim, our_inv_freq, skipped_positions
 from distill.testing import ARCHITECTURES, make_tiny_model
@@ -204,7 +203,7 @@ def test_truncated_teacher_equals_full_hidden_states(tiny_models, arch):
         for i, tensor in got.items():
             torch.testing.assert_close(tensor, full[i], rtol=1e-6, atol=1e-6)
             assert not tensor.requires_grad
-    one_off = teacher_hidden(teacher, ids, pos, None, [2])
+    one_off = TruncatedTeacher(teacher)(ids, pos, None, [2])  # a fresh runner: its own copies
     torch.testing.assert_close(one_off[2], full[2], rtol=1e-6, atol=1e-6)
     # The full teacher is untouched: still 4 layers, the final norm, the same hidden states.
     decoder = teacher.get_decoder()
@@ -263,7 +262,8 @@ def test_export_round_trip(tiny_llama, tmp_path, method):
 
 def _rope_as_transformers_4_reads_it(config_json: dict) -> dict:
     """The RoPE a transformers 4.x reader builds from config.json: it knows only `rope_theta` (LlamaConfig's
-    default 10000.0 when absent) and `rope_scaling` (None when absent; its type under "rope_type" or "type")."""
+    default 10000.0 when absent) and `rope_scaling` (None when absent; its type under "rope_type" or
+    "type")."""
     scaling = dict(config_json.get("rope_scaling") or {})
     kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
@@ -272,7 +272,8 @@ def _rope_as_transformers_4_reads_it(config_json: dict) -> dict:
 
 @pytest.mark.parametrize("method", ["abf", "pi", "yarn", "llama3"])
 def test_export_is_read_with_the_extended_rope_by_legacy_readers(tiny_llama, tmp_path, method):
-    """A 4.x reader (serving and conversion tools pinned to it) sees the extended RoPE, not the default one."""
+    """A 4.x reader (serving and conversion tools pinned to it) sees the extended RoPE, not the default
+    one."""
     import json
 
     from transformers import AutoModelForCausalLM

@@ -256,7 +256,8 @@ def test_hidden_cosine_loss_matches_formula():
     loss, count = hidden_cosine_loss(students, teachers, mask)
     assert int(count) == int(mask.sum())
     # LongReD: Σ_l (1 − mean_tokens cos).
-    expected = sum(1 - F.cosine_similarity(s[mask], t[mask], dim=-1).mean() for s, t in zip(students, teachers))
+    expected = sum(1 - F.cosine_similarity(s[mask], t[mask], dim=-1).mean()
+                   for s, t in zip(students, teachers))
     torch.testing.assert_close(loss / count, expected)
     loss.backward()
     assert students[0].grad[~mask].abs().max() == 0

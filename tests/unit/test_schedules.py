@@ -1,4 +1,5 @@
-"""LR and share schedules: shapes at key steps, transformers' cosine as reference, phases of the infinite one."""
+"""LR and share schedules: shapes at key steps, transformers' cosine as reference, phases of the infinite
+one."""
 
 import math
 from itertools import pairwise
@@ -31,7 +32,8 @@ def test_constant_without_and_with_warmup():
     assert all(a < b for a, b in pairwise(lrs[:5]))
 
 
-@pytest.mark.parametrize("warmup,total,num_cycles", [(0, 50, 0.5), (10, 100, 0.5), (5, 40, 1.5), (7, 33, 0.25)])
+@pytest.mark.parametrize("warmup,total,num_cycles",
+                         [(0, 50, 0.5), (10, 100, 0.5), (5, 40, 1.5), (7, 33, 0.25)])
 def test_cosine_matches_transformers(warmup, total, num_cycles):
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=BASE)

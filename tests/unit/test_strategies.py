@@ -22,8 +22,9 @@ def test_fsdp_requested_reads_the_launcher_environment(monkeypatch):
 
 
 def test_zero3_requested_reads_the_launcher_environment(monkeypatch):
-    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
-                "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
         monkeypatch.delenv(key, raising=False)
     assert not zero3_requested()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -66,7 +67,8 @@ class _Procs:
 def test_choose_picks_one_strategy_from_the_launcher(monkeypatch, env, world, name):
     from distill.strategies import choose
 
-    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED",
+                "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

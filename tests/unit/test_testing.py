@@ -12,4 +12,5 @@ def test_tokenizer_training_is_deterministic(tmp_path):
     files = stdlib_files(limit=120)
     a = train_tokenizer(str(tmp_path / "a"), vocab_size=600, files=files, max_sentences=5000)
     b = train_tokenizer(str(tmp_path / "b"), vocab_size=600, files=files, max_sentences=5000)
-    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(a)) == tokenizer_fingerprint(AutoTokenizer.from_pretrained(b))
+    assert (tokenizer_fingerprint(AutoTokenizer.from_pretrained(a))
+            == tokenizer_fingerprint(AutoTokenizer.from_pretrained(b)))
