@@ -186,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a reduced-size smoke run (used by the tests)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete --out first instead of reusing finished steps")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="extension runs per method with run.seed 0..N-1 (the teacher is trained once); "
+                             "the report gives each method's mean ± sd over them (default 1)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        print(f"error: --seeds {args.seeds}: expected a whole number ≥ 1", file=sys.stderr)
+        return 2
     size = QUICK if args.quick else FULL
     out = os.path.abspath(args.out)
     if args.fresh and os.path.isdir(out):
@@ -219,18 +225,21 @@ def main(argv: list[str] | None = None) -> int:
             f"model.path={init_dir}", f"run.output_dir={os.path.join(runs, 'teacher')}",
             f"streams.short.data={data['short']}", f"streams.window.data={data['s2l']}",
             f"train.max_steps={size['teacher_steps']}"])
-    for method in METHODS:
-        final = os.path.join(runs, method, "final")
+    names = [method + (f"-seed{seed}" if seed else "") for seed in range(args.seeds) for method in METHODS]
+    for name in names:
+        method, seed = name.split("-seed")[0], int(name.split("-seed")[1]) if "-seed" in name else 0
+        final = os.path.join(runs, name, "final")
         if done(final):
             continue
-        overrides = [f"model.path={teacher}", f"run.output_dir={os.path.join(runs, method)}",
-                     f"train.max_steps={size['extend_steps']}", f"streams.long.data={data['long']}"]
+        overrides = [f"model.path={teacher}", f"run.output_dir={os.path.join(runs, name)}",
+                     f"run.seed={seed}", f"train.max_steps={size['extend_steps']}",
+                     f"streams.long.data={data['long']}"]
         if method != "long_cpt":
             overrides += [f"streams.short.data={data['short']}", f"streams.s2l.data={data['s2l']}"]
         launch(f"recipes/demo/{method}.yaml", overrides)
 
     results = {}
-    for name in ("teacher", *METHODS):
+    for name in ("teacher", *names):
         model = teacher if name == "teacher" else os.path.join(runs, name, "final")
         eval_dir = os.path.join(out, "eval", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             run(cmd)
         with open(os.path.join(eval_dir, "eval.json"), encoding="utf-8") as f:
             results[name] = json.load(f)
-    report = write_report(out, results, time.time() - start)
+    report = write_report(out, results, time.time() - start, args.seeds)
     log(f"done in {(time.time() - start) / 60:.1f} min: {os.path.join(out, 'report.md')}")
     for method, label in METHODS.items():
         r = report["methods"][method]
@@ -276,14 +285,12 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def write_report(out: str, results: dict, seconds: float) -> dict:
-    """report.json (per method: short_nll, short_nll_gap, recovered_fraction, long_nll, passkey_accuracy),
-    report.md, and a combined NLL-by-position plot."""
-    teacher = results["teacher"]["figures"]
-    teacher_short = _num(teacher.get("short_nll"))
+def _method_figures(results: dict, suffix: str, teacher_short: float) -> dict:
+    """Per method of one seed (`suffix` "" or "-seedK"): its figures and, against that seed's Long CPT, the
+    recovered fraction of the short-NLL gap and the long NLL ratio."""
     methods = {}
     for method in METHODS:
-        fig = results[method]["figures"]
+        fig = results[method + suffix]["figures"]
         methods[method] = {
             "short_nll": _num(fig.get("short_nll")),
             "short_nll_gap": _num(fig.get("short_nll")) - teacher_short,
@@ -298,7 +305,28 @@ def write_report(out: str, results: dict, seconds: float) -> dict:
         usable = cpt_gap and math.isfinite(cpt_gap)
         m["recovered_fraction"] = 1.0 - m["short_nll_gap"] / cpt_gap if usable else float("nan")
         m["long_nll_vs_long_cpt"] = m["long_nll"] / methods["long_cpt"]["long_nll"] - 1.0
+    return methods
+
+
+def write_report(out: str, results: dict, seconds: float, seeds: int = 1) -> dict:
+    """report.json (per method: short_nll, short_nll_gap, recovered_fraction, long_nll, passkey_accuracy of
+    seed 0, and over the seeds `<figure>_mean` / `<figure>_sd` and `per_seed`), report.md, and a combined
+    NLL-by-position plot."""
+    import statistics
+
+    teacher = results["teacher"]["figures"]
+    teacher_short = _num(teacher.get("short_nll"))
+    per_seed = [_method_figures(results, f"-seed{k}" if k else "", teacher_short) for k in range(seeds)]
+    methods = per_seed[0]
+    for method, m in methods.items():
+        for key in ("short_nll", "recovered_fraction", "long_nll", "long_nll_vs_long_cpt"):
+            values = [fig[method][key] for fig in per_seed]
+            m[f"{key}_mean"] = statistics.fmean(values)
+            m[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        m["per_seed"] = {key: [fig[method][key] for fig in per_seed]
+                         for key in ("short_nll", "recovered_fraction", "long_nll", "long_nll_vs_long_cpt")}
     report = {
+        "seeds": seeds,
         "environment": environment(),
         "teacher": {"short_nll": teacher_short, "long_nll": _num(teacher.get("long_nll_beyond")),
                     "passkey_accuracy": _num(teacher.get("passkey_accuracy"))},
@@ -315,7 +343,7 @@ def write_report(out: str, results: dict, seconds: float) -> dict:
         from distill.evaluate import plot_nll_by_position
 
         curves = {}
-        for n, r in results.items():
+        for n, r in ((n, r) for n, r in results.items() if "-seed" not in n):
             long = r.get("details", {}).get("long")
             if long:
                 curves["teacher (256 window)" if n == "teacher" else METHODS[n]] = long.get("student", long)
@@ -354,6 +382,18 @@ def write_report(out: str, results: dict, seconds: float) -> dict:
     verdict.append(f"- passkey: {lrd['passkey_accuracy']:.2f} vs Long CPT {cpt_passkey:.2f} "
                    f"({'no worse' if lrd['passkey_accuracy'] >= cpt_passkey else 'worse'})")
     lines += ["", "LongReD against the targets:", *verdict, ""]
+    if seeds > 1:
+        lines += [f"Over {seeds} extension seeds (run.seed 0..{seeds - 1}; the teacher trained once), "
+                  f"mean ± sd:", "",
+                  "| method | short NLL | recovered | long NLL (pos ≥ 256) | vs Long CPT |",
+                  "|---|---|---|---|---|"]
+        for method, label in METHODS.items():
+            m = methods[method]
+            lines.append(f"| {label} | {m['short_nll_mean']:.4f} ± {m['short_nll_sd']:.4f} | "
+                         f"{m['recovered_fraction_mean']:.2f} ± {m['recovered_fraction_sd']:.2f} | "
+                         f"{m['long_nll_mean']:.4f} ± {m['long_nll_sd']:.4f} | "
+                         f"{m['long_nll_vs_long_cpt_mean']:+.1%} ± {m['long_nll_vs_long_cpt_sd']:.1%} |")
+        lines.append("")
     if plot:
         lines += ["![NLL by position](nll_by_position.png)", ""]
     lines += [f"Per-model details (per-layer hidden cosine and attention KL, passkey grids): "

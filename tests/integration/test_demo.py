@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_demo_pipeline_quick(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick", "--seeds", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"long_cpt", "mix_cpt", "longred"}
@@ -25,6 +25,14 @@ def test_demo_pipeline_quick(tmp_path):
         assert m["short_nll"] > 0 and m["long_nll"] > 0 and 0 <= m["passkey_accuracy"] <= 1
     assert report["methods"]["long_cpt"]["recovered_fraction"] == 0.0
     assert report["teacher"]["short_nll"] > 0
+    # Two extension seeds: per-seed figures, their mean and spread.
+    assert report["seeds"] == 2 and report["environment"]["torch_threads"] >= 1
+    longred = report["methods"]["longred"]
+    assert len(longred["per_seed"]["recovered_fraction"]) == 2
+    per_seed = longred["per_seed"]["recovered_fraction"]
+    assert longred["recovered_fraction_mean"] == pytest.approx(sum(per_seed) / 2)
+    assert longred["short_nll_sd"] > 0  # the seeds trained differently
+    assert (out / "runs" / "longred-seed1" / "final" / "config.json").exists()
     text = (out / "report.md").read_text()
     assert "| LongReD |" in text and "recovered fraction" in text
     assert (out / "nll_by_position.png").stat().st_size > 1000
@@ -35,8 +43,8 @@ def test_demo_pipeline_quick(tmp_path):
     assert (out / "data" / "manifest.json").exists()
     assert (out / "runs" / "longred" / "final" / "config.json").exists()
     # A second invocation reuses every finished step and rewrites the same report.
-    again = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick", "--seeds", "2"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "$ " not in again.stdout
 
 
