@@ -160,18 +160,25 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
                        for n, s in cfg.streams.items()], cfg.mix.tokens_per_step, cfg.run.seed)
 
+    problem = None  # rank 0 checks; every rank stops on its verdict (the others would wait in collectives)
     if procs.is_main:
-        for line in check_extension(student, reference, cfg.rope):
-            logger.info(line)
-        err = check_packing_isolation(student, student.config._attn_implementation)
-        logger.info("packed documents isolated (%s): max |logit difference| vs alone = %.2e",
-                    student.config._attn_implementation, err)
+        try:
+            for line in check_extension(student, reference, cfg.rope):
+                logger.info(line)
+        except RuntimeError as err:  # our RoPE math and the model's disagree: a bug, not a user mistake
+            problem = (RuntimeError, str(err))
+        attention = student.config._attn_implementation
+        err = check_packing_isolation(student, attention)
+        logger.info("packed documents isolated (%s): max |logit difference| vs alone = %.2e", attention, err)
         if cfg.model.dtype == "float32" and err > 1e-3:
-            raise TrainingError(f"packed documents are not isolated with attention "
-                                f"'{student.config._attn_implementation}' (max logit error {err:.3g})")
+            problem = (TrainingError, f"packed documents are not isolated with attention '{attention}' (max "
+                                      f"logit error {err:.3g})")
         for name, ls in layers.items():
             logger.info("stream %s distils hidden states %s", name, ls)
         warn_sparse_streams(cfg, mixture)
+    problem = procs.gather_objects(problem)[0]
+    if problem is not None:
+        raise problem[0](problem[1])
 
     # -- weights, sharding, optimiser and the training state -------------------------------------------
     if cfg.train.init_from is not None and resume_path is None:
