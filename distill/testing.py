@@ -30,27 +30,36 @@ def stdlib_files(min_bytes: int = 0, max_bytes: int | None = None, limit: int | 
 
 
 def train_tokenizer(out_dir: str, vocab_size: int = 1000, files: list[str] | None = None,
-                    max_sentences: int = 50000) -> str:
-    """Train a byte-fallback BPE sentencepiece model on local text and save it as a HF tokenizer dir."""
+                    max_sentences: int = 50000, seed: int = 0) -> str:
+    """Train a byte-fallback BPE sentencepiece model on local text and save it as a HF tokenizer dir.
+
+    Deterministic: the same files give the same tokenizer in every process. sentencepiece's own sampling of
+    `input_sentence_size` lines draws from a generator seeded afresh in each process (its
+    set_random_generator_seed does not fix it), so two demo runs trained different tokenizers and every
+    number after them differed; the sample of at most `max_sentences` lines is drawn here instead, with a
+    seeded generator, in file order, and sentencepiece reads all of it on one thread.
+    """
+    import random
+
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     files = files if files is not None else stdlib_files(limit=200)
-
-    def lines():
-        for path in files:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if line.strip():
-                        yield line.rstrip("\n")
+    lines = []
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines.extend(line.rstrip("\n") for line in f if line.strip())
+    if len(lines) > max_sentences:
+        keep = sorted(random.Random(seed).sample(range(len(lines)), max_sentences))
+        lines = [lines[i] for i in keep]
 
     raw_dir = os.path.join(out_dir, "spm")
     os.makedirs(raw_dir, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_prefix=os.path.join(raw_dir, "tokenizer"), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2,
-        minloglevel=2, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        sentence_iterator=iter(lines), model_prefix=os.path.join(raw_dir, "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(raw_dir)
