@@ -126,20 +126,39 @@ class StreamObjectives:
                 counts[name] = int(batch["real"].sum())
         return counts
 
+    def model_inputs(self, batch: dict, positions_seed: int) -> tuple[dict, dict]:
+        """The exact inputs of the student's and the teacher's forwards for a micro-batch.
+
+        Packed rows (several documents each, positions restarting at 0 per document) are flattened into ONE
+        row of B·T tokens with `attention_mask` None, as transformers' DataCollatorWithFlattening does: every
+        attention backend then separates the documents by their positions. (flash_attention_2 reads packed
+        documents from `position_ids` only when the batch has one row; with B > 1 its documents attended to
+        each other.) A short-to-long row is one document seen at skipped positions: it stays a row of its own,
+        with an explicit all-ones mask, so the position jumps are not read as document boundaries. The teacher
+        reads every row at its native positions, flattened the same way.
+
+        Returns:
+            (student inputs, teacher inputs): {"input_ids", "position_ids", "attention_mask"}; shapes (1, B·T)
+            when flattened, (B, T) for short-to-long rows.
+        """
+        input_ids, positions = batch["input_ids"], batch["position_ids"]  # (B, T) each
+        B, T = input_ids.shape
+        flat = {"input_ids": input_ids.reshape(1, B * T), "position_ids": positions.reshape(1, B * T),
+                "attention_mask": None}
+        if self.cfg.positions == "native":
+            return flat, flat
+        gen = torch.Generator().manual_seed(positions_seed)
+        skipped = torch.stack([skipped_positions(T, self.target_length, self.cfg.positions, gen)
+                               for _ in range(B)]).to(input_ids.device)  # (B, T)
+        one_document = torch.ones_like(input_ids)  # an explicit mask: the jumps are not document boundaries
+        return {"input_ids": input_ids, "position_ids": skipped, "attention_mask": one_document}, flat
+
     def losses(self, strategy, batch: dict, positions_seed: int, autocast, spans: Spans = NO_SPANS) -> dict:
         """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
-        input_ids, positions, real = batch["input_ids"], batch["position_ids"], batch["real"]  # (B, T) each
-        B, T = input_ids.shape
+        real = batch["real"]  # (B, T)
+        B, T = real.shape
         objectives = self.cfg.objectives
-        if self.cfg.positions == "native":
-            student_positions, student_mask = positions, None  # mask None: packed documents stay isolated
-        else:
-            # Short-to-long: one document per row seen at skipped positions reaching the target length. An
-            # explicit all-ones mask stops transformers from reading the position jump as a new document.
-            gen = torch.Generator().manual_seed(positions_seed)
-            student_positions = torch.stack([skipped_positions(T, self.target_length, self.cfg.positions, gen)
-                                             for _ in range(B)]).to(input_ids.device)
-            student_mask = torch.ones_like(input_ids)
+        student_inputs, teacher_inputs = self.model_inputs(batch, positions_seed)
 
         # One autocast region for the forwards and the objectives: the chunked losses' two large matmuls take
         # the compute dtype (as the model's own lm_head would) while their reductions stay fp32 (the hidden
@@ -148,10 +167,9 @@ class StreamObjectives:
         with autocast():
             with spans("student_forward", self.name):
                 # Through the root (sharded modes gather embeddings and lm_head there); logits for one token.
-                out = strategy.forward(input_ids=input_ids, position_ids=student_positions,
-                                       attention_mask=student_mask, output_hidden_states=True,
-                                       use_cache=False, logits_to_keep=1)
-            states = out.hidden_states  # n_layers + 1 entries of (B, T, H); [-1] after the final norm
+                out = strategy.forward(**student_inputs, output_hidden_states=True, use_cache=False,
+                                       logits_to_keep=1)
+            states = [h.view(B, T, -1) for h in out.hidden_states]  # n_layers + 1 of (B, T, H); [-1] normed
             head = strategy.output_weight()
             sums = {}
             if objectives.lm is not None:
@@ -163,7 +181,9 @@ class StreamObjectives:
                 final = {self.num_layers} if objectives.kl is not None else set()
                 wanted = sorted(set(self.layers) | final)
                 with spans("teacher_forward", self.name):
-                    taught = self.teacher(input_ids, positions, None, wanted, objectives.kl is not None)
+                    taught = {i: h.view(B, T, -1) for i, h in self.teacher(
+                        teacher_inputs["input_ids"], teacher_inputs["position_ids"], None, wanted,
+                        objectives.kl is not None).items()}
                 with spans("loss", self.name):
                     if objectives.hidden is not None:
                         sums["hidden"] = hidden_cosine_loss([states[i] for i in self.layers],
