@@ -92,7 +92,7 @@ def zero3_requested() -> bool:
 
 
 def ds_config(max_grad_norm: float = 0.0, persistence_threshold: int = 100_000,
-              bucket_size: int = 50_000_000, train: bool = True) -> dict:
+              bucket_size: int = 50_000_000, train: bool = True, autocast: torch.dtype | None = None) -> dict:
     """The DeepSpeed config: ZeRO-3, fp32 parameters (the loop's autocast does mixed precision), GAS 1.
 
     Args:
@@ -101,6 +101,12 @@ def ds_config(max_grad_norm: float = 0.0, persistence_threshold: int = 100_000,
             0 partitions everything.
         bucket_size: elements per reduce/prefetch bucket.
         train: False for the teacher (no optimiser).
+        autocast: the recipe's compute dtype (bf16 / fp16) when it is not fp32. The engine's forward
+            SWITCHES OFF an outer CUDA autocast unless its config has a `torch_autocast` section
+            (deepspeed/runtime/torch_autocast.py, `autocast_if_enabled`): without one the student ran in fp32
+            on a GPU (and flash-attn refuses fp32). The section re-enables autocast in that dtype inside the
+            engine, with no lower-precision communication (`lower_precision_safe_modules: []`): gradients
+            are still reduced in fp32.
     """
     zero = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
             "reduce_bucket_size": bucket_size, "stage3_prefetch_bucket_size": bucket_size,
@@ -112,6 +118,9 @@ def ds_config(max_grad_norm: float = 0.0, persistence_threshold: int = 100_000,
     if train:
         cfg["gradient_clipping"] = float(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else 0.0
         cfg["zero_allow_untested_optimizer"] = True  # a client torch optimiser
+    if autocast is not None and autocast != torch.float32:
+        cfg["torch_autocast"] = {"enabled": True, "dtype": str(autocast).removeprefix("torch."),
+                                 "lower_precision_safe_modules": []}
     return cfg
 
 
@@ -157,7 +166,8 @@ def _keep_full_weight(module: nn.Module, args, output) -> None:
 
 
 def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float = 0.0,
-                 persistence_threshold: int = 100_000, bucket_size: int = 50_000_000):
+                 persistence_threshold: int = 100_000, bucket_size: int = 50_000_000,
+                 autocast: torch.dtype | None = None):
     """Partition the student and its optimiser with ZeRO-3; returns the DeepSpeed engine.
 
     Args:
@@ -167,6 +177,7 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
             (ZeRO-3 swaps their "params" for flat partitions, nothing else). Never call its step() or
             zero_grad().
         max_grad_norm: clip inside `engine.step()` (0 = off).
+        autocast: the compute dtype of the recipe (see `ds_config`); None or fp32 for none.
 
     Returns:
         The engine. Call `engine(...)` (or `model(...)`: the hooks live on the modules) for forwards,
@@ -184,7 +195,7 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
         head._distill_full_weight_hook = head.register_forward_hook(_keep_full_weight)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer,
-        config=ds_config(max_grad_norm, persistence_threshold, bucket_size, train=True))
+        config=ds_config(max_grad_norm, persistence_threshold, bucket_size, train=True, autocast=autocast))
     engine._distill_order = [names[id(p)] for p in order]
     engine._distill_group_sizes = sizes
     engine._distill_client_optimizer = optimizer
@@ -411,11 +422,11 @@ class ZeRO3(Strategy):
     sharded = True
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
-        del dtype  # fp32 partitions; the loop's autocast does mixed precision
+        # fp32 partitions; the compute dtype is autocast's, which the engine must be told (ds_config).
         # The client AdamW is built over the whole model BEFORE ZeRO-3 flattens it: its param_groups keep
         # the parameter order of the checkpoint format and stay the place to set the learning rate.
         self.optimizer = make_optimizer(student, optim_cfg, sharded=True)
-        self.engine = wrap_student(student, self.optimizer, optim_cfg.max_grad_norm)
+        self.engine = wrap_student(student, self.optimizer, optim_cfg.max_grad_norm, autocast=dtype)
         if teacher is not None:
             shard_teacher(teacher)
         self.student, self.teacher = student, teacher
