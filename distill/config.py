@@ -459,9 +459,14 @@ class StreamConfig:
     """Rows per micro-batch."""
     positions: Literal["native", "cream", "uniform"] = "native"
     """native: 0..T-1 per document; cream / uniform: skipped positions reaching rope.target_length (s2l)."""
+    seq_len: int | None = None
+    """The row length of the built data, for planning before it is built (scripts/plan.py); when both exist
+    they must agree."""
 
     def validate(self, path: str) -> None:
         check(self.micro_batch > 0, join(path, "micro_batch"), f"must be positive, got {self.micro_batch}")
+        check(self.seq_len is None or self.seq_len > 0, join(path, "seq_len"),
+              f"must be positive, got {self.seq_len}")
         if isinstance(self.share, float):
             check(self.share >= 0, join(path, "share"), f"must be >= 0, got {self.share}")
 
@@ -575,6 +580,9 @@ class ParallelConfig:
     """FSDP2: reduce-scatter gradients after every micro-batch's backward (least memory), or once after
     the step's last one (fewer collectives; unsharded gradients are held meanwhile). The parallel mode
     itself comes from the launcher (`accelerate launch --config_file recipes/accelerate/<mode>.yaml`)."""
+    skip_memory_check: bool = False
+    """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
+    prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""
 
 
 @dataclasses.dataclass

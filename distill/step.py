@@ -61,6 +61,9 @@ def check_stream(name: str, stream_cfg: StreamConfig, data: PackedStream, window
     no longer than the teacher's native window, and a target length beyond that window, since the student
     sees the row at skipped positions reaching the target while the teacher reads it at 0..T-1.
     """
+    if stream_cfg.seq_len is not None and stream_cfg.seq_len != data.seq_len:
+        raise ConfigError(f"streams.{name}.seq_len: {stream_cfg.seq_len}, but {data.path} was built with "
+                          f"rows of {data.seq_len}")
     if data.seq_len > target_length:
         raise ConfigError(f"streams.{name}.data: rows of {data.seq_len} tokens exceed rope.target_length "
                           f"{target_length}")

@@ -73,6 +73,27 @@ def warn_sparse_streams(cfg: RecipeConfig, mixture) -> None:
             seq_len, 100 * e, 1 / e)
 
 
+def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dict[str, int]) -> None:
+    """On a GPU, before any model is loaded: the planner's estimate from the configs (scripts/plan.py) against
+    the device's memory; one line when it will not fit (`parallel.skip_memory_check: true` goes on).
+    """
+    from transformers import AutoConfig
+
+    from distill.plan import Shape, memory_problem
+
+    def shape(path):
+        trust = cfg.model.trust_remote_code
+        return Shape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust))
+
+    student = shape(cfg.model.path)
+    teacher = shape(cfg.teacher.path) if cfg.teacher.path else None
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    name = torch.cuda.get_device_name(device)
+    problem = memory_problem(cfg, student, teacher, mode, world, gpu_bytes, seq_lens, name)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def take_lock(procs, output_dir: str) -> ckpt.RunLock:
     """Rank 0 takes the output directory's lock; every rank raises the same one-line error if it is held."""
     lock = ckpt.RunLock(output_dir)
@@ -140,6 +161,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     streams = open_streams(cfg, tokenizer)
     resume_path = ckpt.resume_point(cfg.train.resume, out_dir)
     dtype = resolve_dtype(cfg.model.dtype)
+    if device.type == "cuda" and not cfg.parallel.skip_memory_check:
+        check_memory(cfg, choose(procs).name, procs.world, device, {n: s.seq_len for n, s in streams.items()})
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
     student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, device)
     num_layers = student.config.num_hidden_layers

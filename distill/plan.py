@@ -1,0 +1,368 @@
+"""The memory planner: a recipe, the model's config.json and a launch → bytes per GPU, before anything runs.
+
+    python scripts/plan.py RECIPE [--accelerate-config X] [--gpus N]
+        [--gpu h100-80gb|h200-141gb|a100-80gb|BYTES]
+
+It reads only `config.json` (never the weights) and the recipe; a stream's row length comes from its built
+data when present, else from the recipe's `streams.<name>.seq_len`. Per GPU it counts:
+- the student's fp32 master weights, gradients and AdamW moments (16 bytes per parameter), divided over the
+  ranks when sharded (FSDP2, ZeRO-3), plus what sharding gathers at a time (two decoder layers in flight, the
+  root's embeddings and lm_head kept gathered), or autocast's bf16 copy of the weights (replicated, ZeRO-3);
+- the frozen teacher in the recipe's dtype (decoder layers sharded, embeddings and lm_head replicated);
+- per stream, one micro-batch's activations with and without gradient checkpointing, from per-token, per-layer
+  byte counts measured with saved-tensor accounting on the CPU (tests/unit/test_plan.py keeps them within
+  ±15%): fp32 `36H + 8Hkv + 16I`, autocast over fp32 weights `32H + 4Hkv + 8I`, bf16 weights (FSDP2 mixed
+  precision) `22H + 4Hkv + 8I`; with checkpointing only each layer's input stays (`r·H`, r the residual's
+  bytes: 4 under autocast, 2 under FSDP2 bf16 mixed precision) plus one layer recomputed in backward;
+- the chunked losses' buffers (a logits chunk, the fp32 lm_head gradient accumulator), the teacher's hidden
+  states up to the deepest distilled layer and one of its layers in flight;
+- framework overhead (CUDA context, NCCL, allocator slack): 1.5 GiB plus 5%.
+The peak is the static part plus the largest stream. `min_sequence_parallel` is the smallest degree S
+(dividing the number of GPUs) with which the longest stream's activations, split over S ranks, fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+GiB = 1024**3
+GPUS = {"h100-80gb": int(79.1 * GiB), "h200-141gb": int(139.8 * GiB), "a100-80gb": int(79.2 * GiB)}
+"""Memory torch reports as usable on each device (total_memory), bytes."""
+MODES = ("replicated", "fsdp2", "zero3")
+OVERHEAD_BYTES = int(1.5 * GiB)
+OVERHEAD_FRACTION = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What the planner needs of a decoder-only transformer's config."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size,
+                   intermediate=config.intermediate_size, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   vocab=config.vocab_size, tied=bool(getattr(config, "tie_word_embeddings", False)),
+                   qkv_bias=getattr(config, "model_type", "") == "qwen2")
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer: attention projections, the gated MLP, two norms (and Qwen2's q/k/v biases)."""
+        q = self.heads * self.head_dim
+        attention = self.hidden * q + 2 * self.hidden * self.kv_width + q * self.hidden
+        bias = q + 2 * self.kv_width if self.qkv_bias else 0
+        return attention + bias + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.layers * self.layer_params + self.embed_params + head + self.hidden
+
+
+def activation_bytes_per_token_layer(shape: Shape, regime: str) -> int:
+    """Saved-for-backward bytes per token per decoder layer (no checkpointing), as measured on the CPU.
+
+    Args:
+        regime: "fp32" (fp32 weights, no autocast), "autocast" (fp32 master weights, bf16 autocast: the
+            residual stream stays fp32), "bf16" (bf16 weights: FSDP2 mixed precision on a GPU).
+    """
+    h, kv, i = shape.hidden, shape.kv_width, shape.intermediate
+    return {"fp32": 36 * h + 8 * kv + 16 * i, "autocast": 32 * h + 4 * kv + 8 * i,
+            "bf16": 22 * h + 4 * kv + 8 * i}[regime]
+
+
+def saved_forward_bytes(shape: Shape, tokens: int, regime: str, checkpointing: bool) -> int:
+    """What one micro-batch's student forward keeps for backward (embeddings and final norm included): every
+    layer's activations, or with gradient checkpointing only each layer's input (`r·H`, r the residual's
+    bytes)."""
+    full = activation_bytes_per_token_layer(shape, regime)
+    residual = 2 if regime == "bf16" else 4
+    base = 6 * shape.hidden if regime == "bf16" else 10 * shape.hidden  # embeddings out, final norm
+    per_layer = residual * shape.hidden if checkpointing else full
+    return tokens * (shape.layers * per_layer + base)
+
+
+def student_activation_bytes(shape: Shape, tokens: int, regime: str, checkpointing: bool) -> int:
+    """One micro-batch's activations at the backward's peak: the saved forward, plus, with checkpointing,
+    the layer being recomputed."""
+    recompute = tokens * activation_bytes_per_token_layer(shape, regime) if checkpointing else 0
+    return saved_forward_bytes(shape, tokens, regime, checkpointing) + recompute
+
+
+def loss_bytes(shape: Shape, tokens: int, objectives, compute_bytes: int) -> int:
+    """The chunked losses' peak: a chunk of fp32 logits (and their gradient), the fp32 lm_head gradient
+    accumulator, the gradient of the final hidden states."""
+    total = 0
+    if objectives.lm is not None:
+        chunk = min(tokens, objectives.lm.chunk_size)
+        total = max(total, chunk * shape.vocab * (8 + compute_bytes) + 4 * shape.vocab * shape.hidden)
+    if objectives.kl is not None:
+        chunk = min(tokens, objectives.kl.chunk_size)
+        total = max(total, chunk * shape.vocab * (16 + compute_bytes) + 4 * shape.vocab * shape.hidden)
+    return total + (4 * tokens * shape.hidden if total else 0)
+
+
+def teacher_activation_bytes(shape: Shape, tokens: int, depth: int, weight_bytes: int) -> int:
+    """The teacher's forward (no grad): hidden states up to `depth` kept, one layer's intermediates in
+    flight."""
+    if depth <= 0:
+        return tokens * shape.hidden * weight_bytes
+    kept = (depth + 1) * shape.hidden
+    in_flight = 3 * shape.hidden + 2 * shape.kv_width + 3 * shape.intermediate
+    return tokens * (kept + in_flight) * weight_bytes
+
+
+def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dict[str, int],
+         teacher_shape: Shape | None = None, sequence_parallel: int = 1, on_gpu: bool = True) -> dict:
+    """Bytes per GPU of the recipe `cfg` on `world` GPUs in `mode`.
+
+    Args:
+        shape / teacher_shape: the student's and teacher's configs (teacher: the student's by default).
+        mode: "replicated" (one process or DDP), "fsdp2", "zero3".
+        seq_lens: each stream's row length.
+        sequence_parallel: S, the ranks the longest stream's rows are split over (its activations / S).
+        on_gpu: FSDP2 runs its parameters in the recipe's dtype (mixed precision) only on a GPU.
+
+    Returns:
+        {"peak_bytes", "gpu_bytes", "fits", "breakdown": {...}, "streams": {name: {...}}, "mode", "world",
+         "sequence_parallel"}.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}; allowed: {', '.join(MODES)}")
+    low = cfg.model.dtype != "float32"
+    weight_bytes = 2 if low else 4
+    shards = world if mode in ("fsdp2", "zero3") else 1
+    n, layer = shape.params, shape.layer_params
+    breakdown = {
+        "student_weights": 4 * n / shards,  # fp32 masters
+        "student_gradients": 4 * n / shards,
+        "optimizer_state": 8 * n / shards,  # AdamW exp_avg, exp_avg_sq
+    }
+    fsdp_mixed = mode == "fsdp2" and low and on_gpu
+    gathered = 0.0
+    if mode == "fsdp2":
+        # Two layers in flight (this one and the prefetched next) in the parameter dtype, their unsharded
+        # fp32 gradients during backward, and the root (embeddings, lm_head) kept gathered.
+        param_bytes = 2 if fsdp_mixed else 4
+        root = shape.embed_params + (0 if shape.tied else shape.vocab * shape.hidden)
+        gathered = 2 * layer * param_bytes + 2 * layer * 4 + root * param_bytes
+    elif mode == "zero3":
+        root = 0 if shape.tied else shape.vocab * shape.hidden  # the full lm_head copy the losses keep
+        gathered = 2 * layer * 4 + 2 * layer * 4 + root * 4
+    breakdown["gathered_parameters"] = gathered
+    # Autocast keeps a bf16 copy of every weight it casts until the autocast region ends.
+    breakdown["autocast_weight_copies"] = 2 * n if low and not fsdp_mixed else 0.0
+    teacher_shape = teacher_shape or shape
+    needs_teacher = cfg.needs_teacher
+    if needs_teacher:
+        t_layers = teacher_shape.layers * teacher_shape.layer_params
+        t_head = 0 if teacher_shape.tied else teacher_shape.vocab * teacher_shape.hidden
+        t_edges = teacher_shape.embed_params + t_head
+        t_shards = world if mode in ("fsdp2", "zero3") else 1
+        breakdown["teacher_weights"] = weight_bytes * (t_layers / t_shards + t_edges + teacher_shape.hidden)
+        if mode in ("fsdp2", "zero3"):
+            breakdown["teacher_weights"] += weight_bytes * teacher_shape.layer_params  # one layer gathered
+    else:
+        breakdown["teacher_weights"] = 0.0
+
+    regime = ("bf16" if fsdp_mixed else "autocast") if low else "fp32"
+    longest = max(seq_lens.values()) if seq_lens else 0
+    streams = {}
+    for name, stream in cfg.streams.items():
+        rows = stream.micro_batch * seq_lens[name]
+        split = sequence_parallel if seq_lens[name] == longest else 1
+        tokens = math.ceil(rows / split)
+        with_ckpt = student_activation_bytes(shape, tokens, regime, True)
+        without = student_activation_bytes(shape, tokens, regime, False)
+        objectives = stream.objectives
+        depth = 0
+        if needs_teacher and objectives.needs_teacher:
+            layers = _distilled_depth(objectives, teacher_shape.layers)
+            depth = max(layers, teacher_shape.layers if objectives.kl is not None else 0)
+        teacher_act = teacher_activation_bytes(teacher_shape, rows, depth, weight_bytes) if depth else 0
+        losses = loss_bytes(shape, tokens, objectives, weight_bytes)
+        activations = with_ckpt if cfg.model.gradient_checkpointing else without
+        streams[name] = {"tokens_per_micro_batch": rows, "sequence_parallel": split,
+                         "activations": activations, "activations_with_checkpointing": with_ckpt,
+                         "activations_without_checkpointing": without, "loss_buffers": losses,
+                         "teacher_activations": teacher_act,
+                         "total": activations + losses + teacher_act}
+    static = sum(breakdown.values())
+    largest = max(s["total"] for s in streams.values()) if streams else 0
+    overhead = OVERHEAD_BYTES + OVERHEAD_FRACTION * (static + largest)
+    breakdown["largest_stream"] = largest
+    breakdown["overhead"] = overhead
+    peak = static + largest + overhead
+    return {"mode": mode, "world": world, "sequence_parallel": sequence_parallel, "peak_bytes": int(peak),
+            "gpu_bytes": int(gpu_bytes), "fits": peak <= gpu_bytes,
+            "breakdown": {k: int(v) for k, v in breakdown.items()},
+            "streams": {k: {kk: int(vv) for kk, vv in v.items()} for k, v in streams.items()}}
+
+
+def _distilled_depth(objectives, num_layers: int) -> int:
+    hidden = objectives.hidden
+    if hidden is None:
+        return 0
+    if hidden.layers == "auto":
+        return num_layers
+    return max(num_layers if layer == "last" else int(layer) for layer in hidden.layers)
+
+
+def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int,
+                                seq_lens: dict[str, int], teacher_shape: Shape | None = None,
+                                on_gpu: bool = True) -> dict:
+    """`plan` at S = 1, plus `min_sequence_parallel`: the smallest S dividing `world` (a power of two) at
+    which the peak fits, or None when none does."""
+    result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, 1, on_gpu)
+    result["min_sequence_parallel"] = None
+    s = 1
+    while s <= world:
+        if world % s == 0:
+            trial = result if s == 1 else plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s,
+                                               on_gpu)
+            if trial["fits"]:
+                result["min_sequence_parallel"] = s
+                result["peak_bytes_at_min_sequence_parallel"] = trial["peak_bytes"]
+                break
+        s *= 2
+    return result
+
+
+def gpu_memory(name: str) -> int:
+    """Bytes of a named GPU (`GPUS`) or a number of bytes given as text ("85e9", "80GiB")."""
+    key = name.strip().lower()
+    if key in GPUS:
+        return GPUS[key]
+    text = key.replace("_", "")
+    for suffix, scale in (("gib", GiB), ("gb", 10**9)):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * scale)
+    return int(float(text))
+
+
+def accelerate_launch(path: str | None) -> tuple[str, int]:
+    """(mode, number of processes) an accelerate config file launches."""
+    import yaml
+
+    if path is None:
+        return "fsdp2", 8
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    kind = str(data.get("distributed_type", "NO")).upper()
+    mode = {"FSDP": "fsdp2", "DEEPSPEED": "zero3"}.get(kind, "replicated")
+    return mode, int(data.get("num_processes", 1) or 1)
+
+
+def recipe_seq_lens(cfg) -> dict[str, int]:
+    """Each stream's row length: the built data's when it exists (checked against `streams.<name>.seq_len`
+    when both are given), else the recipe's `seq_len`.
+
+    Raises:
+        ConfigError: neither is available, or they disagree.
+    """
+    import json
+
+    from distill.config import ConfigError
+    from distill.data.dataset import STREAM_INFO
+
+    lens = {}
+    for name, stream in cfg.streams.items():
+        built = None
+        info = os.path.join(stream.data, STREAM_INFO)
+        if os.path.isfile(info):
+            with open(info, encoding="utf-8") as f:
+                built = int(json.load(f)["seq_len"])
+        if built is not None and stream.seq_len is not None and built != stream.seq_len:
+            raise ConfigError(f"streams.{name}.seq_len: {stream.seq_len}, but {stream.data} was built with "
+                              f"rows of {built}")
+        value = built if built is not None else stream.seq_len
+        if value is None:
+            raise ConfigError(f"streams.{name}.seq_len: the data {stream.data} is not built yet; give the "
+                              f"row length in the recipe (streams.{name}.seq_len) to plan without it")
+        lens[name] = value
+    return lens
+
+
+def memory_problem(cfg, shape: Shape, teacher_shape: Shape | None, mode: str, world: int, gpu_bytes: int,
+                   seq_lens: dict[str, int], device_name: str = "GPU") -> str | None:
+    """The trainer's start-up check on a GPU: one line when the estimated peak does not fit, else None."""
+    result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape)
+    if result["fits"]:
+        return None
+    sp = result["min_sequence_parallel"]
+    hint = (f"sequence parallelism over {sp} ranks would fit" if sp
+            else "no sequence-parallel degree fits either")
+    return (f"the run needs ~{result['peak_bytes'] / GiB:.1f} GiB per GPU ({mode} on {world} GPUs) but the "
+            f"{device_name} has {gpu_bytes / GiB:.1f} GiB ({hint}); see scripts/plan.py for the breakdown, "
+            f"shard more (recipes/accelerate/fsdp2.yaml), lower micro_batch, turn on "
+            f"model.gradient_checkpointing, or set parallel.skip_memory_check: true to try anyway")
+
+
+def _is_weight(t) -> bool:
+    """A parameter, a view of one (linear layers save `weight.t()`), or autocast's cast of one: state."""
+    import torch
+
+    base = t._base if t._is_view() else t
+    if isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad):
+        return True
+    fn = base.grad_fn
+    return fn is not None and type(fn).__name__ == "ToCopyBackward0" and \
+        type(fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+
+
+class SavedTensorBytes:
+    """A `distill.step.Spans` recorder for calibrating the planner: per stream, the bytes each student
+    forward of the trainer's own step saves for backward (saved-tensor hooks; weights, views of them and
+    autocast's copies of them are state, not activations, and are left out; a tensor saved twice counts
+    once)."""
+
+    def __init__(self):
+        from distill.step import NO_SPANS
+
+        self.bytes: dict[str, list[int]] = {}
+        self._quiet = NO_SPANS
+
+    def __call__(self, name: str, stream: str | None = None):
+        import torch
+
+        if name != "student_forward":
+            return self._quiet(name, stream)
+        seen: set = set()
+        self.bytes.setdefault(stream, []).append(0)
+        slot = len(self.bytes[stream]) - 1
+
+        def pack(t):
+            if _is_weight(t):
+                return t
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                self.bytes[stream][slot] += t.numel() * t.element_size()
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def step_done(self, record: dict) -> None:
+        """Nothing per step."""

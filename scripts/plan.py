@@ -1,0 +1,110 @@
+"""Plan a run's memory per GPU from the recipe and the model's config.json, before anything is loaded.
+
+    python scripts/plan.py RECIPE [--accelerate-config recipes/accelerate/fsdp2.yaml] [--gpus N]
+        [--gpu h100-80gb|h200-141gb|a100-80gb|BYTES] [--json] [a.b=value ...]
+
+Reads only the model's (and the teacher's) `config.json`, never the weights, so a 70B run can be planned on a
+laptop; works before the data is built when the recipe gives `streams.<name>.seq_len`. Prints the parameters,
+gradients and optimiser state, the teacher, each stream's activations (with and without gradient
+checkpointing), loss buffers and overhead per GPU, the peak, whether it fits, and the smallest
+sequence-parallel degree that fits; `--json` prints the same as one JSON object. A user mistake prints one
+line `error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distill.cli import Parser, UsageError, number  # noqa: E402
+from distill.config import ConfigError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="training recipe YAML")
+    p.add_argument("overrides", nargs="*", help="a.b=value recipe overrides")
+    p.add_argument("--accelerate-config", help="the launcher config (default: FSDP2 on 8 GPUs)")
+    p.add_argument("--gpus", type=number(int), help="GPUs in the launch (default: the accelerate config's)")
+    p.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default), h200-141gb, a100-80gb, or bytes")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def make_plan(args) -> dict:
+    from transformers import AutoConfig
+
+    from distill.config import load_recipe
+    from distill.plan import (
+        Shape,
+        accelerate_launch,
+        gpu_memory,
+        plan_with_sequence_parallel,
+        recipe_seq_lens,
+    )
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    try:
+        gpu_bytes = gpu_memory(args.gpu)
+    except ValueError:
+        raise UsageError(f"--gpu {args.gpu!r}: allowed: h100-80gb, h200-141gb, a100-80gb, or a size in bytes "
+                         f"(e.g. 85e9, 80GiB)") from None
+    if args.accelerate_config is not None and not os.path.isfile(args.accelerate_config):
+        raise UsageError(f"--accelerate-config {args.accelerate_config}: no such file")
+    mode, world = accelerate_launch(args.accelerate_config)
+    world = args.gpus or world
+
+    def config(path: str, key: str):
+        try:
+            return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        except Exception as err:  # noqa: BLE001 - any failure here is the user's path
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{key}: cannot read the config of '{path}': {first}") from None
+
+    shape = Shape.from_config(config(cfg.model.path, "model.path"))
+    teacher = Shape.from_config(config(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else shape
+    result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, recipe_seq_lens(cfg), teacher)
+    result.update({"recipe": args.recipe, "gpu": args.gpu, "parameters": shape.params})
+    return result
+
+
+def format_plan(result: dict) -> str:
+    gib = 1024**3
+    lines = [f"{result['recipe']}: {result['mode']} on {result['world']} x {result['gpu']} "
+             f"({result['gpu_bytes'] / gib:.1f} GiB each), {result['parameters'] / 1e9:.2f}B parameters",
+             "per GPU (GiB):"]
+    for key, value in result["breakdown"].items():
+        lines.append(f"  {key:<28} {value / gib:8.2f}")
+    lines.append("per stream, one micro-batch (GiB):")
+    lines.append(f"  {'stream':<10} {'tokens':>9} {'act (ckpt)':>11} {'act (none)':>11} {'losses':>8} "
+                 f"{'teacher':>8}")
+    for name, s in result["streams"].items():
+        lines.append(f"  {name:<10} {s['tokens_per_micro_batch']:>9} "
+                     f"{s['activations_with_checkpointing'] / gib:>11.2f} "
+                     f"{s['activations_without_checkpointing'] / gib:>11.2f} {s['loss_buffers'] / gib:>8.2f} "
+                     f"{s['teacher_activations'] / gib:>8.2f}")
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    lines.append(f"peak {result['peak_bytes'] / gib:.1f} GiB per GPU: {verdict}")
+    sp = result["min_sequence_parallel"]
+    lines.append("smallest sequence-parallel degree that fits: "
+                 + (f"{sp} ({result['peak_bytes_at_min_sequence_parallel'] / gib:.1f} GiB)" if sp
+                    else "none"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.cli import guarded
+
+    code, args, result = guarded(build_parser(), make_plan, (ConfigError,), argv)
+    if code:
+        return code
+    print(json.dumps(result) if args.json else format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
