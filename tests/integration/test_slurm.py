@@ -91,13 +91,15 @@ def test_sbatch_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path,
     _wait(lambda: metrics.exists() and len(read_metrics(metrics)) >= 2, 300, "the job never reached step 2")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=slurm)
     # The job checkpoints, exits 0 and requeues itself; SLURM holds a requeued job ~2 minutes before it is
-    # eligible again: release it now.
+    # eligible again: release it sooner.
     def requeued():
         info = _job(slurm, job)
         return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
 
     _wait(requeued, 300, "the job did not requeue itself")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
+    # Not at once: slurmd refuses a launch in the same second as the requeue revoked the job's credential
+    # ("Job credential revoked"); a few seconds on, as SLURM's own delay would, it starts.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], check=True, env=slurm)
     assert _wait(lambda: _finished(slurm, job), 600, "the requeued job did not finish") == "COMPLETED"
     assert _wait(lambda: _finished(slurm, whole), 600, "the uninterrupted job did not finish") == "COMPLETED"
     info = _job(slurm, job)
