@@ -312,7 +312,7 @@ def diagnostics(ws, dtype: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-def main() -> None:
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repeat, fewer steps and documents")
     parser.add_argument("--steps", type=int, default=6, help="(a) optimiser steps per run")
@@ -403,8 +403,12 @@ def main() -> None:
                        "a_step": f"{MICRO_BATCHES}x(1x{SEQ_LEN})", "steps": args.steps, "warmup": args.warmup,
                        "repeats": args.repeats, "built": built}
     result["profile"] = profile
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    # Anything the libraries print (the HF Trainer's summary dict reached stdout despite a redirect around
+    # its train()) goes to stderr: stdout carries the one JSON line.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = main()
+    print(json.dumps(summary))

@@ -161,8 +161,9 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     streams = open_streams(cfg, tokenizer)
     resume_path = ckpt.resume_point(cfg.train.resume, out_dir)
     dtype = resolve_dtype(cfg.model.dtype)
+    strategy = choose(procs, cfg.parallel.gradient_sync)  # from the launcher's environment, once
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
-        check_memory(cfg, choose(procs).name, procs.world, device, {n: s.seq_len for n, s in streams.items()})
+        check_memory(cfg, strategy.name, procs.world, device, {n: s.seq_len for n, s in streams.items()})
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
     student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, device)
     num_layers = student.config.num_hidden_layers
@@ -177,7 +178,6 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     for name, stream in streams.items():
         check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
     layers = resolve_layers(cfg, num_layers, student, teacher, streams)
-    strategy = choose(procs, cfg.parallel.gradient_sync)
     flops = flop_rates(cfg, {n: s.seq_len for n, s in streams.items()}, layers, student, teacher)  # unsharded
     peak = peak_tflops(device, cfg.log.peak_tflops)
     mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
