@@ -580,9 +580,17 @@ class ParallelConfig:
     """FSDP2: reduce-scatter gradients after every micro-batch's backward (least memory), or once after
     the step's last one (fewer collectives; unsharded gradients are held meanwhile). The parallel mode
     itself comes from the launcher (`accelerate launch --config_file recipes/accelerate/<mode>.yaml`)."""
+    sequence_parallel: int = 1
+    """S > 1 splits each micro-batch of the longest stream (native positions, LM loss) along the sequence over
+    groups of S ranks (Ulysses: an all-to-all around attention); needs the FSDP2 launch, S dividing the
+    number of processes and the attention heads, and rows whose micro-batch tokens divide by S."""
     skip_memory_check: bool = False
     """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
     prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""
+
+    def validate(self, path: str) -> None:
+        check(self.sequence_parallel >= 1, join(path, "sequence_parallel"),
+              f"must be a positive number of ranks, got {self.sequence_parallel}")
 
 
 @dataclasses.dataclass

@@ -164,6 +164,8 @@ class Slot:
     stream: str
     micro_batch: MicroBatch | None
     fetch: MicroBatch  # the rows to read: `micro_batch` itself, or a stand-in for a dummy
+    part: int = 0
+    """Sequence parallelism: which of the group's slices of the micro-batch this rank runs (0 otherwise)."""
 
     @property
     def is_dummy(self) -> bool:
@@ -189,30 +191,35 @@ def shard(plan: list[MicroBatch], rank: int, world: int, cost: dict[str, int] | 
     return [Slot(mb.stream, mb, mb) for mb in plan if owner[mb.index] == rank]
 
 
-def shard_aligned(plan: list[MicroBatch], rank: int, world: int) -> list[Slot]:
+def shard_aligned(plan: list[MicroBatch], rank: int, world: int,
+                  split: dict[str, int] | None = None) -> list[Slot]:
     """This rank's micro-batches, in the same sequence of kinds on every rank.
 
     Each stream's micro-batches (in plan order) are dealt round-robin; a stream's list is padded with
     dummies to a multiple of `world`, so every rank gets the same count per stream; slots are ordered by
     stream name then position. Depends only on (plan, world): every rank computes the same assignment.
+    A stream in `split` ({stream: S}, sequence parallelism) is dealt to groups of S consecutive ranks
+    instead: every rank of a group gets the same micro-batch, with `part` = its place in the group.
 
-    Every global micro-batch is real on exactly one rank. A dummy's stand-in is the first micro-batch of
-    its stream in the plan. The caller, for a dummy slot: fetch `slot.fetch.rows`, count no tokens, run the
-    same forward/backward as for a real one with `loss * 0.0` (or every loss sum times 0), and add nothing to
-    the logged loss sums. (0 × a finite loss gives exactly zero gradients; a non-finite one is non-finite on
-    the rank owning those rows too, so the step is skipped either way.)
+    Every global micro-batch is real on exactly one rank (one group). A dummy's stand-in is the first
+    micro-batch of its stream in the plan. The caller, for a dummy slot: fetch `slot.fetch.rows`, count no
+    tokens, run the same forward/backward as for a real one with `loss * 0.0` (or every loss sum times 0),
+    and add nothing to the logged loss sums. (0 × a finite loss gives exactly zero gradients; a non-finite
+    one is non-finite on the rank owning those rows too, so the step is skipped either way.)
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} out of range for world {world}")
+    split = split or {}
     by_stream: dict[str, list[MicroBatch]] = {}
     for mb in plan:
         by_stream.setdefault(mb.stream, []).append(mb)
     mine = []
     for name in sorted(by_stream):
         batches = by_stream[name]
-        padded = -(-len(batches) // world) * world
-        for k in range(rank, padded, world):
+        size = split.get(name, 1)
+        units, unit = world // size, rank // size  # groups of `size` ranks deal like ranks
+        padded = -(-len(batches) // units) * units
+        for k in range(unit, padded, units):
             mb = batches[k] if k < len(batches) else None
-            mine.append(Slot(name, mb, mb if mb is not None else batches[0]))
+            mine.append(Slot(name, mb, mb if mb is not None else batches[0], rank % size))
     return mine
-

@@ -148,6 +148,7 @@ def lm_loss(
     chunk_size: int = 4096,
     bias: torch.Tensor | None = None,
     use_liger: bool = False,
+    shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed causal-LM cross-entropy from final hidden states, without materialising (B·T, V) logits.
 
@@ -163,6 +164,8 @@ def lm_loss(
         bias: optional (V,) lm_head bias.
         use_liger: use liger-kernel's fused linear cross-entropy when it is installed and the tensors
             are on CUDA; otherwise (logged once per call) fall back to the chunked implementation.
+        shifted: `labels` are already the targets (position t holds the label of t + 1), as a slice of a
+            sequence-parallel row has them: its last target is the next slice's first token.
 
     Returns:
         (loss_sum, count): 0-dim fp32 sum of the token losses, 0-dim long number of tokens with a target.
@@ -172,7 +175,7 @@ def lm_loss(
                          f"{tuple(labels.shape)}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    targets = _shifted_targets(labels)  # (B·T,)
+    targets = labels.reshape(-1) if shifted else _shifted_targets(labels)  # (B·T,)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])  # (B·T, H), a view when hidden is contiguous
     valid = targets != IGNORE_INDEX
     count = valid.sum()

@@ -233,15 +233,16 @@ def _distilled_depth(objectives, num_layers: int) -> int:
 def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int,
                                 seq_lens: dict[str, int], teacher_shape: Shape | None = None,
                                 on_gpu: bool = True) -> dict:
-    """`plan` at S = 1, plus `min_sequence_parallel`: the smallest S dividing `world` (a power of two) at
-    which the peak fits, or None when none does."""
-    result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, 1, on_gpu)
+    """`plan` at the recipe's `parallel.sequence_parallel`, plus `min_sequence_parallel`: the smallest S
+    dividing `world` (a power of two) at which the peak fits, or None when none does."""
+    configured = cfg.parallel.sequence_parallel
+    result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu)
     result["min_sequence_parallel"] = None
     s = 1
     while s <= world:
         if world % s == 0:
-            trial = result if s == 1 else plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s,
-                                               on_gpu)
+            trial = result if s == configured else \
+                plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu)
             if trial["fits"]:
                 result["min_sequence_parallel"] = s
                 result["peak_bytes_at_min_sequence_parallel"] = trial["peak_bytes"]

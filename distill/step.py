@@ -96,6 +96,7 @@ class StreamObjectives:
         target_length: rope.target_length (skipped positions reach it).
         teacher: the truncated teacher runner, None for a stream without teacher objectives.
         teacher_head: the teacher's lm_head weight (for `kl`), else None.
+        sequence: the sequence-parallel groups when this stream's rows are split over S ranks, else None.
     """
 
     name: str
@@ -106,24 +107,40 @@ class StreamObjectives:
     target_length: int
     teacher: Callable | None = None
     teacher_head: torch.Tensor | None = None
+    sequence: object = None
 
     @property
     def objectives(self) -> list[str]:
         return list(self.cfg.objectives.active())
 
-    def fetch(self, rows: list[int], device, vocab_size: int) -> tuple[dict, list[str]]:
+    def fetch(self, rows: list[int], device, vocab_size: int, part: int = 0) -> tuple[dict, list[str]]:
         """The micro-batch's tensors on `device` ({"input_ids", "position_ids", "labels"} (B, T) int64,
-        "real" (B, T) bool) and one line per row with a token id outside [0, vocab_size)."""
+        "real" (B, T) bool) and one line per row with a token id outside [0, vocab_size); such a row is
+        blanked (no loss, no real tokens) so the step can skip it.
+
+        Split along the sequence (`sequence`, the stream's rows over S ranks): the rows flattened to one and
+        this rank's slice `part` of it, (1, B·T/S) each, with "targets" (the labels already shifted: the
+        target of a slice's last token is the next slice's first) instead of "labels".
+        """
         batch = {k: v for k, v in self.data.batch(rows).items() if torch.is_tensor(v)}
         bad = self.data.bad_rows(rows, batch["input_ids"], vocab_size)
         batch["real"] = self.data.real_mask(rows)
+        if bad:
+            _blank_bad_rows(batch, vocab_size)
+        if self.sequence is not None:
+            targets = torch.full_like(batch["labels"], -100)  # (B, T)
+            targets[:, :-1] = batch["labels"][:, 1:]
+            flat = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                    "targets": targets, "real": batch["real"]}
+            batch = {k: self.sequence.piece(v.reshape(1, -1)) for k, v in flat.items()}
         return {k: v.to(device) for k, v in batch.items()}, bad
 
     def counts(self, batch: dict) -> dict[str, int]:
         """Loss-bearing tokens per objective (the normaliser), known before any forward."""
         counts = {}
         if self.cfg.objectives.lm is not None:
-            counts["lm"] = int((batch["labels"][:, 1:] != -100).sum())
+            counts["lm"] = int((batch["targets"] != -100).sum()) if "targets" in batch else \
+                int((batch["labels"][:, 1:] != -100).sum())
         for name in ("hidden", "kl"):
             if getattr(self.cfg.objectives, name) is not None:
                 counts[name] = int(batch["real"].sum())
@@ -144,7 +161,7 @@ class StreamObjectives:
             (student inputs, teacher inputs): {"input_ids", "position_ids", "attention_mask"}; shapes (1, B·T)
             when flattened, (B, T) for short-to-long rows.
         """
-        input_ids, positions = batch["input_ids"], batch["position_ids"]  # (B, T) each
+        input_ids, positions = batch["input_ids"], batch["position_ids"]  # (B, T) each, (1, n) when split
         B, T = input_ids.shape
         flat = {"input_ids": input_ids.reshape(1, B * T), "position_ids": positions.reshape(1, B * T),
                 "attention_mask": None}
@@ -168,7 +185,8 @@ class StreamObjectives:
         # cosine upcasts itself). The final hidden state is fp32 under CPU autocast (the residual stream is):
         # outside autocast those matmuls ran in fp32, 3x slower on a bf16 CPU.
         with autocast():
-            with spans("student_forward", self.name):
+            split = self.sequence.on(self.name) if self.sequence is not None else contextlib.nullcontext()
+            with spans("student_forward", self.name), split:
                 # Through the root (sharded modes gather embeddings and lm_head there); logits for one token.
                 out = strategy.forward(**student_inputs, output_hidden_states=True, use_cache=False,
                                        logits_to_keep=1)
@@ -177,9 +195,9 @@ class StreamObjectives:
             sums = {}
             if objectives.lm is not None:
                 with spans("loss", self.name):
-                    lm = objectives.lm
-                    sums["lm"] = lm_loss(states[-1], head, batch["labels"], chunk_size=lm.chunk_size,
-                                         use_liger=lm.fused)[0]
+                    lm, shifted = objectives.lm, "targets" in batch
+                    sums["lm"] = lm_loss(states[-1], head, batch["targets"] if shifted else batch["labels"],
+                                         chunk_size=lm.chunk_size, use_liger=lm.fused, shifted=shifted)[0]
             if self.teacher is not None:
                 final = {self.num_layers} if objectives.kl is not None else set()
                 wanted = sorted(set(self.layers) | final)
@@ -201,8 +219,9 @@ class StreamObjectives:
 
 
 def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers: dict[str, list[int]],
-                     num_layers: int, teacher=None) -> dict[str, StreamObjectives]:
-    """Every stream's StreamObjectives (after the strategy's set-up: `teacher` is the sharded one if any)."""
+                     num_layers: int, teacher=None, strategy=None) -> dict[str, StreamObjectives]:
+    """Every stream's StreamObjectives (after the strategy's set-up: `teacher` is the sharded one if any, and
+    the streams in `strategy.split` get its sequence-parallel groups)."""
     from distill.models import TruncatedTeacher
 
     runner = TruncatedTeacher(teacher) if teacher is not None else None  # shared: one copy per depth
@@ -212,7 +231,8 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
         head = teacher.get_output_embeddings().weight if taught and stream_cfg.objectives.kl else None
         built[name] = StreamObjectives(
             name=name, cfg=stream_cfg, data=streams[name], layers=layers.get(name, []), num_layers=num_layers,
-            target_length=cfg.rope.target_length, teacher=runner if taught else None, teacher_head=head)
+            target_length=cfg.rope.target_length, teacher=runner if taught else None, teacher_head=head,
+            sequence=strategy.sequence if strategy is not None and name in strategy.split else None)
     return built
 
 
@@ -275,12 +295,10 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
     for slot in slots:
         stream = ctx.streams[slot.stream]
         with spans("data", slot.stream):
-            batch, bad = stream.fetch(slot.fetch.rows, ctx.device, ctx.vocab_size)
-        if bad and not slot.is_dummy:
+            batch, bad = stream.fetch(slot.fetch.rows, ctx.device, ctx.vocab_size, slot.part)
+        if bad and not slot.is_dummy and slot.part == 0:  # a split micro-batch reports once, from part 0
             problems += [f"streams.{slot.stream}: {line}" for line in bad]
             local[-1] += len(bad)
-        if bad:
-            _blank_bad_rows(batch, ctx.vocab_size)  # a dummy reads another rank's rows: same treatment
         if not slot.is_dummy:
             for obj, n in stream.counts(batch).items():
                 local[ctx.index[(slot.stream, obj)]] += n

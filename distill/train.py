@@ -146,6 +146,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         resolve_dtype,
     )
     from distill.rope import original_length
+    from distill.sequence import split_streams
     from distill.strategies import choose
 
     torch.manual_seed(cfg.run.seed)
@@ -161,7 +162,9 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     streams = open_streams(cfg, tokenizer)
     resume_path = ckpt.resume_point(cfg.train.resume, out_dir)
     dtype = resolve_dtype(cfg.model.dtype)
-    strategy = choose(procs, cfg.parallel.gradient_sync)  # from the launcher's environment, once
+    # The launcher's mode, picked once.
+    strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
+    strategy.split = split_streams(cfg, {n: s.seq_len for n, s in streams.items()})
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
         check_memory(cfg, strategy.name, procs.world, device, {n: s.seq_len for n, s in streams.items()})
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
@@ -239,7 +242,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         native = teacher if teacher is not None else student
         evaluation = _evaluation(cfg, tokenizer, native, eval_streams(cfg))
 
-    ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher),
+    ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher,
+                                                                  strategy),
                       mixture=mixture, device=device, autocast=_autocast(device, dtype), seed=cfg.run.seed,
                       max_grad_norm=cfg.optim.max_grad_norm, vocab_size=student.config.vocab_size,
                       bad_rows=cfg.train.bad_rows, spans=spans)

@@ -15,7 +15,7 @@ from distill.strategies.base import Processes, Strategy
 __all__ = ["Processes", "Strategy", "choose"]
 
 
-def choose(procs: Processes, gradient_sync: str = "micro_batch") -> Strategy:
+def choose(procs: Processes, gradient_sync: str = "micro_batch", sequence_parallel: int = 1) -> Strategy:
     """The strategy the launcher's environment asks for (one process: always replicated).
 
     Raises:
@@ -25,13 +25,23 @@ def choose(procs: Processes, gradient_sync: str = "micro_batch") -> Strategy:
     from distill.strategies import fsdp2, zero3
     from distill.strategies.replicated import Replicated
 
-    if procs.world == 1:
-        return Replicated(procs, gradient_sync)
     try:
-        if fsdp2.fsdp_requested():
-            return fsdp2.FSDP2(procs, gradient_sync)
-        if zero3.zero3_requested():
-            return zero3.ZeRO3(procs, gradient_sync)
+        if procs.world == 1:
+            strategy = Replicated(procs, gradient_sync)
+        elif fsdp2.fsdp_requested():
+            strategy = fsdp2.FSDP2(procs, gradient_sync, sequence_parallel)
+        elif zero3.zero3_requested():
+            strategy = zero3.ZeRO3(procs, gradient_sync)
+        else:
+            strategy = Replicated(procs, gradient_sync)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return Replicated(procs, gradient_sync)
+    if sequence_parallel > 1:
+        if strategy.name != "fsdp2":
+            raise ConfigError(f"parallel.sequence_parallel: {sequence_parallel} needs the FSDP2 launch "
+                              f"(recipes/accelerate/fsdp2.yaml) on several processes; this is "
+                              f"{strategy.describe()}")
+        if procs.world % sequence_parallel:
+            raise ConfigError(f"parallel.sequence_parallel: {sequence_parallel} does not divide the "
+                              f"{procs.world} processes")
+    return strategy

@@ -81,9 +81,12 @@ class Strategy:
     sharded = False
     """Whether the student's parameters are split over ranks (no whole model on any one process)."""
 
-    def __init__(self, procs: Processes, gradient_sync: str = "micro_batch"):
+    def __init__(self, procs: Processes, gradient_sync: str = "micro_batch", sequence_parallel: int = 1):
         self.procs = procs
         self.gradient_sync = gradient_sync
+        self.sequence_parallel = sequence_parallel
+        self.sequence = None  # a distill.sequence.SequenceParallel once set up with S > 1
+        self.split: dict[str, int] = {}  # {stream: S} for the streams split along the sequence
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -102,7 +105,7 @@ class Strategy:
     def assign(self, plan: list[MicroBatch], cost: dict[str, int]) -> list[Slot]:
         """This rank's micro-batches of the step's global plan."""
         if self.aligned:
-            return shard_aligned(plan, self.procs.rank, self.procs.world)
+            return shard_aligned(plan, self.procs.rank, self.procs.world, self.split)
         return shard(plan, self.procs.rank, self.procs.world, cost)
 
     # -- one micro-batch -------------------------------------------------------------------------------

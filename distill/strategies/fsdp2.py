@@ -274,6 +274,13 @@ class FSDP2(Strategy):
     sharded = True
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
+        if self.sequence_parallel > 1:  # Ulysses around the student's own attention kernel
+            from distill import sequence
+
+            sequence.check_heads(student.config, self.sequence_parallel)
+            self.sequence = sequence.SequenceParallel(self.sequence_parallel, self.procs.rank,
+                                                      self.procs.world)
+            student.set_attn_implementation(sequence.register(student.config._attn_implementation))
         # Shard after every whole-model check and load: a forward on one rank alone would wait forever.
         mesh = make_mesh(self.procs.device)
         mp = dtype if self.procs.device.type == "cuda" and dtype != torch.float32 else None
@@ -285,7 +292,9 @@ class FSDP2(Strategy):
         self.params = [p for p in student.parameters() if p.requires_grad]
 
     def describe(self) -> str:
-        return f"FSDP2: student and teacher sharded over {self.procs.world} processes"
+        size = self.sequence_parallel
+        sp = f", sequence parallel over groups of {size}" if size > 1 else ""
+        return f"FSDP2: student and teacher sharded over {self.procs.world} processes{sp}"
 
     def backward(self, loss, last: bool) -> None:
         if self.gradient_sync == "step":  # reduce-scatter once, after the step's last micro-batch

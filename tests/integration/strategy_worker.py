@@ -10,6 +10,8 @@ Runs (each its own output directory under OUT, 3 steps, a checkpoint every step)
   poisoned/      every LM loss of step 1 is NaN: the step is skipped, then steps 2 and 3 train
   checkpointing/ (FSDP2) activation checkpointing in the student's layers
   deferred/      (FSDP2) parallel.gradient_sync: step (one reduce-scatter per step)
+  sequence/      (FSDP2) parallel.sequence_parallel: 2 (the long stream's rows split over both ranks);
+                 sequence.json: the all-to-all entries per stream
 With --teacher, OUT/teacher.json holds the sharded teacher's truncated hidden states against the plain ones.
 Process start-up dominates on CPU, hence one launch for all of them.
 """
@@ -113,6 +115,15 @@ def main() -> None:
     if mode == "fsdp2":
         codes["checkpointing"] = run("checkpointing", "model.gradient_checkpointing=true")
         codes["deferred"] = run("deferred", "parallel.gradient_sync=step")
+        from distill.config import load_recipe
+
+        out = os.path.join(args.out, "sequence")
+        cfg = load_recipe(args.recipe, [f"run.output_dir={out}", "parallel.sequence_parallel=2"])
+        code, live = train.run(cfg, return_state=True)
+        codes["sequence"] = code
+        if procs.is_main:
+            with open(os.path.join(args.out, "sequence.json"), "w", encoding="utf-8") as f:
+                json.dump(dict(live["strategy"].sequence.calls), f)
     if procs.is_main:
         with open(os.path.join(args.out, "codes.json"), "w", encoding="utf-8") as f:
             json.dump({"mode": mode, "world": procs.world, "codes": codes}, f)

@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from distill.metrics import read_metrics
 
@@ -183,6 +184,30 @@ def test_two_process_checkpoint_resumes_on_one_process(two, single, tmp_path, ca
     full = two["root"] / "full"
     _assert_steps_close(read_metrics(out / "metrics.jsonl"), read_metrics(full / "metrics.jsonl"))
     assert _max_diff(_weights(out, STEPS), _weights(two["root"] / "full", STEPS)) < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp2_with_sequence_parallelism_matches_one_process(two, single, tmp_path, tiny_llama):
+    """FSDP2 + Ulysses over 2 ranks (the long stream's rows split in two): the same steps as one process,
+    the all-to-all entered by the long stream's student forwards only, and its checkpoint resumes on one
+    process."""
+    if two["mode"] != "fsdp2":
+        return
+    from distill import train
+
+    run = two["root"] / "sequence"
+    _assert_steps_close(read_metrics(run / "metrics.jsonl"), read_metrics(single["full"] / "metrics.jsonl"))
+    assert _max_diff(_weights(run, STEPS), _weights(single["full"], STEPS)) < 1e-5
+    with open(two["root"] / "sequence.json", encoding="utf-8") as f:
+        calls = json.load(f)
+    layers = AutoConfig.from_pretrained(tiny_llama).num_hidden_layers
+    long_forwards = sum(r["tokens/long"] // 1024 for r in read_metrics(run / "metrics.jsonl"))
+    assert calls == {"long": layers * long_forwards}  # never the teacher's or the short streams' forwards
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
+    assert train.main([two["recipe"], f"run.output_dir={resumed}"]) == 0
+    _assert_steps_close(read_metrics(resumed / "metrics.jsonl"), read_metrics(run / "metrics.jsonl"))
 
 
 @pytest.mark.slow

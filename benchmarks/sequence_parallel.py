@@ -1,0 +1,133 @@
+"""Ulysses sequence parallelism on 2 CPU processes: activation memory and time per token, S = 2 against S = 1.
+
+The benchmarks' tiny Llama (4 layers x 256, 8 heads, ~6.8M parameters), fp32, sdpa_varlen, one long packed row
+of --tokens tokens (documents of 300-1500 tokens, one of them crossing the shard edge), forward + LM loss +
+backward, both ranks at once (gloo, one thread each):
+  S = 1: each rank runs the whole row (what a rank holds without sequence parallelism);
+  S = 2: the two ranks split the row (distill.sequence), all-to-all around attention.
+Activation memory per rank: the bytes the forward saves for backward (distill.plan.SavedTensorBytes, the
+planner's calibration instrument), the peak a rank holds for the row. Time per token: rank-seconds per token
+of the row (S x wall time / tokens), median over --repeats interleaved repeats after a warm-up.
+
+Prints one JSON line: {"activation_memory_ratio" (S=2 / S=1 per rank; target <= 0.55),
+"time_per_token_ratio" (S=2 / S=1), "saved_bytes_per_rank": {"1", "2"}, "seconds": {"1", "2"}, "setup"}.
+
+    python benchmarks/sequence_parallel.py             # ~1 minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker(model_dir: str, tokens: int, repeats: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from distill import attention, sequence
+    from distill.objectives import lm_loss
+    from distill.plan import SavedTensorBytes
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    attention.register()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa_varlen",
+                                                 dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    lengths, left = [], tokens
+    while left > 0:
+        n = min(left, int(torch.randint(300, 1500, (1,), generator=gen)))
+        lengths.append(n)
+        left -= n
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=gen)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    sp = sequence.SequenceParallel(world, rank, world)
+    split_name = sequence.register("sdpa_varlen")
+
+    def step(size: int) -> tuple[int, float]:
+        model.zero_grad(set_to_none=True)
+        if size == 1:
+            model.set_attn_implementation("sdpa_varlen")
+            inputs, tgt, context = {"input_ids": ids, "position_ids": positions}, targets, None
+        else:
+            model.set_attn_implementation(split_name)
+            inputs = {"input_ids": sp.piece(ids), "position_ids": sp.piece(positions)}
+            tgt, context = sp.piece(targets), sp.on("long")
+        recorder = SavedTensorBytes()
+        dist.barrier()
+        t0 = time.perf_counter()
+        with recorder("student_forward", "long"):
+            if context is not None:
+                with context:
+                    out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            else:
+                out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        loss = lm_loss(out.hidden_states[-1], model.get_output_embeddings().weight, tgt, shifted=True)[0]
+        loss.backward()
+        dist.barrier()
+        return recorder.bytes["long"][0], time.perf_counter() - t0
+
+    step(1), step(2)  # warm-up
+    saved, seconds = {1: [], 2: []}, {1: [], 2: []}
+    for r in range(repeats):
+        for size in ((1, 2) if r % 2 == 0 else (2, 1)):
+            b, s = step(size)
+            saved[size].append(b)
+            seconds[size].append(s)
+    if rank == 0:
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        result = {
+            "activation_memory_ratio": round(statistics.median(saved[2]) / statistics.median(saved[1]), 3),
+            "time_per_token_ratio": round((2 * med[2]) / (1 * med[1]), 3),
+            "saved_bytes_per_rank": {str(k): int(statistics.median(v)) for k, v in saved.items()},
+            "seconds": {str(k): round(v, 4) for k, v in med.items()},
+            "setup": {"tokens": tokens, "documents": len(lengths), "repeats": repeats, "processes": world,
+                      "model": "4 layers x 256, 8 heads, fp32, sdpa_varlen"},
+        }
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], args.tokens, args.repeats, args.worker[1])
+        return
+    import common
+
+    common.quiet()
+    with common.workspace() as ws:
+        common.prepare_model(ws)
+        out = ws.path("result.json")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29620",
+               os.path.abspath(__file__), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+               "--worker", ws.model, out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"the 2-process run failed (exit {proc.returncode})")
+        with open(out, encoding="utf-8") as f:
+            print(json.dumps(json.load(f)))
+
+
+if __name__ == "__main__":
+    main()

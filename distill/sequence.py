@@ -1,0 +1,174 @@
+"""Ulysses sequence parallelism for the long stream: one long row split along the sequence over S ranks.
+
+Each rank of a group of S holds T/S tokens of the (flattened) micro-batch; everything but attention is
+token-local, so only attention communicates. Around the model's own attention kernel (sdpa_varlen or
+flash-attn varlen), an all-to-all trades the sequence split for a head split: each rank then attends over the
+WHOLE sequence with H/S of the heads, and a second all-to-all trades back (DeepSpeed-Ulysses, Jacobs et al.
+2023; written here on torch.distributed's differentiable `all_to_all_single`, so FSDP2 plus sequence
+parallelism needs no DeepSpeed).
+- Positions are all-gathered, so the kernel finds every packed document, also those that cross a shard edge.
+- Key/value heads are repeated when S exceeds their number (grouped-query attention with few KV heads).
+- Labels are shifted before the row is sliced: the target of a slice's last token lives on the next rank.
+- Only student forwards of the sequence-parallel stream enter the all-to-all (`SequenceParallel.on`):
+  the teacher and the short streams run as they always do. `calls` counts entries per stream.
+The loss rule is unchanged: each rank counts the loss-bearing tokens of its slice, so the global counts and
+the summed gradients are exactly those of the unsplit row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+
+PREFIX = "sequence_parallel_"
+_ACTIVE: SequenceParallel | None = None
+
+
+class SequenceParallel:
+    """The groups of S consecutive ranks and this rank's place in its group.
+
+    Args:
+        size: S; `world` must be a multiple of it.
+        rank / world: this process and the number of processes.
+    """
+
+    def __init__(self, size: int, rank: int, world: int):
+        import torch.distributed as dist
+
+        if world % size:
+            raise ValueError(f"parallel.sequence_parallel: {size} does not divide the {world} processes")
+        self.size, self.index, self.group_index = size, rank % size, rank // size
+        self.group = None
+        for g in range(world // size):  # every rank creates every group, in the same order
+            group = dist.new_group(list(range(g * size, (g + 1) * size)))
+            if g == self.group_index:
+                self.group = group
+        self.tag: str | None = None
+        self.calls: Counter = Counter()
+
+    @contextlib.contextmanager
+    def on(self, tag: str):
+        """Student forwards of stream `tag` inside this block split attention over the group."""
+        global _ACTIVE
+        previous, self.tag = _ACTIVE, tag
+        _ACTIVE = self
+        try:
+            yield self
+        finally:
+            _ACTIVE, self.tag = previous, None
+
+    def piece(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's contiguous 1/S of `tensor` along `dim`."""
+        return tensor.chunk(self.size, dim=dim)[self.index]
+
+    def gather_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """(1, n) positions of this rank's slice → (1, S·n) of the whole row (no gradient)."""
+        import torch.distributed as dist
+
+        pieces = [torch.empty_like(positions) for _ in range(self.size)]
+        dist.all_gather(pieces, positions.contiguous(), group=self.group)
+        return torch.cat(pieces, dim=1)
+
+    def _all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Differentiable all-to-all over the group along dim 0 (one slice per rank)."""
+        from torch.distributed.nn.functional import all_to_all_single
+
+        tensor = tensor.contiguous()
+        # Not empty_like: it keeps a non-contiguous input's strides, while the collective writes row-major.
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        return all_to_all_single(out, tensor, group=self.group)
+
+    def heads_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, H, n, D) with this rank's n tokens → (1, H/S, S·n, D) with all tokens of this rank's heads."""
+        _, h, n, d = x.shape
+        s = self.size
+        received = self._all_to_all(x.reshape(s, h // s, n, d))  # [j] = rank j's tokens of my heads
+        return received.permute(1, 0, 2, 3).reshape(1, h // s, s * n, d)
+
+    def sequence_to_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """(1, S·n, H/S, D) attention output of my heads → (1, n, H, D) for my tokens, all heads."""
+        _, total, hs, d = out.shape
+        s = self.size
+        n = total // s
+        received = self._all_to_all(out.reshape(s, n, hs, d))  # [j] = head group j for my tokens
+        return received.permute(1, 0, 2, 3).reshape(1, n, s * hs, d)
+
+
+def active() -> SequenceParallel | None:
+    return _ACTIVE
+
+
+def split_streams(cfg, seq_lens: dict[str, int]) -> dict[str, int]:
+    """{stream: S} for the streams split along the sequence: with `parallel.sequence_parallel` S > 1, the
+    native-position streams of the longest rows. Each must train on the LM loss only (the teacher never sees
+    a slice) with micro-batches whose tokens divide by S.
+
+    Raises:
+        ConfigError: one line naming the stream and what does not fit.
+    """
+    from distill.config import ConfigError
+
+    size = cfg.parallel.sequence_parallel
+    if size == 1:
+        return {}
+    native = {n: seq_lens[n] for n, s in cfg.streams.items() if s.positions == "native"}
+    if not native:
+        raise ConfigError("parallel.sequence_parallel: no stream with native positions to split")
+    longest = max(native.values())
+    split = {}
+    for name in (n for n, t in native.items() if t == longest):
+        stream = cfg.streams[name]
+        if set(stream.objectives.active()) != {"lm"}:
+            raise ConfigError(f"streams.{name}.objectives: a sequence-parallel stream trains on lm only (the "
+                              f"teacher never sees a slice); got {', '.join(stream.objectives.active())}")
+        tokens = stream.micro_batch * longest
+        if tokens % size:
+            raise ConfigError(f"streams.{name}: a micro-batch of {tokens} tokens does not split into "
+                              f"parallel.sequence_parallel {size} equal slices")
+        split[name] = size
+    return split
+
+
+def check_heads(config, size: int) -> None:
+    """S must divide the attention heads, and the key/value heads divide S or S them (one line otherwise)."""
+    from distill.config import ConfigError
+
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % size or (kv % size and size % kv):
+        raise ConfigError(f"parallel.sequence_parallel: {size} must divide the {heads} attention heads and "
+                          f"divide or be divided by the {kv} key/value heads")
+
+
+def _forward(inner):
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        sp = _ACTIVE
+        if sp is None:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        sp.calls[sp.tag] += 1
+        kv_heads = key.shape[1]
+        if kv_heads % sp.size:  # fewer KV heads than ranks: each rank's query heads get their KV head
+            key = key.repeat_interleave(sp.size // kv_heads, dim=1)
+            value = value.repeat_interleave(sp.size // kv_heads, dim=1)
+        q, k, v = (sp.heads_to_sequence(t) for t in (query, key, value))  # (1, H/S, T, D)
+        kwargs = dict(kwargs)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = sp.gather_positions(kwargs["position_ids"])
+        out, _ = inner(module, q, k, v, attention_mask, **kwargs)  # (1, T, H/S, D)
+        return sp.sequence_to_heads(out), None
+
+    return forward
+
+
+def register(inner_name: str) -> str:
+    """Register "sequence_parallel_<inner>" with transformers (attention and mask functions): the inner
+    implementation, with the all-to-all around it inside `SequenceParallel.on` blocks; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    name = PREFIX + inner_name
+    AttentionInterface.register(name, _forward(AttentionInterface()[inner_name]))
+    AttentionMaskInterface.register(name, AttentionMaskInterface()[inner_name])
+    return name
