@@ -15,8 +15,16 @@ checks on the CPU kernels, smaller, which is how it is tested.
 (3) train: `distill.train.run` on the LongReD step of distill_overhead.py (long : short : s2l =
     4 : 3 : 1, long rows 4x the short window, 8192 token slots) for --steps steps: tokens/s,
     tflops_per_s and mfu (as logged; MFU needs a known GPU name or --peak-tflops), and the peak memory.
-Multi-GPU runs (FSDP2 / ZeRO-3 over 2+ GPUs) need `accelerate launch`; this script reports the device
-count and leaves them to recipes/accelerate/*.yaml.
+    The planner's estimate for the same run (distill.plan, one process) against
+    torch.cuda.max_memory_allocated.
+(4) layout: the trainer's own inputs for a micro-batch of 4 packed rows (`StreamObjectives.model_inputs`:
+    flattened to one row) through the device's attention (flash_attention_2 on CUDA when flash-attn imports,
+    else sdpa_varlen): each document's logits against the document run alone (max |error|).
+(5) ZeRO-3 precision: a one-process DeepSpeed engine of the student (`distill.strategies.zero3`) under the
+    trainer's autocast: the dtype a linear layer computes in inside the engine's forward, with the config we
+    generate and without its torch_autocast section (CUDA: bf16 and fp32).
+Multi-GPU runs (FSDP2 / ZeRO-3 / sequence parallelism over 2+ GPUs) need `accelerate launch`; this script
+reports the device count and leaves them to recipes/accelerate/*.yaml and tests/integration/test_sequence.py.
 
 Prints one JSON line.
 
@@ -209,6 +217,7 @@ def check_train(device, steps: int, peak_tflops: float | None) -> dict:
         t0 = time.perf_counter()
         run(cfg)
         wall = time.perf_counter() - t0
+        planned = _planned_peak(ws, cfg)
         records = read_metrics(os.path.join(out, "metrics.jsonl"))[1:]  # the first step warms up
         result = {"steps": steps, "wall_s": round(wall, 1), "peak_mb": _peak_mb(device),
                   "attention": "auto", "dtype": "bfloat16"}
@@ -217,10 +226,92 @@ def check_train(device, steps: int, peak_tflops: float | None) -> dict:
             if values:
                 result[key] = _sig(common.median(values), 4)
         result["loss_first_last"] = [round(records[0]["loss"], 4), round(records[-1]["loss"], 4)]
+        result["planned_peak_mb_without_overhead"] = round(planned / 2**20, 1)
+        if result["peak_mb"]:
+            result["planned_vs_measured"] = round(planned / 2**20 / result["peak_mb"], 3)
         return result
 
 
-def main() -> None:
+def _planned_peak(ws, cfg) -> int:
+    """The planner's peak for this one-process run, without its fixed framework overhead (which
+    max_memory_allocated does not see)."""
+    from transformers import AutoConfig
+
+    from distill.plan import OVERHEAD_BYTES, Shape, plan, recipe_seq_lens
+
+    shape = Shape.from_config(AutoConfig.from_pretrained(ws.model))
+    result = plan(cfg, shape, "replicated", 1, 2**50, recipe_seq_lens(cfg))
+    return result["peak_bytes"] - OVERHEAD_BYTES
+
+
+def check_layout(device) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import StreamConfig, from_dict
+    from distill.models import resolve_attention
+    from distill.step import StreamObjectives
+    from distill.testing import tiny_config
+
+    name = resolve_attention("auto", device, "llama")
+    config = tiny_config("llama", vocab_size=5000, hidden_size=256, num_layers=2, num_heads=8,
+                         num_kv_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=name).to(device).eval()
+    low = device.type == "cuda"
+    if low:
+        model = model.to(torch.bfloat16)
+    positions = packed_positions(512, 4, 3)  # (4, 512)
+    ids = torch.randint(3, 5000, positions.shape, generator=torch.Generator().manual_seed(4))
+    stream_cfg = from_dict(StreamConfig, {"data": "-", "objectives": {"lm": 1.0}})
+    stream = StreamObjectives(name="short", cfg=stream_cfg, data=None, layers=[], num_layers=2,
+                              target_length=4096)
+    inputs, _ = stream.model_inputs({"input_ids": ids, "position_ids": positions}, 0)
+    with torch.no_grad():
+        flat = model(**{k: (v.to(device) if v is not None else None) for k, v in inputs.items()},
+                     use_cache=False).logits.float().view(4, 512, -1)
+        worst = 0.0
+        for r in range(4):
+            starts = (positions[r] == 0).nonzero().flatten().tolist() + [512]
+            for a, b in zip(starts, starts[1:]):
+                alone = model(input_ids=ids[r:r + 1, a:b].to(device), use_cache=False).logits.float()
+                worst = max(worst, (flat[r, a:b] - alone[0]).abs().max().item())
+    return {"attention": name, "rows": 4, "tokens_per_row": 512, "max_logit_error_vs_alone": _sig(worst),
+            "dtype": "bfloat16" if low else "float32"}
+
+
+def check_zero3_precision(device) -> dict:
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import OptimConfig
+    from distill.optim import make_optimizer
+    from distill.strategies import zero3
+    from distill.testing import tiny_config
+
+    if not dist.is_initialized():
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29631"), ("RANK", "0"),
+                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    result = {}
+    for label, dtype in (("with_torch_autocast", torch.bfloat16), ("without", None)):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(vocab_size=64, hidden_size=64, num_layers=1),
+                                                 dtype=torch.float32).to(device)
+        optimizer = make_optimizer(model, OptimConfig(), sharded=True)
+        engine = zero3.wrap_student(model, optimizer, 1.0, autocast=dtype)
+        seen = {}
+        engine.module.model.layers[0].mlp.up_proj.register_forward_hook(
+            lambda m, a, out: seen.update(dtype=str(out.dtype)))
+        with torch.autocast(device.type, dtype=torch.bfloat16):  # the trainer's autocast
+            engine(input_ids=torch.randint(0, 64, (1, 8), device=device), use_cache=False)
+        result[label] = seen["dtype"]
+    return result
+
+
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--seq", type=int, default=None, help="(1) packed row length (cuda 8192, cpu 1024)")
@@ -228,7 +319,7 @@ def main() -> None:
     parser.add_argument("--loss-tokens", type=int, default=None, help="(2) tokens (cuda 16384, cpu 2048)")
     parser.add_argument("--steps", type=int, default=None, help="(3) training steps (cuda 12, cpu 3)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="(3) per-device peak for MFU")
-    parser.add_argument("--part", default="123", help="which checks to run, e.g. 12")
+    parser.add_argument("--part", default="12345", help="which checks to run, e.g. 12")
     args = parser.parse_args()
     import torch
 
@@ -253,8 +344,23 @@ def main() -> None:
     if "3" in args.part:
         common.log("(3) LongReD training steps")
         result["train"] = check_train(device, args.steps or (12 if gpu else 3), args.peak_tflops)
-    print(json.dumps(result))
+    if "4" in args.part:
+        common.log("(4) packed micro-batch layout through the device's attention")
+        result["layout"] = check_layout(device)
+    if "5" in args.part:
+        common.log("(5) ZeRO-3 compute dtype")
+        try:
+            result["zero3_precision"] = check_zero3_precision(device)
+        except ImportError as err:
+            result["zero3_precision"] = f"skipped: {err}"
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    import contextlib
+
+    # Whatever the libraries print (DeepSpeed announces the ops it builds) goes to stderr: stdout carries
+    # the one JSON line.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = main()
+    print(json.dumps(report))
