@@ -23,8 +23,9 @@ checks on the CPU kernels, smaller, which is how it is tested.
 (5) ZeRO-3 precision: a one-process DeepSpeed engine of the student (`distill.strategies.zero3`) under the
     trainer's autocast: the dtype a linear layer computes in inside the engine's forward, with the config we
     generate and without its torch_autocast section (CUDA: bf16 and fp32).
-Multi-GPU runs (FSDP2 / ZeRO-3 / sequence parallelism over 2+ GPUs) need `accelerate launch`; this script
-reports the device count and leaves them to recipes/accelerate/*.yaml and tests/integration/test_sequence.py.
+(6) sequence parallelism, with 2+ GPUs: benchmarks/sequence_parallel.py on S = 2, 4 and 8 GPUs (as many as
+    there are; nccl): each rank's slice against the unsplit row, activation memory and time per token.
+Multi-GPU training runs (FSDP2 / ZeRO-3) need `accelerate launch` with recipes/accelerate/*.yaml.
 
 Prints one JSON line.
 
@@ -319,7 +320,8 @@ def main() -> dict:
     parser.add_argument("--loss-tokens", type=int, default=None, help="(2) tokens (cuda 16384, cpu 2048)")
     parser.add_argument("--steps", type=int, default=None, help="(3) training steps (cuda 12, cpu 3)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="(3) per-device peak for MFU")
-    parser.add_argument("--part", default="12345", help="which checks to run, e.g. 12")
+    parser.add_argument("--part", default="123456", help="which checks to run, e.g. 12")
+    parser.add_argument("--out", help="also write the JSON report to this file")
     args = parser.parse_args()
     import torch
 
@@ -353,7 +355,34 @@ def main() -> dict:
             result["zero3_precision"] = check_zero3_precision(device)
         except ImportError as err:
             result["zero3_precision"] = f"skipped: {err}"
+    if "6" in args.part:
+        result["sequence_parallel"] = check_sequence_parallel(device)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
     return result
+
+
+def check_sequence_parallel(device) -> dict | str:
+    import subprocess
+
+    import torch
+
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if gpus < 2:
+        return f"skipped: needs 2+ GPUs ({gpus} visible); CPU equality is tests/integration/test_sequence.py"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequence_parallel.py")
+    results = {}
+    for size in (2, 4, 8):
+        if size > gpus:
+            break
+        common.log(f"(6) sequence parallelism over {size} GPUs")
+        cmd = [sys.executable, script, "--device", "cuda", "--processes", str(size), "--tokens",
+               str(16384 * size), "--repeats", "3"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        results[str(size)] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
+            f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}"
+    return results
 
 
 if __name__ == "__main__":

@@ -9,10 +9,13 @@ Activation memory per rank: the bytes the forward saves for backward (distill.pl
 planner's calibration instrument), the peak a rank holds for the row. Time per token: rank-seconds per token
 of the row (S x wall time / tokens), median over --repeats interleaved repeats after a warm-up.
 
-Prints one JSON line: {"activation_memory_ratio" (S=2 / S=1 per rank; target <= 0.55),
-"time_per_token_ratio" (S=2 / S=1), "saved_bytes_per_rank": {"1", "2"}, "seconds": {"1", "2"}, "setup"}.
+Prints one JSON line: {"activation_memory_ratio" (S / S=1 per rank; target <= 0.55 at S = 2),
+"time_per_token_ratio" (S / S=1), "max_state_error" (the final hidden states of each rank's slice against the
+unsplit row's; loss and gradients are checked in tests/integration/test_sequence.py),
+"saved_bytes_per_rank": {"1", "S"}, "seconds": {"1", "S"}, "setup"}.
 
     python benchmarks/sequence_parallel.py             # ~1 minute on 2 cores
+    python benchmarks/sequence_parallel.py --device cuda --processes 4 --tokens 65536   # S = 4 on 4 GPUs
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def worker(model_dir: str, tokens: int, repeats: int, out: str) -> None:
+def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str = "cpu") -> None:
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -38,22 +41,28 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str) -> None:
     from distill.plan import SavedTensorBytes
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    cuda = device_type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     attention.register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa_varlen",
-                                                 dtype=torch.float32)
+                                                 dtype=torch.float32).to(device)
     gen = torch.Generator().manual_seed(0)
     lengths, left = [], tokens
     while left > 0:
         n = min(left, int(torch.randint(300, 1500, (1,), generator=gen)))
         lengths.append(n)
         left -= n
-    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=gen)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=gen).to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100, device=device)], dim=1)
     sp = sequence.SequenceParallel(world, rank, world)
     split_name = sequence.register("sdpa_varlen")
+
+    final = {}
 
     def step(size: int) -> tuple[int, float]:
         model.zero_grad(set_to_none=True)
@@ -75,25 +84,32 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str) -> None:
                 out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
         loss = lm_loss(out.hidden_states[-1], model.get_output_embeddings().weight, tgt, shifted=True)[0]
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize(device)
         dist.barrier()
+        final[size] = out.hidden_states[-1].detach()
         return recorder.bytes["long"][0], time.perf_counter() - t0
 
-    step(1), step(2)  # warm-up
-    saved, seconds = {1: [], 2: []}, {1: [], 2: []}
+    step(1), step(world)  # warm-up
+    saved, seconds = {1: [], world: []}, {1: [], world: []}
     for r in range(repeats):
-        for size in ((1, 2) if r % 2 == 0 else (2, 1)):
+        for size in ((1, world) if r % 2 == 0 else (world, 1)):
             b, s = step(size)
             saved[size].append(b)
             seconds[size].append(s)
+    error = torch.tensor([(final[world] - sp.piece(final[1])).abs().max().item()], device=device)
+    dist.all_reduce(error, op=dist.ReduceOp.MAX)
     if rank == 0:
         med = {k: statistics.median(v) for k, v in seconds.items()}
         result = {
-            "activation_memory_ratio": round(statistics.median(saved[2]) / statistics.median(saved[1]), 3),
-            "time_per_token_ratio": round((2 * med[2]) / (1 * med[1]), 3),
+            "activation_memory_ratio": round(statistics.median(saved[world]) / statistics.median(saved[1]),
+                                             3),
+            "time_per_token_ratio": round((world * med[world]) / (1 * med[1]), 3),
+            "max_state_error": float(error.item()),
             "saved_bytes_per_rank": {str(k): int(statistics.median(v)) for k, v in saved.items()},
             "seconds": {str(k): round(v, 4) for k, v in med.items()},
             "setup": {"tokens": tokens, "documents": len(lengths), "repeats": repeats, "processes": world,
-                      "model": "4 layers x 256, 8 heads, fp32, sdpa_varlen"},
+                      "device": device_type, "model": "4 layers x 256, 8 heads, fp32, sdpa_varlen"},
         }
         with open(out, "w", encoding="utf-8") as f:
             json.dump(result, f)
@@ -104,10 +120,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--processes", type=int, default=2, help="S, the processes of the group (default 2)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.tokens, args.repeats, args.worker[1])
+        worker(args.worker[0], args.tokens, args.repeats, args.worker[1], args.device)
         return
     import common
 
@@ -117,14 +135,13 @@ def main() -> None:
         out = ws.path("result.json")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29620",
-               os.path.abspath(__file__), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
-               "--worker", ws.model, out]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
+               "--master_port", "29620", os.path.abspath(__file__), "--tokens", str(args.tokens),
+               "--repeats", str(args.repeats), "--device", args.device, "--worker", ws.model, out]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"the 2-process run failed (exit {proc.returncode})")
+            raise SystemExit(f"the {args.processes}-process run failed (exit {proc.returncode})")
         with open(out, encoding="utf-8") as f:
             print(json.dumps(json.load(f)))
 
