@@ -31,7 +31,10 @@ if [ "$action" != start ]; then
 fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1; then
+        apt-get update -q >/dev/null  # a machine without package lists yet
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null
+    fi
 fi
 if [ ! -f /etc/munge/munge.key ]; then
     mungekey --create >/dev/null 2>&1 || create-munge-key -f >/dev/null
