@@ -325,7 +325,9 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
             loss = loss + scale * ctx.weights[k].item() * value / max(global_counts[k].item(), 1.0)
             if not slot.is_dummy:
                 loss_sums[k] += value.detach().double()
-        with spans("backward", slot.stream):
+        # A split stream's backward recomputes checkpointed layers: their attention must split again.
+        split = stream.sequence.on(stream.name) if stream.sequence is not None else contextlib.nullcontext()
+        with spans("backward", slot.stream), split:
             strategy.backward(loss, last=i == len(fetched) - 1)
         del sums, loss
     with spans("clip_grad"):

@@ -30,9 +30,16 @@ class Replicated(Strategy):
     def reduce_gradients(self, bucket_numel: int = 2**24) -> None:
         if self.procs.world == 1:
             return
+        # A parameter no loss reached on ANY rank keeps no gradient (AdamW skips it, as on one process); one
+        # reached on some ranks takes part in the sum with zeros from the others.
+        reached = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32,
+                               device=self.procs.device)
+        reached = self.procs.all_reduce(reached, op="max").bool().tolist()
         grads = []
-        for p in self.params:
-            if p.grad is None:  # a parameter no loss reached on this rank still takes part in the sum
+        for p, used in zip(self.params, reached):
+            if not used:
+                continue
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         start = 0

@@ -10,8 +10,11 @@ Runs (each its own output directory under OUT, 3 steps, a checkpoint every step)
   poisoned/      every LM loss of step 1 is NaN: the step is skipped, then steps 2 and 3 train
   checkpointing/ (FSDP2) activation checkpointing in the student's layers
   deferred/      (FSDP2) parallel.gradient_sync: step (one reduce-scatter per step)
-  sequence/      (FSDP2) parallel.sequence_parallel: 2 (the long stream's rows split over both ranks);
-                 sequence.json: the all-to-all entries per stream
+  sequence/      (FSDP2) parallel.sequence_parallel: 2 (the long stream's rows split over both ranks), with
+                 gradient checkpointing (the recompute in backward splits again); sequence.json: the
+                 all-to-all entries per stream
+  sparse/        (replicated) the long stream, the only one with an LM loss, absent from steps 1 and 3:
+                 its lm_head gets no gradient there, on any rank
 With --teacher, OUT/teacher.json holds the sharded teacher's truncated hidden states against the plain ones.
 Process start-up dominates on CPU, hence one launch for all of them.
 """
@@ -28,6 +31,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+SPARSE = ("streams.long.share=0.2", "streams.short.objectives.kl=null")
+"""The long stream in step 2 only (of 3), and no other stream with a loss through lm_head."""
 
 
 def poisoned_run(recipe: str, out: str, *overrides: str) -> int:
@@ -118,12 +125,15 @@ def main() -> None:
         from distill.config import load_recipe
 
         out = os.path.join(args.out, "sequence")
-        cfg = load_recipe(args.recipe, [f"run.output_dir={out}", "parallel.sequence_parallel=2"])
+        cfg = load_recipe(args.recipe, [f"run.output_dir={out}", "parallel.sequence_parallel=2",
+                                        "model.gradient_checkpointing=true"])
         code, live = train.run(cfg, return_state=True)
         codes["sequence"] = code
         if procs.is_main:
             with open(os.path.join(args.out, "sequence.json"), "w", encoding="utf-8") as f:
                 json.dump(dict(live["strategy"].sequence.calls), f)
+    if mode == "replicated":
+        codes["sparse"] = run("sparse", *SPARSE)
     if procs.is_main:
         with open(os.path.join(args.out, "codes.json"), "w", encoding="utf-8") as f:
             json.dump({"mode": mode, "world": procs.world, "codes": codes}, f)

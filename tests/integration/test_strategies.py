@@ -61,13 +61,15 @@ def launch(mode: str, recipe_path: str, out: str, teacher: str) -> subprocess.Co
 def single(tmp_path_factory, tiny_llama, built_data):
     """1-process references in this process: full (3 steps) and poisoned (step 1 NaN)."""
     from distill import train
-    from tests.integration.strategy_worker import poisoned_run
+    from tests.integration.strategy_worker import SPARSE, poisoned_run
 
     root = tmp_path_factory.mktemp("single")
     path = write(strategy_recipe(tiny_llama, built_data, root / "full"), root / "r.yaml")
     assert train.main([path]) == 0
     assert poisoned_run(path, str(root / "poisoned")) == 0
-    return {"root": root, "recipe": path, "full": root / "full", "poisoned": root / "poisoned"}
+    assert train.main([path, f"run.output_dir={root / 'sparse'}", *SPARSE]) == 0
+    return {"root": root, "recipe": path, "full": root / "full", "poisoned": root / "poisoned",
+            "sparse": root / "sparse"}
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp2", "zero3"])
@@ -188,9 +190,9 @@ def test_two_process_checkpoint_resumes_on_one_process(two, single, tmp_path, ca
 
 @pytest.mark.slow
 def test_fsdp2_with_sequence_parallelism_matches_one_process(two, single, tmp_path, tiny_llama):
-    """FSDP2 + Ulysses over 2 ranks (the long stream's rows split in two): the same steps as one process,
-    the all-to-all entered by the long stream's student forwards only, and its checkpoint resumes on one
-    process."""
+    """FSDP2 + Ulysses over 2 ranks (the long stream's rows split in two) with gradient checkpointing: the
+    same steps as one process, the all-to-all entered by the long stream's student only, and its checkpoint
+    resumes on one process."""
     if two["mode"] != "fsdp2":
         return
     from distill import train
@@ -202,12 +204,30 @@ def test_fsdp2_with_sequence_parallelism_matches_one_process(two, single, tmp_pa
         calls = json.load(f)
     layers = AutoConfig.from_pretrained(tiny_llama).num_hidden_layers
     long_forwards = sum(r["tokens/long"] // 1024 for r in read_metrics(run / "metrics.jsonl"))
-    assert calls == {"long": layers * long_forwards}  # never the teacher's or the short streams' forwards
+    # Each long micro-batch: every layer's attention in the forward and again in the checkpointed recompute;
+    # never the teacher's or the short streams' forwards.
+    assert calls == {"long": 2 * layers * long_forwards}
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
     assert train.main([two["recipe"], f"run.output_dir={resumed}"]) == 0
     _assert_steps_close(read_metrics(resumed / "metrics.jsonl"), read_metrics(run / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_parameters_no_loss_reached_are_not_stepped(two, single):
+    """Data parallel: a parameter no rank's loss reached in a step (lm_head while the only LM stream is
+    absent) keeps no gradient, as on one process, so AdamW leaves it (and its moments) alone."""
+    if two["mode"] != "ddp":
+        return
+    records = read_metrics(two["root"] / "sparse" / "metrics.jsonl")
+    assert [("tokens/long" in r) for r in records] == [False, True, False]
+    _assert_steps_close(records, read_metrics(single["sparse"] / "metrics.jsonl"))
+    assert _max_diff(_weights(two["root"] / "sparse", STEPS), _weights(single["sparse"], STEPS)) < 1e-5
+    a, b = _optim(two["root"] / "sparse", STEPS), _optim(single["sparse"], STEPS)
+    assert a["state"].keys() == b["state"].keys()
+    assert sorted(float(e["step"]) for e in a["state"].values()) == sorted(float(e["step"]) for e in
+                                                                          b["state"].values())
 
 
 @pytest.mark.slow
