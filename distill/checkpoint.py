@@ -196,7 +196,13 @@ def load_weights(path: str, model: torch.nn.Module) -> dict:
     reason = verify(path)
     if reason is not None:
         raise CheckpointError(f"{path}: not a usable checkpoint ({reason})")
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+    try:
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+    except RuntimeError as err:  # missing / unexpected keys or other shapes: another model's checkpoint
+        lines = str(err).strip().splitlines()
+        first = lines[1].strip() if len(lines) > 1 else str(err)
+        raise CheckpointError(f"{path}: the weights of another model ({first[:160]}); check train.resume / "
+                              f"train.init_from and model.path") from None
     return read_state(path)
 
 

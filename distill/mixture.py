@@ -68,6 +68,13 @@ class Mixture:
                 "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "resuming with run.seed %s where the checkpoint's data order used %s: the rest of this epoch "
+                "follows another permutation (some rows repeat, others are skipped)", self.seed,
+                state["seed"])
         for name in self.cursor:
             self.cursor[name] = int(state["cursor"].get(name, 0))
 

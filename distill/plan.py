@@ -188,11 +188,11 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
         breakdown["teacher_weights"] = 0.0
 
     regime = ("bf16" if fsdp_mixed else "autocast") if low else "fp32"
-    longest = max(seq_lens.values()) if seq_lens else 0
+    split_names = _split_streams(cfg, seq_lens)
     streams = {}
     for name, stream in cfg.streams.items():
         rows = stream.micro_batch * seq_lens[name]
-        split = sequence_parallel if seq_lens[name] == longest else 1
+        split = sequence_parallel if name in split_names else 1
         tokens = math.ceil(rows / split)
         with_ckpt = student_activation_bytes(shape, tokens, regime, True)
         without = student_activation_bytes(shape, tokens, regime, False)
@@ -219,6 +219,15 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
             "gpu_bytes": int(gpu_bytes), "fits": peak <= gpu_bytes,
             "breakdown": {k: int(v) for k, v in breakdown.items()},
             "streams": {k: {kk: int(vv) for kk, vv in v.items()} for k, v in streams.items()}}
+
+
+def _split_streams(cfg, seq_lens: dict[str, int]) -> set[str]:
+    """The streams sequence parallelism would split (as distill.sequence.split_streams picks them, without its
+    checks: the planner also answers for degrees the recipe does not ask for)."""
+    native = {n: seq_lens[n] for n, s in cfg.streams.items() if s.positions == "native"}
+    longest = max(native.values()) if native else 0
+    return {n for n, t in native.items()
+            if t == longest and set(cfg.streams[n].objectives.active()) == {"lm"}}
 
 
 def _distilled_depth(objectives, num_layers: int) -> int:
@@ -267,10 +276,18 @@ def accelerate_launch(path: str | None) -> tuple[str, int]:
     """(mode, number of processes) an accelerate config file launches."""
     import yaml
 
+    from distill.config import ConfigError
+
     if path is None:
         return "fsdp2", 8
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"--accelerate-config {path}: cannot read it ({reason})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--accelerate-config {path}: expected a mapping (an accelerate config)")
     kind = str(data.get("distributed_type", "NO")).upper()
     mode = {"FSDP": "fsdp2", "DEEPSPEED": "zero3"}.get(kind, "replicated")
     return mode, int(data.get("num_processes", 1) or 1)

@@ -123,10 +123,10 @@ class StreamObjectives:
         target of a slice's last token is the next slice's first) instead of "labels".
         """
         batch = {k: v for k, v in self.data.batch(rows).items() if torch.is_tensor(v)}
-        bad = self.data.bad_rows(rows, batch["input_ids"], vocab_size)
+        bad, mask = self.data.bad_rows(rows, batch["input_ids"], vocab_size)
         batch["real"] = self.data.real_mask(rows)
         if bad:
-            _blank_bad_rows(batch, vocab_size)
+            _blank_bad_rows(batch, mask)
         if self.sequence is not None:
             targets = torch.full_like(batch["labels"], -100)  # (B, T)
             targets[:, :-1] = batch["labels"][:, 1:]
@@ -351,11 +351,10 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
                       slots=slot_tokens, stepped=stepped, skipped_rows=bad_rows)
 
 
-def _blank_bad_rows(batch: dict, vocab_size: int) -> None:
-    """train.bad_rows: skip — a row with an out-of-range id keeps its place (every rank's forwards stay
-    aligned) but carries no loss: ids set to 0, labels ignored, no real tokens."""
+def _blank_bad_rows(batch: dict, rows: torch.Tensor) -> None:
+    """train.bad_rows: skip — a bad row keeps its place (every rank's forwards stay aligned) but carries no
+    loss: ids set to 0, labels ignored, no real tokens. `rows`: (B,) bool."""
     ids = batch["input_ids"]
-    rows = ((ids < 0) | (ids >= vocab_size)).any(dim=1)  # (B,)
     ids[rows] = 0
     batch["labels"][rows] = -100
     batch["real"][rows] = False

@@ -214,30 +214,42 @@ class PackedStream:
                 raise DataError(f"{path}: {os.path.getsize(path)} bytes, but the build recorded {sizes[rel]} "
                                 f"(damaged or replaced?); run scripts/prepare_data.py --verify {root}")
 
-    def bad_rows(self, indices, input_ids: torch.Tensor, vocab_size: int) -> list[str]:
-        """One line per row of a batch holding a token id outside [0, vocab_size), naming the row, the
-        first bad id and its file; [] when every id is in range (one vectorised check per batch).
+    def bad_rows(self, indices, input_ids: torch.Tensor, vocab_size: int) -> tuple[list[str], torch.Tensor]:
+        """The rows of a batch that cannot be trained on: a token id outside [0, vocab_size) (one vectorised
+        check per batch), or document lengths that do not fit the row (damaged `lengths`).
 
         Args:
             indices: the rows of the batch (B,).
             input_ids: their (B, T) token ids.
+
+        Returns:
+            (one line per bad row naming the row, the problem and its file; a (B,) bool mask of them).
         """
         bad = (input_ids < 0) | (input_ids >= vocab_size)  # (B, T)
-        if not bool(bad.any()):
-            return []
+        rows = bad.any(dim=1)  # (B,)
         lines = []
-        for b in bad.any(dim=1).nonzero().flatten().tolist():
-            t = int(bad[b].nonzero()[0])
-            lines.append(f"row {int(indices[b])} of {self.path} (file {self.file_of(indices[b])}) "
-                         f"has token id {int(input_ids[b, t])} at position {t}, "
-                         f"outside the vocabulary [0, {vocab_size})")
-        return lines
+        for b, i in enumerate(indices):
+            where = f"row {int(i)} of {self.path} (file {self.file_of(i)})"
+            if bool(rows[b]):
+                t = int(bad[b].nonzero()[0])
+                lines.append(f"{where} has token id {int(input_ids[b, t])} at position {t}, outside the "
+                             f"vocabulary [0, {vocab_size})")
+            elif not self._lengths_fit(self.lengths(int(i))):
+                rows[b] = True
+                lines.append(f"{where} has document lengths {self.lengths(int(i))[:8]} that do not fit a row "
+                             f"of {self.seq_len} tokens")
+        return lines, rows
+
+    def _lengths_fit(self, lengths) -> bool:
+        return all(n > 0 for n in lengths) and sum(lengths) <= self.seq_len
 
     def _row_arrays(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         k, j = self._locate(int(i))
         ids = self._ids[k][j]
         offsets = self._len_offsets[k]
         lens = self._len_values[k][offsets[j]: offsets[j + 1]]
+        if not self._lengths_fit(lens.tolist()):  # damaged: read as one document; `bad_rows` reports it
+            lens = np.array([self.seq_len], dtype=lens.dtype)
         positions, labels = row_positions_labels(ids, lens)
         return ids.astype(np.int64), positions, labels, len(lens)
 

@@ -397,7 +397,12 @@ def load_full_optimizer_state_dict(engine, sd: dict | None) -> None:
     if not layout["ids"]:
         return  # a checkpoint before the first step: no state
     if len(layout["step"]) != 1 or layout["ids"] != list(range(len(order))):
-        raise ValueError("optimizer state: ZeRO-3 needs state for every parameter at one common step")
+        from distill.checkpoint import CheckpointError
+
+        raise CheckpointError(f"optimizer state: ZeRO-3 keeps one AdamW step for all parameters, but this "
+                              f"checkpoint has {len(layout['ids'])} of {len(order)} parameters with state at "
+                              f"steps {sorted(layout['step'])} (some parameters skipped steps in the run "
+                              f"that wrote it); resume it with FSDP2 or data parallel")
     step = layout["step"].pop()
     for f in _flat_partitions(engine):  # AdamW's lazy state, created here so the partitions can be filled
         inner.state[f] = {"step": torch.tensor(step, dtype=torch.float32),

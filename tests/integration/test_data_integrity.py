@@ -127,3 +127,19 @@ def test_out_of_vocabulary_row_is_skipped_and_counted(tmp_path, tiny_llama, data
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r.get("skipped_rows", 0) for r in records] == [2, 3, 3]
     assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_damaged_document_lengths_are_a_bad_row_not_a_crash(data_copy):
+    """`lengths` that do not fit the row (a damaged Arrow column) are reported like an out-of-range id;
+    reading the row no longer raises inside numpy."""
+    import torch
+
+    stream = PackedStream(data_copy["short"])
+    stream._len_values[0] = stream._len_values[0].copy()
+    start = int(stream._len_offsets[0][1])  # row 1's first document length
+    stream._len_values[0][start] = -3
+    batch = stream.batch([0, 1, 2])  # no ValueError from np.repeat
+    lines, mask = stream.bad_rows([0, 1, 2], batch["input_ids"], vocab_size=10**6)
+    assert mask.tolist() == [False, True, False] and len(lines) == 1
+    assert lines[0].startswith(f"row 1 of {stream.path}") and "do not fit a row of 256 tokens" in lines[0]
+    assert isinstance(mask, torch.Tensor)

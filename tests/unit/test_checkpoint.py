@@ -62,3 +62,14 @@ def test_save_and_restore_round_trip(tmp_path, tied):
     a, b = strategy.optimizer.state_dict(), resumed.optimizer.state_dict()
     assert a["state"].keys() == b["state"].keys() and len(a["state"]) > 0
     assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+
+
+def test_weights_of_another_model_are_one_line(tmp_path):
+    model = _model(False)
+    strategy = Replicated(_OneProcess())
+    strategy.setup(model, None, OptimConfig(), torch.float32)
+    path = ckpt.save(str(tmp_path / "checkpoints"), 1, strategy, _state(), _OneProcess())
+    config = tiny_config(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
+    deeper = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ckpt.CheckpointError, match=r"step-1: the weights of another model \(.*layers\.1"):
+        ckpt.load_weights(path, deeper)
