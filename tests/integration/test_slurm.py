@@ -60,14 +60,14 @@ def _wait(predicate, timeout: float, what: str):
     raise TimeoutError(what)
 
 
-def _submit(env, tmp_path, name: str, recipe_path: str) -> str:
+def _submit(env, tmp_path, name: str, recipe_path: str, *overrides: str) -> str:
     job_env = {**env, "PYTHONPATH": ROOT, "PATH": f"{os.path.dirname(sys.executable)}:{env['PATH']}",
                "ACCELERATE_CONFIG": "recipes/accelerate/cpu2.yaml", "RANKS_PER_NODE": "2",
                "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
                "TOKENIZERS_PARALLELISM": "false",
                "DISTILL_STOP_FILE": str(tmp_path / f"stop-{name}"), "MASTER_PORT": str(29600 + len(name))}
     proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/{name}-%j.out",
-                           f"--chdir={ROOT}", "--export=ALL", SCRIPT, recipe_path],
+                           f"--chdir={ROOT}", "--export=ALL", SCRIPT, recipe_path, *overrides],
                           capture_output=True, text=True, env=job_env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -85,8 +85,9 @@ def test_sbatch_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path,
         cfg = recipe(tiny_llama, built_data, tmp_path / name, "longred", steps=STEPS)
         cfg["train"].update({"save_every": 2, "keep_last": 2})
         recipes[name] = write(cfg, tmp_path / f"{name}.yaml")
-    whole = _submit(slurm, tmp_path, "whole", recipes["whole"])
-    job = _submit(slurm, tmp_path, "preempted", recipes["preempted"])
+    spaced = "streams.short.objectives.hidden.layers=[1, last]"  # an override with a space stays one argument
+    whole = _submit(slurm, tmp_path, "whole", recipes["whole"], spaced)
+    job = _submit(slurm, tmp_path, "preempted", recipes["preempted"], spaced)
     metrics = tmp_path / "preempted" / "metrics.jsonl"
     _wait(lambda: metrics.exists() and len(read_metrics(metrics)) >= 2, 300, "the job never reached step 2")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=slurm)
