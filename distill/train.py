@@ -139,7 +139,6 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     from distill.models import (
         check_extension,
         check_packing_isolation,
-        export,
         load_student,
         load_teacher,
         native_rope_reference,
@@ -224,6 +223,9 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
             "strategy": strategy}
     finish = (lambda code: (code, live)) if return_state else (lambda code: code)
     if state.step >= cfg.train.max_steps:
+        if cfg.train.export and not os.path.isfile(os.path.join(out_dir, "final", "config.json")):
+            # A run stopped (killed) after its last checkpoint but before its export finished.
+            _export(strategy, student, tokenizer, os.path.join(out_dir, "final"), dtype, procs.is_main)
         logger.info("nothing to do: the run already reached step %d", state.step)
         return finish(0)
 
@@ -338,12 +340,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     if progress is not None:
         progress.close()
     if cfg.train.export:
-        full_state = strategy.model_state_dict()  # a collective when sharded
-        if procs.is_main:
-            final = os.path.join(out_dir, "final")
-            # fp32 master weights are exported in the recipe's dtype (bf16 for real models).
-            export(student, tokenizer, final, state_dict=full_state, dtype=dtype)
-            logger.info("exported %s", final)
+        _export(strategy, student, tokenizer, os.path.join(out_dir, "final"), dtype, procs.is_main)
     if stop_file is not None and procs.is_main and os.path.exists(stop_file):
         os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
     procs.barrier()
@@ -374,6 +371,27 @@ def _stopped(done: int, preempt: ckpt.PreemptionFlag, stop_file: str | None, is_
     logger.warning("stopped (%s) after step %d; checkpoint written; run the same command to resume (exit "
                    "code %d)", cause, done, EXIT_PREEMPTED)
     return EXIT_PREEMPTED
+
+
+def _export(strategy, student, tokenizer, final: str, dtype: torch.dtype, is_main: bool) -> None:
+    """Write the Hugging Face export atomically: into a temporary directory renamed to `final` once complete
+    (a kill mid-write leaves the previous export or none, never a partial one). fp32 master weights go out in
+    the recipe's dtype (bf16 for real models)."""
+    import shutil
+
+    from distill.models import export
+
+    full_state = strategy.model_state_dict()  # a collective when sharded
+    if not is_main:
+        return
+    tmp, old = f"{final}.tmp-{os.getpid()}", f"{final}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(student, tokenizer, tmp, state_dict=full_state, dtype=dtype)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("exported %s", final)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

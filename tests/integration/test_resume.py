@@ -305,3 +305,25 @@ def test_stop_on_the_last_step_finishes_the_run(tmp_path, tiny_llama, built_data
     assert (out / "final" / "config.json").exists()
     assert not (tmp_path / "stop.checkpointed").exists() and not stop.exists()
     assert "preempted" not in proc.stderr
+
+
+def test_a_run_killed_during_its_export_exports_on_the_rerun(tmp_path, tiny_llama, built_data, caplog):
+    """The last checkpoint is written before the export: a kill in between used to leave a run that had
+    "nothing to do" and no final/. The export is also atomic (a temporary directory renamed at the end)."""
+    from distill import train
+
+    out = tmp_path / "run"
+    cfg = resume_recipe(tiny_llama, built_data, out)
+    cfg["train"]["max_steps"] = 2
+    path = write(cfg, tmp_path / "r.yaml")
+    assert train.main([path]) == 0
+    exported = load_file(str(out / "final" / "model.safetensors"))
+    import shutil
+
+    shutil.rmtree(out / "final")
+    with caplog.at_level("INFO", logger="distill.train"):
+        assert train.main([path]) == 0
+    assert "nothing to do" in caplog.text and "exported" in caplog.text
+    again = load_file(str(out / "final" / "model.safetensors"))
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
+    assert not [p for p in os.listdir(out) if p.startswith("final.")]  # no temporary left behind
