@@ -131,13 +131,24 @@ def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save(root: str, step: int, strategy, state: TrainState, procs) -> str:
     """Write checkpoint step-`step` atomically; every rank calls this (the strategy gathers full state dicts
-    with collectives; each rank saves its own RNG state; rank 0 writes the rest)."""
-    rank, barrier = procs.rank, procs.barrier
+    with collectives; each rank saves its own RNG state; rank 0 writes the rest). After each phase the ranks
+    agree on whether any of them failed (`procs.any`), so a failure anywhere stops every rank with one line
+    and none waits for the others forever."""
+    rank = procs.rank
     model_state = strategy.model_state_dict()  # full, on rank 0 ({} elsewhere)
     optim_state = strategy.optimizer_state_dict()
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f"step-{step}.tmp")
-    error = None
+    error: OSError | None = None
+
+    def stop_if_any_failed() -> None:
+        if procs.any(error is not None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = (error.strerror or str(error)) if error is not None else "a write failed on another rank"
+            raise CheckpointError(f"cannot write checkpoint {final}: {reason} (existing checkpoints are "
+                                  f"untouched)")
+
     try:
         if rank == 0:
             os.makedirs(root, exist_ok=True)
@@ -146,36 +157,35 @@ def save(root: str, step: int, strategy, state: TrainState, procs) -> str:
             os.makedirs(tmp)
     except OSError as err:
         error = err
-    barrier()
+    stop_if_any_failed()
     try:
-        if error is None:
-            torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
-            if rank == 0:
-                save_file(_untied(model_state), os.path.join(tmp, "model.safetensors"))
-                torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
-                with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-                    json.dump({**state.state_dict(), "step": step, "world_size": procs.world}, f, indent=1)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+        if rank == 0:
+            save_file(_untied(model_state), os.path.join(tmp, "model.safetensors"))
+            torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
+            with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
+                json.dump({**state.state_dict(), "step": step, "world_size": procs.world}, f, indent=1)
     except OSError as err:
         error = err
-    barrier()
-    if rank == 0 and error is None:
+    stop_if_any_failed()
+    if rank == 0:
         try:
             files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
             with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
                 json.dump({"files": files}, f)
                 f.flush()
                 os.fsync(f.fileno())
-            if os.path.exists(final):  # a stale copy of the same step (e.g. a replayed save)
-                shutil.rmtree(final)
+            old = None
+            if os.path.exists(final):  # the same step saved again (e.g. replayed): keep it until replaced
+                old = f"{final}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except OSError as err:
             error = err
-    if error is not None:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error} "
-                              f"(existing checkpoints are untouched)")
-    barrier()
+    stop_if_any_failed()
     return final
 
 
@@ -187,7 +197,7 @@ def prune(root: str, keep_last: int, keep_every: int) -> None:
             continue
         shutil.rmtree(path, ignore_errors=True)
     for name in os.listdir(root) if os.path.isdir(root) else []:
-        if name.endswith(".tmp"):  # left by a killed save
+        if name.endswith((".tmp", ".old")):  # left by a killed save
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
@@ -287,14 +297,16 @@ class RunLock:
     STALE_AFTER_S = 300.0
 
     def __init__(self, output_dir: str):
+        import secrets
+
         self.path = os.path.join(output_dir, self.NAME)
+        self.token = secrets.token_hex(8)  # this holder, whatever the host and pid
         self._stop = threading.Event()
         self._thread = None
         self.held = False
 
-    @staticmethod
-    def _me() -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(),
+    def _me(self) -> dict:
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")}
@@ -340,11 +352,7 @@ class RunLock:
                         f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
                         f"{holder.get('since', '?')}{job}); wait for it, or use another output_dir (if that "
                         f"run is dead, delete {self.path})") from None
-                logger.warning("taking over the lock %s: %s", self.path, reason)
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
+                self._take_over(holder, reason)
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self._me(), f)
@@ -353,6 +361,29 @@ class RunLock:
             self._thread.start()
             return
         raise RunLockError(f"run.output_dir: cannot take the lock {self.path} (another run keeps taking it)")
+
+    def _take_over(self, holder: dict, reason: str) -> None:
+        """Move the stale lock aside (a rename: of two runs taking over at once, one moves it) and make sure
+        what was moved is the holder judged stale; a fresh lock moved by mistake goes back."""
+        aside = f"{self.path}.stale-{self.token}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another run moved it first: race for the fresh lock
+        try:
+            with open(aside, encoding="utf-8") as f:
+                moved = json.load(f)
+        except (OSError, ValueError):
+            moved = {}
+        if moved.get("token") != holder.get("token") or moved.get("pid") != holder.get("pid"):
+            try:  # a live run's fresh lock: put it back where it was
+                os.link(aside, self.path)
+            except OSError:
+                pass
+            os.remove(aside)
+            return
+        logger.warning("taking over the lock %s: %s", self.path, reason)
+        os.remove(aside)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT_S):
@@ -369,7 +400,7 @@ class RunLock:
             self._thread.join(timeout=5)
         try:
             with open(self.path, encoding="utf-8") as f:
-                mine = json.load(f).get("pid") == os.getpid()
+                mine = json.load(f).get("token") == self.token  # not the pid: pids repeat across hosts
         except (OSError, ValueError):
             mine = False
         if mine:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ from distill.data.dataset import DataError, PackedStream
 from distill.mixture import Mixture, stable_seed
 from distill.objectives import hidden_cosine_loss, kl_loss, lm_loss
 from distill.rope import skipped_positions
+
+logger = logging.getLogger(__name__)
 
 
 class Spans:
@@ -305,6 +308,9 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
         fetched.append((slot, batch))
     global_counts = strategy.procs.all_reduce(local.to(ctx.device)).cpu()
     bad_rows, global_counts = int(global_counts[-1]), global_counts[:-1]
+    if bad_rows and ctx.bad_rows == "skip":
+        for line in (line for lines in strategy.procs.gather_objects(problems) for line in lines):
+            logger.warning("step %d: skipped %s", step + 1, line)
     if bad_rows and ctx.bad_rows == "stop":
         ctx.mixture.load_state_dict(cursors)  # the step did not happen: a resume replays it
         found = [line for lines in strategy.procs.gather_objects(problems) for line in lines]

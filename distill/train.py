@@ -159,7 +159,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         raise ConfigError(f"model.path: cannot load a tokenizer from '{cfg.model.path}': "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     streams = open_streams(cfg, tokenizer)
-    resume_path = ckpt.resume_point(cfg.train.resume, out_dir)
+    # Rank 0's view of the checkpoints decides (nodes may list a shared directory differently for a while).
+    resume_path = procs.gather_objects(ckpt.resume_point(cfg.train.resume, out_dir))[0]
     dtype = resolve_dtype(cfg.model.dtype)
     # The launcher's mode, picked once.
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
@@ -179,7 +180,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     window = original_length(reference.config, cfg.rope)
     for name, stream in streams.items():
         check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
-    layers = resolve_layers(cfg, num_layers, student, teacher, streams)
+    # Rank 0's choice for `layers: auto` (a tie broken differently would give ranks different teacher depths).
+    layers = procs.gather_objects(resolve_layers(cfg, num_layers, student, teacher, streams))[0]
     flops = flop_rates(cfg, {n: s.seq_len for n, s in streams.items()}, layers, student, teacher)  # unsharded
     peak = peak_tflops(device, cfg.log.peak_tflops)
     mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
