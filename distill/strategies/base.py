@@ -13,7 +13,7 @@ it the same way in every mode:
     norm = strategy.clip(max_norm)                             # global norm before clipping (all ranks)
     strategy.step() or strategy.skip_step(); strategy.zero_grad()
     strategy.model_state_dict() / optimizer_state_dict()       # full state dicts on rank 0 (all ranks call)
-    strategy.load_optimizer_state_dict(sd)                     # sd on rank 0 (others None)
+    strategy.load_optimizer_state(read)                        # read() on the ranks that need the file
 
 Loss semantics are the same everywhere: every micro-batch's loss sums are divided by GLOBAL token counts
 (over micro-batches and ranks), so gradients are summed, never averaged, over ranks.
@@ -21,6 +21,7 @@ Loss semantics are the same everywhere: every micro-batch's loss sums are divide
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Callable
 
@@ -71,8 +72,9 @@ class Processes:
             self.accelerator.wait_for_everyone()
 
 
-class Strategy:
-    """The interface of a parallel mode; the defaults are those of a whole (unsharded) student."""
+class Strategy(abc.ABC):
+    """The interface of a parallel mode; the defaults are those of a whole (unsharded) student. The abstract
+    methods are what a mode must define: how it lays the models out and how its gradients and state move."""
 
     name = "base"
     aligned = False
@@ -93,13 +95,13 @@ class Strategy:
         self.params: list[nn.Parameter] = []
 
     # -- set-up ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def setup(self, student: nn.Module, teacher: nn.Module | None, optim_cfg, dtype: torch.dtype) -> None:
         """Take the whole student (weights loaded) and teacher, shard them as the mode does, build AdamW."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """One log line: the mode and how the models are laid out."""
-        raise NotImplementedError
 
     # -- the plan --------------------------------------------------------------------------------------
     def assign(self, plan: list[MicroBatch], cost: dict[str, int]) -> list[Slot]:
@@ -125,14 +127,14 @@ class Strategy:
         loss.backward()
 
     # -- the end of a step -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def reduce_gradients(self) -> None:
         """Once per step, after the last backward: leave every rank with gradients summed over ranks."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def clip(self, max_norm: float) -> float:
         """Clip the summed gradients to `max_norm` (0: no clipping); returns the global norm before clipping
         (a collective in sharded modes: every rank calls it)."""
-        raise NotImplementedError
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -148,16 +150,16 @@ class Strategy:
         self.optimizer.zero_grad(set_to_none=True)
 
     # -- state -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The student's full state dict, CPU tensors on rank 0 ({} elsewhere). Every rank calls it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def optimizer_state_dict(self) -> dict:
         """The optimiser state as an unsharded AdamW(param_groups(student)) gives it, on rank 0 ({}
         elsewhere). Every rank calls it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_optimizer_state(self, read: Callable[[], dict]) -> None:
         """Load an unsharded-format optimiser state; `read()` returns it (called on the ranks that need the
         file: all of them when replicated, rank 0 when sharded). Every rank calls this."""
-        raise NotImplementedError

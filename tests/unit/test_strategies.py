@@ -85,3 +85,16 @@ def test_choose_refuses_an_unsupported_launch_in_one_line(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="fsdp_config.fsdp_version: 1 is not supported; allowed: 2"):
         choose(_Procs(2))
+
+
+def test_every_mode_defines_the_whole_interface():
+    import inspect
+
+    from distill.strategies.base import Strategy
+    from distill.strategies.fsdp2 import FSDP2
+    from distill.strategies.replicated import Replicated
+    from distill.strategies.zero3 import ZeRO3
+
+    assert inspect.isabstract(Strategy)
+    for mode in (Replicated, FSDP2, ZeRO3):
+        assert not inspect.isabstract(mode), f"{mode.__name__} leaves {sorted(mode.__abstractmethods__)}"
