@@ -6,8 +6,9 @@ Layout: `<output_dir>/checkpoints/step-N/` with
     state.json          `TrainState`: step, tokens, mixture cursors, LR, wandb id, counters
     rng-<rank>.pt       torch / numpy / python RNG states of each rank
     COMPLETE            written last: the sizes of every file above (a checkpoint without it is incomplete)
-A checkpoint is written into `step-N.tmp-<pid>` and renamed once complete, so a kill at any moment leaves
-either the previous checkpoints or a complete new one; older ones are deleted only after that.
+A checkpoint is written into `step-N.tmp` and renamed once complete (`distill.files.replace_dir`), so a kill
+at any moment leaves either the previous checkpoints or a complete new one; older ones are deleted only
+after that.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import time
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from distill.files import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +178,7 @@ def save(root: str, step: int, strategy, state: TrainState, procs) -> str:
                 json.dump({"files": files}, f)
                 f.flush()
                 os.fsync(f.fileno())
-            old = None
-            if os.path.exists(final):  # the same step saved again (e.g. replayed): keep it until replaced
-                old = f"{final}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, final)  # the same step saved again (e.g. replayed) is kept until replaced
         except OSError as err:
             error = err
     stop_if_any_failed()

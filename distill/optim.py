@@ -41,3 +41,20 @@ def keep_kernel(optimizer: torch.optim.Optimizer) -> None:
                 state = optimizer.state.get(p, {})
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip in place like `torch.nn.utils.clip_grad_norm_` (`max_norm` 0: no clipping); returns the global
+    total norm before clipping, as a float.
+
+    Under FSDP2 the gradients are DTensor shards: torch's clip computes their norm as a DTensor with a pending
+    reduction, which `full_tensor()` finishes (a collective: every rank calls this). Plain gradients give
+    exactly torch's result.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    return float(total)  # a sync point

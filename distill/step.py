@@ -176,6 +176,12 @@ class StreamObjectives:
         one_document = torch.ones_like(input_ids)  # an explicit mask: the jumps are not document boundaries
         return {"input_ids": input_ids, "position_ids": skipped, "attention_mask": one_document}, flat
 
+    def split_attention(self):
+        """The context in which this stream's forwards and backwards run: its attention split over its
+        sequence-parallel group when the stream is split (the backward recomputes checkpointed layers, whose
+        attention must split again), else nothing."""
+        return self.sequence.on(self.name) if self.sequence is not None else contextlib.nullcontext()
+
     def losses(self, strategy, batch: dict, positions_seed: int, autocast, spans: Spans = NO_SPANS) -> dict:
         """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
         real = batch["real"]  # (B, T)
@@ -188,8 +194,7 @@ class StreamObjectives:
         # cosine upcasts itself). The final hidden state is fp32 under CPU autocast (the residual stream is):
         # outside autocast those matmuls ran in fp32, 3x slower on a bf16 CPU.
         with autocast():
-            split = self.sequence.on(self.name) if self.sequence is not None else contextlib.nullcontext()
-            with spans("student_forward", self.name), split:
+            with spans("student_forward", self.name), self.split_attention():
                 # Through the root (sharded modes gather embeddings and lm_head there); logits for one token.
                 out = strategy.forward(**student_inputs, output_hidden_states=True, use_cache=False,
                                        logits_to_keep=1)
@@ -308,12 +313,12 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
         fetched.append((slot, batch))
     global_counts = strategy.procs.all_reduce(local.to(ctx.device)).cpu()
     bad_rows, global_counts = int(global_counts[-1]), global_counts[:-1]
-    if bad_rows and ctx.bad_rows == "skip":
-        for line in (line for lines in strategy.procs.gather_objects(problems) for line in lines):
+    found = [line for lines in strategy.procs.gather_objects(problems) for line in lines] if bad_rows else []
+    if found and ctx.bad_rows == "skip":
+        for line in found:
             logger.warning("step %d: skipped %s", step + 1, line)
-    if bad_rows and ctx.bad_rows == "stop":
+    if found and ctx.bad_rows == "stop":
         ctx.mixture.load_state_dict(cursors)  # the step did not happen: a resume replays it
-        found = [line for lines in strategy.procs.gather_objects(problems) for line in lines]
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise BadRowError(f"{found[0]}{more}; rebuild the stream (scripts/prepare_data.py --verify finds "
                           f"damaged files) or set train.bad_rows: skip")
@@ -331,9 +336,7 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
             loss = loss + scale * ctx.weights[k].item() * value / max(global_counts[k].item(), 1.0)
             if not slot.is_dummy:
                 loss_sums[k] += value.detach().double()
-        # A split stream's backward recomputes checkpointed layers: their attention must split again.
-        split = stream.sequence.on(stream.name) if stream.sequence is not None else contextlib.nullcontext()
-        with spans("backward", slot.stream), split:
+        with spans("backward", slot.stream), stream.split_attention():
             strategy.backward(loss, last=i == len(fetched) - 1)
         del sums, loss
     with spans("clip_grad"):

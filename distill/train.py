@@ -159,14 +159,15 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         raise ConfigError(f"model.path: cannot load a tokenizer from '{cfg.model.path}': "
                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     streams = open_streams(cfg, tokenizer)
+    seq_lens = {n: s.seq_len for n, s in streams.items()}
     # Rank 0's view of the checkpoints decides (nodes may list a shared directory differently for a while).
     resume_path = procs.gather_objects(ckpt.resume_point(cfg.train.resume, out_dir))[0]
     dtype = resolve_dtype(cfg.model.dtype)
     # The launcher's mode, picked once.
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
-    strategy.split = split_streams(cfg, {n: s.seq_len for n, s in streams.items()})
+    strategy.split = split_streams(cfg, seq_lens)
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
-        check_memory(cfg, strategy.name, procs.world, device, {n: s.seq_len for n, s in streams.items()})
+        check_memory(cfg, strategy.name, procs.world, device, seq_lens)
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
     student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, device)
     num_layers = student.config.num_hidden_layers
@@ -182,7 +183,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
     # Rank 0's choice for `layers: auto` (a tie broken differently would give ranks different teacher depths).
     layers = procs.gather_objects(resolve_layers(cfg, num_layers, student, teacher, streams))[0]
-    flops = flop_rates(cfg, {n: s.seq_len for n, s in streams.items()}, layers, student, teacher)  # unsharded
+    flops = flop_rates(cfg, seq_lens, layers, student, teacher)  # unsharded
     peak = peak_tflops(device, cfg.log.peak_tflops)
     mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
                        for n, s in cfg.streams.items()], cfg.mix.tokens_per_step, cfg.run.seed)
@@ -381,18 +382,16 @@ def _export(strategy, student, tokenizer, final: str, dtype: torch.dtype, is_mai
     the recipe's dtype (bf16 for real models)."""
     import shutil
 
+    from distill.files import replace_dir
     from distill.models import export
 
     full_state = strategy.model_state_dict()  # a collective when sharded
     if not is_main:
         return
-    tmp, old = f"{final}.tmp-{os.getpid()}", f"{final}.old-{os.getpid()}"
+    tmp = f"{final}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     export(student, tokenizer, tmp, state_dict=full_state, dtype=dtype)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
     logger.info("exported %s", final)
 
 

@@ -27,6 +27,7 @@ from distill.data.pack import Packed, gather_pieces, pack
 from distill.data.sources import SourceReader
 from distill.data.spec import DataSpec, DataStreamConfig, SourceConfig
 from distill.data.tokenize import TokenizedSource, load_tokenizer, tokenize_documents
+from distill.files import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -312,13 +313,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
             json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.write("\n")
         # Swap in only now: an interrupted build leaves a *.tmp-* dir, never a complete-looking output.
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from distill.mixture import MicroBatch, Slot, shard, shard_aligned
+from distill.optim import clip_grad_norm
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,13 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
+
+
+def global_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class Strategy(abc.ABC):
@@ -131,10 +139,10 @@ class Strategy(abc.ABC):
     def reduce_gradients(self) -> None:
         """Once per step, after the last backward: leave every rank with gradients summed over ranks."""
 
-    @abc.abstractmethod
     def clip(self, max_norm: float) -> float:
         """Clip the summed gradients to `max_norm` (0: no clipping); returns the global norm before clipping
         (a collective in sharded modes: every rank calls it)."""
+        return clip_grad_norm(self.params, max_norm)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -34,7 +34,7 @@ from torch import nn
 
 from distill.models import decoder_layers
 from distill.optim import keep_kernel, make_optimizer
-from distill.strategies.base import Strategy
+from distill.strategies.base import Strategy, global_rank
 
 logger = logging.getLogger(__name__)
 
@@ -151,33 +151,8 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# gradients
-# ---------------------------------------------------------------------------------------------------
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Clip in place like `torch.nn.utils.clip_grad_norm_`; returns the global total norm as a float.
-
-    With FSDP2 the gradients are DTensor shards: torch's clip computes the norm of the sharded
-    gradients as a DTensor with a pending reduction; `full_tensor()` finishes it (a collective: every rank
-    calls this). Plain gradients (one process) give exactly torch's result.
-    """
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in params if p.grad is not None]
-    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    return float(total)  # a sync point
-
-
-# ---------------------------------------------------------------------------------------------------
 # full state dicts (the checkpoint format of the unsharded run)
 # ---------------------------------------------------------------------------------------------------
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict as CPU tensors on rank 0 ({} on other ranks); every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -185,7 +160,7 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict:
     """`optimizer.state_dict()` as the unsharded optimiser would give it, on rank 0 ({} on other ranks).
 
     The optimiser's own state_dict numbers parameters 0.. in param_groups order; sharding keeps the
@@ -194,9 +169,8 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     """
     from torch.distributed.tensor import DTensor
 
-    del model  # the ids come from the optimiser; kept in the signature for symmetry with the loader
     sd = optimizer.state_dict()
-    rank0 = _rank() == 0
+    rank0 = global_rank() == 0
     state = {}
     for pid in sorted(sd["state"]):
         entry = {}
@@ -211,8 +185,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     return {"state": state, "param_groups": [dict(g) for g in sd["param_groups"]]}
 
 
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
-                                   sd: dict | None) -> None:
+def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, sd: dict | None) -> None:
     """Load a full (unsharded-format) optimiser state dict held by rank 0 into the sharded optimiser.
 
     Rank 0 broadcasts the layout, then each tensor; every rank keeps its own shard of each tensor whose
@@ -221,13 +194,12 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    del model
     params = [p for group in optimizer.param_groups for p in group["params"]]
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         optimizer.load_state_dict(sd)
         return
-    rank0 = _rank() == 0
+    rank0 = global_rank() == 0
     layout = [None]
     if rank0:
         # Small values (AdamW's 0-dim `step`) travel with the layout; large tensors are broadcast one by one.
@@ -304,15 +276,12 @@ class FSDP2(Strategy):
     def reduce_gradients(self) -> None:
         """Nothing left to do: gradients were reduce-scattered (summed) in backward."""
 
-    def clip(self, max_norm: float) -> float:
-        return clip_grad_norm(self.params, max_norm if max_norm > 0 else float("inf"))
-
     def model_state_dict(self):
         return full_model_state_dict(self.student)
 
     def optimizer_state_dict(self):
-        return full_optimizer_state_dict(self.student, self.optimizer)
+        return full_optimizer_state_dict(self.optimizer)
 
     def load_optimizer_state(self, read) -> None:
-        load_full_optimizer_state_dict(self.student, self.optimizer, read() if self.procs.is_main else None)
+        load_full_optimizer_state_dict(self.optimizer, read() if self.procs.is_main else None)
         keep_kernel(self.optimizer)

@@ -56,10 +56,6 @@ class Replicated(Strategy):
                 offset += g.numel()
             start = end
 
-    def clip(self, max_norm: float) -> float:
-        limit = max_norm if max_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.params, limit))  # a sync point
-
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         if not self.procs.is_main:
             return {}

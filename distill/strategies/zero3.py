@@ -52,7 +52,7 @@ from torch import nn
 
 from distill.models import decoder_of
 from distill.optim import make_optimizer
-from distill.strategies.base import Strategy
+from distill.strategies.base import Strategy, global_rank
 
 logger = logging.getLogger(__name__)
 
@@ -290,12 +290,6 @@ def shard_teacher(teacher: nn.Module, persistence_threshold: int = 100_000, buck
 # ---------------------------------------------------------------------------------------------------
 # full state dicts (the checkpoint format of the unsharded run)
 # ---------------------------------------------------------------------------------------------------
-def _rank() -> int:
-    import torch.distributed as tdist
-
-    return tdist.get_rank() if tdist.is_initialized() else 0
-
-
 def full_model_state_dict(model) -> dict[str, torch.Tensor]:
     """The full state dict as CPU tensors on rank 0 ({} on other ranks); every rank must call it.
 
@@ -305,7 +299,7 @@ def full_model_state_dict(model) -> dict[str, torch.Tensor]:
     import deepspeed
 
     module = unwrap(model)
-    rank0 = _rank() == 0
+    rank0 = global_rank() == 0
     out, seen = {}, {}
     for key, value in module.state_dict(keep_vars=True).items():
         if id(value) in seen:
@@ -340,7 +334,7 @@ def full_optimizer_state_dict(engine) -> dict:
     module = unwrap(engine)
     params = dict(module.named_parameters())
     inner = engine._distill_client_optimizer
-    rank0 = _rank() == 0
+    rank0 = global_rank() == 0
     groups, ids = [], 0
     flat_state = [inner.state.get(f, {}) for f in _flat_partitions(engine)]
     steps = {float(s["step"]) for s in flat_state if "step" in s}
@@ -376,7 +370,7 @@ def load_full_optimizer_state_dict(engine, sd: dict | None) -> None:
 
     module = unwrap(engine)
     params = dict(module.named_parameters())
-    rank0 = _rank() == 0
+    rank0 = global_rank() == 0
     layout = [None]
     if rank0:
         layout = [{"groups": [{k: v for k, v in g.items() if k != "params"} | {"n": len(g["params"])}

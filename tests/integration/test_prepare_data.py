@@ -159,7 +159,7 @@ def test_existing_output_is_refused_and_kept_on_error(built, tokenizer_dir):
     with pytest.raises(DataError, match="no such file or directory"):
         build(spec_from_dict(spec), overwrite=True, progress=False)
     assert json.loads((out / "manifest.json").read_text())["checksums"] == manifest["checksums"]
-    assert not [p for p in os.listdir(out.parent) if ".tmp-" in p or ".old-" in p]
+    assert not [p for p in os.listdir(out.parent) if p.startswith(out.name + ".")]  # no .tmp-* or .old left
 
 
 def _cli(*args):
