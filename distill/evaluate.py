@@ -39,6 +39,11 @@ from distill.objectives import kl_loss
 logger = logging.getLogger(__name__)
 
 PASSKEY_DIGITS = 5
+# The retrieval statements, as one line each inside code: the needle states a key, the look-up repeats the
+# needle's own words so the answer follows the same tokens in both (scripts/demo.py writes its training
+# corpus with these templates, so the evaluation asks in the form the model has seen).
+PASSKEY_NEEDLE = "PASSKEY = {key}"
+PASSKEY_LOOKUP = "assert PASSKEY == {key}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -141,6 +146,66 @@ def _mean(total: float, count: int) -> float:
     return total / count if count else float("nan")
 
 
+def mean_se(sums: Sequence[float], counts: Sequence[int]) -> float:
+    """Standard error of a token-weighted mean Σs/Σn whose independent units are documents (document d
+    contributes the NLL sum s_d over n_d tokens): tokens of one document are correlated, documents are not.
+
+    The ratio estimator's SE, sqrt(D/(D-1) · Σ_d (s_d − m·n_d)²) / Σn with m = Σs/Σn over the D documents
+    with tokens; NaN with fewer than 2.
+    """
+    s = np.asarray(sums, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    keep = n > 0
+    s, n = s[keep], n[keep]
+    if len(n) < 2:
+        return float("nan")
+    m = s.sum() / n.sum()
+    return float(math.sqrt(len(n) / (len(n) - 1) * ((s - m * n) ** 2).sum()) / n.sum())
+
+
+class DocTotals:
+    """NLL sums and target counts per document, accumulated over batches (for `mean_se`)."""
+
+    def __init__(self):
+        self.sums: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, nll: torch.Tensor, mask: torch.Tensor, doc: torch.Tensor) -> None:
+        """nll (B, T) fp32, mask (B, T) bool (the tokens to count), doc (B, T) int64 document ids."""
+        ids = doc[mask].cpu()
+        if ids.numel() == 0:
+            return
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, nll[mask].double().cpu())
+        counts = torch.bincount(inverse, minlength=len(uniq))
+        for d, total, count in zip(uniq.tolist(), sums.tolist(), counts.tolist()):
+            self.sums[d] = self.sums.get(d, 0.0) + total
+            self.counts[d] = self.counts.get(d, 0) + count
+
+    def mean(self) -> float:
+        return _mean(sum(self.sums.values()), sum(self.counts.values()))
+
+    def se(self) -> float:
+        docs = sorted(self.sums)
+        return mean_se([self.sums[d] for d in docs], [self.counts[d] for d in docs])
+
+    def minus(self, other: DocTotals) -> DocTotals:
+        """Per-document differences of sums over the same tokens (a paired difference, e.g. a gap)."""
+        out = DocTotals()
+        for d, total in self.sums.items():
+            out.sums[d] = total - other.sums.get(d, 0.0)
+            out.counts[d] = self.counts[d]
+        return out
+
+
+def doc_ids(position_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """(B, T) int64 document ids of packed rows (a document starts where position_ids is 0), unique across
+    the rows of the batch and, with `offset` = B·T of the batches before, across batches."""
+    B, T = position_ids.shape
+    local = (position_ids == 0).long().cumsum(1) - 1  # (B, T)
+    return local + torch.arange(B, device=position_ids.device)[:, None] * T + offset
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Short-text retention
 # ------------------------------------------------------------------------------------------------------------
@@ -160,8 +225,10 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
         attention_tokens: cut those documents to at most this many tokens (eager attention is O(T²) memory).
 
     Returns:
-        {"short_nll": mean NLL per predicted token (labels), "short_ppl", "short_tokens",
-         and with a teacher: "teacher_short_nll", "kl_teacher_student" (mean KL(teacher ‖ student) of the
+        {"short_nll": mean NLL per predicted token (labels), "short_nll_se" (its standard error over
+         documents, `mean_se`), "short_ppl", "short_tokens", "short_documents",
+         and with a teacher: "teacher_short_nll", "teacher_short_nll_se", "short_nll_gap_se" (of the paired
+         difference student − teacher), "kl_teacher_student" (mean KL(teacher ‖ student) of the
          next-token distributions per predicting token, i.e. real tokens whose next token is in the same
          document), "hidden_cosine" (list over hidden_states indices 0..L of the mean cosine per real token),
          "attention_kl" (list over decoder layers 0..L-1, KL(teacher ‖ student) of attention distributions)}.
@@ -171,9 +238,10 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
     device = _device(model)
     s_weight, s_bias = _lm_head(model)
     t_weight, t_bias = _lm_head(teacher) if teacher is not None else (None, None)
-    nll_sum = t_nll_sum = kl_sum = 0.0
-    n_targets = n_real = n_kl = 0
+    kl_sum = 0.0
+    n_real = n_kl = 0
     cos_sums = None
+    totals, t_totals = DocTotals(), DocTotals()
     with eval_mode(model, teacher), _autocast(device):
         for start in range(0, len(indices), batch_size):
             chunk = indices[start: start + batch_size]
@@ -182,19 +250,18 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
             pos = batch["position_ids"].to(device)  # (B, T)
             labels = batch["labels"].to(device)  # (B, T)
             real = stream.real_mask(chunk).to(device)  # (B, T)
+            doc = doc_ids(pos, offset=start * stream.seq_len)  # (B, T)
             if teacher is None:
                 s_final = _final_hidden(model, ids, pos)  # (B, T, H)
                 nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
-                nll_sum += nll.sum().item()
-                n_targets += int(has_target.sum().item())
+                totals.add(nll, has_target, doc)
                 continue
             s_states, s_final = forward_hidden(model, ids, pos, attention_mask=None)  # L+1 × (B, T, H)
             t_states, t_final = forward_hidden(teacher, ids, pos, attention_mask=None)
             nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
             t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
-            nll_sum += nll.sum().item()
-            t_nll_sum += t_nll.sum().item()
-            n_targets += int(has_target.sum().item())
+            totals.add(nll, has_target, doc)
+            t_totals.add(t_nll, has_target, doc)
             # KL at position t compares the distributions over token t+1: only where that token has a target.
             predicting = torch.zeros_like(has_target)
             predicting[:, :-1] = has_target[:, 1:]
@@ -211,11 +278,15 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
                     cos_sums[i] += cos[real].sum().item()
             n_real += int(real.sum().item())
             del s_states, t_states, s_final, t_final
-    out = {"short_nll": _mean(nll_sum, n_targets), "short_tokens": n_targets}
+    n_targets = sum(totals.counts.values())
+    out = {"short_nll": totals.mean(), "short_nll_se": totals.se(), "short_tokens": n_targets,
+           "short_documents": sum(1 for n in totals.counts.values() if n)}
     out["short_ppl"] = math.exp(out["short_nll"]) if n_targets else float("nan")
     if teacher is None:
         return out
-    out["teacher_short_nll"] = _mean(t_nll_sum, n_targets)
+    out["teacher_short_nll"] = t_totals.mean()
+    out["teacher_short_nll_se"] = t_totals.se()
+    out["short_nll_gap_se"] = totals.minus(t_totals).se()  # paired over the same documents
     out["kl_teacher_student"] = _mean(kl_sum, n_kl)
     same_shape = model.config.hidden_size == teacher.config.hidden_size
     out["hidden_cosine"] = [_mean(c, n_real) for c in cos_sums] if same_shape and cos_sums else []
@@ -256,9 +327,68 @@ def bucket_edges(seq_len: int, buckets: int | Sequence[int] | str = 16) -> list[
     return edges
 
 
+def _row_batches(stream: PackedStream, indices: list[int], batch_size: int):
+    """Whole packed rows: (input_ids, position_ids, labels, document position, document id), each (B, T)."""
+    for start in range(0, len(indices), batch_size):
+        batch = stream.batch(indices[start: start + batch_size])
+        pos = batch["position_ids"]
+        yield batch["input_ids"], pos, batch["labels"], pos, doc_ids(pos, offset=start * stream.seq_len)
+
+
+def _windows(stream: PackedStream, indices: list[int], window: int, stride: int):
+    """Every document of the rows cut into overlapping windows of at most `window` tokens, each scoring the
+    tokens the windows before it did not: (tokens, document position of its first token, first scored index,
+    document id). Every token after the first `window` of a document is predicted from at least
+    window − stride tokens before it."""
+    for i in indices:
+        ids = np.asarray(stream.input_ids(i), dtype=np.int64)
+        at = 0
+        for k, n in enumerate(stream.lengths(i)):
+            doc = ids[at: at + n]
+            doc_id = i * stream.seq_len + k
+            at += n
+            yield doc[:window], 0, 1, doc_id
+            end = min(window, n)
+            while end < n:
+                new_end = min(end + stride, n)
+                begin = new_end - window
+                yield doc[begin:new_end], begin, end - begin, doc_id
+                end = new_end
+
+
+def _window_batches(stream: PackedStream, indices: list[int], window: int, stride: int, batch_size: int):
+    """Rolling windows batched as rows of `window` tokens at native positions 0..window−1; labels only on
+    the tokens each window scores. Same tuple as `_row_batches`."""
+    pending = []
+
+    def emit():
+        B = len(pending)
+        ids = torch.zeros((B, window), dtype=torch.int64)
+        labels = torch.full((B, window), IGNORE_INDEX, dtype=torch.int64)
+        doc_pos = torch.zeros((B, window), dtype=torch.int64)
+        doc = torch.zeros((B, window), dtype=torch.int64)
+        for r, (tokens, first, score_from, doc_id) in enumerate(pending):
+            n = len(tokens)
+            ids[r, :n] = torch.from_numpy(tokens)
+            labels[r, score_from:n] = ids[r, score_from:n]
+            doc_pos[r, :n] = torch.arange(first, first + n)
+            doc[r] = doc_id
+        pos = torch.arange(window)[None].expand(B, -1)  # the model's own window, every row from 0
+        return ids, pos, labels, doc_pos, doc
+
+    for item in _windows(stream, indices, window, stride):
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield emit()
+            pending = []
+    if pending:
+        yield emit()
+
+
 @torch.no_grad()
 def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequence[int] | str = 16,
-                    original_length: int | None = None, batch_size: int = 1, chunk_size: int = 4096) -> dict:
+                    original_length: int | None = None, batch_size: int = 1, chunk_size: int = 4096,
+                    window: int | None = None, stride: int | None = None) -> dict:
     """Mean NLL per document-relative position bucket on held-out long rows.
 
     The position of a token is its `position_ids` entry (restarting at 0 per packed document): the token at
@@ -271,29 +401,47 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
         original_length: the original window T0; adds "long_nll_within" (positions < T0) and
             "long_nll_beyond" (positions ≥ T0: tokens that never fit in one T0-token window with the
             document start).
+        window: None scores whole documents. An int scores them through a rolling window of that many tokens
+            at positions 0..window−1 (the original model's honest view of long text: each token predicted
+            from up to `window` tokens before it, never from positions it was not trained on), advancing by
+            `stride` (default window // 2); the figures stay indexed by the position in the document.
+        batch_size: rows (whole) or windows (rolling) per forward; rolling uses at least 8.
 
     Returns:
-        {"edges", "centers", "nll" (per bucket, NaN when empty), "count", "long_nll", "long_ppl",
-         "long_tokens", "original_length", "long_nll_within", "long_nll_beyond"}.
+        {"edges", "centers", "nll" (per bucket, NaN when empty), "count", "long_nll", "long_nll_se",
+         "long_ppl", "long_tokens", "long_documents", "original_length", "window", "long_nll_within",
+         "long_nll_beyond" and their "_se"}; standard errors treat documents as the units (`mean_se`).
     """
     stream = _open(stream)
     indices = _row_indices(stream, max_rows)
     device = _device(model)
     weight, bias = _lm_head(model)
+    if window is None:
+        batches = _row_batches(stream, indices, batch_size)
+    else:
+        window = int(window)
+        stride = int(stride or max(1, window // 2))
+        if window < 2 or not 0 < stride <= window - 1:
+            raise ValueError(f"rolling window {window}, stride {stride}: need window ≥ 2 and "
+                             f"0 < stride < window")
+        batches = _window_batches(stream, indices, window, stride, max(8, batch_size))
+    t0 = int(original_length) if original_length is not None else None
     per_sum = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,) NLL sum per document position
     per_count = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,)
+    totals, within, beyond = DocTotals(), DocTotals(), DocTotals()
     with eval_mode(model), _autocast(device):
-        for start in range(0, len(indices), batch_size):
-            batch = stream.batch(indices[start: start + batch_size])
-            ids = batch["input_ids"].to(device)  # (B, T)
-            pos = batch["position_ids"].to(device)  # (B, T)
-            labels = batch["labels"].to(device)
-            final = _final_hidden(model, ids, pos)  # (B, T, H)
-            nll, has_target = token_nll(final, weight, labels, bias, chunk_size)  # (B, T) each
+        for ids, pos, labels, doc_pos, doc in batches:
+            final = _final_hidden(model, ids.to(device), pos.to(device))  # (B, T, H)
+            nll, has_target = token_nll(final, weight, labels.to(device), bias, chunk_size)  # (B, T) each
             del final
-            p = pos[has_target].cpu()
-            per_sum.index_add_(0, p, nll[has_target].double().cpu())
+            nll, has_target = nll.cpu(), has_target.cpu()
+            p = doc_pos[has_target]
+            per_sum.index_add_(0, p, nll[has_target].double())
             per_count.index_add_(0, p, torch.ones_like(p, dtype=torch.float64))
+            totals.add(nll, has_target, doc)
+            if t0 is not None:
+                within.add(nll, has_target & (doc_pos < t0), doc)
+                beyond.add(nll, has_target & (doc_pos >= t0), doc)
     edges = bucket_edges(stream.seq_len, buckets)
     nll_b, count_b, centers = [], [], []
     for lo, hi in itertools.pairwise(edges):
@@ -302,14 +450,15 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
         nll_b.append(_mean(s, c))
         count_b.append(c)
         centers.append((lo + min(hi, stream.seq_len) - 1) / 2)
-    total, n = per_sum.sum().item(), int(per_count.sum().item())
-    out = {"edges": edges, "centers": centers, "nll": nll_b, "count": count_b, "long_nll": _mean(total, n),
-           "long_tokens": n, "original_length": original_length}
+    n = int(per_count.sum().item())
+    out = {"edges": edges, "centers": centers, "nll": nll_b, "count": count_b, "long_nll": totals.mean(),
+           "long_nll_se": totals.se(), "long_tokens": n,
+           "long_documents": sum(1 for c in totals.counts.values() if c),
+           "original_length": original_length, "window": window}
     out["long_ppl"] = math.exp(out["long_nll"]) if n else float("nan")
-    if original_length is not None:
-        t0 = int(original_length)
-        out["long_nll_within"] = _mean(per_sum[:t0].sum().item(), int(per_count[:t0].sum().item()))
-        out["long_nll_beyond"] = _mean(per_sum[t0:].sum().item(), int(per_count[t0:].sum().item()))
+    if t0 is not None:
+        out["long_nll_within"], out["long_nll_within_se"] = within.mean(), within.se()
+        out["long_nll_beyond"], out["long_nll_beyond_se"] = beyond.mean(), beyond.se()
     return out
 
 
@@ -326,6 +475,19 @@ def long_nll_beyond(result: dict, original_length: int | None = None) -> float:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_inline(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` ("\n..."), as it tokenizes in the middle of a document: without the leading
+    piece a sentencepiece tokenizer puts before text it encodes on its own (its "dummy prefix")."""
+    if not text.startswith("\n"):
+        raise ValueError(f"inline text must start with a newline, got {text!r}")
+    ids = _encode(tokenizer, text)
+    newline = _encode(tokenizer, "\n")  # [newline] or [dummy prefix, newline]
+    lead = newline[:-1]
+    if lead and ids[: len(lead)] == lead:
+        ids = ids[len(lead):]
+    return ids
 
 
 def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20) -> np.ndarray:
@@ -371,10 +533,10 @@ def passkey_prompts(tokenizer, filler_ids, context_length: int, depth: float,
     if filler.size == 0:
         raise ValueError("filler_ids is empty")
     key = str(rng.randint(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS - 1))
-    needle = _encode(tokenizer, f"\nPASSKEY = {key}\n")
-    question_text = "\nassert PASSKEY =="
-    question = _encode(tokenizer, question_text)
-    full = _encode(tokenizer, f"{question_text} {key}")
+    needle = _encode_inline(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n")
+    question_text = "\n" + PASSKEY_LOOKUP.split("{key}")[0].rstrip(" ")
+    question = _encode_inline(tokenizer, question_text)
+    full = _encode_inline(tokenizer, "\n" + PASSKEY_LOOKUP.format(key=key))
     # Tokenizers may merge the space with the first digit: split where the question's own encoding stops
     # agreeing with the encoding of question + answer, so the answer is exactly what the model should emit.
     common = 0
@@ -598,7 +760,7 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
                    seed: int = 0, batch_size: int = 4, long_batch_size: int = 1,
                    buckets: int | Sequence[int] | str = 16, attention_rows: int = 2,
                    attention_tokens: int = 512,
-                   teacher_baselines: bool = False) -> dict:
+                   teacher_baselines: bool = False, short_whole_stream=None) -> dict:
     """Every evaluation as flat figures; the trainer logs them under `eval/...` every `eval_every` steps.
 
     Cheap with a small `max_rows`; leaves `model` (and `teacher`) in their original train/eval mode.
@@ -612,9 +774,19 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         passkey_samples: prompts per (length, depth); 0 skips passkey (needs `tokenizer` otherwise).
         passkey_lengths: context lengths (default: original and target length).
         teacher_baselines: also evaluate the teacher's long NLL and passkey (a reference line / grid).
+        short_whole_stream: held-out short documents packed whole into rows of the target length, or None:
+            the student scores them whole ("short_whole_nll"), the teacher through a rolling window of its
+            original length ("teacher_short_whole_nll").
+
+    With a teacher and a long stream, the teacher is also scored through a rolling window of its original
+    length over the long documents ("teacher_rolling_long_nll", "..._beyond"): the figure an extended
+    model must beat to have gained anything from the positions beyond that window. Every NLL comes with
+    its standard error over documents ("<key>_se").
 
     Returns:
         {"short_nll", "short_ppl", "teacher_short_nll", "short_nll_gap", "kl_teacher_student",
+         "short_whole_nll", "teacher_short_whole_nll", "teacher_rolling_long_nll(_beyond)",
+         "passkey_accuracy_within_window" / "..._beyond_window" (context lengths ≤ / > the original length),
          "hidden_cosine_mean", "hidden_cosine_last", "hidden_cosine/<i>", "attention_kl_mean",
          "attention_kl/<i>", "long_nll", "long_ppl", "long_nll_within", "long_nll_beyond", "passkey_accuracy",
          "passkey_logprob", "passkey_accuracy/<length>", and "teacher_..." twins with `teacher_baselines`};
@@ -627,7 +799,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         short = short_retention(model, teacher, short_stream, max_rows, batch_size, attention_rows,
                                 attention_tokens)
         details["short"] = short
-        for key in ("short_nll", "short_ppl", "teacher_short_nll", "kl_teacher_student"):
+        for key in ("short_nll", "short_nll_se", "short_ppl", "teacher_short_nll", "teacher_short_nll_se",
+                    "kl_teacher_student", "short_nll_gap_se"):
             if key in short:
                 figures[key] = short[key]
         if "teacher_short_nll" in short:
@@ -647,14 +820,31 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         if teacher_baselines and teacher is not None:
             curves["teacher"] = nll_by_position(teacher, long_stream, max_rows, buckets, original_length,
                                                 long_batch_size)
+        if teacher is not None:
+            curves["teacher_rolling"] = nll_by_position(teacher, long_stream, max_rows, buckets,
+                                                        original_length, batch_size,
+                                                        window=original_length)
         details["long"] = curves
         for name, res in curves.items():
-            prefix = "" if name == "student" else "teacher_"
+            prefix = {"student": "", "teacher": "teacher_", "teacher_rolling": "teacher_rolling_"}[name]
             for key in ("long_nll", "long_ppl", "long_nll_within", "long_nll_beyond"):
                 figures[prefix + key] = res.get(key, float("nan"))
+                if key != "long_ppl":
+                    figures[prefix + key + "_se"] = res.get(key + "_se", float("nan"))
         if out_dir is not None:
             plots.append(plot_nll_by_position(curves, os.path.join(out_dir, "nll_by_position.png"),
                                               original_length))
+    if short_whole_stream is not None:
+        whole = {"student": nll_by_position(model, short_whole_stream, max_rows, buckets, original_length,
+                                            long_batch_size)}
+        if teacher is not None:
+            whole["teacher_rolling"] = nll_by_position(teacher, short_whole_stream, max_rows, buckets,
+                                                       original_length, batch_size, window=original_length)
+        details["short_whole"] = whole
+        for name, res in whole.items():
+            prefix = "" if name == "student" else "teacher_"
+            figures[prefix + "short_whole_nll"] = res["long_nll"]
+            figures[prefix + "short_whole_nll_se"] = res["long_nll_se"]
     if passkey_samples > 0:
         if tokenizer is None:
             raise ValueError("passkey evaluation needs a tokenizer")
@@ -677,6 +867,11 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
             figures[prefix + "passkey_accuracy"] = grid["accuracy"]
             figures[prefix + "passkey_logprob"] = grid["logprob"]
             figures.update({f"{prefix}passkey_accuracy/{n}": a for n, a in grid["by_length"].items()})
+            for side, keep in (("within", lambda n: n <= original_length),
+                               ("beyond", lambda n: n > original_length)):
+                accs = [a for n, a in grid["by_length"].items() if keep(int(n))]
+                figures[f"{prefix}passkey_accuracy_{side}_window"] = (float(np.mean(accs)) if accs
+                                                                      else float("nan"))
             if path is not None:
                 plots.append(path)
     if out_dir is not None:

@@ -43,13 +43,16 @@ QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, eval_rows=2, passkey_sa
 
 
 def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 2) -> int:
-    """The demo corpus as JSONL: the stdlib modules, every `every`-th one with `PASSKEY = <5 digits>` lines
-    and, some lines later, `assert PASSKEY == <the same digits>` — a retrieval skill to measure long context.
+    """The demo corpus as JSONL: the stdlib modules, every `every`-th one with key statements (the
+    evaluation's `PASSKEY_NEEDLE`, a random key) and, some lines later, a look-up of the same key
+    (`PASSKEY_LOOKUP`) — a retrieval skill to measure long context.
 
     The distance between the two is log-uniform between 1 and 120 lines (about 10–1200 tokens): the teacher
     learns the lookup within its 256-token window, and only long-context training teaches it at 1024. The
     evaluation's passkey prompts use the same two statements inside held-out code.
     """
+    from distill.evaluate import PASSKEY_DIGITS, PASSKEY_LOOKUP, PASSKEY_NEEDLE
+
     rng = random.Random(seed)
     written = 0
     with open(path, "w", encoding="utf-8") as out:
@@ -71,12 +74,12 @@ def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: i
                 i += gap
                 if i >= len(lines):
                     break
-                key = rng.randint(10000, 99999)
+                key = rng.randint(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS - 1)
                 distance = int(math.exp(rng.uniform(0.0, math.log(120.0))))
-                doc.append(f"PASSKEY = {key}")
+                doc.append(PASSKEY_NEEDLE.format(key=key))
                 doc.extend(lines[i: i + distance])
                 i += distance
-                doc.append(f"assert PASSKEY == {key}")
+                doc.append(PASSKEY_LOOKUP.format(key=key))
             out.write(json.dumps({"text": "\n".join(doc) + "\n"}) + "\n")
             written += 1
     return written

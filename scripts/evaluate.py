@@ -118,10 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out short stream (or a built root: uses holdout/short)")
     p.add_argument("--long-data", required=True,
                    help="held-out long stream (or a built root: uses holdout/long)")
+    p.add_argument("--short-whole-data",
+                   help="held-out short documents packed whole at the target length, scored whole (the "
+                        "teacher through a rolling window of the original length); a built root uses "
+                        "holdout/short_whole (default: that stream of --short-data's root when it exists)"),
     p.add_argument("--original-length", type=number(int), help="original context window")
     p.add_argument("--target-length", type=number(int), help="extended context window")
     p.add_argument("--out", help="output directory (default: <model>/eval)")
-    p.add_argument("--max-rows", type=number(int), default=8, help="rows per held-out stream (default 8)")
+    p.add_argument("--max-rows", type=number(int, strict=False), default=8,
+                   help="rows per held-out stream; 0: all of them (default 8)")
     p.add_argument("--passkey-samples", type=number(int, strict=False), default=4,
                    help="passkey prompts per (length, depth); 0 skips passkey (default 4)")
     p.add_argument("--lengths", type=int_list,
@@ -190,6 +195,11 @@ def evaluate(args) -> dict:
             raise UsageError(f"{flag} {path}: no such directory")
     short_path = stream_dir(args.short_data, "short", "--short-data")
     long_path = stream_dir(args.long_data, "long", "--long-data")
+    whole_path = None
+    if args.short_whole_data:
+        whole_path = stream_dir(args.short_whole_data, "short_whole", "--short-whole-data")
+    elif os.path.isfile(os.path.join(args.short_data, "holdout", "short_whole", STREAM_INFO)):
+        whole_path = os.path.join(args.short_data, "holdout", "short_whole")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available")
@@ -199,7 +209,10 @@ def evaluate(args) -> dict:
     tokenizer = load_tokenizer([args.tokenizer, args.model, args.teacher])
     short = PackedStream(short_path, tokenizer)  # refuses data built with another tokenizer
     long = PackedStream(long_path, tokenizer)
-    for stream in (short, long):
+    whole = PackedStream(whole_path, tokenizer) if whole_path else None
+    for stream in (short, long, whole):
+        if stream is None:
+            continue
         if stream.info.get("split", "holdout") != "holdout":
             logger.warning("warning: %s is a %s split, not held out", stream.path, stream.info.get("split"))
 
@@ -218,10 +231,10 @@ def evaluate(args) -> dict:
     lengths = args.lengths or doubling(original, target)
     out_dir = args.out or os.path.join(args.model, "eval")
     figures = evaluate_suite(
-        model, teacher, short, long, original, target, out_dir=out_dir, max_rows=args.max_rows,
+        model, teacher, short, long, original, target, out_dir=out_dir, max_rows=args.max_rows or None,
         passkey_samples=args.passkey_samples, tokenizer=tokenizer, passkey_lengths=lengths,
         passkey_depths=args.depths, seed=args.seed, batch_size=args.batch_size, buckets=args.buckets,
-        teacher_baselines=teacher is not None,
+        teacher_baselines=teacher is not None, short_whole_stream=whole,
     )
     # Record what was evaluated next to the figures.
     path = os.path.join(out_dir, "eval.json")
@@ -230,6 +243,7 @@ def evaluate(args) -> dict:
     record = {"model": os.path.abspath(args.model),
               "teacher": os.path.abspath(args.teacher) if args.teacher else None,
               "short_data": os.path.abspath(short_path), "long_data": os.path.abspath(long_path),
+              "short_whole_data": os.path.abspath(whole_path) if whole_path else None,
               "max_rows": args.max_rows, "device": device, "dtype": dtype, **record}
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)

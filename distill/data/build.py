@@ -60,7 +60,8 @@ def _read_source(spec: DataSpec, index: int, source: SourceConfig, tokenizer: An
     for name, stream in users:
         share = _shares(spec, stream, stream.max_tokens)[source.name]
         needs.append(None if share is None else share)
-    budgeted = all(n is not None for n in needs)
+    # Minimum held-out sizes decide the held-out share only once every document is read.
+    budgeted = all(n is not None for n in needs) and not spec.holdout.minimums
     have = [0.0] * len(users)
     fraction = spec.holdout.fraction
 
@@ -102,11 +103,12 @@ def _read_source(spec: DataSpec, index: int, source: SourceConfig, tokenizer: An
 
 def _select(spec: DataSpec, stream_name: str, stream: DataStreamConfig, source_index: int,
             source: SourceConfig, data: TokenizedSource, held_out: bool, share: float | None,
-            report: dict) -> np.ndarray:
-    """Indices of the documents of one source that go into one split of a stream (repeats for upsampling)."""
+            report: dict, fraction: float) -> np.ndarray:
+    """Indices of the documents of one source that go into one split of a stream (repeats for upsampling);
+    a document is held out when its hash key is below `fraction`."""
     lengths = data.lengths
     length_ok = _length_mask(lengths, stream)
-    in_split = data.keys[:, 0] < spec.holdout.fraction
+    in_split = data.keys[:, 0] < fraction
     if not held_out:
         in_split = ~in_split
     candidates = np.flatnonzero(in_split & length_ok)
@@ -142,6 +144,40 @@ def _select(spec: DataSpec, stream_name: str, stream: DataStreamConfig, source_i
     report["docs"] = len(order)
     report["tokens"] = int(lengths[order].sum())
     return order
+
+
+def holdout_fraction(spec: DataSpec, data: dict[int, TokenizedSource]) -> float:
+    """The hash threshold below which documents are held out: `holdout.fraction`, raised until each of
+    `holdout.streams` has `min_documents` documents and `min_tokens` tokens that fit it (DataError when a
+    stream has too few in all)."""
+    fraction = spec.holdout.fraction
+    if not spec.holdout.minimums:
+        return fraction
+    index_of = {s.name: i for i, s in enumerate(spec.sources)}
+
+    def kept(source: TokenizedSource, stream: DataStreamConfig) -> np.ndarray:
+        mask = _length_mask(source.lengths, stream)
+        if stream.pack == "best_fit" and stream.long_docs == "drop":  # packing drops them
+            mask &= source.lengths <= stream.seq_len
+        return mask
+
+    for name in spec.holdout.streams or list(spec.streams):
+        stream = spec.streams[name]
+        sources = [data[index_of[s]] for s in stream.sources]
+        keys = np.concatenate([d.keys[:, 0][kept(d, stream)] for d in sources])
+        lengths = np.concatenate([d.lengths[kept(d, stream)] for d in sources])
+        order = np.argsort(keys, kind="stable")
+        enough = ((np.arange(1, len(order) + 1) >= spec.holdout.min_documents)
+                  & (np.cumsum(lengths[order]) >= spec.holdout.min_tokens))
+        if not enough.any():
+            raise DataError(f"holdout: stream {name} has {len(order)} documents and {int(lengths.sum())} "
+                            f"tokens that fit it, fewer than min_documents {spec.holdout.min_documents} "
+                            f"and min_tokens {spec.holdout.min_tokens}")
+        k = int(np.argmax(enough))  # the first prefix of the key order that is enough
+        fraction = max(fraction, float(np.nextafter(keys[order[k]], np.inf)))
+    if fraction >= 1.0:
+        raise DataError("holdout: the minimums hold out every document; lower min_documents / min_tokens")
+    return fraction
 
 
 def _assemble(parts: list[tuple[int, np.ndarray]], data: list[TokenizedSource], seed: int,
@@ -231,6 +267,10 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                  int(tokenized.lengths.sum()), reader.summary())
     index_of = {s.name: i for i, s in enumerate(spec.sources)}
     fingerprint = identity["sha256"]
+    fraction = holdout_fraction(spec, data)
+    if fraction != spec.holdout.fraction:
+        log.info("holdout: %.4f of the documents held out to meet min_documents %d / min_tokens %d",
+                 fraction, spec.holdout.min_documents, spec.holdout.min_tokens)
 
     parent = os.path.dirname(out) or "."
     os.makedirs(parent, exist_ok=True)
@@ -241,7 +281,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
     try:
         os.makedirs(tmp)
         stream_report: dict[str, dict] = {}
-        splits = [("train", False)] + ([("holdout", True)] if spec.holdout.fraction > 0 else [])
+        splits = [("train", False)] + ([("holdout", True)] if fraction > 0 else [])
         for stream_name, stream in spec.streams.items():
             stream_report[stream_name] = {}
             for split, held_out in splits:
@@ -253,7 +293,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                     i = index_of[name]
                     per_source[name] = {}
                     idx = _select(spec, stream_name, stream, i, spec.sources[i], data[i], held_out,
-                                  shares[name], per_source[name])
+                                  shares[name], per_source[name], fraction)
                     parts.append((i, idx))
                 tokens, lengths = _assemble(parts, data, spec.seed, stream_name, split)
                 packed = pack(stream.pack, tokens, lengths, stream.seq_len, pad_id,
@@ -303,6 +343,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
         manifest = {
             "format": 1,
             "spec": to_dict(spec),
+            "holdout_fraction": fraction,
             "tokenizer": {"name": spec.tokenizer, **identity},
             "streams": stream_report,
             "sources": source_report,

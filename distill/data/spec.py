@@ -135,12 +135,29 @@ class HoldoutConfig:
     """Share of documents held out per stream, chosen by a hash of their text (never trained on)."""
     max_tokens: float | None = None
     """Cap on the held-out tokens per stream (whole documents); null: no cap."""
+    min_documents: int = 0
+    """At least this many held-out documents in each of `streams`: the hash threshold is raised until every
+    one of them has that many (documents held out of one stream are held out of all). 0: `fraction` only."""
+    min_tokens: float = 0
+    """At least this many held-out tokens in each of `streams` (same rule)."""
+    streams: list[str] | None = None
+    """The streams the minimums apply to (the evaluated ones); null: all of them."""
 
     def validate(self, path: str) -> None:
         check(0.0 <= self.fraction < 1.0, join(path, "fraction"), f"must be in [0, 1), got {self.fraction}")
         if self.max_tokens is not None:
             check(self.max_tokens >= 1, join(path, "max_tokens"), f"must be positive, got {self.max_tokens}")
             self.max_tokens = int(self.max_tokens)
+        check(self.min_documents >= 0, join(path, "min_documents"), f"must be ≥ 0, got {self.min_documents}")
+        check(self.min_tokens >= 0, join(path, "min_tokens"), f"must be ≥ 0, got {self.min_tokens}")
+        self.min_tokens = int(self.min_tokens)
+        if self.max_tokens is not None:
+            check(self.max_tokens >= self.min_tokens, join(path, "max_tokens"),
+                  f"{self.max_tokens} is below min_tokens {self.min_tokens}")
+
+    @property
+    def minimums(self) -> bool:
+        return self.min_documents > 0 or self.min_tokens > 0
 
 
 @dataclasses.dataclass
@@ -179,6 +196,9 @@ class DataSpec:
             for i, ref in enumerate(stream.sources):
                 check(ref in names, f"streams.{stream_name}.sources[{i}]",
                       f"unknown source {ref!r}; defined sources: {', '.join(names)}")
+        for i, name in enumerate(self.holdout.streams or []):
+            check(name in self.streams, f"holdout.streams[{i}]",
+                  f"unknown stream {name!r}; defined streams: {', '.join(self.streams)}")
 
     def source(self, name: str) -> SourceConfig:
         return next(s for s in self.sources if s.name == name)

@@ -122,6 +122,31 @@ def test_holdout_documents_never_in_train(tokenizer_dir, tmp_path):
     assert held_docs and not (train_docs & held_docs)
 
 
+def test_holdout_minimums_raise_the_held_out_share(tokenizer_dir, tmp_path):
+    """min_documents / min_tokens for the named streams: each gets at least that many whole documents held
+    out (never in any stream's training split); a minimum no stream can meet is one line."""
+    spec = _spec_dict(tokenizer_dir, tmp_path / "min")
+    spec["streams"]["short"].update(long_docs="drop", seq_len=8192)
+    spec["holdout"] = {"fraction": 0.01, "min_documents": 12, "min_tokens": 20000,
+                       "streams": ["short", "long"]}
+    out = tmp_path / "min"
+    manifest = build(spec_from_dict(spec), progress=False)
+    assert manifest["holdout_fraction"] > 0.01
+    for name in ("short", "long"):
+        held = PackedStream(out / "holdout" / name)
+        docs = sum(len(held.lengths(i)) for i in range(len(held)))
+        assert docs >= 12 and held.info["real_tokens"] >= 20000, name
+    train = PackedStream(out / "short")
+    held = PackedStream(out / "holdout" / "short")
+    train_docs = {seg for i in range(len(train)) for seg in _segments(train.row(i), train.lengths(i))}
+    held_docs = {seg for i in range(len(held)) for seg in _segments(held.row(i), held.lengths(i))}
+    assert not (train_docs & held_docs)
+    spec["holdout"]["min_documents"] = 10_000
+    with pytest.raises(DataError, match=r"holdout: stream short has \d+ documents .* fewer than min_doc"):
+        build(spec_from_dict(spec), progress=False, overwrite=True)
+    assert (out / "manifest.json").is_file()  # the earlier build is kept
+
+
 def test_build_is_deterministic(built, tokenizer_dir, tmp_path):
     out, manifest = built
     again = build(spec_from_dict(_spec_dict(tokenizer_dir, out)), overwrite=True, progress=False)

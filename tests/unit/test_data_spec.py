@@ -66,6 +66,8 @@ def test_valid_spec_defaults():
     ("sources.0.weight", 0, "sources[0].weight: must be positive"),
     ("sources.1.name", "a", "sources[1].name: duplicate source name 'a'"),
     ("holdout", {"fraction": 1.5}, "holdout.fraction: must be in [0, 1)"),
+    ("holdout", {"streams": ["long", "nope"]}, "holdout.streams[1]: unknown stream 'nope'"),
+    ("holdout", {"min_tokens": 100, "max_tokens": 50}, "holdout.max_tokens: 50 is below min_tokens 100"),
 ])
 def test_bad_values_name_the_key(key, value, expected):
     with pytest.raises(ConfigError) as err:

@@ -17,11 +17,15 @@ import torch
 from distill.config import ModelConfig, RopeConfig
 from distill.data.dataset import STREAM_INFO, PackedStream, tokenizer_fingerprint
 from distill.evaluate import (
+    PASSKEY_LOOKUP,
+    PASSKEY_NEEDLE,
+    DocTotals,
     _score_answers,
     bucket_edges,
     evaluate_suite,
     filler_from_stream,
     greedy_decode,
+    mean_se,
     needle_grid,
     nll_by_position,
     passkey_accuracy,
@@ -211,6 +215,87 @@ def test_packed_documents_are_scored_alone(teacher, built):
     torch.testing.assert_close(nll[0, first: first + second], nll_alone[0], atol=1e-4, rtol=1e-4)
 
 
+def _documents(stream, rows):
+    """[(row, token ids of one document)] of the first rows of a packed stream."""
+    out = []
+    for i in range(rows):
+        ids, at = stream.input_ids(i), 0
+        for n in stream.lengths(i):
+            out.append(torch.tensor(np.asarray(ids[at: at + n]), dtype=torch.long))
+            at += n
+    return out
+
+
+def _plain_nll(model, doc):
+    """(n - 1,) NLL of tokens 1.. of one document, from AutoModelForCausalLM's own logits."""
+    logits = model(input_ids=doc[None]).logits[0, :-1].float()  # (n - 1, V)
+    return torch.nn.functional.cross_entropy(logits, doc[1:], reduction="none")
+
+
+def test_mean_se_is_the_ratio_estimators_standard_error():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(5, 50, size=30)
+    sums = np.array([rng.normal(2.0, 0.5, size=n).sum() for n in counts])
+    m = sums.sum() / counts.sum()
+    by_hand = math.sqrt(30 / 29 * sum((s - m * n) ** 2 for s, n in zip(sums, counts))) / counts.sum()
+    assert mean_se(sums, counts) == pytest.approx(by_hand, rel=1e-12)
+    assert mean_se(list(sums) + [0.0], list(counts) + [0]) == pytest.approx(by_hand, rel=1e-12)  # no tokens
+    assert math.isnan(mean_se([3.0], [2]))  # one document: no spread to measure
+    # Documents with the same mean NLL per token: no spread between them, whatever their lengths.
+    assert mean_se([2.0, 6.0, 10.0], [1, 3, 5]) == pytest.approx(0.0, abs=1e-12)
+    totals = DocTotals()  # accumulated over batches, a document split across them adds up
+    nll = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    doc = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    totals.add(nll[:1], torch.ones(1, 3, dtype=torch.bool), doc[:1])
+    totals.add(nll[1:], torch.tensor([[True, True, False]]), doc[1:])
+    assert totals.sums == {0: 3.0, 1: 7.0, 2: 5.0} and totals.counts == {0: 2, 1: 2, 2: 1}
+    assert totals.mean() == pytest.approx(15.0 / 5)
+
+
+def test_long_nll_and_its_se_equal_a_plain_transformers_recomputation(teacher, built):
+    """Our packed, chunked NLL equals AutoModelForCausalLM's logits run on each document alone, and the
+    standard error is the one of those per-document sums."""
+    stream = PackedStream(built["long"])
+    res = nll_by_position(teacher, stream, max_rows=4, original_length=128)
+    with torch.no_grad():
+        per_doc = [_plain_nll(teacher, d) for d in _documents(stream, 4)]
+    sums = [float(x.sum()) for x in per_doc]
+    counts = [len(x) for x in per_doc]
+    assert res["long_documents"] == len(per_doc) > 2
+    assert res["long_nll"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert res["long_nll_se"] == pytest.approx(mean_se(sums, counts), rel=1e-4)
+    beyond = [x[127:] for x in per_doc]  # entry t-1 is token t: tokens at positions ≥ 128
+    assert res["long_nll_beyond"] == pytest.approx(
+        sum(float(x.sum()) for x in beyond) / sum(len(x) for x in beyond), rel=1e-5)
+
+
+def test_rolling_window_equals_a_sliding_reference(teacher, built):
+    """Stride 1: every token after the first window is predicted from exactly the window − 1 tokens before
+    it, at positions 0..window−1, as a plain loop over AutoModelForCausalLM computes it."""
+    stream = PackedStream(built["long"])
+    window = 24
+    res = nll_by_position(teacher, stream, max_rows=2, buckets=[0, window, 256], window=window, stride=1)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for doc in _documents(stream, 2):
+            for t in range(1, len(doc)):
+                context = doc[max(0, t - window + 1): t + 1]
+                total += float(_plain_nll(teacher, context)[-1])
+                count += 1
+    assert res["long_tokens"] == count
+    assert res["long_nll"] == pytest.approx(total / count, rel=1e-5)
+    # Half-window stride (the default): each token scored once; the first window is the whole document's.
+    whole = nll_by_position(teacher, stream, max_rows=2, buckets=[0, window, 256])
+    half = nll_by_position(teacher, stream, max_rows=2, buckets=[0, window, 256], window=window)
+    assert half["count"] == whole["count"] == res["count"]
+    assert half["nll"][0] == pytest.approx(whole["nll"][0], rel=1e-5)
+    assert half["nll"][1] != pytest.approx(whole["nll"][1], rel=1e-4)  # beyond it, the context is cut
+    long_enough = nll_by_position(teacher, stream, max_rows=2, buckets=[0, window, 256], window=256)
+    assert long_enough["long_nll"] == pytest.approx(whole["long_nll"], rel=1e-5)
+    with pytest.raises(ValueError, match="stride"):
+        nll_by_position(teacher, stream, max_rows=1, window=8, stride=8)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Passkey
 # ------------------------------------------------------------------------------------------------------------
@@ -226,13 +311,19 @@ def test_passkey_prompt_shape_depth_and_determinism(tokenizer, built, depth):
     assert len(prompt) == 200
     key = tokenizer.decode(answer).strip()
     assert key.isdigit() and len(key) == 5
-    needle = tokenizer(f"\nPASSKEY = {key}\n", add_special_tokens=False)["input_ids"]
+    # The statements are tokenized as inside a document (no piece the tokenizer puts before text of its
+    # own): exactly the tokens the demo corpus trains on.
+    def inline(text):
+        lead = len(tokenizer("x", add_special_tokens=False)["input_ids"])
+        return tokenizer("x" + text, add_special_tokens=False)["input_ids"][lead:]
+
+    needle = inline(f"\n{PASSKEY_NEEDLE.format(key=key)}\n")
     hits = _find(prompt, needle)
     assert len(hits) == 1
-    budget = 200 - len(needle) - (
-        len(tokenizer(f"\nassert PASSKEY == {key}", add_special_tokens=False)["input_ids"]) - len(answer))
+    lookup = inline(f"\n{PASSKEY_LOOKUP.format(key=key)}")
+    assert prompt[-(len(lookup) - len(answer)):] + answer == lookup
+    budget = 200 - len(needle) - (len(lookup) - len(answer))
     assert hits[0] == round(depth * budget)
-    assert tokenizer.decode(prompt[-16:]).rstrip().endswith("assert PASSKEY ==")
     assert passkey_prompts(tokenizer, filler, 200, depth, 7) == (prompt, answer)  # same seed, same prompt
     other = passkey_prompts(tokenizer, filler, 200, depth, 8)
     assert other != (prompt, answer)
@@ -287,25 +378,38 @@ def test_plot_nll_by_position(tmp_path):
 def test_evaluate_suite_flat_figures_files_and_mode(student, teacher, tokenizer, built, tmp_path):
     student.train()
     out = str(tmp_path / "eval")
-    figures = evaluate_suite(student, teacher, built["short"], built["long"], 256, 1024, out_dir=out,
-                             max_rows=1, passkey_samples=1, tokenizer=tokenizer, passkey_lengths=[64],
-                             passkey_depths=[0.5])
+    figures = evaluate_suite(student, teacher, built["short"], built["long"], 128, 1024, out_dir=out,
+                             max_rows=4, passkey_samples=1, tokenizer=tokenizer, passkey_lengths=[64, 192],
+                             passkey_depths=[0.5], short_whole_stream=built["long"],
+                             teacher_baselines=True)
     assert student.training and not teacher.training
-    for key in ("short_nll", "teacher_short_nll", "short_nll_gap", "kl_teacher_student", "hidden_cosine_mean",
-                "hidden_cosine/0", "attention_kl/1", "long_nll", "long_nll_beyond", "passkey_accuracy",
-                "passkey_logprob", "passkey_accuracy/64"):
+    for key in ("short_nll", "short_nll_se", "teacher_short_nll", "teacher_short_nll_se", "short_nll_gap",
+                "short_nll_gap_se", "kl_teacher_student", "hidden_cosine_mean", "hidden_cosine/0",
+                "attention_kl/1", "long_nll", "long_nll_se", "long_nll_beyond", "long_nll_beyond_se",
+                "teacher_rolling_long_nll", "teacher_rolling_long_nll_beyond", "short_whole_nll",
+                "short_whole_nll_se", "teacher_short_whole_nll", "passkey_accuracy", "passkey_logprob",
+                "passkey_accuracy/64", "passkey_accuracy_within_window", "passkey_accuracy_beyond_window",
+                "teacher_passkey_accuracy_within_window"):
         assert key in figures, key
+    assert figures["passkey_accuracy_within_window"] == figures["passkey_accuracy/64"]
+    assert figures["passkey_accuracy_beyond_window"] == figures["passkey_accuracy/192"]
+    # The teacher through its own 128-token window: the same as whole documents up to 128, then cut.
+    assert figures["teacher_rolling_long_nll_within"] == pytest.approx(figures["teacher_long_nll_within"],
+                                                                       rel=1e-5)
+    assert figures["teacher_rolling_long_nll_beyond"] != pytest.approx(figures["teacher_long_nll_beyond"])
+    assert figures["short_whole_nll"] == pytest.approx(figures["long_nll"])  # the same stream, scored whole
+    assert all(figures[k] > 0 for k in figures if k.endswith("_se"))
     assert all(isinstance(v, (int, float)) for v in figures.values())
     assert figures["short_nll_gap"] == pytest.approx(figures["short_nll"] - figures["teacher_short_nll"])
-    assert math.isnan(figures["long_nll_beyond"])  # the 256-token rows never pass the 256-token window
     with open(os.path.join(out, "eval.json")) as f:
         record = json.load(f)
     assert record["figures"]["short_nll"] == pytest.approx(figures["short_nll"])
-    assert record["figures"]["long_nll_beyond"] is None  # NaN is written as null (valid JSON)
+    nothing_beyond = evaluate_suite(student, None, None, built["long"], 256, 1024)
+    assert math.isnan(nothing_beyond["long_nll_beyond"])  # 256-token rows never pass a 256-token window
     for name in ("nll_by_position.png", "needle_student.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000
     cheap = evaluate_suite(student, None, built["short"], None, 256, 1024)  # no teacher, no long data
-    assert set(cheap) == {"short_nll", "short_ppl"}
+    assert set(cheap) == {"short_nll", "short_nll_se", "short_ppl"}
     with pytest.raises(ValueError, match="tokenizer"):
         evaluate_suite(student, None, None, built["long"], 128, 256, passkey_samples=1)
 
