@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill.cli import Parser, UsageError, number  # noqa: E402
 from distill.config import ConfigError  # noqa: E402
 from distill.data.dataset import STREAM_INFO, DataError  # noqa: E402
+from distill.sweep import SweepError  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -64,6 +65,35 @@ def depth_list(text: str) -> list[float]:
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
     return values
+
+
+def alpha_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") \
+            from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"each α must lie in [0, 1], got {text!r}")
+    return values
+
+
+def read_points(specs: list[str]) -> dict[str, dict]:
+    """--point NAME=EVAL_JSON → {NAME: the plotted figures of that evaluation}."""
+    from distill.sweep import point
+
+    points = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--point {spec!r}: expected NAME=PATH/eval.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                points[name] = point(json.load(f)["figures"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"--point {spec}: cannot read figures from {path} "
+                             f"({type(err).__name__})") from None
+    return points
 
 
 def stream_dir(path: str, name: str, flag: str) -> str:
@@ -110,8 +140,15 @@ def doubling(original: int, target: int) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True,
-                   help="the model to evaluate (Hugging Face directory, e.g. runs/<run>/final)")
+    p.add_argument("--model", help="the model to evaluate (Hugging Face directory, e.g. runs/<run>/final)")
+    p.add_argument("--sweep", nargs=2, metavar=("ORIGINAL", "EXTENDED"),
+                   help="instead of --model/--teacher: evaluate (1-α)·ORIGINAL + α·EXTENDED for each "
+                        "of --alphas (EXTENDED's config), against ORIGINAL; writes sweep.json, sweep.md and "
+                        "pareto.png")
+    p.add_argument("--alphas", type=alpha_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="the sweep's α grid (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--point", action="append", default=[], metavar="NAME=EVAL_JSON",
+                   help="another model's eval.json to put on the sweep's plot (repeatable)")
     p.add_argument("--teacher",
                    help="the original model, for retention figures (KL, hidden cosine, attention KL)")
     p.add_argument("--short-data", required=True,
@@ -173,7 +210,7 @@ def load_tokenizer(candidates: list[str | None]):
 def main(argv: list[str] | None = None) -> int:
     from distill.cli import guarded
 
-    code, _, figures = guarded(build_parser(), evaluate, (ConfigError, DataError), argv)
+    code, _, figures = guarded(build_parser(), evaluate, (ConfigError, DataError, SweepError), argv)
     if code:
         return code
     width = max(len(k) for k in figures) if figures else 0
@@ -190,6 +227,13 @@ def evaluate(args) -> dict:
     from distill.evaluate import evaluate_suite
     from distill.models import load_teacher
 
+    if args.sweep and (args.model or args.teacher):
+        raise UsageError("--sweep ORIGINAL EXTENDED replaces --model and --teacher; pass one or the other")
+    if not args.sweep and not args.model:
+        raise UsageError("pass --model DIR (or --sweep ORIGINAL EXTENDED)")
+    if args.sweep:
+        args.teacher, args.model = args.sweep
+    points = read_points(args.point)
     for flag, path in (("--model", args.model), ("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"{flag} {path}: no such directory")
@@ -229,13 +273,20 @@ def evaluate(args) -> dict:
         teacher = load_teacher(args.teacher,
                                ModelConfig(path=args.teacher, dtype=dtype, attention=args.attention), device)
     lengths = args.lengths or doubling(original, target)
+    suite = dict(max_rows=args.max_rows or None, passkey_samples=args.passkey_samples, tokenizer=tokenizer,
+                 passkey_lengths=lengths, passkey_depths=args.depths, seed=args.seed,
+                 batch_size=args.batch_size, buckets=args.buckets, short_whole_stream=whole)
+    if args.sweep:
+        from distill.sweep import run_sweep
+
+        out_dir = args.out or os.path.join(args.model, "sweep")
+        record = run_sweep(teacher, model, args.alphas, short, long, original, target, out_dir, points,
+                           **suite)
+        print(f"wrote {os.path.join(out_dir, 'sweep.json')}", file=sys.stderr)
+        return {f"alpha_{r['alpha']:g}/{k}": v for r in record["rows"] for k, v in r.items() if k != "alpha"}
     out_dir = args.out or os.path.join(args.model, "eval")
-    figures = evaluate_suite(
-        model, teacher, short, long, original, target, out_dir=out_dir, max_rows=args.max_rows or None,
-        passkey_samples=args.passkey_samples, tokenizer=tokenizer, passkey_lengths=lengths,
-        passkey_depths=args.depths, seed=args.seed, batch_size=args.batch_size, buckets=args.buckets,
-        teacher_baselines=teacher is not None, short_whole_stream=whole,
-    )
+    figures = evaluate_suite(model, teacher, short, long, original, target, out_dir=out_dir,
+                             teacher_baselines=teacher is not None, **suite)
     # Record what was evaluated next to the figures.
     path = os.path.join(out_dir, "eval.json")
     with open(path, encoding="utf-8") as f:

@@ -505,3 +505,100 @@ def test_select_layers_cli_errors(tiny_llama, built, capsys):
                  built["short"], "--top-k", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rope-method" in err[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The α sweep
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def extended_dir(student, tokenizer_dir, tmp_path_factory):
+    """The extended student (ABF θ 1e6, 1024 window) with weights moved away from the original's, saved as a
+    Hugging Face model directory."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("extended")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    student.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return str(path)
+
+
+def test_sweep_interpolates_in_memory_as_merge_writes_to_disk(tiny_llama, extended_dir, built, tmp_path):
+    """θ(α) in memory equals `scripts/merge.py interpolate`'s output; α = 1 evaluates as the extended model
+    itself, which is left as it was; the RoPE buffers stay the extended model's."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.sweep import interpolate_into, run_sweep, weights_of
+
+    original = load_teacher(tiny_llama, ModelConfig(path=tiny_llama, dtype="float32", attention="sdpa"))
+    extended = load_teacher(extended_dir, ModelConfig(path=extended_dir, dtype="float32", attention="sdpa"))
+    a, b = weights_of(original), weights_of(extended)
+    inv_freq = extended.model.rotary_emb.inv_freq.clone()
+    assert _script("merge").main(["interpolate", "--original", tiny_llama, "--extended", extended_dir,
+                                  "--alpha", "0.25", "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "alpha-0.25").state_dict()
+    interpolate_into(extended, a, b, 0.25)
+    for name, value in extended.named_parameters():
+        torch.testing.assert_close(value, on_disk[name], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(extended.model.rotary_emb.inv_freq, inv_freq, rtol=0, atol=0)
+    interpolate_into(extended, a, b, 1.0)
+
+    stream = PackedStream(built["short"])
+    direct = evaluate_suite(extended, original, stream, None, 256, 1024)
+    record = run_sweep(original, extended, [0.0, 1.0], stream, None, 256, 1024, str(tmp_path / "sweep"),
+                       points={"other": {"short_nll_gap": 0.1, "long_nll_beyond": 5.0}}, progress=False)
+    assert [r["alpha"] for r in record["rows"]] == [0.0, 1.0]
+    assert record["rows"][1]["short_nll"] == pytest.approx(direct["short_nll"], rel=1e-6)
+    assert record["rows"][0]["short_nll"] != pytest.approx(direct["short_nll"], rel=1e-3)
+    for name, value in extended.named_parameters():
+        torch.testing.assert_close(value, b[name], rtol=0, atol=0)
+    with open(tmp_path / "sweep" / "sweep.json") as f:
+        assert json.load(f)["rows"][0]["alpha"] == 0.0
+    assert (tmp_path / "sweep" / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| α = 0 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_sweep_cli_writes_table_plot_and_points(tiny_llama, extended_dir, built, tmp_path, capsys):
+    main = _script("evaluate").main
+    point = tmp_path / "point.json"
+    point.write_text(json.dumps({"figures": {"short_nll_gap": 0.2, "long_nll_beyond": 6.0}}))
+    out = tmp_path / "sweep"
+    code = main(["--sweep", tiny_llama, extended_dir, "--alphas", "0,0.5,1", "--short-data", built["root"],
+                 "--long-data", built["root"], "--original-length", "128", "--max-rows", "2",
+                 "--passkey-samples", "1", "--lengths", "64,192", "--depths", "0.5",
+                 "--point", f"Long CPT={point}", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["alpha"] for r in record["rows"]] == [0.0, 0.5, 1.0]
+    assert record["points"]["Long CPT"]["short_nll_gap"] == 0.2
+    assert record["teacher"]["short_nll_gap"] == 0.0 and record["teacher"]["long_nll_beyond"] > 0
+    assert all(r["long_nll_beyond"] > 0 and r["short_nll_gap_se"] > 0 for r in record["rows"])
+    assert (out / "alpha_0.5" / "eval.json").is_file() and (out / "pareto.png").stat().st_size > 1000
+    assert "| Long CPT |" in (out / "sweep.md").read_text()
+    assert "alpha_0.5/short_nll" in captured.out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "{model}"], "replaces --model"),
+    (["--alphas", "0,1.5"], "--alphas.*\\[0, 1\\]"),
+    (["--point", "nothing"], "--point 'nothing': expected NAME="),
+])
+def test_sweep_cli_errors_are_one_line(tiny_llama, extended_dir, built, capsys, extra, message):
+    code = _script("evaluate").main(["--sweep", tiny_llama, extended_dir, "--short-data", built["root"],
+                                     "--long-data", built["root"], "--original-length", "128",
+                                     *[a.format(model=tiny_llama) for a in extra]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_sweep_refuses_another_architecture(tiny_llama, tiny_models, built, capsys):
+    code = _script("evaluate").main(["--sweep", tiny_llama, tiny_models["qwen2"], "--short-data",
+                                     built["root"], "--long-data", built["root"], "--original-length", "128",
+                                     "--tokenizer", tiny_llama])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
