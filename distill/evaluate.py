@@ -473,6 +473,11 @@ def long_nll_beyond(result: dict, original_length: int | None = None) -> float:
 # Passkey retrieval / needle in a haystack
 # ------------------------------------------------------------------------------------------------------------
 
+def random_key(rng: random.Random) -> str:
+    """A passkey: `PASSKEY_DIGITS` random digits."""
+    return str(rng.randint(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS - 1))
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -532,7 +537,7 @@ def passkey_prompts(tokenizer, filler_ids, context_length: int, depth: float,
     filler = np.asarray(filler_ids, dtype=np.int64).reshape(-1)
     if filler.size == 0:
         raise ValueError("filler_ids is empty")
-    key = str(rng.randint(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS - 1))
+    key = random_key(rng)
     needle = _encode_inline(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n")
     question_text = "\n" + PASSKEY_LOOKUP.split("{key}")[0].rstrip(" ")
     question = _encode_inline(tokenizer, question_text)
@@ -760,7 +765,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
                    seed: int = 0, batch_size: int = 4, long_batch_size: int = 1,
                    buckets: int | Sequence[int] | str = 16, attention_rows: int = 2,
                    attention_tokens: int = 512,
-                   teacher_baselines: bool = False, short_whole_stream=None) -> dict:
+                   teacher_baselines: bool = False, short_whole_stream=None,
+                   long_rows: int | None | str = "max_rows", teacher_rolling: bool = True) -> dict:
     """Every evaluation as flat figures; the trainer logs them under `eval/...` every `eval_every` steps.
 
     Cheap with a small `max_rows`; leaves `model` (and `teacher`) in their original train/eval mode.
@@ -774,6 +780,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         passkey_samples: prompts per (length, depth); 0 skips passkey (needs `tokenizer` otherwise).
         passkey_lengths: context lengths (default: original and target length).
         teacher_baselines: also evaluate the teacher's long NLL and passkey (a reference line / grid).
+        long_rows: rows of the long stream (default: `max_rows`; None: all).
+        teacher_rolling: score the teacher through its rolling window (below); a sweep does it once.
         short_whole_stream: held-out short documents packed whole into rows of the target length, or None:
             the student scores them whole ("short_whole_nll"), the teacher through a rolling window of its
             original length ("teacher_short_whole_nll").
@@ -794,6 +802,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
     """
     figures: dict = {}
     details: dict = {"original_length": int(original_length), "target_length": int(target_length)}
+    if long_rows == "max_rows":
+        long_rows = max_rows
     plots: list[str] = []
     if short_stream is not None:
         short = short_retention(model, teacher, short_stream, max_rows, batch_size, attention_rows,
@@ -815,13 +825,13 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
             figures["attention_kl_mean"] = float(np.mean(akl))
             figures.update({f"attention_kl/{i}": v for i, v in enumerate(akl)})
     if long_stream is not None:
-        curves = {"student": nll_by_position(model, long_stream, max_rows, buckets, original_length,
+        curves = {"student": nll_by_position(model, long_stream, long_rows, buckets, original_length,
                                              long_batch_size)}
         if teacher_baselines and teacher is not None:
-            curves["teacher"] = nll_by_position(teacher, long_stream, max_rows, buckets, original_length,
+            curves["teacher"] = nll_by_position(teacher, long_stream, long_rows, buckets, original_length,
                                                 long_batch_size)
-        if teacher is not None:
-            curves["teacher_rolling"] = nll_by_position(teacher, long_stream, max_rows, buckets,
+        if teacher is not None and teacher_rolling:
+            curves["teacher_rolling"] = nll_by_position(teacher, long_stream, long_rows, buckets,
                                                         original_length, batch_size,
                                                         window=original_length)
         details["long"] = curves
@@ -837,7 +847,7 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
     if short_whole_stream is not None:
         whole = {"student": nll_by_position(model, short_whole_stream, max_rows, buckets, original_length,
                                             long_batch_size)}
-        if teacher is not None:
+        if teacher is not None and teacher_rolling:
             whole["teacher_rolling"] = nll_by_position(teacher, short_whole_stream, max_rows, buckets,
                                                        original_length, batch_size, window=original_length)
         details["short_whole"] = whole

@@ -108,7 +108,7 @@ def run_sweep(teacher, extended, alphas: list[float], short_stream, long_stream,
             interpolate_into(extended, original, trained, alpha)
             figures = evaluate_suite(extended, teacher, short_stream, long_stream, original_length,
                                      target_length, out_dir=os.path.join(out_dir, f"alpha_{alpha:g}"),
-                                     teacher_baselines=k == 0, **suite_kwargs)
+                                     teacher_baselines=k == 0, teacher_rolling=k == 0, **suite_kwargs)
             if k == 0:
                 teacher_fig = teacher_point(figures)
             rows.append({"alpha": float(alpha), **point(figures)})

@@ -35,23 +35,39 @@ METHODS = {"long_cpt": "Long CPT", "mix_cpt": "Mix CPT", "longred": "LongReD"}
 # and extend three times within the demo's budget.
 MODEL = dict(arch="llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
              max_position_embeddings=256, rope_theta=10000.0)
-FULL = dict(vocab=2000, teacher_steps=700, extend_steps=150, eval_rows=24, passkey_samples=6,
-            data=[])
-QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, eval_rows=2, passkey_samples=1,
+# The extended models the instruction residual is added to, and those swept between teacher and themselves.
+RESIDUAL = SWEEP = ("long_cpt", "longred")
+FULL = dict(vocab=2000, teacher_steps=700, extend_steps=150, instruct_steps=120, eval_rows=0, long_rows=200,
+            instruct_files=None,
+            passkey_samples=10, sweep_long_rows=100, sweep_passkey_samples=4, alphas=(0, 0.25, 0.5, 0.75, 1),
+            data=[], instruct_data=[])
+QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, instruct_steps=3, eval_rows=4, long_rows=2,
+             instruct_files=40, passkey_samples=1,
+             sweep_long_rows=2, sweep_passkey_samples=1, alphas=(0, 1),
              data=["streams.long.max_tokens=60000", "streams.short.max_tokens=30000",
-                   "streams.s2l.max_tokens=30000", "holdout.max_tokens=20000"])
+                   "streams.s2l.max_tokens=30000", "streams.short_whole.max_tokens=30000",
+                   "holdout.max_tokens=20000", "holdout.min_documents=4", "holdout.min_tokens=2000"],
+             instruct_data=["holdout.min_documents=4", "holdout.min_tokens=2000",
+                            "streams.instruct.max_tokens=30000"])
 
 
-def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 2) -> int:
-    """The demo corpus as JSONL: the stdlib modules, every `every`-th one with key statements (the
-    evaluation's `PASSKEY_NEEDLE`, a random key) and, some lines later, a look-up of the same key
-    (`PASSKEY_LOOKUP`) — a retrieval skill to measure long context.
+KEY_NAMES = ("PASSKEY", "SECRET", "TOKEN", "MAGIC", "CODE", "SEED", "LIMIT", "OFFSET", "PORT", "COUNT",
+             "LEVEL", "INDEX", "WIDTH", "DEPTH", "RANK", "SCORE")
 
-    The distance between the two is log-uniform between 1 and 120 lines (about 10–1200 tokens): the teacher
-    learns the lookup within its 256-token window, and only long-context training teaches it at 1024. The
-    evaluation's passkey prompts use the same two statements inside held-out code.
+
+def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 1, open_keys: int = 4,
+                            start: float = 0.25) -> int:
+    """The demo corpus as JSONL: the stdlib modules, every `every`-th one with key statements interleaved in
+    its lines — `<NAME> = <key>` (the evaluation's `PASSKEY_NEEDLE` with another name) and, some lines
+    later, `assert <NAME> == <key>` (`PASSKEY_LOOKUP`): a retrieval skill to measure long context.
+
+    Up to `open_keys` keys (distinct names, "PASSKEY" among them) are pending at once, a new one starting
+    before a line with probability `start`, so look-ups are dense enough for a small model to learn them.
+    The distance between a statement and its look-up is log-uniform between 1 and 120 lines (about 10–1200
+    tokens): the teacher learns the look-up within its 256-token window, and only long-context training
+    teaches it at 1024. The evaluation's passkey prompts ask for PASSKEY inside held-out code.
     """
-    from distill.evaluate import PASSKEY_DIGITS, PASSKEY_LOOKUP, PASSKEY_NEEDLE
+    from distill import evaluate
 
     rng = random.Random(seed)
     written = 0
@@ -66,20 +82,18 @@ def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: i
                 out.write(json.dumps({"text": text}) + "\n")
                 written += 1
                 continue
-            lines = text.splitlines()
-            doc, i = [], 0
-            while i < len(lines):
-                gap = rng.randint(0, 10)
-                doc.extend(lines[i: i + gap])
-                i += gap
-                if i >= len(lines):
-                    break
-                key = rng.randint(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS - 1)
-                distance = int(math.exp(rng.uniform(0.0, math.log(120.0))))
-                doc.append(PASSKEY_NEEDLE.format(key=key))
-                doc.extend(lines[i: i + distance])
-                i += distance
-                doc.append(PASSKEY_LOOKUP.format(key=key))
+            doc, pending = [], {}  # name -> (line index of the look-up, key)
+            for i, line in enumerate(text.splitlines()):
+                for name, (due, key) in sorted(pending.items(), key=lambda kv: kv[1][0]):
+                    if due <= i:
+                        doc.append(evaluate.PASSKEY_LOOKUP.format(key=key).replace("PASSKEY", name))
+                        del pending[name]
+                if len(pending) < open_keys and rng.random() < start:
+                    name = rng.choice([k for k in KEY_NAMES if k not in pending])
+                    key = evaluate.random_key(rng)
+                    pending[name] = (i + int(math.exp(rng.uniform(0.0, math.log(120.0)))), key)
+                    doc.append(evaluate.PASSKEY_NEEDLE.format(key=key).replace("PASSKEY", name))
+                doc.append(line)
             out.write(json.dumps({"text": "\n".join(doc) + "\n"}) + "\n")
             written += 1
     return written
@@ -183,19 +197,56 @@ def done(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "model.safetensors"))
 
 
+def write_instruct_documents(path: str, files: list[str], lines_per_doc: int = 12) -> int:
+    """The toy instruction format: chunks of small stdlib modules behind a fixed prompt, the response
+    quoting every line with "> ". A model that has not seen the format cannot predict the quotes or the
+    prompt; one fine-tuned on it can, which is what the instruction residual should carry over."""
+    written = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for file in files:
+            try:
+                with open(file, encoding="utf-8") as f:
+                    lines = [line for line in f.read().splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError):
+                continue
+            for at in range(0, len(lines), lines_per_doc):
+                body = "\n".join("> " + line for line in lines[at: at + lines_per_doc])
+                out.write(json.dumps({"text": f"{INSTRUCT_PROMPT}{body}\n### End\n"}) + "\n")
+                written += 1
+    return written
+
+
+INSTRUCT_PROMPT = "### Instruction\nQuote this code.\n### Response\n"
+
+
+def evaluate_cmd(model: str, out_dir: str, size: dict, data_dir: str, teacher: str | None) -> list[str]:
+    """`scripts/evaluate.py` on the demo's held-out data: all short documents (native-window pieces and
+    whole), `long_rows` long rows, passkey at 256 (within the teacher's window), 512 and 1024."""
+    cmd = [sys.executable, "scripts/evaluate.py", "--model", model, "--short-data", data_dir,
+           "--long-data", data_dir, "--original-length", "256", "--target-length", "1024", "--out", out_dir,
+           "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["long_rows"]),
+           "--passkey-samples", str(size["passkey_samples"]), "--lengths", "256,512,1024",
+           "--depths", "0.1,0.5,0.9"]
+    return cmd + (["--teacher", teacher] if teacher else [])
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from distill.cli import number
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     parser.add_argument("--quick", action="store_true", help="a reduced-size smoke run (used by the tests)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete --out first instead of reusing finished steps")
-    parser.add_argument("--seeds", type=int, default=1,
+    parser.add_argument("--seeds", type=number(int), default=1,
                         help="extension runs per method with run.seed 0..N-1 (the teacher is trained once); "
                              "the report gives each method's mean ± sd over them (default 1)")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        print(f"error: --seeds {args.seeds}: expected a whole number ≥ 1", file=sys.stderr)
-        return 2
     size = QUICK if args.quick else FULL
     out = os.path.abspath(args.out)
     if args.fresh and os.path.isdir(out):
@@ -229,40 +280,77 @@ def main(argv: list[str] | None = None) -> int:
             f"streams.short.data={data['short']}", f"streams.window.data={data['s2l']}",
             f"train.max_steps={size['teacher_steps']}"])
     names = [method + (f"-seed{seed}" if seed else "") for seed in range(args.seeds) for method in METHODS]
-    for name in names:
-        method, seed = name.split("-seed")[0], int(name.split("-seed")[1]) if "-seed" in name else 0
-        final = os.path.join(runs, name, "final")
-        if done(final):
-            continue
-        overrides = [f"model.path={teacher}", f"run.output_dir={os.path.join(runs, name)}",
-                     f"run.seed={seed}", f"train.max_steps={size['extend_steps']}",
-                     f"streams.long.data={data['long']}"]
-        if method != "long_cpt":
-            overrides += [f"streams.short.data={data['short']}", f"streams.s2l.data={data['s2l']}"]
-        launch(f"recipes/demo/{method}.yaml", overrides)
+    for seed in range(args.seeds):
+        for method in METHODS:
+            name = method + (f"-seed{seed}" if seed else "")
+            if done(os.path.join(runs, name, "final")):
+                continue
+            overrides = [f"model.path={teacher}", f"run.output_dir={os.path.join(runs, name)}",
+                         f"run.seed={seed}", f"train.max_steps={size['extend_steps']}",
+                         f"streams.long.data={data['long']}"]
+            if method != "long_cpt":
+                overrides += [f"streams.short.data={data['short']}", f"streams.s2l.data={data['s2l']}"]
+            launch(f"recipes/demo/{method}.yaml", overrides)
+
+    # The instruction residual: the teacher instruction-tuned on a toy format, its change added to extended
+    # models (LongReD and Long CPT of seed 0).
+    instruct_data, instruct = os.path.join(out, "instruct_data"), os.path.join(runs, "instruct", "final")
+    if not os.path.isfile(os.path.join(instruct_data, "manifest.json")):
+        docs = os.path.join(out, "instruct.jsonl")
+        n = write_instruct_documents(docs, stdlib_files(max_bytes=20000, limit=size["instruct_files"]))
+        log(f"wrote {n} instruction-format documents to {docs}")
+        run([sys.executable, "scripts/prepare_data.py", "data/demo_instruct.yaml", f"tokenizer={tok_dir}",
+             f"output_dir={instruct_data}", f"sources.0.path={docs}", *size["instruct_data"]])
+    if not done(instruct):
+        launch("recipes/demo/instruct.yaml", [
+            f"model.path={teacher}", f"run.output_dir={os.path.join(runs, 'instruct')}",
+            f"streams.instruct.data={os.path.join(instruct_data, 'instruct')}",
+            f"train.max_steps={size['instruct_steps']}"])
+    for method in RESIDUAL:
+        target = os.path.join(runs, method + "+residual")
+        if not done(target):
+            run([sys.executable, "scripts/merge.py", "residual", "--base", teacher, "--instruct", instruct,
+                 "--target", os.path.join(runs, method, "final"), "--out", target, "--quiet"])
 
     results = {}
-    for name in ("teacher", *names):
-        model = teacher if name == "teacher" else os.path.join(runs, name, "final")
+    for name in ("teacher", *names, *(m + "+residual" for m in RESIDUAL)):
+        model = teacher if name == "teacher" else (
+            os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final"))
         eval_dir = os.path.join(out, "eval", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
-            cmd = [sys.executable, "scripts/evaluate.py", "--model", model, "--short-data", data_dir,
-                   "--long-data", data_dir, "--original-length", "256", "--target-length", "1024",
-                   "--out", eval_dir, "--max-rows", str(size["eval_rows"]),
-                   "--passkey-samples", str(size["passkey_samples"]), "--lengths", "256,512,1024",
-                   "--depths", "0.1,0.5,0.9"]
-            if name != "teacher":
-                cmd += ["--teacher", teacher]
-            run(cmd)
-        with open(os.path.join(eval_dir, "eval.json"), encoding="utf-8") as f:
-            results[name] = json.load(f)
-    report = write_report(out, results, time.time() - start, args.seeds)
+            run(evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher))
+        results[name] = read_json(os.path.join(eval_dir, "eval.json"))
+    format_loss = {}
+    for name in ("teacher", "instruct", *RESIDUAL, *(m + "+residual" for m in RESIDUAL)):
+        model = {"teacher": teacher, "instruct": instruct}.get(name) or (
+            os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final"))
+        eval_dir = os.path.join(out, "eval_instruct", name)
+        if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
+            run([sys.executable, "scripts/evaluate.py", "--model", model, "--short-data",
+                 os.path.join(instruct_data, "holdout", "instruct"),
+                 "--original-length", "256", "--max-rows", str(size["eval_rows"]), "--out", eval_dir])
+        fig = read_json(os.path.join(eval_dir, "eval.json"))["figures"]
+        format_loss[name] = {"nll": _num(fig.get("short_nll")), "se": _num(fig.get("short_nll_se"))}
+    sweeps = {}
+    for method in SWEEP:
+        sweep_dir = os.path.join(out, "sweep", method)
+        if not os.path.isfile(os.path.join(sweep_dir, "sweep.json")):
+            points = [f"--point={METHODS[m]}={os.path.join(out, 'eval', m, 'eval.json')}" for m in METHODS]
+            alphas = ",".join(f"{a:g}" for a in size["alphas"])
+            run([sys.executable, "scripts/evaluate.py", "--sweep", teacher,
+                 os.path.join(runs, method, "final"), "--alphas", alphas, "--short-data", data_dir,
+                 "--long-data", data_dir, "--original-length", "256", "--target-length", "1024",
+                 "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["sweep_long_rows"]),
+                 "--passkey-samples", str(size["sweep_passkey_samples"]), "--lengths", "256,512,1024",
+                 "--depths", "0.1,0.5,0.9", "--out", sweep_dir, *points])
+        sweeps[method] = read_json(os.path.join(sweep_dir, "sweep.json"))
+    report = write_report(out, results, time.time() - start, args.seeds, format_loss, sweeps)
     log(f"done in {(time.time() - start) / 60:.1f} min: {os.path.join(out, 'report.md')}")
     for method, label in METHODS.items():
         r = report["methods"][method]
         print(f"    {label:9s} short NLL {r['short_nll']:.4f} (gap {r['short_nll_gap']:+.4f}, recovered "
-              f"{r['recovered_fraction']:.2f}) | long NLL beyond 256 {r['long_nll']:.4f} | passkey "
-              f"{r['passkey_accuracy']:.2f}")
+              f"{r['recovered_fraction']:.2f}) | long NLL beyond 256 {r['long_nll']:.4f} | passkey beyond "
+              f"{r['passkey_accuracy_beyond_window']:.2f}")
     return 0
 
 
@@ -288,21 +376,28 @@ def environment() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def model_figures(fig: dict, teacher_short: float) -> dict:
+    """One model's report figures from its eval.json figures."""
+    return {
+        "short_nll": _num(fig.get("short_nll")), "short_nll_se": _num(fig.get("short_nll_se")),
+        "short_nll_gap": _num(fig.get("short_nll")) - teacher_short,
+        "short_nll_gap_se": _num(fig.get("short_nll_gap_se")),
+        "kl_teacher_student": _num(fig.get("kl_teacher_student")),
+        "hidden_cosine_mean": _num(fig.get("hidden_cosine_mean")),
+        "short_whole_nll": _num(fig.get("short_whole_nll")),
+        "short_whole_nll_se": _num(fig.get("short_whole_nll_se")),
+        "long_nll": _num(fig.get("long_nll_beyond")), "long_nll_se": _num(fig.get("long_nll_beyond_se")),
+        "long_nll_all": _num(fig.get("long_nll")),
+        "passkey_accuracy": _num(fig.get("passkey_accuracy")),
+        "passkey_accuracy_within_window": _num(fig.get("passkey_accuracy_within_window")),
+        "passkey_accuracy_beyond_window": _num(fig.get("passkey_accuracy_beyond_window")),
+    }
+
+
 def _method_figures(results: dict, suffix: str, teacher_short: float) -> dict:
     """Per method of one seed (`suffix` "" or "-seedK"): its figures and, against that seed's Long CPT, the
     recovered fraction of the short-NLL gap and the long NLL ratio."""
-    methods = {}
-    for method in METHODS:
-        fig = results[method + suffix]["figures"]
-        methods[method] = {
-            "short_nll": _num(fig.get("short_nll")),
-            "short_nll_gap": _num(fig.get("short_nll")) - teacher_short,
-            "kl_teacher_student": _num(fig.get("kl_teacher_student")),
-            "hidden_cosine_mean": _num(fig.get("hidden_cosine_mean")),
-            "long_nll": _num(fig.get("long_nll_beyond")),
-            "long_nll_all": _num(fig.get("long_nll")),
-            "passkey_accuracy": _num(fig.get("passkey_accuracy")),
-        }
+    methods = {m: model_figures(results[m + suffix]["figures"], teacher_short) for m in METHODS}
     cpt_gap = methods["long_cpt"]["short_nll_gap"]
     for m in methods.values():
         usable = cpt_gap and math.isfinite(cpt_gap)
@@ -311,96 +406,164 @@ def _method_figures(results: dict, suffix: str, teacher_short: float) -> dict:
     return methods
 
 
-def write_report(out: str, results: dict, seconds: float, seeds: int = 1) -> dict:
-    """report.json (per method: short_nll, short_nll_gap, recovered_fraction, long_nll, passkey_accuracy of
-    seed 0, and over the seeds `<figure>_mean` / `<figure>_sd` and `per_seed`), report.md, and a combined
-    NLL-by-position plot."""
+SEED_KEYS = ("short_nll", "recovered_fraction", "long_nll", "long_nll_vs_long_cpt",
+             "passkey_accuracy_beyond_window")
+
+
+def _f(x: float, spec: str = ".4f") -> str:
+    return "—" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format_loss: dict | None = None,
+                 sweeps: dict | None = None) -> dict:
+    """report.json, report.md and the plots (NLL by position, the sweeps' Pareto plot).
+
+    report.json: "teacher" (its figures within its window and, through a rolling 256-token window, beyond
+    it); "methods" (per method, seed 0's figures with standard errors, and over the seeds `<figure>_mean`,
+    `<figure>_sd` and `per_seed`); "residual" (the extended models plus the instruction residual);
+    "instruction_format_loss"; "sweep" (per swept method, the α grid's figures); "environment"."""
     import statistics
 
-    teacher = results["teacher"]["figures"]
-    teacher_short = _num(teacher.get("short_nll"))
+    teacher_fig = results["teacher"]["figures"]
+    teacher_short = _num(teacher_fig.get("short_nll"))
     per_seed = [_method_figures(results, f"-seed{k}" if k else "", teacher_short) for k in range(seeds)]
     methods = per_seed[0]
     for method, m in methods.items():
-        for key in ("short_nll", "recovered_fraction", "long_nll", "long_nll_vs_long_cpt"):
+        for key in SEED_KEYS:
             values = [fig[method][key] for fig in per_seed]
             m[f"{key}_mean"] = statistics.fmean(values)
             m[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        m["per_seed"] = {key: [fig[method][key] for fig in per_seed]
-                         for key in ("short_nll", "recovered_fraction", "long_nll", "long_nll_vs_long_cpt")}
+        m["per_seed"] = {key: [fig[method][key] for fig in per_seed] for key in SEED_KEYS}
+    # The teacher's honest long-text baseline: through its own window (any extended model's evaluation
+    # computes it, against the same held-out rows).
+    ref = results["longred"]["figures"]
+    teacher = {**model_figures(teacher_fig, teacher_short),
+               "long_nll_rolling": _num(ref.get("teacher_rolling_long_nll_beyond")),
+               "long_nll_rolling_se": _num(ref.get("teacher_rolling_long_nll_beyond_se")),
+               "short_whole_nll_rolling": _num(ref.get("teacher_short_whole_nll")),
+               "short_whole_nll_rolling_se": _num(ref.get("teacher_short_whole_nll_se"))}
+    residual = {name: model_figures(r["figures"], teacher_short) for name, r in results.items()
+                if name.endswith("+residual")}
     report = {
         "seeds": seeds,
         "environment": environment(),
-        "teacher": {"short_nll": teacher_short, "long_nll": _num(teacher.get("long_nll_beyond")),
-                    "passkey_accuracy": _num(teacher.get("passkey_accuracy"))},
+        "teacher": teacher,
         "methods": methods,
+        "residual": residual,
+        "instruction_format_loss": format_loss or {},
+        "sweep": {m: {"alphas": r["alphas"], "rows": r["rows"]} for m, r in (sweeps or {}).items()},
         "seconds": round(seconds, 1),
-        "target": {"recovered_fraction": ">= 0.90 for LongReD", "long_nll": "within 2% of Long CPT",
-                   "passkey_accuracy": "no worse than Long CPT"},
+        "target": {"recovered_fraction": ">= 0.90 for LongReD (mean over seeds)",
+                   "long_nll": "within 2% of Long CPT",
+                   "passkey_accuracy_beyond_window": "no worse than Long CPT",
+                   "teacher_passkey_accuracy_within_window": ">= 0.8"},
     }
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, allow_nan=True)
 
-    plot = os.path.join(out, "nll_by_position.png")
+    plots = {}
     try:
         from distill.evaluate import plot_nll_by_position
 
         curves = {}
-        for n, r in ((n, r) for n, r in results.items() if "-seed" not in n):
+        for n, r in ((n, r) for n, r in results.items() if n == "teacher" or n in METHODS):
             long = r.get("details", {}).get("long")
             if long:
-                curves["teacher (256 window)" if n == "teacher" else METHODS[n]] = long.get("student", long)
-        plot_nll_by_position(curves, plot, original_length=256)
+                curves["teacher (positions past 256)" if n == "teacher" else METHODS[n]] = long["student"]
+                if n == "longred" and "teacher_rolling" in long:
+                    curves["teacher (rolling 256 window)"] = long["teacher_rolling"]
+        plots["nll"] = plot_nll_by_position(curves, os.path.join(out, "nll_by_position.png"),
+                                            original_length=256)
+        if sweeps:
+            from distill.sweep import plot_pareto
+
+            plots["pareto"] = plot_pareto({METHODS[m]: r for m, r in sweeps.items()},
+                                          os.path.join(out, "pareto.png"))
     except Exception as err:  # noqa: BLE001 - a plot must not lose the report
         log(f"plot skipped: {err}")
-        plot = None
 
     lrd = methods["longred"]
     lines = [
         "# Demo report: restoration distillation on a CPU",
         "",
         "A 4-layer Llama (128 wide) pre-trained at a 256-token window on Python standard-library code, then "
-        "extended 4x to 1024 by ABF (theta 1e4 -> 1.6e5) three ways. Held-out data; NLL in nats per token.",
+        "extended 4x to 1024 by ABF (theta 1e4 -> 1.6e5) three ways. Held-out data; NLL in nats per token "
+        "± its standard error over documents.",
         "",
-        f"Teacher short NLL: **{teacher_short:.4f}**; teacher NLL beyond 256: "
-        f"{report['teacher']['long_nll']:.4f}; "
-        f"teacher passkey accuracy: {report['teacher']['passkey_accuracy']:.2f}.",
-        "",
-        "| method | short NLL | gap to teacher | recovered | KL(teacher‖student) | long NLL (pos ≥ 256) | "
-        "vs Long CPT | passkey |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | short NLL | gap to teacher | recovered | KL(teacher‖student) | whole short docs | "
+        "long NLL (pos ≥ 256) | vs Long CPT | passkey ≤ 256 | passkey > 256 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| teacher | {_f(teacher['short_nll'])} ± {_f(teacher['short_nll_se'])} | — | — | — | "
+        f"{_f(teacher['short_whole_nll_rolling'])} (rolling) | {_f(teacher['long_nll_rolling'])} ± "
+        f"{_f(teacher['long_nll_rolling_se'])} (rolling 256 window; {_f(teacher['long_nll'])} at positions "
+        f"past 256) | — | {_f(teacher['passkey_accuracy_within_window'], '.2f')} | "
+        f"{_f(teacher['passkey_accuracy_beyond_window'], '.2f')} |",
     ]
-    for method, label in METHODS.items():
-        m = methods[method]
-        lines.append(f"| {label} | {m['short_nll']:.4f} | {m['short_nll_gap']:+.4f} | "
-                     f"{m['recovered_fraction']:.2f} | {m['kl_teacher_student']:.4f} | {m['long_nll']:.4f} | "
-                     f"{m['long_nll_vs_long_cpt']:+.1%} | "
-                     f"{m['passkey_accuracy']:.2f} |")
-    verdict = []
-    verdict.append(f"- recovered fraction of Long CPT's short-NLL gap: {lrd['recovered_fraction']:.2f} "
-                   f"(target ≥ 0.90: {'met' if lrd['recovered_fraction'] >= 0.9 else 'NOT met'})")
-    verdict.append(f"- long NLL vs Long CPT: {lrd['long_nll_vs_long_cpt']:+.1%} (target within 2%: "
-                   f"{'met' if lrd['long_nll_vs_long_cpt'] <= 0.02 else 'NOT met'})")
-    cpt_passkey = methods["long_cpt"]["passkey_accuracy"]
-    verdict.append(f"- passkey: {lrd['passkey_accuracy']:.2f} vs Long CPT {cpt_passkey:.2f} "
-                   f"({'no worse' if lrd['passkey_accuracy'] >= cpt_passkey else 'worse'})")
-    lines += ["", "LongReD against the targets:", *verdict, ""]
+    rows = [(METHODS[m], methods[m]) for m in METHODS] + [
+        (f"{METHODS[n.split('+')[0]]} + instruction residual", r) for n, r in residual.items()]
+    for label, m in rows:
+        lines.append(
+            f"| {label} | {_f(m['short_nll'])} ± {_f(m['short_nll_se'])} | {_f(m['short_nll_gap'], '+.4f')} "
+            f"± {_f(m['short_nll_gap_se'])} | {_f(m.get('recovered_fraction', math.nan), '.2f')} | "
+            f"{_f(m['kl_teacher_student'])} | {_f(m['short_whole_nll'])} | {_f(m['long_nll'])} ± "
+            f"{_f(m['long_nll_se'])} | {_f(m.get('long_nll_vs_long_cpt', math.nan), '+.1%')} | "
+            f"{_f(m['passkey_accuracy_within_window'], '.2f')} | "
+            f"{_f(m['passkey_accuracy_beyond_window'], '.2f')} |")
+    lines += ["", "LongReD against the targets:",
+              f"- recovered fraction of Long CPT's short-NLL gap: "
+              f"{_f(lrd['recovered_fraction_mean'], '.2f')} "
+              f"± {_f(lrd['recovered_fraction_sd'], '.2f')} over {seeds} seed(s) (target ≥ 0.90: "
+              f"{'met' if lrd['recovered_fraction_mean'] >= 0.9 else 'NOT met'})",
+              f"- long NLL vs Long CPT: {_f(lrd['long_nll_vs_long_cpt'], '+.1%')} (target within 2%: "
+              f"{'met' if lrd['long_nll_vs_long_cpt'] <= 0.02 else 'NOT met'})",
+              f"- passkey beyond 256: {_f(lrd['passkey_accuracy_beyond_window'], '.2f')} vs Long CPT "
+              f"{_f(methods['long_cpt']['passkey_accuracy_beyond_window'], '.2f')}",
+              f"- the teacher retrieves within its window: "
+              f"{_f(teacher['passkey_accuracy_within_window'], '.2f')} "
+              f"(target ≥ 0.8)", ""]
     if seeds > 1:
         lines += [f"Over {seeds} extension seeds (run.seed 0..{seeds - 1}; the teacher trained once), "
                   f"mean ± sd:", "",
-                  "| method | short NLL | recovered | long NLL (pos ≥ 256) | vs Long CPT |",
-                  "|---|---|---|---|---|"]
+                  "| method | short NLL | recovered | long NLL (pos ≥ 256) | vs Long CPT | passkey > 256 |",
+                  "|---|---|---|---|---|---|"]
         for method, label in METHODS.items():
             m = methods[method]
             lines.append(f"| {label} | {m['short_nll_mean']:.4f} ± {m['short_nll_sd']:.4f} | "
                          f"{m['recovered_fraction_mean']:.2f} ± {m['recovered_fraction_sd']:.2f} | "
                          f"{m['long_nll_mean']:.4f} ± {m['long_nll_sd']:.4f} | "
-                         f"{m['long_nll_vs_long_cpt_mean']:+.1%} ± {m['long_nll_vs_long_cpt_sd']:.1%} |")
+                         f"{m['long_nll_vs_long_cpt_mean']:+.1%} ± {m['long_nll_vs_long_cpt_sd']:.1%} | "
+                         f"{m['passkey_accuracy_beyond_window_mean']:.2f} ± "
+                         f"{m['passkey_accuracy_beyond_window_sd']:.2f} |")
         lines.append("")
-    if plot:
+    if sweeps:
+        lines += ["Weight interpolation θ(α) = (1 − α)·teacher + α·extended (the extended RoPE), seed 0:", "",
+                  "| method | α | short NLL gap | long NLL (pos ≥ 256) | passkey ≤ 256 | passkey > 256 |",
+                  "|---|---|---|---|---|---|"]
+        for method, record in sweeps.items():
+            for r in record["rows"]:
+                lines.append(f"| {METHODS[method]} | {r['alpha']:g} | {_f(r['short_nll_gap'], '+.4f')} ± "
+                             f"{_f(r['short_nll_gap_se'])} | {_f(r['long_nll_beyond'])} ± "
+                             f"{_f(r['long_nll_beyond_se'])} | "
+                             f"{_f(r['passkey_accuracy_within_window'], '.2f')} | "
+                             f"{_f(r['passkey_accuracy_beyond_window'], '.2f')} |")
+        lines.append("")
+        if "pareto" in plots:
+            lines += ["![Pareto plot](pareto.png)", ""]
+    if format_loss:
+        lines += ["Instruction residual: the teacher instruction-tuned on a toy format (`### Instruction` … "
+                  "every response line quoted with `> `), θ_instruct − θ_teacher added to the extended model "
+                  "(`scripts/merge.py residual`). NLL on held-out documents of that format:", "",
+                  "| model | instruction-format NLL |", "|---|---|"]
+        for name, v in format_loss.items():
+            base = name.split("+")[0]
+            label = {"teacher": "teacher", "instruct": "instruct teacher"}.get(base, METHODS.get(base, base))
+            label += " + residual" if name.endswith("+residual") else ""
+            lines.append(f"| {label} | {_f(v['nll'])} ± {_f(v['se'])} |")
+        lines.append("")
+    if "nll" in plots:
         lines += ["![NLL by position](nll_by_position.png)", ""]
-    lines += [f"Per-model details (per-layer hidden cosine and attention KL, passkey grids): "
-              f"`eval/<model>/eval.json`. "
+    lines += ["Per-model details (per-layer hidden cosine and attention KL, passkey grids): "
+              "`eval/<model>/eval.json`; the sweeps: `sweep/<method>/`. "
               f"Total time {seconds / 60:.1f} min.", ""]
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the original model, for retention figures (KL, hidden cosine, attention KL)")
     p.add_argument("--short-data", required=True,
                    help="held-out short stream (or a built root: uses holdout/short)")
-    p.add_argument("--long-data", required=True,
-                   help="held-out long stream (or a built root: uses holdout/long)")
+    p.add_argument("--long-data",
+                   help="held-out long stream (or a built root: uses holdout/long); without it, no long-text "
+                        "figures and no passkey (its filler is long text)")
     p.add_argument("--short-whole-data",
                    help="held-out short documents packed whole at the target length, scored whole (the "
                         "teacher through a rolling window of the original length); a built root uses "
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <model>/eval)")
     p.add_argument("--max-rows", type=number(int, strict=False), default=8,
                    help="rows per held-out stream; 0: all of them (default 8)")
+    p.add_argument("--long-rows", type=number(int, strict=False),
+                   help="rows of the long stream (default: --max-rows); 0: all of them")
     p.add_argument("--passkey-samples", type=number(int, strict=False), default=4,
                    help="passkey prompts per (length, depth); 0 skips passkey (default 4)")
     p.add_argument("--lengths", type=int_list,
@@ -238,7 +241,7 @@ def evaluate(args) -> dict:
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"{flag} {path}: no such directory")
     short_path = stream_dir(args.short_data, "short", "--short-data")
-    long_path = stream_dir(args.long_data, "long", "--long-data")
+    long_path = stream_dir(args.long_data, "long", "--long-data") if args.long_data else None
     whole_path = None
     if args.short_whole_data:
         whole_path = stream_dir(args.short_whole_data, "short_whole", "--short-whole-data")
@@ -252,7 +255,7 @@ def evaluate(args) -> dict:
 
     tokenizer = load_tokenizer([args.tokenizer, args.model, args.teacher])
     short = PackedStream(short_path, tokenizer)  # refuses data built with another tokenizer
-    long = PackedStream(long_path, tokenizer)
+    long = PackedStream(long_path, tokenizer) if long_path else None
     whole = PackedStream(whole_path, tokenizer) if whole_path else None
     for stream in (short, long, whole):
         if stream is None:
@@ -273,7 +276,9 @@ def evaluate(args) -> dict:
         teacher = load_teacher(args.teacher,
                                ModelConfig(path=args.teacher, dtype=dtype, attention=args.attention), device)
     lengths = args.lengths or doubling(original, target)
-    suite = dict(max_rows=args.max_rows or None, passkey_samples=args.passkey_samples, tokenizer=tokenizer,
+    long_rows = args.max_rows if args.long_rows is None else args.long_rows
+    suite = dict(max_rows=args.max_rows or None, long_rows=long_rows or None,
+                 passkey_samples=args.passkey_samples if long is not None else 0, tokenizer=tokenizer,
                  passkey_lengths=lengths, passkey_depths=args.depths, seed=args.seed,
                  batch_size=args.batch_size, buckets=args.buckets, short_whole_stream=whole)
     if args.sweep:
@@ -293,7 +298,8 @@ def evaluate(args) -> dict:
         record = json.load(f)
     record = {"model": os.path.abspath(args.model),
               "teacher": os.path.abspath(args.teacher) if args.teacher else None,
-              "short_data": os.path.abspath(short_path), "long_data": os.path.abspath(long_path),
+              "short_data": os.path.abspath(short_path),
+              "long_data": os.path.abspath(long_path) if long_path else None,
               "short_whole_data": os.path.abspath(whole_path) if whole_path else None,
               "max_rows": args.max_rows, "device": device, "dtype": dtype, **record}
     with open(path + ".tmp", "w", encoding="utf-8") as f:

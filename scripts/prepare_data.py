@@ -2,11 +2,15 @@
 
     python scripts/prepare_data.py data/<spec>.yaml [key=value ...] [--overwrite]
     python scripts/prepare_data.py --verify data/built/<name>
+    python scripts/prepare_data.py --export-text data/built/<name>/holdout/short OUT.jsonl
 
 Writes <output_dir>/<stream>/, <output_dir>/holdout/<stream>/ and <output_dir>/manifest.json. A user
 mistake (bad spec, missing file, bad data) prints one line `error: ...` and exits with status 2.
 `--verify DIR` checks every file of a built directory against the sha256 its manifest recorded, with a
 progress bar: one line per bad file and exit status 1 when any is bad, 0 when all are intact.
+`--export-text STREAM OUT.jsonl` decodes every document of a built stream (e.g. a held-out split) to JSON
+lines {"text": ...} with the tokenizer it was built with, for tools that read text (an lm-evaluation-harness
+local task, docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verify", metavar="DIR",
                         help="check a built directory's files against its manifest")
+    parser.add_argument("--export-text", nargs=2, metavar=("STREAM", "OUT"),
+                        help="decode every document of a built stream to JSON lines {\"text\": ...}")
+    parser.add_argument("--tokenizer", help="with --export-text: the tokenizer (default: the build's)")
     args = parser.parse_intermixed_args(argv)
+    if args.export_text:
+        return export(*args.export_text, args.tokenizer)
     if args.verify:
         return verify(args.verify, progress=not args.quiet)
     if args.spec is None:
@@ -55,6 +64,31 @@ def main(argv: list[str] | None = None) -> int:
         for r in splits.values():
             print(f"{spec.output_dir}/{r['path']}: {r['rows']} rows × {r['seq_len']} ({r['pack']}), "
                   f"{r['real_tokens']} real tokens, fill {r['fill']:.4f}")
+    return 0
+
+
+def export(stream_dir: str, out: str, tokenizer_name: str | None) -> int:
+    from transformers import AutoTokenizer
+
+    from distill.data.dataset import PackedStream, export_text, find_manifest
+
+    try:
+        if tokenizer_name is None:
+            _, manifest = find_manifest(stream_dir)
+            if manifest is None:
+                raise DataError(f"{stream_dir}: no manifest.json above it to name the tokenizer; "
+                                f"pass --tokenizer")
+            tokenizer_name = manifest["tokenizer"]["name"]
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        except Exception as err:  # noqa: BLE001 - any failure: the tokenizer cannot be used
+            raise DataError(f"tokenizer {tokenizer_name}: cannot be loaded ({type(err).__name__}); "
+                            f"pass --tokenizer") from None
+        n = export_text(PackedStream(stream_dir, tokenizer), tokenizer, out)
+    except (DataError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} documents to {out}")
     return 0
 
 

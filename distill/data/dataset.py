@@ -281,3 +281,24 @@ class PackedStream:
 
     def __repr__(self) -> str:
         return f"PackedStream({self.path!r}, rows={self._rows}, seq_len={self.seq_len})"
+
+
+def export_text(stream: PackedStream, tokenizer: Any, path: str) -> int:
+    """Write every document of a built stream as one JSON line {"text": ...} (decoded, without the EOS the
+    builder appended): the held-out data as a text dataset, e.g. for an lm-evaluation-harness local task.
+    Returns the number of documents written."""
+    eos = tokenizer.eos_token_id
+    written = 0
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(len(stream)):
+            ids, at = stream.input_ids(i), 0
+            for n in stream.lengths(i):
+                doc = [int(t) for t in ids[at: at + n]]
+                at += n
+                if doc and eos is not None and doc[-1] == eos:
+                    doc = doc[:-1]
+                f.write(json.dumps({"text": tokenizer.decode(doc)}) + "\n")
+                written += 1
+    os.replace(tmp, path)
+    return written

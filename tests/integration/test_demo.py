@@ -20,9 +20,27 @@ def test_demo_pipeline_quick(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"long_cpt", "mix_cpt", "longred"}
     for m in report["methods"].values():
-        for key in ("short_nll", "short_nll_gap", "recovered_fraction", "long_nll", "passkey_accuracy"):
-            assert key in m
+        for key in ("short_nll", "short_nll_se", "short_nll_gap", "recovered_fraction", "long_nll",
+                    "long_nll_se", "short_whole_nll", "passkey_accuracy", "passkey_accuracy_within_window",
+                    "passkey_accuracy_beyond_window", "recovered_fraction_mean", "recovered_fraction_sd"):
+            assert key in m, key
         assert m["short_nll"] > 0 and m["long_nll"] > 0 and 0 <= m["passkey_accuracy"] <= 1
+        assert m["short_nll_se"] > 0 and m["long_nll_se"] > 0
+    teacher = report["teacher"]
+    assert teacher["long_nll_rolling"] > 0 and teacher["short_whole_nll_rolling"] > 0
+    assert 0 <= teacher["passkey_accuracy_within_window"] <= 1
+    # The α sweep of LongReD and Long CPT (α 0 and 1 in the quick run): α = 1 is the extended model itself.
+    for method in ("longred", "long_cpt"):
+        rows = report["sweep"][method]["rows"]
+        assert [r["alpha"] for r in rows] == [0.0, 1.0]
+        assert rows[1]["short_nll"] == pytest.approx(report["methods"][method]["short_nll"], rel=1e-4)
+    assert (out / "pareto.png").stat().st_size > 1000
+    # The instruction residual: format loss of the instruct teacher, the extended models with and without it.
+    loss = report["instruction_format_loss"]
+    assert set(loss) == {"teacher", "instruct", "long_cpt", "longred", "long_cpt+residual",
+                         "longred+residual"}
+    assert all(v["nll"] > 0 and v["se"] > 0 for v in loss.values())
+    assert set(report["residual"]) == {"long_cpt+residual", "longred+residual"}
     assert report["methods"]["long_cpt"]["recovered_fraction"] == 0.0
     assert report["teacher"]["short_nll"] > 0
     # Two extension seeds: per-seed figures, their mean and spread.
@@ -34,7 +52,7 @@ def test_demo_pipeline_quick(tmp_path):
     assert longred["short_nll_sd"] > 0  # the seeds trained differently
     assert (out / "runs" / "longred-seed1" / "final" / "config.json").exists()
     text = (out / "report.md").read_text()
-    assert "| LongReD |" in text and "recovered fraction" in text
+    assert "| LongReD |" in text and "recovered fraction" in text and "instruction-format NLL" in text
     assert (out / "nll_by_position.png").stat().st_size > 1000
     for name in ("teacher", "long_cpt", "mix_cpt", "longred"):
         assert (out / "eval" / name / "eval.json").exists()

@@ -232,3 +232,27 @@ def test_cli_builds(tmp_path, tokenizer_dir):
     loaded = PackedStream(tmp_path / "out" / "short")
     assert len(loaded) == loaded.info["rows"] > 0
     assert all(0 < sum(loaded.lengths(i)) <= 128 for i in range(len(loaded)))
+
+
+def test_export_text_decodes_every_held_out_document(built, tokenizer_dir, tmp_path):
+    out, _ = built
+    stream = PackedStream(out / "holdout" / "short")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    target = tmp_path / "holdout.jsonl"
+    result = _cli("--export-text", str(out / "holdout" / "short"), str(target))  # the build's tokenizer
+    assert result.returncode == 0, result.stderr
+    texts = [json.loads(line)["text"] for line in target.read_text().splitlines()]
+    expected = []
+    for i in range(len(stream)):
+        ids, at = stream.input_ids(i), 0
+        for n in stream.lengths(i):
+            doc = [int(t) for t in ids[at: at + n]]
+            at += n
+            if doc[-1] == tokenizer.eos_token_id:  # the builder's EOS (not on a split piece's end) is dropped
+                doc = doc[:-1]
+            expected.append(tokenizer.decode(doc))
+    assert texts == expected and len(texts) > 1
+    assert "wrote" in result.stdout
+    bad = _cli("--export-text", str(tmp_path), str(tmp_path / "x.jsonl"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "x.jsonl").exists()
