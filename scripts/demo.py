@@ -51,21 +51,14 @@ QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, instruct_steps=3, eval_
                             "streams.instruct.max_tokens=30000"])
 
 
-KEY_NAMES = ("PASSKEY", "SECRET", "TOKEN", "MAGIC", "CODE", "SEED", "LIMIT", "OFFSET", "PORT", "COUNT",
-             "LEVEL", "INDEX", "WIDTH", "DEPTH", "RANK", "SCORE")
+def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 2) -> int:
+    """The demo corpus as JSONL: the stdlib modules, every `every`-th one with key statements (the
+    evaluation's `PASSKEY_NEEDLE`, a random key) and, some lines later, a look-up of the same key
+    (`PASSKEY_LOOKUP`) — a retrieval skill to measure long context.
 
-
-def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: int = 1, open_keys: int = 4,
-                            start: float = 0.25) -> int:
-    """The demo corpus as JSONL: the stdlib modules, every `every`-th one with key statements interleaved in
-    its lines — `<NAME> = <key>` (the evaluation's `PASSKEY_NEEDLE` with another name) and, some lines
-    later, `assert <NAME> == <key>` (`PASSKEY_LOOKUP`): a retrieval skill to measure long context.
-
-    Up to `open_keys` keys (distinct names, "PASSKEY" among them) are pending at once, a new one starting
-    before a line with probability `start`, so look-ups are dense enough for a small model to learn them.
-    The distance between a statement and its look-up is log-uniform between 1 and 120 lines (about 10–1200
-    tokens): the teacher learns the look-up within its 256-token window, and only long-context training
-    teaches it at 1024. The evaluation's passkey prompts ask for PASSKEY inside held-out code.
+    The distance between the two is log-uniform between 1 and 120 lines (about 10–1200 tokens), so that
+    look-ups fall both inside the teacher's 256-token window and beyond it. The evaluation's passkey prompts
+    use the same two statements inside held-out code.
     """
     from distill import evaluate
 
@@ -82,18 +75,20 @@ def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: i
                 out.write(json.dumps({"text": text}) + "\n")
                 written += 1
                 continue
-            doc, pending = [], {}  # name -> (line index of the look-up, key)
-            for i, line in enumerate(text.splitlines()):
-                for name, (due, key) in sorted(pending.items(), key=lambda kv: kv[1][0]):
-                    if due <= i:
-                        doc.append(evaluate.PASSKEY_LOOKUP.format(key=key).replace("PASSKEY", name))
-                        del pending[name]
-                if len(pending) < open_keys and rng.random() < start:
-                    name = rng.choice([k for k in KEY_NAMES if k not in pending])
-                    key = evaluate.random_key(rng)
-                    pending[name] = (i + int(math.exp(rng.uniform(0.0, math.log(120.0)))), key)
-                    doc.append(evaluate.PASSKEY_NEEDLE.format(key=key).replace("PASSKEY", name))
-                doc.append(line)
+            lines = text.splitlines()
+            doc, i = [], 0
+            while i < len(lines):
+                gap = rng.randint(0, 10)
+                doc.extend(lines[i: i + gap])
+                i += gap
+                if i >= len(lines):
+                    break
+                key = evaluate.random_key(rng)
+                distance = int(math.exp(rng.uniform(0.0, math.log(120.0))))
+                doc.append(evaluate.PASSKEY_NEEDLE.format(key=key))
+                doc.extend(lines[i: i + distance])
+                i += distance
+                doc.append(evaluate.PASSKEY_LOOKUP.format(key=key))
             out.write(json.dumps({"text": "\n".join(doc) + "\n"}) + "\n")
             written += 1
     return written

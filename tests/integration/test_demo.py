@@ -95,3 +95,38 @@ def test_demo_shows_each_stage_live():
     assert code == 0 and tail == ["step 1 | loss 2.0", "step 2 | loss 1.0"]
     assert [kind for kind, _, _ in seen] == ["line", "bar", "line"]
     assert seen[0][2] < ended - 2 and seen[1][2] < ended - 2  # shown before the stage finished
+
+
+def test_demo_corpus_look_ups_answer_their_statement(tmp_path):
+    """Every look-up the demo corpus writes asks for the key its statement set, later in the same module, in
+    the evaluation's own templates; the instruction corpus wraps code in the fixed prompt."""
+    import re
+
+    from distill import evaluate
+    from distill.testing import stdlib_files
+
+    demo = _demo_module()
+    files = stdlib_files(min_bytes=4000, limit=6)
+    path = tmp_path / "corpus.jsonl"
+    assert demo.write_passkey_documents(str(path), files) == 6
+    needle = re.compile("^" + re.escape(evaluate.PASSKEY_NEEDLE).replace(r"PASSKEY", "(?P<name>[A-Z]+)")
+                        .replace(r"\{key\}", "(?P<key>.+)") + "$")
+    lookup = re.compile("^" + re.escape(evaluate.PASSKEY_LOOKUP).replace(r"PASSKEY", "(?P<name>[A-Z]+)")
+                        .replace(r"\{key\}", "(?P<key>.+)") + "$")
+    asked = 0
+    for line in path.read_text().splitlines():
+        current = {}
+        for text in json.loads(line)["text"].splitlines():
+            if m := lookup.match(text):
+                assert current.pop(m["name"]) == m["key"]
+                asked += 1
+            elif m := needle.match(text):
+                current[m["name"]] = m["key"]
+    assert asked > 20
+    instruct = tmp_path / "instruct.jsonl"
+    n = demo.write_instruct_documents(str(instruct), files[:2], lines_per_doc=5)
+    docs = [json.loads(line)["text"] for line in instruct.read_text().splitlines()]
+    assert len(docs) == n > 2
+    assert all(d.startswith(demo.INSTRUCT_PROMPT) and d.endswith("### End\n") for d in docs)
+    bodies = [d[len(demo.INSTRUCT_PROMPT):].splitlines()[:-1] for d in docs]
+    assert all(line.startswith("> ") for body in bodies for line in body)
