@@ -96,10 +96,6 @@ class SequenceParallel:
         return received.permute(1, 0, 2, 3).reshape(1, n, s * hs, d)
 
 
-def active() -> SequenceParallel | None:
-    return _ACTIVE
-
-
 def split_streams(cfg, seq_lens: dict[str, int]) -> dict[str, int]:
     """{stream: S} for the streams split along the sequence: with `parallel.sequence_parallel` S > 1, the
     native-position streams of the longest rows. Each must train on the LM loss only (the teacher never sees

@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--target", os.path.join(runs, method, "final"), "--out", target, "--quiet"])
 
     results = {}
-    for name in ("teacher", *names, *(m + "+residual" for m in RESIDUAL)):
-        model = teacher if name == "teacher" else (
+    for name in ("teacher", *names, "instruct", *(m + "+residual" for m in RESIDUAL)):
+        model = {"teacher": teacher, "instruct": instruct}.get(name) or (
             os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final"))
         eval_dir = os.path.join(out, "eval", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
@@ -415,7 +415,8 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
 
     report.json: "teacher" (its figures within its window and, through a rolling 256-token window, beyond
     it); "methods" (per method, seed 0's figures with standard errors, and over the seeds `<figure>_mean`,
-    `<figure>_sd` and `per_seed`); "residual" (the extended models plus the instruction residual);
+    `<figure>_sd` and `per_seed`); "residual" (the instruct teacher, and the extended models plus the
+    instruction residual, on the demo's held-out data);
     "instruction_format_loss"; "sweep" (per swept method, the α grid's figures); "environment"."""
     import statistics
 
@@ -438,7 +439,7 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
                "short_whole_nll_rolling": _num(ref.get("teacher_short_whole_nll")),
                "short_whole_nll_rolling_se": _num(ref.get("teacher_short_whole_nll_se"))}
     residual = {name: model_figures(r["figures"], teacher_short) for name, r in results.items()
-                if name.endswith("+residual")}
+                if name == "instruct" or name.endswith("+residual")}
     report = {
         "seeds": seeds,
         "environment": environment(),
@@ -495,7 +496,8 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
         f"{_f(teacher['passkey_accuracy_beyond_window'], '.2f')} |",
     ]
     rows = [(METHODS[m], methods[m]) for m in METHODS] + [
-        (f"{METHODS[n.split('+')[0]]} + instruction residual", r) for n, r in residual.items()]
+        ("instruct teacher" if n == "instruct" else f"{METHODS[n.split('+')[0]]} + instruction residual", r)
+        for n, r in residual.items()]
     for label, m in rows:
         lines.append(
             f"| {label} | {_f(m['short_nll'])} ± {_f(m['short_nll_se'])} | {_f(m['short_nll_gap'], '+.4f')} "

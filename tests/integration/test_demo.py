@@ -40,7 +40,7 @@ def test_demo_pipeline_quick(tmp_path):
     assert set(loss) == {"teacher", "instruct", "long_cpt", "longred", "long_cpt+residual",
                          "longred+residual"}
     assert all(v["nll"] > 0 and v["se"] > 0 for v in loss.values())
-    assert set(report["residual"]) == {"long_cpt+residual", "longred+residual"}
+    assert set(report["residual"]) == {"instruct", "long_cpt+residual", "longred+residual"}
     assert report["methods"]["long_cpt"]["recovered_fraction"] == 0.0
     assert report["teacher"]["short_nll"] > 0
     # Two extension seeds: per-seed figures, their mean and spread.
