@@ -39,11 +39,11 @@ MODEL = dict(arch="llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_he
 RESIDUAL = SWEEP = ("long_cpt", "longred")
 FULL = dict(vocab=2000, teacher_steps=700, extend_steps=150, instruct_steps=120, eval_rows=0, long_rows=200,
             instruct_files=None,
-            passkey_samples=10, sweep_long_rows=100, sweep_passkey_samples=4, alphas=(0, 0.25, 0.5, 0.75, 1),
+            passkey_samples=10, sweep_passkey_samples=4, alphas=(0, 0.25, 0.5, 0.75, 1),
             data=[], instruct_data=[])
 QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, instruct_steps=3, eval_rows=4, long_rows=2,
              instruct_files=40, passkey_samples=1,
-             sweep_long_rows=2, sweep_passkey_samples=1, alphas=(0, 1),
+             sweep_passkey_samples=1, alphas=(0, 1),
              data=["streams.long.max_tokens=60000", "streams.short.max_tokens=30000",
                    "streams.s2l.max_tokens=30000", "streams.short_whole.max_tokens=30000",
                    "holdout.max_tokens=20000", "holdout.min_documents=4", "holdout.min_tokens=2000"],
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             run([sys.executable, "scripts/evaluate.py", "--sweep", teacher,
                  os.path.join(runs, method, "final"), "--alphas", alphas, "--short-data", data_dir,
                  "--long-data", data_dir, "--original-length", "256", "--target-length", "1024",
-                 "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["sweep_long_rows"]),
+                 "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["long_rows"]),
                  "--passkey-samples", str(size["sweep_passkey_samples"]), "--lengths", "256,512,1024",
                  "--depths", "0.1,0.5,0.9", "--out", sweep_dir, *points])
         sweeps[method] = read_json(os.path.join(sweep_dir, "sweep.json"))
