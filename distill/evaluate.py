@@ -341,12 +341,9 @@ def _windows(stream: PackedStream, indices: list[int], window: int, stride: int)
     document id). Every token after the first `window` of a document is predicted from at least
     window − stride tokens before it."""
     for i in indices:
-        ids = np.asarray(stream.input_ids(i), dtype=np.int64)
-        at = 0
-        for k, n in enumerate(stream.lengths(i)):
-            doc = ids[at: at + n]
+        for k, doc in enumerate(stream.documents(i)):
+            doc, n = np.asarray(doc, dtype=np.int64), len(doc)
             doc_id = i * stream.seq_len + k
-            at += n
             yield doc[:window], 0, 1, doc_id
             end = min(window, n)
             while end < n:

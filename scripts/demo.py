@@ -307,18 +307,21 @@ def main(argv: list[str] | None = None) -> int:
             run([sys.executable, "scripts/merge.py", "residual", "--base", teacher, "--instruct", instruct,
                  "--target", os.path.join(runs, method, "final"), "--out", target, "--quiet"])
 
+    def model_dir(name: str) -> str:
+        if name in ("teacher", "instruct"):
+            return {"teacher": teacher, "instruct": instruct}[name]
+        return os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final")
+
     results = {}
     for name in ("teacher", *names, "instruct", *(m + "+residual" for m in RESIDUAL)):
-        model = {"teacher": teacher, "instruct": instruct}.get(name) or (
-            os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final"))
+        model = model_dir(name)
         eval_dir = os.path.join(out, "eval", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
             run(evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher))
         results[name] = read_json(os.path.join(eval_dir, "eval.json"))
     format_loss = {}
     for name in ("teacher", "instruct", *RESIDUAL, *(m + "+residual" for m in RESIDUAL)):
-        model = {"teacher": teacher, "instruct": instruct}.get(name) or (
-            os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final"))
+        model = model_dir(name)
         eval_dir = os.path.join(out, "eval_instruct", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
             run([sys.executable, "scripts/evaluate.py", "--model", model, "--short-data",

@@ -56,25 +56,15 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def depth_list(text: str) -> list[float]:
+def unit_list(text: str) -> list[float]:
+    """Comma-separated numbers in [0, 1] (needle depths, interpolation weights α)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers in [0, 1], got {text!r}") from None
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
-    return values
-
-
-def alpha_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") \
-            from None
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"each α must lie in [0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"each value must lie in [0, 1], got {text!r}")
     return values
 
 
@@ -145,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --model/--teacher: evaluate (1-α)·ORIGINAL + α·EXTENDED for each "
                         "of --alphas (EXTENDED's config), against ORIGINAL; writes sweep.json, sweep.md and "
                         "pareto.png")
-    p.add_argument("--alphas", type=alpha_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    p.add_argument("--alphas", type=unit_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="the sweep's α grid (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--point", action="append", default=[], metavar="NAME=EVAL_JSON",
                    help="another model's eval.json to put on the sweep's plot (repeatable)")
@@ -171,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passkey prompts per (length, depth); 0 skips passkey (default 4)")
     p.add_argument("--lengths", type=int_list,
                    help="passkey context lengths (default: original, 2×, ..., target)")
-    p.add_argument("--depths", type=depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    p.add_argument("--depths", type=unit_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="needle depths in [0, 1]")
     p.add_argument("--buckets", type=number(int), default=16,
                    help="equal-width position buckets (default 16)")

@@ -179,6 +179,14 @@ class PackedStream:
         offsets = self._len_offsets[k]
         return self._len_values[k][offsets[j]: offsets[j + 1]].tolist()
 
+    def documents(self, i: int) -> list[np.ndarray]:
+        """The documents of row i, each its token ids (no padding)."""
+        ids, out, at = self.input_ids(i), [], 0
+        for n in self.lengths(i):
+            out.append(ids[at: at + n])
+            at += n
+        return out
+
     def file_of(self, i: int) -> str:
         """The Arrow file holding row i."""
         i = int(i) % self._rows
@@ -292,10 +300,8 @@ def export_text(stream: PackedStream, tokenizer: Any, path: str) -> int:
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for i in range(len(stream)):
-            ids, at = stream.input_ids(i), 0
-            for n in stream.lengths(i):
-                doc = [int(t) for t in ids[at: at + n]]
-                at += n
+            for piece in stream.documents(i):
+                doc = [int(t) for t in piece]
                 if doc and eos is not None and doc[-1] == eos:
                     doc = doc[:-1]
                 f.write(json.dumps({"text": tokenizer.decode(doc)}) + "\n")
