@@ -103,17 +103,20 @@ class TrainState:
     skipped_rows: int = 0
     wandb_id: str | None = None
     lr: float = 0.0
+    layer_trace: dict | None = None
+    """optim.layers: traced: the last measurement (`distill.localise.layer_plan`), reused on resume."""
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
                 "skipped_rows": self.skipped_rows, "wandb_id": self.wandb_id, "lr": self.lr,
-                "mixture": self.mixture.state_dict()}
+                "mixture": self.mixture.state_dict(), "layer_trace": self.layer_trace}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.skipped_rows = int(state.get("skipped_rows", 0))
         self.wandb_id, self.lr = state.get("wandb_id"), float(state.get("lr", 0.0))
+        self.layer_trace = state.get("layer_trace")
         self.mixture.load_state_dict(state["mixture"])
 
 

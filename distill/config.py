@@ -280,6 +280,43 @@ class RunConfig:
 
 
 @dataclasses.dataclass
+class AlignmentConfig:
+    kind: Literal["cosine", "mse"] = "cosine"
+    """D(h_p, h_e) per token: cosine = 1 − cos; mse = the mean squared difference over the hidden size."""
+    weight: float = 0.0
+    """Weight of the per-token mean of D averaged over the expanded layers (an objective `alignment` of
+    every stream, normalised by the stream's real tokens like `hidden`); 0 turns it off."""
+
+    def validate(self, path: str) -> None:
+        check(self.weight >= 0, join(path, "weight"), f"must be >= 0, got {self.weight}")
+
+
+@dataclasses.dataclass
+class ExpansionConfig:
+    layers: int | list[int] = 8
+    """k: every (L/k)-th decoder block (the last of each run of L/k), as Control LLM; or a list of block
+    indices 0..L−1."""
+    interpolation: Literal["lerp", "dlerp", "dlerp_in", "progressive", "moe"] = "lerp"
+    """How a block's frozen output h_p and its trainable copy's h_e combine (distill.expansion)."""
+    alignment: AlignmentConfig | None = None
+    """An alignment loss keeping h_e near h_p; null: none."""
+    fold_rows: int = 16
+    """Held-out rows on which the export measures the mean α of the dynamic kinds (dlerp, dlerp_in, moe) to
+    fold each pair back into one block."""
+
+    def validate(self, path: str) -> None:
+        if isinstance(self.layers, int):
+            check(self.layers > 0, join(path, "layers"), f"must be a positive count or a list of indices, "
+                                                         f"got {self.layers}")
+        else:
+            check(len(self.layers) > 0, join(path, "layers"), "must list at least one block index")
+            check(len(set(self.layers)) == len(self.layers), join(path, "layers"), "lists a block twice")
+            for i, layer in enumerate(self.layers):
+                check(layer >= 0, f"{join(path, 'layers')}[{i}]", f"must be >= 0, got {layer}")
+        check(self.fold_rows > 0, join(path, "fold_rows"), "must be positive")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     path: str
     """Hugging Face id or local directory of the model to extend (the student starts from it)."""
@@ -292,6 +329,9 @@ class ModelConfig:
     """Recompute activations in backward (needed at 32K+ tokens)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory; off unless you trust it."""
+    expansion: ExpansionConfig | None = None
+    """Hybrid expansion (Control LLM): selected blocks become a frozen original plus a trainable copy whose
+    outputs are interpolated; everything else is frozen. null: the whole model trains."""
 
 
 @dataclasses.dataclass
@@ -516,6 +556,32 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass
+class LayersConfig:
+    mode: Literal["all", "traced"] = "all"
+    """all: every trainable parameter at optim.lr. traced: gradient localisation (Fernandez et al. 2024):
+    each decoder layer's gradient norm on a diagnostic batch, relative to the mean over layers, decides."""
+    select: Literal["above_mean", "lr_scale"] = "above_mean"
+    """traced: train only the layers whose relative norm is above the mean (the others frozen, with no
+    optimiser state), or train all of them with each layer's LR scaled by its relative norm."""
+    stream: str | None = None
+    """The stream whose rows form the diagnostic batch (LM loss); null: the first stream with an LM loss."""
+    rows: int = 8
+    """Rows of the diagnostic batch."""
+    every: int = 0
+    """lr_scale: measure again every N steps (0: at start-up only)."""
+    max_scale: float = 4.0
+    """lr_scale: the largest factor a layer's LR may get."""
+
+    def validate(self, path: str) -> None:
+        check(self.rows > 0, join(path, "rows"), "must be positive")
+        check(self.every >= 0, join(path, "every"), "must be >= 0")
+        check(self.max_scale > 0, join(path, "max_scale"), "must be positive")
+        check(not (self.every and self.select == "above_mean"), join(path, "every"),
+              "re-measuring is for select: lr_scale; above_mean freezes layers once, at start-up (a layer "
+              "frozen later would keep optimiser state)")
+
+
+@dataclasses.dataclass
 class OptimConfig:
     lr: float = 2.0e-5
     """Peak learning rate of AdamW."""
@@ -529,6 +595,8 @@ class OptimConfig:
     """AdamW's kernel: auto = fused (one kernel over all parameters, ~4x faster than the loop on the CPU)
     for unsharded runs, torch's default under FSDP2 / ZeRO-3."""
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    layers: LayersConfig = dataclasses.field(default_factory=LayersConfig)
+    """Which decoder layers train, and at what LR (gradient localisation)."""
 
     def validate(self, path: str) -> None:
         check(self.lr > 0, join(path, "lr"), f"must be positive, got {self.lr}")
@@ -608,10 +676,15 @@ class LogConfig:
     peak_tflops: float | None = None
     """Per-device peak TFLOP/s for the logged MFU; None looks it up from the GPU's name (dense bf16:
     H100/H200 989, A100 312, ...; see distill.metrics.PEAK_TFLOPS). No MFU on a CPU unless set."""
+    layer_grad_every: int = 0
+    """Every N steps, log each decoder layer's attention and MLP gradient norm (plus embeddings and head),
+    for the step and per stream (`grad_norm/layers.<i>.attn`, `grad_norm/<stream>/layers.<i>.mlp`), and
+    draw layer_grad_norms.png in the run directory; 0: never."""
 
     def validate(self, path: str) -> None:
         check(self.peak_tflops is None or self.peak_tflops > 0, join(path, "peak_tflops"),
               f"must be positive, got {self.peak_tflops}")
+        check(self.layer_grad_every >= 0, join(path, "layer_grad_every"), "must be >= 0")
 
 
 @dataclasses.dataclass
@@ -651,6 +724,13 @@ class RecipeConfig:
         problem = check_lr_schedule(self.optim.schedule, self.train.max_steps)
         if problem is not None:
             raise ConfigError(problem)
+        traced = self.optim.layers
+        if traced.mode == "traced" and traced.stream is not None:
+            check(traced.stream in self.streams, "optim.layers.stream",
+                  f"{traced.stream!r} is not a stream; streams: {', '.join(self.streams)}")
+        if traced.mode == "traced" and traced.stream is None:
+            check(any(s.objectives.lm is not None for s in self.streams.values()), "optim.layers.stream",
+                  "traced needs a stream with an LM loss for its diagnostic batch")
 
     @property
     def needs_teacher(self) -> bool:

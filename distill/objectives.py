@@ -392,3 +392,44 @@ def hidden_cosine_loss(
         cos = F.cosine_similarity(h_s[mask].float(), h_t.detach()[mask].float(), dim=-1)  # (n,)
         total = total + (1.0 - cos).sum()
     return total, mask.sum()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hybrid expansion: alignment of the trainable copies with their frozen originals
+# ---------------------------------------------------------------------------------------------------
+
+
+def alignment_loss(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: torch.Tensor,
+    kind: str = "cosine",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Control LLM's alignment: D(h_p, h_e) per masked token, averaged over the expanded blocks, summed over
+    tokens (the trainer divides by the global token count, so the objective is the per-token mean).
+
+    Both branches keep their gradients: h_e pulls its copy, h_p reaches the blocks before it through their
+    shared input. Computed in fp32.
+
+    Args:
+        pairs: (h_p, h_e) per expanded block, each (B, T, H) (or (1, B·T, H), viewed as the mask's shape).
+        mask: (B, T) bool, True at the tokens that carry loss.
+        kind: cosine (1 − cos) or mse (mean over the hidden size of the squared difference).
+
+    Returns:
+        (loss_sum, count): 0-dim fp32 Σ_tokens mean_blocks D, 0-dim long mask.sum().
+    """
+    if not pairs:
+        raise ValueError("alignment needs at least one expanded block")
+    if kind not in ("cosine", "mse"):
+        raise ValueError(f"alignment kind {kind!r}; allowed: 'cosine', 'mse'")
+    mask = mask.bool()
+    B, T = mask.shape
+    total = torch.zeros((), dtype=torch.float32, device=pairs[0][0].device)
+    for h_p, h_e in pairs:
+        h_p, h_e = h_p.reshape(B, T, -1)[mask].float(), h_e.reshape(B, T, -1)[mask].float()  # (n, H)
+        if kind == "cosine":
+            d = 1.0 - F.cosine_similarity(h_p, h_e, dim=-1)
+        else:
+            d = (h_p - h_e).pow(2).mean(dim=-1)
+        total = total + d.sum()
+    return total / len(pairs), mask.sum()

@@ -5,20 +5,49 @@ from __future__ import annotations
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms, biases and other 1-D parameters undecayed.
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 lr_scales: dict[int, tuple[int, float]] | None = None) -> list[dict]:
+    """Decay matrices; leave norms, biases and other 1-D parameters undecayed. Frozen parameters are left
+    out: they hold no optimiser state.
 
     The order of the parameters (groups, then `named_parameters` order) is the numbering of the optimiser's
     state_dict, which every parallel mode keeps so checkpoints move between them.
+
+    Args:
+        lr_scales: {id(parameter): (decoder layer, LR factor)} (optim.layers: traced, lr_scale): each of the
+            two groups is cut into runs of consecutive parameters of one layer, each run a group with
+            `layer` and `lr_scale` (`Strategy.set_lr` multiplies by it; a new measurement rewrites it); the
+            parameters outside `lr_scales` get layer None and factor 1. The parameters keep their order,
+            hence their numbering.
     """
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lr_scales is None:
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        start = len(groups)
+        for p in params:
+            layer, scale = lr_scales.get(id(p), (None, 1.0))
+            if len(groups) > start and groups[-1]["layer"] == layer:
+                groups[-1]["params"].append(p)
+            else:
+                groups.append({"params": [p], "weight_decay": wd, "layer": layer, "lr_scale": float(scale)})
+    return groups
 
 
-def make_optimizer(model: torch.nn.Module, optim_cfg, sharded: bool) -> torch.optim.AdamW:
+def rescale(optimizer: torch.optim.Optimizer, scales: dict) -> None:
+    """Set each layer group's `lr_scale` from {layer: factor} (a new traced measurement)."""
+    by_layer = {int(k): float(v) for k, v in scales.items()}
+    for group in optimizer.param_groups:
+        if group.get("layer") is not None:
+            group["lr_scale"] = by_layer.get(group["layer"], 1.0)
+
+
+def make_optimizer(model: torch.nn.Module, optim_cfg, sharded: bool,
+                   lr_scales: dict[int, tuple[int, float]] | None = None) -> torch.optim.AdamW:
     """AdamW over `param_groups`, with the kernel `optim.implementation` asks for (see OptimConfig): auto is
     fused for a whole model, torch's default over sharded (DTensor / partitioned) parameters."""
     kind = optim_cfg.implementation
@@ -26,7 +55,7 @@ def make_optimizer(model: torch.nn.Module, optim_cfg, sharded: bool) -> torch.op
         kind = "default" if sharded else "fused"
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
              "default": {}}[kind]
-    return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
+    return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay, lr_scales), lr=optim_cfg.lr,
                              betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, **flags)
 
 

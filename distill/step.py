@@ -24,7 +24,7 @@ import torch
 from distill.config import ConfigError, RecipeConfig, StreamConfig
 from distill.data.dataset import DataError, PackedStream
 from distill.mixture import Mixture, stable_seed
-from distill.objectives import hidden_cosine_loss, kl_loss, lm_loss
+from distill.objectives import alignment_loss, hidden_cosine_loss, kl_loss, lm_loss
 from distill.rope import skipped_positions
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ class StreamObjectives:
         teacher: the truncated teacher runner, None for a stream without teacher objectives.
         teacher_head: the teacher's lm_head weight (for `kl`), else None.
         sequence: the sequence-parallel groups when this stream's rows are split over S ranks, else None.
+        alignment: model.expansion.alignment when the student is expanded with a non-zero alignment weight
+            (the objective `alignment` of every stream), else None.
     """
 
     name: str
@@ -111,10 +113,16 @@ class StreamObjectives:
     teacher: Callable | None = None
     teacher_head: torch.Tensor | None = None
     sequence: object = None
+    alignment: object = None
 
     @property
     def objectives(self) -> list[str]:
-        return list(self.cfg.objectives.active())
+        return list(self.cfg.objectives.active()) + (["alignment"] if self.alignment is not None else [])
+
+    def weight(self, objective: str) -> float:
+        if objective == "alignment":
+            return self.alignment.weight
+        return self.cfg.objectives.active()[objective].weight
 
     def fetch(self, rows: list[int], device, vocab_size: int, part: int = 0) -> tuple[dict, list[str]]:
         """The micro-batch's tensors on `device` ({"input_ids", "position_ids", "labels"} (B, T) int64,
@@ -147,6 +155,8 @@ class StreamObjectives:
         for name in ("hidden", "kl"):
             if getattr(self.cfg.objectives, name) is not None:
                 counts[name] = int(batch["real"].sum())
+        if self.alignment is not None:
+            counts["alignment"] = int(batch["real"].sum())
         return counts
 
     def model_inputs(self, batch: dict, positions_seed: int) -> tuple[dict, dict]:
@@ -201,6 +211,12 @@ class StreamObjectives:
             states = [h.view(B, T, -1) for h in out.hidden_states]  # n_layers + 1 of (B, T, H); [-1] normed
             head = strategy.output_weight()
             sums = {}
+            if self.alignment is not None:
+                from distill.expansion import take_pairs
+
+                with spans("loss", self.name):
+                    sums["alignment"] = alignment_loss(take_pairs(strategy.student), real,
+                                                       self.alignment.kind)[0]
             if objectives.lm is not None:
                 with spans("loss", self.name):
                     lm, shifted = objectives.lm, "targets" in batch
@@ -229,10 +245,14 @@ class StreamObjectives:
 def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers: dict[str, list[int]],
                      num_layers: int, teacher=None, strategy=None) -> dict[str, StreamObjectives]:
     """Every stream's StreamObjectives (after the strategy's set-up: `teacher` is the sharded one if any, and
-    the streams in `strategy.split` get its sequence-parallel groups)."""
+    the streams in `strategy.split` get its sequence-parallel groups; with an expanded student and an
+    alignment weight, every stream gets the objective `alignment`)."""
     from distill.models import TruncatedTeacher
 
     runner = TruncatedTeacher(teacher) if teacher is not None else None  # shared: one copy per depth
+    expansion = cfg.model.expansion
+    alignment = expansion.alignment if expansion is not None and expansion.alignment is not None and \
+        expansion.alignment.weight > 0 else None
     built = {}
     for name, stream_cfg in cfg.streams.items():
         taught = teacher is not None and stream_cfg.objectives.needs_teacher
@@ -240,7 +260,8 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
         built[name] = StreamObjectives(
             name=name, cfg=stream_cfg, data=streams[name], layers=layers.get(name, []), num_layers=num_layers,
             target_length=cfg.rope.target_length, teacher=runner if taught else None, teacher_head=head,
-            sequence=strategy.sequence if strategy is not None and name in strategy.split else None)
+            sequence=strategy.sequence if strategy is not None and name in strategy.split else None,
+            alignment=alignment)
     return built
 
 
@@ -261,12 +282,15 @@ class StepContext:
     vocab_size: int
     bad_rows: str = "stop"
     spans: Spans = NO_SPANS
+    layer_grad_every: int = 0
+    """log.layer_grad_every."""
+    grad_groups: dict | None = None
+    """The student's trainable parameters by part (`distill.localise.grad_groups`) when layer_grad_every."""
 
     def __post_init__(self):
         self.keys = [(n, o) for n, s in self.streams.items() for o in s.objectives]  # (stream, objective)
         self.index = {k: i for i, k in enumerate(self.keys)}
-        self.weights = torch.tensor([self.streams[n].cfg.objectives.active()[o].weight for n, o in self.keys],
-                                    dtype=torch.float64)
+        self.weights = torch.tensor([self.streams[n].weight(o) for n, o in self.keys], dtype=torch.float64)
         self.cost = {n: s.data.seq_len for n, s in self.streams.items()}
 
 
@@ -283,6 +307,9 @@ class StepResult:
     """False when the loss or the gradient norm was not finite and the step was skipped."""
     skipped_rows: int = 0
     """Rows skipped for out-of-vocabulary token ids (train.bad_rows: skip), over all ranks."""
+    part_norms: dict[str, float] = dataclasses.field(default_factory=dict)
+    """On a log.layer_grad_every step: the gradient norm of each part (`distill.localise.grad_groups`) before
+    clipping, of the step ("layers.0.attn") and of each stream ("short/layers.0.attn"); else empty."""
 
     @property
     def tokens(self) -> int:
@@ -325,22 +352,46 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
 
     presence = ctx.mixture.presence(step)
     loss_sums = torch.zeros(len(keys), dtype=torch.float64, device=ctx.device)  # on device: no sync per batch
-    for i, (slot, batch) in enumerate(fetched):
-        stream = ctx.streams[slot.stream]
-        seed = stable_seed(ctx.seed, "positions", step, slot.fetch.index) % (2**63)
-        sums = stream.losses(strategy, batch, seed, ctx.autocast, spans)
-        loss = 0.0
-        scale = 0.0 if slot.is_dummy else presence[slot.stream]  # a dummy only keeps collectives in step
-        for obj, value in sums.items():
-            k = ctx.index[(slot.stream, obj)]
-            loss = loss + scale * ctx.weights[k].item() * value / max(global_counts[k].item(), 1.0)
-            if not slot.is_dummy:
-                loss_sums[k] += value.detach().double()
-        with spans("backward", slot.stream), stream.split_attention():
-            strategy.backward(loss, last=i == len(fetched) - 1)
-        del sums, loss
+    # log.layer_grad_every: this step's per-part gradient norms, of the step and of each stream. Per stream,
+    # the micro-batches run grouped by stream (the same order on every rank: aligned plans stay aligned), each
+    # group's gradients reduced on their own while the earlier groups' sum waits aside, then added back.
+    every = ctx.layer_grad_every
+    traced = ctx.grad_groups is not None and every > 0 and (step + 1) % every == 0
+    per_stream = traced and strategy.can_stash
+    if per_stream:
+        order = {n: i for i, n in enumerate(ctx.streams)}
+        fetched.sort(key=lambda item: order[item[0].stream])  # stable: split micro-batches stay in order
+        groups = [(n, [item for item in fetched if item[0].stream == n]) for n in ctx.streams]
+    else:
+        groups = [(None, fetched)]
+    part_norms, stash = {}, None
+    for name, group in groups:
+        if per_stream:
+            stash = strategy.stash_gradients(stash)
+        for i, (slot, batch) in enumerate(group):
+            stream = ctx.streams[slot.stream]
+            seed = stable_seed(ctx.seed, "positions", step, slot.fetch.index) % (2**63)
+            sums = stream.losses(strategy, batch, seed, ctx.autocast, spans)
+            loss = 0.0
+            scale = 0.0 if slot.is_dummy else presence[slot.stream]  # a dummy only keeps collectives in step
+            for obj, value in sums.items():
+                k = ctx.index[(slot.stream, obj)]
+                loss = loss + scale * ctx.weights[k].item() * value / max(global_counts[k].item(), 1.0)
+                if not slot.is_dummy:
+                    loss_sums[k] += value.detach().double()
+            with spans("backward", slot.stream), stream.split_attention():
+                strategy.backward(loss, last=i == len(group) - 1)
+            del sums, loss
+        if per_stream:  # every rank, even one without this stream's micro-batches: collectives line up
+            strategy.reduce_gradients()
+            part_norms.update({f"{name}/{k}": v for k, v in strategy.grad_norms(ctx.grad_groups).items()})
     with spans("clip_grad"):
-        strategy.reduce_gradients()
+        if per_stream:
+            strategy.restore_gradients(stash)  # already summed over ranks, group by group
+        else:
+            strategy.reduce_gradients()
+        if traced:
+            part_norms.update(strategy.grad_norms(ctx.grad_groups))
         grad_norm = strategy.clip(ctx.max_grad_norm)
     loss_sums = strategy.procs.all_reduce(loss_sums).cpu()
     means = loss_sums / global_counts.clamp(min=1)
@@ -357,7 +408,7 @@ def train_step(ctx: StepContext, step: int) -> StepResult:
         slot_tokens[mb.stream] = slot_tokens.get(mb.stream, 0) + len(mb.rows) * ctx.cost[mb.stream]
     return StepResult(loss=total, grad_norm=grad_norm,
                       means={k: m for k, m, c in zip(keys, means.tolist(), global_counts.tolist()) if c > 0},
-                      slots=slot_tokens, stepped=stepped, skipped_rows=bad_rows)
+                      slots=slot_tokens, stepped=stepped, skipped_rows=bad_rows, part_norms=part_norms)
 
 
 def _blank_bad_rows(batch: dict, rows: torch.Tensor) -> None:

@@ -166,6 +166,12 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     # The launcher's mode, picked once.
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
     strategy.split = split_streams(cfg, seq_lens)
+    if cfg.model.expansion is not None and strategy.name == "zero3":
+        raise ConfigError("model.expansion: hybrid expansion runs on one process, data parallel or FSDP2, "
+                          "not under ZeRO-3 (launch with recipes/accelerate/fsdp2.yaml)")
+    if cfg.model.expansion is not None and cfg.parallel.sequence_parallel > 1:
+        raise ConfigError("model.expansion: not with parallel.sequence_parallel > 1 (the alignment loss "
+                          "reads whole rows); set parallel.sequence_parallel: 1")
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
         check_memory(cfg, strategy.name, procs.world, device, seq_lens)
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
@@ -209,14 +215,14 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         raise problem[0](problem[1])
 
     # -- weights, sharding, optimiser and the training state -------------------------------------------
-    if cfg.train.init_from is not None and resume_path is None:
-        ckpt.load_weights(cfg.train.init_from, student)  # a new stage: weights only
-        logger.info("initialised the student from %s (fresh optimiser and data state)", cfg.train.init_from)
-    if resume_path is not None:
-        ckpt.load_weights(resume_path, student)  # into the whole model, before any sharding
+    _load_weights(cfg, student, resume_path)
+    autocast = _autocast(device, dtype)
+    trace = None
+    if cfg.optim.layers.mode == "traced":
+        trace = _start_trace(cfg, student, streams, resume_path, strategy, autocast)
     strategy.setup(student, teacher, cfg.optim, dtype)
     logger.info("%s", strategy.describe())
-    state = ckpt.TrainState(mixture, lr=cfg.optim.lr)
+    state = ckpt.TrainState(mixture, lr=cfg.optim.lr, layer_trace=trace)
     if resume_path is not None:
         ckpt.restore(resume_path, strategy, state, procs.rank)
         saved_world = ckpt.read_state(resume_path).get("world_size", 1)
@@ -228,7 +234,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     if state.step >= cfg.train.max_steps:
         if cfg.train.export and not os.path.isfile(os.path.join(out_dir, "final", "config.json")):
             # A run stopped (killed) after its last checkpoint but before its export finished.
-            _export(strategy, student, tokenizer, os.path.join(out_dir, "final"), dtype, procs.is_main)
+            _export(cfg, strategy, student, tokenizer, streams, dtype, procs.is_main)
         logger.info("nothing to do: the run already reached step %d", state.step)
         return finish(0)
 
@@ -247,16 +253,23 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         native = teacher if teacher is not None else student
         evaluation = _evaluation(cfg, tokenizer, native, eval_streams(cfg))
 
+    from distill.localise import grad_groups, plot_layer_grads
+
+    groups = grad_groups(student) if cfg.log.layer_grad_every or trace is not None else None  # after sharding
     ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher,
                                                                   strategy),
-                      mixture=mixture, device=device, autocast=_autocast(device, dtype), seed=cfg.run.seed,
+                      mixture=mixture, device=device, autocast=autocast, seed=cfg.run.seed,
                       max_grad_norm=cfg.optim.max_grad_norm, vocab_size=student.config.vocab_size,
-                      bad_rows=cfg.train.bad_rows, spans=spans)
+                      bad_rows=cfg.train.bad_rows, spans=spans, layer_grad_every=cfg.log.layer_grad_every,
+                      grad_groups=groups)
 
     def save_checkpoint(step: int) -> str:
         path = ckpt.save(os.path.join(out_dir, "checkpoints"), step, strategy, state, procs)
         if procs.is_main:
             ckpt.prune(os.path.join(out_dir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_every)
+            if cfg.log.layer_grad_every:
+                plot_layer_grads(os.path.join(out_dir, "metrics.jsonl"),
+                                 os.path.join(out_dir, "layer_grad_norms.png"))
         return path
 
     progress = None
@@ -306,6 +319,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
                 record["mfu"] = per_device[0] / peak
             record.update({f"loss/{n}/{o}": v for (n, o), v in result.means.items()})
             record.update({f"tokens/{n}": v for n, v in result.slots.items()})  # token slots of this step
+            record.update({f"grad_norm/{k}": v for k, v in result.part_norms.items()})
             record["skipped_steps"] = state.nonfinite_total
             if state.skipped_rows:
                 record["skipped_rows"] = state.skipped_rows
@@ -323,6 +337,9 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
             if done % cfg.train.log_every == 0:
                 (progress.write if progress is not None else print)(console_line(record))
 
+        every = cfg.optim.layers.every
+        if trace is not None and every and done % every == 0 and done < cfg.train.max_steps:
+            state.layer_trace = trace = _retrace(cfg, strategy, streams, autocast, groups)
         if streak >= cfg.train.max_nonfinite_steps:  # after the step's record is written
             raise TrainingError(
                 f"{streak} non-finite steps in a row (last: step {done}, loss {result.loss}, grad-norm "
@@ -342,8 +359,11 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
 
     if progress is not None:
         progress.close()
+    if procs.is_main and cfg.log.layer_grad_every:
+        plot_layer_grads(os.path.join(out_dir, "metrics.jsonl"),
+                         os.path.join(out_dir, "layer_grad_norms.png"))
     if cfg.train.export:
-        _export(strategy, student, tokenizer, os.path.join(out_dir, "final"), dtype, procs.is_main)
+        _export(cfg, strategy, student, tokenizer, streams, dtype, procs.is_main)
     if stop_file is not None and procs.is_main and os.path.exists(stop_file):
         os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
     procs.barrier()
@@ -376,23 +396,160 @@ def _stopped(done: int, preempt: ckpt.PreemptionFlag, stop_file: str | None, is_
     return EXIT_PREEMPTED
 
 
-def _export(strategy, student, tokenizer, final: str, dtype: torch.dtype, is_main: bool) -> None:
-    """Write the Hugging Face export atomically: into a temporary directory renamed to `final` once complete
-    (a kill mid-write leaves the previous export or none, never a partial one). fp32 master weights go out in
-    the recipe's dtype (bf16 for real models)."""
+def _export(cfg: RecipeConfig, strategy, student, tokenizer, streams: dict, dtype: torch.dtype,
+            is_main: bool) -> None:
+    """Write the Hugging Face export `<output_dir>/final` atomically: into a temporary directory renamed once
+    complete (a kill mid-write leaves the previous export or none, never a partial one). fp32 master weights
+    go out in the recipe's dtype (bf16 for real models).
+
+    An expanded student is folded into a plain model (`distill.expansion.fold_state`, ᾱ per block in
+    final/expansion_fold.json), and the unfolded one is saved as `<output_dir>/expanded` for
+    scripts/evaluate.py, which also measures how far the folded logits are from it.
+    """
+    import json
     import shutil
 
     from distill.files import replace_dir
     from distill.models import export
 
+    out_dir, spec = cfg.run.output_dir, cfg.model.expansion
     full_state = strategy.model_state_dict()  # a collective when sharded
+    alphas = None
+    if spec is not None:
+        from distill import expansion
+
+        rows = _fold_batches(cfg, streams, tokenizer, spec.fold_rows, strategy.procs.device)
+        alphas = expansion.fold_alphas(student, full_state, rows, strategy.forward)  # every rank: forwards
     if not is_main:
         return
-    tmp = f"{final}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    export(student, tokenizer, tmp, state_dict=full_state, dtype=dtype)
-    replace_dir(tmp, final)
-    logger.info("exported %s", final)
+    targets = [("final", full_state if alphas is None else expansion.fold_state(full_state, alphas))]
+    if alphas is not None:
+        targets.append(("expanded", full_state))
+    for name, state in targets:
+        final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f"{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if name == "expanded":
+            expansion.save_unfolded(student, tokenizer, tmp, state, spec, alphas, dtype=dtype)
+        else:
+            export(student, tokenizer, tmp, state_dict=state, dtype=dtype)
+            if alphas is not None:
+                with open(os.path.join(tmp, "expansion_fold.json"), "w", encoding="utf-8") as f:
+                    folded = {str(i): a for i, a in alphas.items()}
+                    json.dump({"interpolation": spec.interpolation, "fold_alphas": folded}, f, indent=1)
+        replace_dir(tmp, final)
+        logger.info("exported %s%s", final, "" if alphas is None else
+                    f" ({'unfolded' if name == 'expanded' else 'folded with ᾱ ' + str(alphas)})")
+
+
+def _fold_batches(cfg: RecipeConfig, streams: dict, tokenizer, rows: int, device) -> list[dict]:
+    """The rows the export measures the dynamic interpolations' mean α on: held-out data (eval.short_data or
+    eval.long_data, or the streams' holdout) when there is some, else the first stream's first rows; one row
+    of inputs each (the same on every rank)."""
+    from distill.data.dataset import PackedStream
+    from distill.evaluate import eval_streams
+
+    held_out = next((path for path in eval_streams(cfg) if path), None)
+    data = PackedStream(held_out, tokenizer) if held_out else streams[next(iter(streams))]
+    if not held_out:
+        logger.warning("no held-out data: the mean α of the expanded blocks is measured on training rows")
+    out = []
+    for i in range(min(rows, len(data))):
+        b = data.batch([i])
+        out.append({"input_ids": b["input_ids"].to(device), "position_ids": b["position_ids"].to(device),
+                    "attention_mask": None})
+    return out
+
+
+def _expanded_checkpoint(path: str) -> bool:
+    """Whether a checkpoint's weights are an expanded model's (they hold `.original.` branch tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+        return any(".original." in key for key in f.keys())
+
+
+def _load_weights(cfg: RecipeConfig, student, resume_path: str | None) -> None:
+    """The student's weights before any sharding: expanded per model.expansion, then the checkpoint to resume
+    from, or train.init_from's weights (a new stage: weights only; a plain model's are loaded before the
+    expansion, an expanded one's after it)."""
+    spec, init_from = cfg.model.expansion, cfg.train.init_from
+    plain_init = init_from is not None and (spec is None or not _expanded_checkpoint(init_from))
+    if resume_path is None and plain_init:
+        ckpt.load_weights(init_from, student)
+        logger.info("initialised the student from %s (fresh optimiser and data state)", init_from)
+        init_from = None
+    if spec is not None:
+        from distill.expansion import expand
+
+        indices = expand(student, spec)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        logger.info("hybrid expansion (%s): blocks %s expanded; %d trainable parameters, everything else "
+                    "frozen", spec.interpolation, indices, trainable)
+    if resume_path is not None:
+        ckpt.load_weights(resume_path, student)  # into the whole model, before any sharding
+    elif init_from is not None:
+        ckpt.load_weights(init_from, student)
+        logger.info("initialised the expanded student from %s (fresh optimiser and data state)", init_from)
+
+
+def _diagnostic_batch(cfg: RecipeConfig, streams: dict, device) -> dict:
+    """optim.layers' diagnostic batch: the first `rows` rows of its stream, flattened into one packed row."""
+    layers_cfg = cfg.optim.layers
+    name = layers_cfg.stream or next(n for n, s in cfg.streams.items() if s.objectives.lm is not None)
+    data = streams[name]
+    b = data.batch(list(range(min(layers_cfg.rows, len(data)))))
+    return {k: b[k].reshape(1, -1).to(device) for k in ("input_ids", "position_ids", "labels")}
+
+
+def _start_trace(cfg: RecipeConfig, student, streams: dict, resume_path: str | None, strategy,
+                 autocast) -> dict:
+    """optim.layers: traced at start-up, on the whole student (before sharding; every rank computes the same):
+    the per-layer gradient norms of the diagnostic batch, then the layers frozen (above_mean) or the per-layer
+    LR factors handed to the strategy (lr_scale). A resumed run reuses its checkpoint's measurement."""
+    from distill.localise import diagnostic_norms, freeze_untraced, layer_plan
+
+    layers_cfg = cfg.optim.layers
+    trace = ckpt.read_state(resume_path).get("layer_trace") if resume_path is not None else None
+    if trace is None:
+        norms = diagnostic_norms(student, _diagnostic_batch(cfg, streams, strategy.procs.device), autocast)
+        trace = layer_plan(norms, layers_cfg.select, layers_cfg.max_scale)
+    relative = ", ".join(f"{i}: {r:.2f}" for i, r in trace["relative"].items())
+    if layers_cfg.select == "above_mean":
+        frozen = freeze_untraced(student, trace["trained"])
+        logger.info("traced layers (gradient norm / mean: %s): training layers %s, frozen %s", relative,
+                    trace["trained"], frozen)
+    else:
+        strategy.layer_scales = trace["scales"]
+        logger.info("traced layers (gradient norm / mean: %s): LR factors %s", relative,
+                    {int(i): round(s, 3) for i, s in trace["scales"].items()})
+    return trace
+
+
+def _retrace(cfg: RecipeConfig, strategy, streams: dict, autocast, groups: dict) -> dict:
+    """optim.layers.every: measure the per-layer gradient norms again through the strategy (every rank runs
+    the same diagnostic batch; the relative norms do not depend on the sum over ranks), rescale each layer's
+    LR, and discard the diagnostic gradients."""
+    from distill.localise import layer_norms, layer_plan
+    from distill.objectives import lm_loss
+    from distill.optim import rescale
+
+    layers_cfg = cfg.optim.layers
+    batch = _diagnostic_batch(cfg, streams, strategy.procs.device)
+    with autocast():
+        out = strategy.forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               attention_mask=None, output_hidden_states=True, use_cache=False,
+                               logits_to_keep=1)
+        total, count = lm_loss(out.hidden_states[-1], strategy.output_weight(), batch["labels"])
+    strategy.backward(total / count.clamp(min=1), last=True)
+    strategy.reduce_gradients()
+    norms = layer_norms(strategy.grad_norms(groups))
+    strategy.skip_step()
+    strategy.zero_grad()
+    trace = layer_plan(norms, layers_cfg.select, layers_cfg.max_scale)
+    rescale(strategy.optimizer, trace["scales"])
+    factors = {int(i): round(v, 3) for i, v in trace["scales"].items()}
+    logger.info("traced layers again: LR factors %s", factors)
+    return trace
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

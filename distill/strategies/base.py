@@ -101,6 +101,17 @@ class Strategy(abc.ABC):
         self.teacher: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[nn.Parameter] = []
+        self.layer_scales: dict | None = None
+        """optim.layers: traced with lr_scale: {decoder layer: LR factor}, set before `setup`."""
+
+    def param_scales(self, student: nn.Module) -> dict[int, float] | None:
+        """{id(parameter): LR factor} of `layer_scales` over the student's parameters as they are now (after
+        sharding, which replaces the parameter objects but keeps their names)."""
+        if self.layer_scales is None:
+            return None
+        from distill.localise import lr_scales_by_param
+
+        return lr_scales_by_param(student, self.layer_scales)
 
     # -- set-up ----------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -145,8 +156,47 @@ class Strategy(abc.ABC):
         return clip_grad_norm(self.params, max_norm)
 
     def set_lr(self, lr: float) -> None:
+        """Every group's LR: `lr` times the group's `lr_scale` (optim.layers: traced, lr_scale), else 1."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    # -- per-part gradient norms (log.layer_grad_every) ------------------------------------------------
+    can_stash = True
+    """Whether the summed gradients can be set aside and added back (`stash_gradients`), as plain or DTensor
+    `.grad`s can; ZeRO-3 keeps its gradients inside DeepSpeed's partitions."""
+
+    def _local_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        """This rank's piece of the parameter's summed gradient (the whole gradient when not sharded)."""
+        g = param.grad
+        return g.to_local() if g is not None and hasattr(g, "to_local") else g
+
+    def grad_norms(self, groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
+        """The 2-norm of each group's summed gradients, after `reduce_gradients`: sums of squares over this
+        rank's pieces, reduced over ranks when sharded (a collective then: every rank calls it)."""
+        sums = torch.zeros(len(groups), dtype=torch.float64, device=self.procs.device)
+        for k, params in enumerate(groups.values()):
+            for p in params:
+                g = self._local_grad(p)
+                if g is not None and g.numel():
+                    sums[k] += g.detach().double().pow(2).sum()
+        if self.sharded:
+            sums = self.procs.all_reduce(sums)
+        return {name: float(v) ** 0.5 for name, v in zip(groups, sums.cpu().tolist())}
+
+    def stash_gradients(self, stash: dict | None) -> dict:
+        """Set the gradients so far aside (added to `stash`), leaving none: the next backward starts
+        afresh."""
+        stash = {} if stash is None else stash
+        for p in self.params:
+            if p.grad is not None:
+                stash[id(p)] = (p, p.grad if id(p) not in stash else stash[id(p)][1].add_(p.grad))
+                p.grad = None
+        return stash
+
+    def restore_gradients(self, stash: dict | None) -> None:
+        """Add the stashed gradients back."""
+        for p, g in (stash or {}).values():
+            p.grad = g if p.grad is None else p.grad.add_(g)
 
     def step(self) -> None:
         self.optimizer.step()

@@ -260,7 +260,9 @@ class FSDP2(Strategy):
         if teacher is not None:
             shard_teacher(teacher, mesh)
         self.student, self.teacher = student, teacher
-        self.optimizer = make_optimizer(student, optim_cfg, sharded=True)  # over the sharded parameters
+        # Over the sharded parameters.
+        self.optimizer = make_optimizer(student, optim_cfg, sharded=True,
+                                        lr_scales=self.param_scales(student))
         self.params = [p for p in student.parameters() if p.requires_grad]
 
     def describe(self) -> str:

@@ -19,7 +19,8 @@ class Replicated(Strategy):
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
         del dtype  # autocast does mixed precision over the fp32 master weights
         self.student, self.teacher = student, teacher
-        self.optimizer = make_optimizer(student, optim_cfg, sharded=False)
+        self.optimizer = make_optimizer(student, optim_cfg, sharded=False,
+                                        lr_scales=self.param_scales(student))
         self.params = [p for p in student.parameters() if p.requires_grad]
 
     def describe(self) -> str:

@@ -424,7 +424,8 @@ class ZeRO3(Strategy):
         # fp32 partitions; the compute dtype is autocast's, which the engine must be told (ds_config).
         # The client AdamW is built over the whole model BEFORE ZeRO-3 flattens it: its param_groups keep
         # the parameter order of the checkpoint format and stay the place to set the learning rate.
-        self.optimizer = make_optimizer(student, optim_cfg, sharded=True)
+        self.optimizer = make_optimizer(student, optim_cfg, sharded=True,
+                                        lr_scales=self.param_scales(student))
         self.engine = wrap_student(student, self.optimizer, optim_cfg.max_grad_norm, autocast=dtype)
         if teacher is not None:
             shard_teacher(teacher)
@@ -451,6 +452,13 @@ class ZeRO3(Strategy):
     def clip(self, max_norm: float) -> float:
         del max_norm  # DeepSpeed clips inside engine.step() (gradient_clipping = optim.max_grad_norm)
         return grad_norm(self.engine)
+
+    can_stash = False  # the summed gradients live in DeepSpeed's partitions: per-part norms of the step only
+
+    def _local_grad(self, param):
+        from deepspeed.utils import safe_get_local_grad
+
+        return safe_get_local_grad(param)
 
     def step(self) -> None:
         self.engine.step()
