@@ -338,7 +338,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
                 (progress.write if progress is not None else print)(console_line(record))
 
         every = cfg.optim.layers.every
-        if trace is not None and every and done % every == 0 and done < cfg.train.max_steps:
+        # Also at the last step: a run stopped there and resumed later must hold the same measurement.
+        if trace is not None and every and done % every == 0:
             state.layer_trace = trace = _retrace(cfg, strategy, streams, autocast, groups)
         if streak >= cfg.train.max_nonfinite_steps:  # after the step's record is written
             raise TrainingError(

@@ -215,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args) -> dict:
     import torch
 
+    from distill import expansion
     from distill.config import ModelConfig
     from distill.data.dataset import PackedStream
     from distill.evaluate import evaluate_suite
-    from distill.models import load_teacher
+    from distill.models import load_teacher, resolve_dtype
 
     if args.sweep and (args.model or args.teacher):
         raise UsageError("--sweep ORIGINAL EXTENDED replaces --model and --teacher; pass one or the other")
@@ -259,8 +260,14 @@ def evaluate(args) -> dict:
                                        args.original_length, args.target_length)
     # Both load as frozen models with the RoPE their own config carries (the exported model: the extended
     # one).
-    model = load_teacher(args.model, ModelConfig(path=args.model, dtype=dtype, attention=args.attention),
-                         device)
+    fold_alphas = None
+    if expansion.is_unfolded(args.model):  # a hybrid-expansion run's expanded/: the unfolded model
+        if args.sweep:
+            raise UsageError(f"--sweep {args.model}: an unfolded expanded model; sweep its folded final/")
+        model, fold_alphas = expansion.load_unfolded(args.model, resolve_dtype(dtype), args.attention, device)
+    else:
+        model = load_teacher(args.model, ModelConfig(path=args.model, dtype=dtype, attention=args.attention),
+                             device)
     teacher = None
     if args.teacher:
         teacher = load_teacher(args.teacher,
@@ -286,6 +293,13 @@ def evaluate(args) -> dict:
     path = os.path.join(out_dir, "eval.json")
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
+    if fold_alphas is not None:  # how far final/ (the fold) is from this unfolded model
+        rows = list(range(min(args.max_rows or 8, len(short))))
+        fold = expansion.fold_figures(model, fold_alphas, short, rows)
+        figures.update(fold)
+        record["figures"].update(fold)
+        record["fold"] = {"alphas": {str(i): a for i, a in fold_alphas.items()}, "rows": len(rows),
+                          "data": os.path.abspath(short_path)}
     record = {"model": os.path.abspath(args.model),
               "teacher": os.path.abspath(args.teacher) if args.teacher else None,
               "short_data": os.path.abspath(short_path),
