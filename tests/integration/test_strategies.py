@@ -65,15 +65,17 @@ def launch(mode: str, recipe_path: str, out: str, teacher: str) -> subprocess.Co
 def single(tmp_path_factory, tiny_llama, built_data):
     """1-process references in this process: full (3 steps) and poisoned (step 1 NaN)."""
     from distill import train
-    from tests.integration.strategy_worker import SPARSE, poisoned_run
+    from tests.integration.strategy_worker import EXPANDED, LOCALISED, SPARSE, poisoned_run
 
     root = tmp_path_factory.mktemp("single")
     path = write(strategy_recipe(tiny_llama, built_data, root / "full"), root / "r.yaml")
     assert train.main([path]) == 0
     assert poisoned_run(path, str(root / "poisoned")) == 0
     assert train.main([path, f"run.output_dir={root / 'sparse'}", *SPARSE]) == 0
+    assert train.main([path, f"run.output_dir={root / 'expanded'}", *EXPANDED]) == 0
+    assert train.main([path, f"run.output_dir={root / 'localised'}", *LOCALISED]) == 0
     return {"root": root, "recipe": path, "full": root / "full", "poisoned": root / "poisoned",
-            "sparse": root / "sparse"}
+            "sparse": root / "sparse", "expanded": root / "expanded", "localised": root / "localised"}
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp2", "zero3"])
@@ -233,6 +235,47 @@ def test_parameters_no_loss_reached_are_not_stepped(two, single):
     assert a["state"].keys() == b["state"].keys()
     assert sorted(float(e["step"]) for e in a["state"].values()) == sorted(float(e["step"]) for e in
                                                                           b["state"].values())
+
+
+def _assert_part_norms_close(got: list[dict], want: list[dict], per_stream: bool = True) -> int:
+    """The per-part gradient norms of every step agree (the step's, and each stream's when `per_stream`);
+    returns how many were compared."""
+    compared = 0
+    for rg, rw in zip(got, want):
+        keys = {k for k in rw if k.startswith("grad_norm/") and (per_stream or k.count("/") == 1)}
+        assert keys == {k for k in rg if k.startswith("grad_norm/")}, rw["step"]
+        for key in keys:
+            assert rg[key] == pytest.approx(rw[key], rel=1e-4, abs=1e-7), (rw["step"], key)
+            compared += 1
+    return compared
+
+
+@pytest.mark.slow
+def test_expansion_and_gradient_norms_match_one_process(two, single, tiny_llama):
+    """Hybrid expansion on 2 processes (data parallel, FSDP2) equals 1 process: losses with the alignment
+    objective, grad norms, every per-part and per-stream gradient norm (FSDP2's reduced over shards), the
+    final weights and the optimiser (no state for frozen parameters). optim.layers traced with lr_scale too,
+    in every mode; ZeRO-3 logs the step's per-part norms (its gradients live in DeepSpeed's partitions)."""
+    if two["mode"] != "zero3":
+        run, ref = two["root"] / "expanded", single["expanded"]
+        got, want = read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
+        _assert_steps_close(got, want)
+        assert "loss/short/alignment" in want[-1] and "grad_norm/short/layers.1.interp" in want[-1]
+        assert _assert_part_norms_close(got, want) > 3 * 3 * 4
+        assert _max_diff(_weights(run, STEPS), _weights(ref, STEPS)) < 1e-5
+        _assert_optimizer_close(_optim(run, STEPS), _optim(ref, STEPS))
+        trainable = [k for k in _weights(ref, STEPS)
+                     if k.startswith("model.layers.1.") and ".original." not in k]
+        assert len(_optim(ref, STEPS)["state"]) == len(trainable)
+    run, ref = two["root"] / "localised", single["localised"]
+    got, want = read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
+    _assert_steps_close(got, want)
+    assert _assert_part_norms_close(got, want, per_stream=two["mode"] != "zero3") > 0
+    assert _max_diff(_weights(run, STEPS), _weights(ref, STEPS)) < 1e-5
+    opt_got, opt_want = _optim(run, STEPS), _optim(ref, STEPS)
+    assert [g.get("lr_scale") for g in opt_got["param_groups"]] == \
+        pytest.approx([g.get("lr_scale") for g in opt_want["param_groups"]], rel=1e-4)
+    assert len({g["lr_scale"] for g in opt_want["param_groups"]}) > 1  # layers got different LRs
 
 
 @pytest.mark.slow
