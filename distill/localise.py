@@ -159,15 +159,15 @@ def lr_scales_by_param(model: nn.Module, scales: dict) -> dict[int, tuple[int, f
 # the heatmap
 # ---------------------------------------------------------------------------------------------------------
 def plot_layer_grads(metrics_path: str, out_png: str) -> str | None:
-    """A layer × step heatmap of the step's `grad_norm/layers.<i>.<part>` records (log colour scale); None
-    when no record has them."""
+    """A part × step heatmap of the step's per-part gradient norms (`grad_norm/embed`,
+    `grad_norm/layers.<i>.<part>`, `grad_norm/head`; log colour scale); None when no record has them."""
     rows = []
     with open(metrics_path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
-                parts = {k[len("grad_norm/"):]: v for k, v in rec.items()
-                         if k.startswith("grad_norm/layers.") and isinstance(v, (int, float))}
+                parts = {k[len("grad_norm/"):]: v for k, v in rec.items()  # the step's, not per stream
+                         if k.startswith("grad_norm/") and k.count("/") == 1 and isinstance(v, (int, float))}
                 if parts:
                     rows.append((rec["step"], parts))
     if not rows:

@@ -7,7 +7,9 @@ Through the public commands only:
      with a 256-token window;
   2. `scripts/prepare_data.py data/demo.yaml`: long (1024), short (256) and s2l (256) streams + held-out;
   3. `accelerate launch -m distill.train recipes/demo/teacher.yaml`: pre-train the teacher at 256;
-  4. extend it 4x (ABF, 256 -> 1024) with (a) Long CPT, (b) Mix CPT, (c) LongReD (recipes/demo/*.yaml);
+  4. extend it 4x (ABF, 256 -> 1024) with (a) Long CPT, (b) Mix CPT, (c) LongReD (recipes/demo/*.yaml), and
+     with the other ways to keep what the model knew: (d, e) hybrid expansion, Lerp and Dlerp, (f) traced
+     layers (gradient localisation);
   5. `scripts/evaluate.py` on each against the teacher;
   6. write report.md, report.json and the plots.
 A step whose output is already complete is reused, so an interrupted demo continues where it stopped.
@@ -30,6 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 METHODS = {"long_cpt": "Long CPT", "mix_cpt": "Mix CPT", "longred": "LongReD"}
+# Compared with Long CPT and LongReD at seed 0 (recipes/demo/<name>.yaml; Long CPT's data and budget).
+OTHERS = {"expand_lerp": "Hybrid expansion (Lerp)", "expand_dlerp": "Hybrid expansion (Dlerp)",
+          "traced": "Traced layers (above mean)"}
 
 # Sizes: a ~1.3M-parameter Llama (4 layers x 128) is what 2 CPU cores can pre-train to a useful teacher
 # and extend three times within the demo's budget.
@@ -38,10 +43,12 @@ MODEL = dict(arch="llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_he
 # The extended models the instruction residual is added to, and those swept between teacher and themselves.
 RESIDUAL = SWEEP = ("long_cpt", "longred")
 FULL = dict(vocab=2000, teacher_steps=700, extend_steps=150, instruct_steps=120, eval_rows=0, long_rows=200,
+            fold_rows=16, other_seeds=None,
             instruct_files=None,
             passkey_samples=10, sweep_passkey_samples=4, alphas=(0, 0.25, 0.5, 0.75, 1),
             data=[], instruct_data=[])
 QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, instruct_steps=3, eval_rows=4, long_rows=2,
+             fold_rows=2, other_seeds=1,
              instruct_files=40, passkey_samples=1,
              sweep_passkey_samples=1, alphas=(0, 1),
              data=["streams.long.max_tokens=60000", "streams.short.max_tokens=30000",
@@ -286,6 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             if method != "long_cpt":
                 overrides += [f"streams.short.data={data['short']}", f"streams.s2l.data={data['s2l']}"]
             launch(f"recipes/demo/{method}.yaml", overrides)
+    other_seeds = min(args.seeds, size["other_seeds"] or args.seeds)  # the quick run trains them once
+    others = [method + (f"-seed{seed}" if seed else "") for seed in range(other_seeds) for method in OTHERS]
+    for seed in range(other_seeds):
+        for method in OTHERS:
+            name = method + (f"-seed{seed}" if seed else "")
+            if not done(os.path.join(runs, name, "final")):
+                launch(f"recipes/demo/{method}.yaml", [
+                    f"model.path={teacher}", f"run.output_dir={os.path.join(runs, name)}", f"run.seed={seed}",
+                    f"train.max_steps={size['extend_steps']}", f"streams.long.data={data['long']}"])
 
     # The instruction residual: the teacher instruction-tuned on a toy format, its change added to extended
     # models (LongReD and Long CPT of seed 0).
@@ -319,6 +335,20 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
             run(evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher))
         results[name] = read_json(os.path.join(eval_dir, "eval.json"))
+    for name in others:  # short and long NLL of the exported (folded) model, no passkey
+        eval_dir = os.path.join(out, "eval", name)
+        if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
+            cmd = evaluate_cmd(model_dir(name), eval_dir, size, data_dir, teacher)
+            run(cmd[:cmd.index("--passkey-samples") + 1] + ["0"] + cmd[cmd.index("--passkey-samples") + 2:])
+        results[name] = read_json(os.path.join(eval_dir, "eval.json"))
+        unfolded = os.path.join(runs, name, "expanded")
+        fold_dir = os.path.join(out, "eval", name + "-unfolded")
+        if os.path.isdir(unfolded) and not os.path.isfile(os.path.join(fold_dir, "eval.json")):
+            run([sys.executable, "scripts/evaluate.py", "--model", unfolded, "--short-data", data_dir,
+                 "--original-length", "256", "--max-rows", str(size["fold_rows"]), "--passkey-samples", "0",
+                 "--out", fold_dir])
+        if os.path.isdir(unfolded):
+            results[name + "-unfolded"] = read_json(os.path.join(fold_dir, "eval.json"))
     format_loss = {}
     for name in ("teacher", "instruct", *RESIDUAL, *(m + "+residual" for m in RESIDUAL)):
         model = model_dir(name)
@@ -443,12 +473,37 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
                "short_whole_nll_rolling_se": _num(ref.get("teacher_short_whole_nll_se"))}
     residual = {name: model_figures(r["figures"], teacher_short) for name, r in results.items()
                 if name == "instruct" or name.endswith("+residual")}
+    others = {}
+    for method in (m for m in OTHERS if m in results):
+        seed_figs = []  # per seed, against that seed's Long CPT
+        for k in range(seeds):
+            name = method + (f"-seed{k}" if k else "")
+            if name not in results:
+                continue
+            m = model_figures(results[name]["figures"], teacher_short)
+            cpt = per_seed[k]["long_cpt"]
+            m["recovered_fraction"] = 1.0 - m["short_nll_gap"] / cpt["short_nll_gap"]
+            m["long_nll_vs_long_cpt"] = m["long_nll"] / cpt["long_nll"] - 1.0
+            fold = results.get(name + "-unfolded", {}).get("figures", {})
+            if fold:
+                keys = ("fold_logit_max_abs_diff", "fold_logit_mean_abs_diff", "fold_kl",
+                        "fold_nll_unfolded", "fold_nll_folded")
+                m["fold"] = {key: _num(fold.get(key)) for key in keys}
+            seed_figs.append(m)
+        m = dict(seed_figs[0])
+        for key in ("short_nll", "recovered_fraction", "long_nll", "long_nll_vs_long_cpt"):
+            values = [r[key] for r in seed_figs]
+            m[f"{key}_mean"] = statistics.fmean(values)
+            m[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            m.setdefault("per_seed", {})[key] = values
+        others[method] = m
     report = {
         "seeds": seeds,
         "environment": environment(),
         "teacher": teacher,
         "methods": methods,
         "residual": residual,
+        "others": others,
         "instruction_format_loss": format_loss or {},
         "sweep": {m: {"alphas": r["alphas"], "rows": r["rows"]} for m, r in (sweeps or {}).items()},
         "seconds": round(seconds, 1),
@@ -534,6 +589,30 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
                          f"{m['long_nll_vs_long_cpt_mean']:+.1%} ± {m['long_nll_vs_long_cpt_sd']:.1%} | "
                          f"{m['passkey_accuracy_beyond_window_mean']:.2f} ± "
                          f"{m['passkey_accuracy_beyond_window_sd']:.2f} |")
+        lines.append("")
+    if others:
+        lines += ["Other ways to keep what the model knew, against Long CPT and LongReD (the same long data "
+                  "and budget; hybrid expansion and traced layers train on long text alone). Seed 0 ± "
+                  f"standard errors, then the mean ± sd over {seeds} seed(s):", "",
+                  "| method | short NLL | gap to teacher | recovered | long NLL (pos ≥ 256) | vs Long CPT | "
+                  "recovered, seeds | vs Long CPT, seeds | folded − unfolded: KL, NLL |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, m in [(METHODS[k], methods[k]) for k in ("long_cpt", "longred")] + \
+                [(OTHERS[k], v) for k, v in others.items()]:
+            fold = m.get("fold")
+            fold_text = "—"
+            if fold:
+                delta = fold["fold_nll_folded"] - fold["fold_nll_unfolded"]
+                fold_text = f"{_f(fold['fold_kl'])}, {_f(delta, '+.4f')}"
+            lines.append(f"| {label} | {_f(m['short_nll'])} ± {_f(m['short_nll_se'])} | "
+                         f"{_f(m['short_nll_gap'], '+.4f')} ± {_f(m['short_nll_gap_se'])} | "
+                         f"{_f(m['recovered_fraction'], '.2f')} | "
+                         f"{_f(m['long_nll'])} ± {_f(m['long_nll_se'])} | "
+                         f"{_f(m.get('long_nll_vs_long_cpt', math.nan), '+.1%')} | "
+                         f"{_f(m['recovered_fraction_mean'], '.2f')} ± "
+                         f"{_f(m['recovered_fraction_sd'], '.2f')} | "
+                         f"{_f(m['long_nll_vs_long_cpt_mean'], '+.1%')} ± "
+                         f"{_f(m['long_nll_vs_long_cpt_sd'], '.1%')} | {fold_text} |")
         lines.append("")
     if sweeps:
         lines += ["Weight interpolation θ(α) = (1 − α)·teacher + α·extended (the extended RoPE), seed 0:", "",

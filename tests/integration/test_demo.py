@@ -51,8 +51,18 @@ def test_demo_pipeline_quick(tmp_path):
     assert longred["recovered_fraction_mean"] == pytest.approx(sum(per_seed) / 2)
     assert longred["short_nll_sd"] > 0  # the seeds trained differently
     assert (out / "runs" / "longred-seed1" / "final" / "config.json").exists()
+    # The other ways to keep what the model knew: hybrid expansion (folded, with the fold measured against the
+    # unfolded model) and traced layers, against Long CPT (per seed in a full run; once in the quick one).
+    others = report["others"]
+    assert set(others) == {"expand_lerp", "expand_dlerp", "traced"}
+    for name, m in others.items():
+        assert m["short_nll"] > 0 and m["long_nll"] > 0 and len(m["per_seed"]["recovered_fraction"]) == 1
+        assert ("fold" in m) == name.startswith("expand")
+    assert others["expand_dlerp"]["fold"]["fold_kl"] >= 0
+    assert (out / "runs" / "expand_lerp" / "expanded" / "expansion.json").exists()
     text = (out / "report.md").read_text()
     assert "| LongReD |" in text and "recovered fraction" in text and "instruction-format NLL" in text
+    assert "| Hybrid expansion (Dlerp) |" in text and "| Traced layers (above mean) |" in text
     assert (out / "nll_by_position.png").stat().st_size > 1000
     for name in ("teacher", "long_cpt", "mix_cpt", "longred"):
         assert (out / "eval" / name / "eval.json").exists()
