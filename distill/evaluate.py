@@ -492,15 +492,41 @@ def _encode_inline(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20) -> np.ndarray:
+PASSKEY_MARK = PASSKEY_NEEDLE.split(" ")[0]
+"""The key's name, in both the statement and the look-up."""
+
+
+def _without_key_lines(tokenizer, ids: np.ndarray) -> np.ndarray:
+    """A document's ids with the lines mentioning `PASSKEY_MARK` dropped (unchanged when there is none); a
+    special token closing the document (its separator) is kept."""
+    special = set(tokenizer.all_special_ids)
+    tail = [int(ids[-1])] if len(ids) and int(ids[-1]) in special else []
+    body = ids[: len(ids) - len(tail)].tolist()
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    if PASSKEY_MARK not in text:
+        return ids
+    kept = "\n".join(line for line in text.split("\n") if PASSKEY_MARK not in line)
+    return np.asarray(_encode(tokenizer, kept) + tail, dtype=np.int64)  # as the builder encodes a document
+
+
+def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20, tokenizer=None) -> np.ndarray:
     """Filler text for passkey prompts: the real (non-padding) tokens of the first rows of a held-out stream,
-    joined (documents keep the separators the builder put between them)."""
+    joined (documents keep the separators the builder put between them).
+
+    With `tokenizer`, every line of a document that mentions the key's name (`PASSKEY_MARK`: the key
+    statements and look-ups of a corpus like the demo's) is dropped, the rest of that document re-encoded:
+    such lines would put other keys in a prompt beside its needle (the demo's held-out long rows hold about
+    one per 900 tokens).
+    """
     stream = _open(stream)
     parts, total = [], 0
     for i in range(min(max_rows, len(stream))):
-        real = sum(stream.lengths(i))
-        parts.append(np.asarray(stream.input_ids(i)[:real], dtype=np.int64))
-        total += real
+        for doc in stream.documents(i):
+            ids = np.asarray(doc, dtype=np.int64)
+            if tokenizer is not None:
+                ids = _without_key_lines(tokenizer, ids)
+            parts.append(ids)
+            total += len(ids)
         if total >= max_tokens:
             break
     if total == 0:
@@ -858,7 +884,7 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         source = long_stream if long_stream is not None else short_stream
         if source is None:
             raise ValueError("passkey evaluation needs held-out text (a long or short stream) for the filler")
-        filler = filler_from_stream(source)
+        filler = filler_from_stream(source, tokenizer=tokenizer)
         lengths = (list(passkey_lengths) if passkey_lengths
                    else sorted({int(original_length), int(target_length)}))
         runs = {"student": model}

@@ -304,6 +304,23 @@ def _find(seq, sub):
     return [i for i in range(len(seq) - len(sub) + 1) if seq[i: i + len(sub)] == sub]
 
 
+def test_filler_drops_the_corpus_own_passkey_lines(tmp_path, tokenizer):
+    """Held-out text of a corpus with key statements and look-ups (the demo's) must not bring other keys into
+    a passkey prompt: with a tokenizer, the filler drops every line that mentions the key, keeps the rest."""
+    text = ("def first():\n    return 1\n" + PASSKEY_NEEDLE.format(key="11111") + "\nx = [1, 2]\n"
+            + PASSKEY_LOOKUP.format(key="11111") + "\nclass Later:\n    pass\n")
+    doc = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    plain = tokenizer("y = 2\n", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    stream = write_stream(tmp_path / "holdout" / "long", tokenizer, [doc, plain], 256)
+    filler = filler_from_stream(stream, tokenizer=tokenizer)
+    decoded = tokenizer.decode(filler.tolist())
+    assert "PASSKEY" not in decoded and "11111" not in decoded
+    for kept in ("def first():", "return 1", "x = [1, 2]", "class Later:", "y = 2"):
+        assert kept in decoded, kept
+    assert int((filler == tokenizer.eos_token_id).sum()) == 2  # document separators kept
+    assert "PASSKEY" in tokenizer.decode(filler_from_stream(stream).tolist())  # without one: as it is
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
 def test_passkey_prompt_shape_depth_and_determinism(tokenizer, built, depth):
     filler = filler_from_stream(built["long"])
