@@ -15,10 +15,9 @@ Runs (each its own output directory under OUT, 3 steps, a checkpoint every step)
                  all-to-all entries per stream
   sparse/        (replicated) the long stream, the only one with an LM loss, absent from steps 1 and 3:
                  its lm_head gets no gradient there, on any rank
-  expanded/      (replicated, FSDP2) hybrid expansion (dlerp, alignment) with per-part gradient norms logged
-                 every step, per stream too
-  localised/     (every mode) optim.layers traced with lr_scale, measured again every 2 steps, and per-part
-                 gradient norms every step
+  expanded/      (replicated, FSDP2) hybrid expansion of both layers (dlerp, alignment), optim.layers traced
+                 with lr_scale (measured again every 2 steps), per-part gradient norms every step, per stream
+  localised/     (ZeRO-3, which refuses expansion) traced with lr_scale and per-part gradient norms
 With --teacher, OUT/teacher.json holds the sharded teacher's truncated hidden states against the plain ones.
 Process start-up dominates on CPU, hence one launch for all of them.
 """
@@ -39,9 +38,9 @@ if ROOT not in sys.path:
 
 SPARSE = ("streams.long.share=0.2", "streams.short.objectives.kl=null")
 """The long stream in step 2 only (of 3), and no other stream with a loss through lm_head."""
-EXPANDED = ("model.expansion={layers: [1], interpolation: dlerp, alignment: {kind: cosine, weight: 0.5}}",
-            "log.layer_grad_every=1")
 LOCALISED = ("optim.layers={mode: traced, select: lr_scale, rows: 2, every: 2}", "log.layer_grad_every=1")
+EXPANDED = ("model.expansion={layers: 2, interpolation: dlerp, alignment: {kind: cosine, weight: 0.5}}",
+            *LOCALISED)
 
 
 def poisoned_run(recipe: str, out: str, *overrides: str) -> int:
@@ -143,7 +142,8 @@ def main() -> None:
         codes["sparse"] = run("sparse", *SPARSE)
     if mode != "zero3":
         codes["expanded"] = run("expanded", *EXPANDED)
-    codes["localised"] = run("localised", *LOCALISED)
+    else:
+        codes["localised"] = run("localised", *LOCALISED)
     if procs.is_main:
         with open(os.path.join(args.out, "codes.json"), "w", encoding="utf-8") as f:
             json.dump({"mode": mode, "world": procs.world, "codes": codes}, f)

@@ -158,35 +158,20 @@ def test_layer_gradient_norms(expanded_run):
     assert os.path.getsize(os.path.join(out, "layer_grad_norms.png")) > 1000
 
 
-def test_one_stream_norms_equal_the_steps(tmp_path, tiny_llama, built_data):
-    """Without expansion: embeddings, every layer's attention and MLP, and the head; one stream's norms are
-    the step's, and the heatmap is drawn at the checkpoint."""
-    cfg = recipe(tiny_llama, built_data, tmp_path / "cpt", "long_cpt", steps=2)
-    cfg["log"]["layer_grad_every"] = 2
-    out = _run(tmp_path, "cpt", cfg)
-    records = read_metrics(os.path.join(out, "metrics.jsonl"))
-    assert not any(k.startswith("grad_norm/") for k in records[0])  # every 2 steps
-    r = records[1]
-    parts = {k[len("grad_norm/"):]: v for k, v in r.items() if k.startswith("grad_norm/") and
-             not k.startswith("grad_norm/long/")}
-    assert set(parts) == {"embed", "head", "layers.0.attn", "layers.0.mlp", "layers.1.attn", "layers.1.mlp"}
-    for k, v in parts.items():
-        assert r[f"grad_norm/long/{k}"] == pytest.approx(v, rel=1e-6)
-    assert sum(v * v for v in parts.values()) ** 0.5 == pytest.approx(r["grad_norm"], rel=1e-5)
-    assert os.path.isfile(os.path.join(out, "layer_grad_norms.png"))
-
-
 @pytest.mark.parametrize("select", ["above_mean", "lr_scale"])
 def test_traced_layers(tmp_path, tiny_llama, built_data, select):
     """optim.layers: traced measures the layers on a diagnostic batch at start-up: above_mean trains only the
-    layers above the mean (the others unchanged, without optimiser state); lr_scale scales each layer's LR
-    (measured again every step here) and a resumed run equals the uninterrupted one."""
+    layers above the mean (the others unchanged, without optimiser state, absent from the per-part norms,
+    which for one stream are the step's); lr_scale scales each layer's LR (measured again every step here) and
+    a resumed run equals the uninterrupted one."""
     from distill.localise import diagnostic_norms, layer_plan
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "traced", "long_cpt", steps=3)
     cfg["optim"]["layers"] = {"mode": "traced", "select": select, "rows": 2}
     if select == "lr_scale":
         cfg["optim"]["layers"]["every"] = 1
+    else:
+        cfg["log"]["layer_grad_every"] = 2
     cfg["train"].update({"save_every": 1, "keep_last": 5})
     out = _run(tmp_path, "traced", cfg)
     with open(os.path.join(out, "checkpoints", "step-3", "state.json"), encoding="utf-8") as f:
@@ -214,6 +199,17 @@ def test_traced_layers(tmp_path, tiny_llama, built_data, select):
         n_trainable = sum(1 for n, _ in student.named_parameters()
                           if not n.startswith(f"model.layers.{frozen}."))
         assert len(optim["state"]) == sum(len(g["params"]) for g in optim["param_groups"]) == n_trainable
+        records = read_metrics(os.path.join(out, "metrics.jsonl"))
+        assert not any(k.startswith("grad_norm/") for k in records[0])  # every 2 steps
+        r = records[1]
+        parts = {k[len("grad_norm/"):]: v for k, v in r.items() if k.startswith("grad_norm/") and
+                 not k.startswith("grad_norm/long/")}
+        trained = trace["trained"][0]
+        assert set(parts) == {"embed", "head", f"layers.{trained}.attn", f"layers.{trained}.mlp"}
+        for k, v in parts.items():  # one stream: its norms are the step's
+            assert r[f"grad_norm/long/{k}"] == pytest.approx(v, rel=1e-6)
+        assert sum(v * v for v in parts.values()) ** 0.5 == pytest.approx(r["grad_norm"], rel=1e-5)
+        assert os.path.isfile(os.path.join(out, "layer_grad_norms.png"))
     else:
         scales = {g["layer"]: g["lr_scale"] for g in optim["param_groups"] if g["layer"] is not None}
         assert scales == {int(i): pytest.approx(s) for i, s in trace["scales"].items()}
