@@ -8,8 +8,8 @@ Through the public commands only:
   2. `scripts/prepare_data.py data/demo.yaml`: long (1024), short (256) and s2l (256) streams + held-out;
   3. `accelerate launch -m distill.train recipes/demo/teacher.yaml`: pre-train the teacher at 256;
   4. extend it 4x (ABF, 256 -> 1024) with (a) Long CPT, (b) Mix CPT, (c) LongReD (recipes/demo/*.yaml), and
-     with the other ways to keep what the model knew: (d, e) hybrid expansion, Lerp and Dlerp, (f) traced
-     layers (gradient localisation);
+     with --compare the other ways to keep what the model knew: (d, e) hybrid expansion, Lerp and Dlerp,
+     (f) traced layers (gradient localisation);
   5. `scripts/evaluate.py` on each against the teacher;
   6. write report.md, report.json and the plots.
 A step whose output is already complete is reused, so an interrupted demo continues where it stopped.
@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a reduced-size smoke run (used by the tests)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete --out first instead of reusing finished steps")
+    parser.add_argument("--compare", action="store_true",
+                        help="also train and evaluate the other ways to keep what the model knew (hybrid "
+                             "expansion, Lerp and Dlerp; traced layers) against Long CPT and LongReD, per "
+                             "seed (about 5 min per seed on 2 cores)")
     parser.add_argument("--seeds", type=number(int), default=1,
                         help="extension runs per method with run.seed 0..N-1 (the teacher is trained once); "
                              "the report gives each method's mean ± sd over them (default 1)")
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             if method != "long_cpt":
                 overrides += [f"streams.short.data={data['short']}", f"streams.s2l.data={data['s2l']}"]
             launch(f"recipes/demo/{method}.yaml", overrides)
-    other_seeds = min(args.seeds, size["other_seeds"] or args.seeds)  # the quick run trains them once
+    # --compare: every seed's (the quick run's: once).
+    other_seeds = 0 if not args.compare else min(args.seeds, size["other_seeds"] or args.seeds)
     others = [method + (f"-seed{seed}" if seed else "") for seed in range(other_seeds) for method in OTHERS]
     for seed in range(other_seeds):
         for method in OTHERS:
@@ -335,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
             run(evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher))
         results[name] = read_json(os.path.join(eval_dir, "eval.json"))
-    for name in others:  # short and long NLL of the exported (folded) model, no passkey
+    for name in others:  # short and long NLL of the exported (folded) model, no passkey, no teacher baselines
         eval_dir = os.path.join(out, "eval", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
             cmd = evaluate_cmd(model_dir(name), eval_dir, size, data_dir, teacher)
-            run(cmd[:cmd.index("--passkey-samples") + 1] + ["0"] + cmd[cmd.index("--passkey-samples") + 2:])
+            cmd[cmd.index("--passkey-samples") + 1] = "0"
+            run(cmd + ["--no-teacher-baselines"])  # the teacher's own figures come from the evaluations above
         results[name] = read_json(os.path.join(eval_dir, "eval.json"))
         unfolded = os.path.join(runs, name, "expanded")
         fold_dir = os.path.join(out, "eval", name + "-unfolded")

@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "eager", "flash_attention_2"])
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else the teacher's)")
+    p.add_argument("--no-teacher-baselines", action="store_true",
+                   help="with --teacher, skip the teacher's own long-text figures (past its window and "
+                        "through its rolling window) and passkey grid: they are the same for every model of "
+                        "one teacher, so evaluating several models needs them once")
     return p
 
 
@@ -288,7 +292,8 @@ def evaluate(args) -> dict:
         return {f"alpha_{r['alpha']:g}/{k}": v for r in record["rows"] for k, v in r.items() if k != "alpha"}
     out_dir = args.out or os.path.join(args.model, "eval")
     figures = evaluate_suite(model, teacher, short, long, original, target, out_dir=out_dir,
-                             teacher_baselines=teacher is not None, **suite)
+                             teacher_baselines=teacher is not None and not args.no_teacher_baselines,
+                             teacher_rolling=not args.no_teacher_baselines, **suite)
     # Record what was evaluated next to the figures.
     path = os.path.join(out_dir, "eval.json")
     with open(path, encoding="utf-8") as f:

@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_demo_pipeline_quick(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick", "--seeds", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick", "--seeds", "2",
+                           "--compare"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"long_cpt", "mix_cpt", "longred"}
@@ -60,6 +60,8 @@ def test_demo_pipeline_quick(tmp_path):
         assert ("fold" in m) == name.startswith("expand")
     assert others["expand_dlerp"]["fold"]["fold_kl"] >= 0
     assert (out / "runs" / "expand_lerp" / "expanded" / "expansion.json").exists()
+    figures = json.loads((out / "eval" / "traced" / "eval.json").read_text())["figures"]
+    assert "short_nll_gap_se" in figures and "teacher_rolling_long_nll_beyond" not in figures  # no baselines
     text = (out / "report.md").read_text()
     assert "| LongReD |" in text and "recovered fraction" in text and "instruction-format NLL" in text
     assert "| Hybrid expansion (Dlerp) |" in text and "| Traced layers (above mean) |" in text
@@ -71,8 +73,8 @@ def test_demo_pipeline_quick(tmp_path):
     assert (out / "data" / "manifest.json").exists()
     assert (out / "runs" / "longred" / "final" / "config.json").exists()
     # A second invocation reuses every finished step and rewrites the same report.
-    again = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick", "--seeds", "2"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--quick", "--seeds", "2",
+                            "--compare"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "$ " not in again.stdout
 
 
