@@ -81,13 +81,24 @@ def layer_norms(part_norms: dict[str, float]) -> dict[int, float]:
 # ---------------------------------------------------------------------------------------------------------
 # optim.layers: traced
 # ---------------------------------------------------------------------------------------------------------
+def diagnostic_loss(forward, output_weight, batch: dict, autocast=None) -> torch.Tensor:
+    """The per-token LM loss of the diagnostic `batch` ({"input_ids", "position_ids", "labels"}, (1, n)
+    flattened packed rows) through `forward` (a model's, or a strategy's when sharded); `output_weight()`
+    gives the lm_head weight after that forward. The one loss both measurements back-propagate."""
+    from distill.objectives import lm_loss
+
+    with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+        out = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                      output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        total, count = lm_loss(out.hidden_states[-1], output_weight(), batch["labels"])
+    return total / count.clamp(min=1)
+
+
 def diagnostic_norms(model: nn.Module, batch: dict, autocast=None) -> dict[int, float]:
     """Each decoder layer's gradient norm of the per-token LM loss on `batch` ({"input_ids", "position_ids",
     "labels"}, (1, n) flattened packed rows), on a whole model. Every trainable parameter's gradient is added
     to its layer's sum of squares and freed as soon as it is accumulated; the model is left without
     gradients."""
-    from distill.objectives import lm_loss
-
     sums: dict[int, torch.Tensor] = {}
     handles = []
     for name, p in model.named_parameters():
@@ -101,14 +112,8 @@ def diagnostic_norms(model: nn.Module, batch: dict, autocast=None) -> dict[int, 
             param.grad = None
 
         handles.append(p.register_post_accumulate_grad_hook(hook))
-    ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
     try:
-        with ctx:
-            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
-                        output_hidden_states=True, use_cache=False, logits_to_keep=1)
-            head = model.get_output_embeddings().weight
-            total, count = lm_loss(out.hidden_states[-1], head, batch["labels"])
-        (total / count.clamp(min=1)).backward()
+        diagnostic_loss(model, lambda: model.get_output_embeddings().weight, batch, autocast).backward()
     finally:
         for h in handles:
             h.remove()

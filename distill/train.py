@@ -255,7 +255,8 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
 
     from distill.localise import grad_groups, plot_layer_grads
 
-    groups = grad_groups(student) if cfg.log.layer_grad_every or trace is not None else None  # after sharding
+    # After sharding (the parameter objects change); for the logged norms and optim.layers' re-measurement.
+    groups = grad_groups(student) if cfg.log.layer_grad_every or (trace and cfg.optim.layers.every) else None
     ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher,
                                                                   strategy),
                       mixture=mixture, device=device, autocast=autocast, seed=cfg.run.seed,
@@ -530,18 +531,13 @@ def _retrace(cfg: RecipeConfig, strategy, streams: dict, autocast, groups: dict)
     """optim.layers.every: measure the per-layer gradient norms again through the strategy (every rank runs
     the same diagnostic batch; the relative norms do not depend on the sum over ranks), rescale each layer's
     LR, and discard the diagnostic gradients."""
-    from distill.localise import layer_norms, layer_plan
-    from distill.objectives import lm_loss
+    from distill.localise import diagnostic_loss, layer_norms, layer_plan
     from distill.optim import rescale
 
     layers_cfg = cfg.optim.layers
     batch = _diagnostic_batch(cfg, streams, strategy.procs.device)
-    with autocast():
-        out = strategy.forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               attention_mask=None, output_hidden_states=True, use_cache=False,
-                               logits_to_keep=1)
-        total, count = lm_loss(out.hidden_states[-1], strategy.output_weight(), batch["labels"])
-    strategy.backward(total / count.clamp(min=1), last=True)
+    loss = diagnostic_loss(strategy.forward, strategy.output_weight, batch, autocast)
+    strategy.backward(loss, last=True)
     strategy.reduce_gradients()
     norms = layer_norms(strategy.grad_norms(groups))
     strategy.skip_step()
