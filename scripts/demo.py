@@ -333,13 +333,19 @@ def main(argv: list[str] | None = None) -> int:
             return {"teacher": teacher, "instruct": instruct}[name]
         return os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final")
 
+    # The instruction-format loss of six models is scored in their evaluations (--extra-data format=...).
+    formatted = ("teacher", "instruct", *RESIDUAL, *(m + "+residual" for m in RESIDUAL))
     results = {}
     for name in ("teacher", *names, "instruct", *(m + "+residual" for m in RESIDUAL)):
         model = model_dir(name)
         eval_dir = os.path.join(out, "eval", name)
-        if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
-            run(evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher))
-        results[name] = read_json(os.path.join(eval_dir, "eval.json"))
+        path = os.path.join(eval_dir, "eval.json")
+        if not os.path.isfile(path) or (name in formatted and "format_nll" not in read_json(path)["figures"]):
+            cmd = evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher)
+            if name in formatted:
+                cmd += ["--extra-data", f"format={os.path.join(instruct_data, 'holdout', 'instruct')}"]
+            run(cmd)
+        results[name] = read_json(path)
     for name in others:  # short and long NLL of the exported (folded) model, no passkey, no teacher baselines
         eval_dir = os.path.join(out, "eval", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
@@ -355,16 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--out", fold_dir])
         if os.path.isdir(unfolded):
             results[name + "-unfolded"] = read_json(os.path.join(fold_dir, "eval.json"))
-    format_loss = {}
-    for name in ("teacher", "instruct", *RESIDUAL, *(m + "+residual" for m in RESIDUAL)):
-        model = model_dir(name)
-        eval_dir = os.path.join(out, "eval_instruct", name)
-        if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
-            run([sys.executable, "scripts/evaluate.py", "--model", model, "--short-data",
-                 os.path.join(instruct_data, "holdout", "instruct"),
-                 "--original-length", "256", "--max-rows", str(size["eval_rows"]), "--out", eval_dir])
-        fig = read_json(os.path.join(eval_dir, "eval.json"))["figures"]
-        format_loss[name] = {"nll": _num(fig.get("short_nll")), "se": _num(fig.get("short_nll_se"))}
+    format_loss = {name: {"nll": _num(results[name]["figures"].get("format_nll")),
+                          "se": _num(results[name]["figures"].get("format_nll_se"))} for name in formatted}
     sweeps = {}
     for method in SWEEP:
         sweep_dir = os.path.join(out, "sweep", method)

@@ -16,7 +16,7 @@ Real benchmarks. This suite measures drift and retrieval on held-out data; the p
 (MMLU, HellaSwag, ...) and long-context scores (RULER) come from lm-evaluation-harness, which loads the
 exported model as it is (the extended RoPE is in its config):
 
-    pip install lm-eval
+    pip install 'lm-eval[hf]'
     lm_eval --model hf --model_args pretrained=runs/<run>/final,dtype=bfloat16 \\
         --tasks mmlu,hellaswag,arc_challenge,winogrande,gsm8k --batch_size auto --output_path results/<run>
     # the original model, for the retention ratio:
@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,6 +85,19 @@ def read_points(specs: list[str]) -> dict[str, dict]:
             raise UsageError(f"--point {spec}: cannot read figures from {path} "
                              f"({type(err).__name__})") from None
     return points
+
+
+def read_extra(specs: list[str]) -> dict[str, str]:
+    """--extra-data NAME=STREAM → {NAME: the built stream directory} (a built root: its holdout/NAME)."""
+    extra = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or not path:
+            raise UsageError(f"--extra-data {spec!r}: expected NAME=STREAM, NAME of letters, digits and _")
+        if name in extra:
+            raise UsageError(f"--extra-data {spec!r}: {name} given twice")
+        extra[name] = stream_dir(path, name, "--extra-data")
+    return extra
 
 
 def stream_dir(path: str, name: str, flag: str) -> str:
@@ -150,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out short documents packed whole at the target length, scored whole (the "
                         "teacher through a rolling window of the original length); a built root uses "
                         "holdout/short_whole (default: that stream of --short-data's root when it exists)"),
+    p.add_argument("--extra-data", action="append", default=[], metavar="NAME=STREAM",
+                   help="another held-out stream (or a built root: its holdout/NAME) scored as the short one "
+                        "(--max-rows rows, whole rows): NAME_nll and NAME_nll_se (its standard error over "
+                        "documents) in the figures (repeatable)")
     p.add_argument("--original-length", type=number(int), help="original context window")
     p.add_argument("--target-length", type=number(int), help="extended context window")
     p.add_argument("--out", help="output directory (default: <model>/eval)")
@@ -222,7 +240,7 @@ def evaluate(args) -> dict:
     from distill import expansion
     from distill.config import ModelConfig
     from distill.data.dataset import PackedStream
-    from distill.evaluate import evaluate_suite
+    from distill.evaluate import evaluate_suite, short_retention
     from distill.models import load_teacher, resolve_dtype
 
     if args.sweep and (args.model or args.teacher):
@@ -232,11 +250,14 @@ def evaluate(args) -> dict:
     if args.sweep:
         args.teacher, args.model = args.sweep
     points = read_points(args.point)
+    if args.sweep and args.extra_data:
+        raise UsageError("--extra-data is not scored by --sweep; evaluate those models with --model")
     for flag, path in (("--model", args.model), ("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"{flag} {path}: no such directory")
     short_path = stream_dir(args.short_data, "short", "--short-data")
     long_path = stream_dir(args.long_data, "long", "--long-data") if args.long_data else None
+    extra_paths = read_extra(args.extra_data)
     whole_path = None
     if args.short_whole_data:
         whole_path = stream_dir(args.short_whole_data, "short_whole", "--short-whole-data")
@@ -252,7 +273,8 @@ def evaluate(args) -> dict:
     short = PackedStream(short_path, tokenizer)  # refuses data built with another tokenizer
     long = PackedStream(long_path, tokenizer) if long_path else None
     whole = PackedStream(whole_path, tokenizer) if whole_path else None
-    for stream in (short, long, whole):
+    extra = {name: PackedStream(path, tokenizer) for name, path in extra_paths.items()}
+    for stream in (short, long, whole, *extra.values()):
         if stream is None:
             continue
         if stream.info.get("split", "holdout") != "holdout":
@@ -298,6 +320,12 @@ def evaluate(args) -> dict:
     path = os.path.join(out_dir, "eval.json")
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
+    for name, stream in extra.items():  # the other held-out streams: the model's NLL alone
+        scored = short_retention(model, None, stream, max_rows=args.max_rows or None,
+                                 batch_size=args.batch_size)
+        scored = {f"{name}_nll": scored["short_nll"], f"{name}_nll_se": scored["short_nll_se"]}
+        figures.update(scored)
+        record["figures"].update(scored)
     if fold_alphas is not None:  # how far final/ (the fold) is from this unfolded model
         rows = list(range(min(args.max_rows or 8, len(short))))
         fold = expansion.fold_figures(model, fold_alphas, short, rows)
@@ -310,6 +338,7 @@ def evaluate(args) -> dict:
               "short_data": os.path.abspath(short_path),
               "long_data": os.path.abspath(long_path) if long_path else None,
               "short_whole_data": os.path.abspath(whole_path) if whole_path else None,
+              "extra_data": {name: os.path.abspath(path) for name, path in extra_paths.items()},
               "max_rows": args.max_rows, "device": device, "dtype": dtype, **record}
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)

@@ -456,7 +456,7 @@ def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys)
         "--model", tiny_llama, "--teacher", tiny_llama, "--short-data", built["root"],
         "--long-data", built["long"],
         "--original-length", "128", "--out", str(out), "--max-rows", "2", "--passkey-samples", "1",
-        "--lengths", "64,128", "--depths", "0,1"])
+        "--lengths", "64,128", "--depths", "0,1", "--extra-data", f"again={built['short']}"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     record = json.loads((out / "eval.json").read_text())
@@ -465,6 +465,9 @@ def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys)
     figures = record["figures"]
     assert figures["kl_teacher_student"] == pytest.approx(0.0, abs=1e-6)
     assert figures["long_nll_beyond"] is not None and figures["teacher_long_nll"] == figures["long_nll"]
+    # Another held-out stream is scored as the short one: the short stream again gives its figures exactly.
+    assert figures["again_nll"] == figures["short_nll"] and figures["again_nll_se"] == figures["short_nll_se"]
+    assert record["extra_data"] == {"again": os.path.abspath(built["short"])}
     assert record["details"]["passkey"]["student"]["lengths"] == [64, 128]
     for name in ("nll_by_position.png", "needle_student.png", "needle_teacher.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
@@ -482,6 +485,10 @@ def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys)
      "unrecognized"),
     (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}"], "--original-length"),
     (["--model", "{model}", "--short-data", "{short}", "--long-data", "{long}", "--depths", "0,2"], "depths"),
+    (["--model", "{model}", "--short-data", "{short}", "--extra-data", "a b={short}"],
+     "--extra-data .*NAME=STREAM"),
+    (["--model", "{model}", "--short-data", "{short}", "--extra-data", "x={missing}"],
+     "--extra-data .*no such directory"),
 ])
 def test_evaluate_cli_errors_are_one_line(tiny_llama, built, tmp_path, capsys, argv, message):
     values = {"model": tiny_llama, "short": built["short"], "long": built["long"],
