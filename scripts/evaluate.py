@@ -96,6 +96,9 @@ def read_extra(specs: list[str]) -> dict[str, str]:
             raise UsageError(f"--extra-data {spec!r}: expected NAME=STREAM, NAME of letters, digits and _")
         if name in extra:
             raise UsageError(f"--extra-data {spec!r}: {name} given twice")
+        if name in ("short", "long", "short_whole") or name.startswith(("teacher", "fold")):
+            raise UsageError(f"--extra-data {spec!r}: {name}_nll is one of the suite's own figures; "
+                             "choose another NAME")
         extra[name] = stream_dir(path, name, "--extra-data")
     return extra
 

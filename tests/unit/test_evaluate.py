@@ -489,6 +489,8 @@ def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys)
      "--extra-data .*NAME=STREAM"),
     (["--model", "{model}", "--short-data", "{short}", "--extra-data", "x={missing}"],
      "--extra-data .*no such directory"),
+    (["--model", "{model}", "--short-data", "{short}", "--extra-data", "short={short}"],
+     "--extra-data .*suite's own figures"),
 ])
 def test_evaluate_cli_errors_are_one_line(tiny_llama, built, tmp_path, capsys, argv, message):
     values = {"model": tiny_llama, "short": built["short"], "long": built["long"],
