@@ -340,12 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         model = model_dir(name)
         eval_dir = os.path.join(out, "eval", name)
         path = os.path.join(eval_dir, "eval.json")
-        if not os.path.isfile(path) or (name in formatted and "format_nll" not in read_json(path)["figures"]):
+        record = read_json(path) if os.path.isfile(path) else None
+        if record is None or (name in formatted and "format_nll" not in record["figures"]):
             cmd = evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher)
             if name in formatted:
                 cmd += ["--extra-data", f"format={os.path.join(instruct_data, 'holdout', 'instruct')}"]
             run(cmd)
-        results[name] = read_json(path)
+            record = read_json(path)
+        results[name] = record
     for name in others:  # short and long NLL of the exported (folded) model, no passkey, no teacher baselines
         eval_dir = os.path.join(out, "eval", name)
         if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
