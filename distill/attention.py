@@ -12,7 +12,9 @@ model loads with `attn_implementation="sdpa_varlen"`; `distill.models.resolve_at
 `attention: auto` when flash-attn is not usable and the model type is one of `SUPPORTED`. It handles
 only the case it is for and hands every other call to transformers' own `sdpa` unchanged:
 - packed rows (`attention_mask` None, queries = keys, no cache offset): one causal SDPA per document,
-  where a document starts wherever a position does not increase (`pos[t] <= pos[t-1]`). Skipped
+  where a document starts wherever a position does not increase (`pos[t] <= pos[t-1]`), or at the offsets
+  `cu_seq_lens_q` of a flattened row when the caller passes them (as flash-attn's varlen path takes them).
+  Skipped
   positions (a short-to-long row's jumps) keep increasing, so such a row stays one causal document (as
   with flash-attn's varlen path; transformers' sdpa would cut it at every jump). A packed prompt's
   prefill with a KV cache is isolated too (transformers' sdpa does not isolate with a cache);
@@ -56,6 +58,36 @@ def document_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]
     return [list(zip(c, c[1:] + [T])) for c in cuts]
 
 
+def document_offsets(position_ids: torch.Tensor) -> dict:
+    """transformers' `FlashAttentionKwargs` of ONE flattened row (1, N), from its positions: a document starts
+    at 0 and wherever a position does not increase. Computed once per micro-batch on the host (no device
+    sync), so no attention layer derives them again (transformers' flash path otherwise runs
+    `prepare_fa_kwargs_from_position_ids`, with a `nonzero`, in every layer, forward and recompute).
+
+    Returns:
+        {"cu_seq_lens_q", "cu_seq_lens_k": int32 (D + 1,), "max_length_q", "max_length_k": int}.
+    """
+    flat = position_ids.reshape(-1)
+    starts = [0] + ((flat[1:] <= flat[:-1]).nonzero().flatten() + 1).tolist()
+    cuts = starts + [flat.numel()]
+    offsets = torch.tensor(cuts, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(cuts, cuts[1:]))
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest,
+            "max_length_k": longest}
+
+
+FLATTENED = ("flash_attention_2",)
+"""Attention implementations that separate packed documents only in a flattened (1, B·T) micro-batch:
+transformers' flash path reads documents from position_ids (or cu_seq_lens) only when the batch has one row.
+transformers' sdpa must NOT be flattened: its dense mask would grow from B·T² to (B·T)² (2.3x slower at
+4 × 1024 here); sdpa_varlen splits each row itself."""
+
+
+def flattens(implementation: str) -> bool:
+    """Whether micro-batches for this attention implementation are flattened to one row."""
+    return implementation in FLATTENED
+
+
 def _no_split_marker(device) -> torch.Tensor:
     device = torch.device(device)
     if device not in _NO_SPLIT:
@@ -80,11 +112,19 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     position_ids = kwargs.get("position_ids")
-    plain = (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
+    offsets = kwargs.get("cu_seq_lens_q")  # a flattened row's document offsets, when the step passes them
+    plain = (attention_mask is not None or (position_ids is None and offsets is None)
+             or query.shape[2] != key.shape[2]
              or query.shape[2] < 2 or is_causal is False or not getattr(module, "is_causal", True)
              or _sliding(module, kwargs)
              or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux")))
-    segments = None if plain else document_segments(position_ids)
+    if plain:
+        segments = None
+    elif offsets is not None and query.shape[0] == 1:
+        cuts = offsets.tolist()
+        segments = [list(zip(cuts, cuts[1:]))] if len(cuts) > 2 else None
+    else:
+        segments = document_segments(position_ids)
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

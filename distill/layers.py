@@ -31,24 +31,30 @@ def eager_attention(model):
 
 
 @torch.no_grad()
-def attention_kl(student, teacher, input_ids: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+def attention_kl(student, teacher, input_ids: torch.Tensor, batch_size: int = 1, forward=None,
+                 autocast=contextlib.nullcontext) -> torch.Tensor:
     """Per-layer KL(teacher ‖ student) of attention distributions, mean over rows, heads and queries.
 
     Args:
         input_ids: (B, T) token ids of short sample text (one document per row, positions 0..T-1).
+        forward: the student's forward (a strategy's, through the root of a sharded model; every rank calls
+            it with the same rows); None calls `student` itself.
+        autocast: the step's precision.
 
     Returns:
         (L,) tensor: entry i is the KL at decoder layer i (whose output is hidden_states[i + 1]).
     """
+    forward = forward or student
     total, rows = None, 0
-    with eager_attention(student), eager_attention(teacher):
+    with eager_attention(student), eager_attention(teacher), autocast():
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start: start + batch_size]
             mask = torch.ones_like(ids)
-            s = student.get_decoder()(input_ids=ids, attention_mask=mask, output_attentions=True,
-                                      use_cache=False)
-            t = teacher.get_decoder()(input_ids=ids, attention_mask=mask, output_attentions=True,
-                                      use_cache=False)
+            # Through the roots (logits of one token): a sharded student gathers its embeddings there.
+            s = forward(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False,
+                        logits_to_keep=1)
+            t = teacher(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False,
+                        logits_to_keep=1)
             per_layer = []
             for a_s, a_t in zip(s.attentions, t.attentions):  # (B, heads, T, T) each
                 p_t = a_t.float().clamp_min(1e-12)
@@ -89,13 +95,15 @@ def sample_documents(stream, count: int = 2, max_tokens: int = 512, scan_rows: i
     return torch.from_numpy(np.stack([d[:length].astype(np.int64) for d in chosen]))
 
 
-def select_layers(student, teacher, input_ids: torch.Tensor, top_k: int = 6) -> dict:
-    """The top-k layers by attention KL, as hidden_states indices, plus the last layer.
+def select_layers(student, teacher, input_ids: torch.Tensor, top_k: int = 6, forward=None,
+                  autocast=contextlib.nullcontext) -> dict:
+    """The top-k layers by attention KL, as hidden_states indices, plus the last layer (`forward`,
+    `autocast`: as for `attention_kl`).
 
     Returns:
         {"layers": sorted hidden_states indices, "kl": per-layer KL list, "ranking": layer indices by KL}.
     """
-    kl = attention_kl(student, teacher, input_ids)
+    kl = attention_kl(student, teacher, input_ids, forward=forward, autocast=autocast).float()
     num_layers = kl.numel()
     ranking = torch.argsort(kl, descending=True).tolist()
     chosen = {i + 1 for i in ranking[: min(top_k, num_layers)]} | {num_layers}
@@ -103,11 +111,13 @@ def select_layers(student, teacher, input_ids: torch.Tensor, top_k: int = 6) -> 
 
 
 def resolve_layers(cfg, num_layers: int, student=None, teacher=None, streams=None, documents: int = 4,
-                   max_tokens: int = 1024) -> dict[str, list[int]]:
+                   max_tokens: int = 1024, forward=None,
+                   autocast=contextlib.nullcontext) -> dict[str, list[int]]:
     """Hidden-state indices per stream with a `hidden` objective, range-checked ('last' = num_layers, the
     final-norm output). `layers: auto` runs `select_layers` on `documents` single documents of the stream's
     own data (each alone, positions 0..T-1, as scripts/select_layers.py does: a packed row would let
-    attention cross documents), cut to `max_tokens`.
+    attention cross documents), cut to `max_tokens`, through `forward` under `autocast` (the trainer passes
+    its strategy's, after the models are laid out).
 
     Raises:
         ConfigError: an index out of range, or `auto` without a teacher to compare with.
@@ -123,7 +133,8 @@ def resolve_layers(cfg, num_layers: int, student=None, teacher=None, streams=Non
                                   f"layers against")
             device = next(student.parameters()).device
             docs = sample_documents(streams[name], documents, max_tokens).to(device)  # (N, T)
-            resolved[name] = select_layers(student, teacher, docs, top_k=hidden.top_k)["layers"]
+            resolved[name] = select_layers(student, teacher, docs, top_k=hidden.top_k, forward=forward,
+                                           autocast=autocast)["layers"]
             continue
         layers = []
         for i, layer in enumerate(hidden.layers):

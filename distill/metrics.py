@@ -127,15 +127,16 @@ def teacher_flops_per_token(counts: dict, seq_len: int, depth: int, logits: bool
 def flop_rates(cfg, seq_lens: dict[str, int], layers: dict[str, list[int]], student,
                teacher) -> dict[str, tuple[float, float]]:
     """Per stream, (student training FLOPs, teacher forward FLOPs) per token slot of its rows, from the
-    whole (unsharded) models' parameter counts.
+    whole (unsharded) models' parameter counts (`student`, `teacher`: the models, or their `flop_counts`
+    taken before sharding).
 
     Args:
         cfg: the RecipeConfig (each stream's objectives).
         seq_lens: each stream's row length.
         layers: each stream's distilled hidden-state indices (distill.layers.resolve_layers).
     """
-    counts = flop_counts(student)
-    teacher_counts = flop_counts(teacher) if teacher is not None else None
+    counts = student if isinstance(student, dict) else flop_counts(student)
+    teacher_counts = teacher if isinstance(teacher, dict) or teacher is None else flop_counts(teacher)
     rates = {}
     for name, stream_cfg in cfg.streams.items():
         T, objectives = seq_lens[name], stream_cfg.objectives

@@ -14,6 +14,7 @@ attention mask is None):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -335,6 +336,69 @@ def check_teacher_frozen(student: nn.Module, teacher: nn.Module) -> list[str]:
     return [f"teacher: frozen ({n:,} parameters, eval, no grad), separate from the student"]
 
 
+@contextlib.contextmanager
+def attention_override(model, name: str | None):
+    """Run `model` with attention implementation `name` inside the block (None: unchanged)."""
+    previous = model.config._attn_implementation
+    if name is None or name == previous:
+        yield model
+        return
+    if name == attention.NAME:
+        attention.register()
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+ISOLATION_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.05, "float16": 0.02}
+"""The largest |logit difference| between a packed document and the same document alone that is still
+rounding, relative to the logits' scale (at least 1), per compute dtype. A document that sees its neighbour
+moves its logits by their own order of magnitude."""
+
+
+def isolation_tolerance(dtype: str) -> float:
+    return ISOLATION_TOLERANCE[dtype]
+
+
+@torch.no_grad()
+def packing_isolation(forward, model, autocast=contextlib.nullcontext, lengths: tuple[int, int] = (7, 11),
+                      seed: int = 0) -> tuple[float, float]:
+    """(max |logit difference|, max |logit|) between two random documents packed in one row and each run
+    alone, through `forward` (the model's own call, or a strategy's: a collective when sharded, so every rank
+    calls it with the same inputs) under `autocast` (the step's precision).
+
+    The packed row has position_ids restarting at 0 at the second document, attention_mask None and no cache:
+    the only setting in which transformers isolates packed documents.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device  # a DTensor's or a ZeRO-3 partition's device too
+        gen = torch.Generator().manual_seed(seed)
+        vocab = model.config.vocab_size
+        docs = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+        ids = torch.cat(docs)[None].to(device)  # (1, T)
+        pos = torch.cat([torch.arange(n) for n in lengths])[None].to(device)  # (1, T)
+        with autocast():
+            packed = forward(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).logits
+        packed = packed.float()
+        worst, scale, start = 0.0, 0.0, 0
+        for doc in docs:
+            n = doc.numel()
+            with autocast():
+                alone = forward(input_ids=doc[None].to(device), position_ids=torch.arange(n)[None].to(device),
+                                attention_mask=None, use_cache=False).logits
+            alone = alone.float()
+            worst = max(worst, (packed[:, start: start + n] - alone).abs().max().item())
+            scale = max(scale, alone.abs().max().item())
+            start += n
+        return worst, scale
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def check_packing_isolation(
     model, attention: str | None = None, lengths: tuple[int, int] = (7, 11), seed: int = 0
@@ -349,35 +413,8 @@ def check_packing_isolation(
         model: a causal LM.
         attention: run with this attention implementation (restored afterwards); None keeps the model's.
     """
-    was_training = model.training
-    previous = model.config._attn_implementation
-    if attention is not None and attention != previous:
-        model.set_attn_implementation(attention)
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        gen = torch.Generator().manual_seed(seed)
-        vocab = model.config.vocab_size
-        docs = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
-        ids = torch.cat(docs)[None].to(device)  # (1, T)
-        pos = torch.cat([torch.arange(n) for n in lengths])[None].to(device)  # (1, T)
-        packed = model(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).logits.float()
-        worst, start = 0.0, 0
-        for doc in docs:
-            n = doc.numel()
-            alone = model(
-                input_ids=doc[None].to(device),
-                position_ids=torch.arange(n)[None].to(device),
-                attention_mask=None,
-                use_cache=False,
-            ).logits.float()
-            worst = max(worst, (packed[:, start : start + n] - alone).abs().max().item())
-            start += n
-        return worst
-    finally:
-        if attention is not None and attention != previous:
-            model.set_attn_implementation(previous)
-        model.train(was_training)
+    with attention_override(model, attention):
+        return packing_isolation(model, model, lengths=lengths, seed=seed)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -540,12 +577,16 @@ class TruncatedTeacher:
         attention_mask: torch.Tensor | None,
         layers,
         need_final: bool = False,
+        **attention_kwargs,
     ) -> dict[int, torch.Tensor]:
-        """Teacher hidden states {index: (B, T, H)} for indices into the full `hidden_states` tuple.
+        """Teacher hidden states {index: (B, T, H)} for indices into the full `hidden_states` tuple; only
+        those are kept during the forward.
 
         Args:
             layers: indices (0..L, negative or "last" allowed); index L is the final-norm output.
             need_final: also return index L (e.g. for a logits KL), which runs the full depth.
+            attention_kwargs: passed to every attention layer (the step's document offsets of a flattened
+                row: cu_seq_lens_q/k, max_length_q/k).
         """
         wanted = _resolve_indices(layers, self.n_layers)
         if need_final:
@@ -556,9 +597,33 @@ class TruncatedTeacher:
         depth = max(wanted)
         if depth == 0:  # only the embeddings
             return {0: self.decoder.embed_tokens(input_ids)}
-        hidden = _decoder_states(self._decoder(depth), input_ids, position_ids, attention_mask,
-                                 depth).hidden_states
-        return {i: hidden[i] for i in wanted}
+        return _selected_states(self._decoder(depth), input_ids, position_ids, attention_mask, wanted,
+                                **attention_kwargs)
+
+
+def _selected_states(decoder, input_ids, position_ids, attention_mask, wanted: list[int],
+                     **attention_kwargs) -> dict[int, torch.Tensor]:
+    """hidden_states[i] for i in `wanted` (sorted, the last one the decoder's depth), keeping only those:
+    output_hidden_states would hold every layer's state until the forward ends (depth + 1 of them, where a
+    recipe reads 3 or 4). hidden_states[i] < depth is the input of layer i (what transformers records),
+    taken by a pre-hook; the last one is the decoder's own output."""
+    depth = wanted[-1]
+    kept: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in wanted[:-1]:
+        def grab(module, args, kwargs, i=i):
+            kept[i] = args[0] if args else kwargs["hidden_states"]
+        handles.append(decoder.layers[i].register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False, **attention_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(decoder.layers[: decoder.config.num_hidden_layers]) != depth:
+        raise RuntimeError(f"expected a decoder of {depth} layers, got {len(decoder.layers)}")
+    kept[depth] = out.last_hidden_state
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-PREFIX = "sequence_parallel_"
+PREFIX = "ulysses_"
 _ACTIVE: SequenceParallel | None = None
 
 
@@ -138,6 +138,45 @@ def check_heads(config, size: int) -> None:
                           f"divide or be divided by the {kv} key/value heads")
 
 
+INNER = ("sdpa_varlen", "flash_attention_2")
+"""The attention implementations Ulysses wraps: they take the whole row after the all-to-all and find its
+documents from cu_seq_lens or the gathered positions. transformers' sdpa and eager build their mask from the
+local slice's length, which disagrees with the whole row the kernel sees."""
+
+ALIASES = {"sdpa_varlen": "sdpa_varlen", "flash_attention_2": "fa2"}
+"""The names Ulysses registers are `ulysses_<alias>`: never containing "flash", which transformers would
+route to its hub-kernel loader (it maps only the exact name flash_attention_2 to the flash-attn package)."""
+
+
+def check_attention(implementation: str, size: int) -> None:
+    """Ulysses wraps only `INNER` implementations: one line otherwise (before any model is loaded)."""
+    from distill.config import ConfigError
+
+    if size > 1 and implementation not in INNER:
+        raise ConfigError(f"parallel.sequence_parallel: {size} needs model.attention auto, sdpa_varlen or "
+                          f"flash_attention_2 (the attention sees the whole row, while '{implementation}' "
+                          f"builds its mask for this rank's slice)")
+
+
+def flash_attention_2(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """transformers' flash-attn 2 path (`_flash_attention_forward`), named flash_attention_2 explicitly: its
+    own `flash_attention_forward` passes the module config's implementation name on, which under Ulysses is
+    ours. query (B, H, T, D) → ((B, T, H, D), None)."""
+    from transformers.integrations.flash_attention import get_target_dtype
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    seq_len = query.shape[2]
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, T, H, D): flash-attn's layout
+    out = _flash_attention_forward(
+        query, key, value, attention_mask, query_length=seq_len,
+        is_causal=module.is_causal if is_causal is None else is_causal, dropout=dropout,
+        softmax_scale=scaling,
+        sliding_window=sliding_window, softcap=softcap, target_dtype=get_target_dtype(query, module),
+        attn_implementation="flash_attention_2", layer_idx=getattr(module, "layer_idx", None), **kwargs)
+    return out, None
+
+
 def _forward(inner):
     def forward(module, query, key, value, attention_mask, **kwargs):
         sp = _ACTIVE
@@ -150,7 +189,9 @@ def _forward(inner):
             value = value.repeat_interleave(sp.size // kv_heads, dim=1)
         q, k, v = (sp.heads_to_sequence(t) for t in (query, key, value))  # (1, H/S, T, D)
         kwargs = dict(kwargs)
-        if kwargs.get("position_ids") is not None:
+        # The step passes the whole row's document offsets (cu_seq_lens_q/k, computed once per micro-batch):
+        # then no layer gathers positions; without them the kernel finds the documents in gathered positions.
+        if kwargs.get("cu_seq_lens_q") is None and kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = sp.gather_positions(kwargs["position_ids"])
         out, _ = inner(module, q, k, v, attention_mask, **kwargs)  # (1, T, H/S, D)
         return sp.sequence_to_heads(out), None
@@ -159,12 +200,14 @@ def _forward(inner):
 
 
 def register(inner_name: str) -> str:
-    """Register "sequence_parallel_<inner>" with transformers (attention and mask functions): the inner
+    """Register "ulysses_<alias of inner>" with transformers (attention and mask functions): the inner
     implementation, with the all-to-all around it inside `SequenceParallel.on` blocks; returns the name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    name = PREFIX + inner_name
-    AttentionInterface.register(name, _forward(AttentionInterface()[inner_name]))
+    check_attention(inner_name, 2)
+    name = PREFIX + ALIASES[inner_name]
+    inner = flash_attention_2 if inner_name == "flash_attention_2" else AttentionInterface()[inner_name]
+    AttentionInterface.register(name, _forward(inner))
     AttentionMaskInterface.register(name, AttentionMaskInterface()[inner_name])
     return name

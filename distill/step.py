@@ -102,6 +102,8 @@ class StreamObjectives:
         sequence: the sequence-parallel groups when this stream's rows are split over S ranks, else None.
         alignment: model.expansion.alignment when the student is expanded with a non-zero alignment weight
             (the objective `alignment` of every stream), else None.
+        flatten: run packed micro-batches as ONE row of B·T tokens with their document offsets
+            (`distill.attention.flattens`: flash_attention_2), else as B rows.
     """
 
     name: str
@@ -114,6 +116,7 @@ class StreamObjectives:
     teacher_head: torch.Tensor | None = None
     sequence: object = None
     alignment: object = None
+    flatten: bool = True
 
     @property
     def objectives(self) -> list[str]:
@@ -132,19 +135,29 @@ class StreamObjectives:
         Split along the sequence (`sequence`, the stream's rows over S ranks): the rows flattened to one and
         this rank's slice `part` of it, (1, B·T/S) each, with "targets" (the labels already shifted: the
         target of a slice's last token is the next slice's first) instead of "labels".
+
+        Flattened (`flatten` or split): also "offsets", the whole flattened row's document offsets
+        (`distill.attention.document_offsets`, computed here on the host once per micro-batch).
         """
+        from distill.attention import document_offsets
+
         batch = {k: v for k, v in self.data.batch(rows).items() if torch.is_tensor(v)}
         bad, mask = self.data.bad_rows(rows, batch["input_ids"], vocab_size)
         batch["real"] = self.data.real_mask(rows)
         if bad:
             _blank_bad_rows(batch, mask)
+        flat = self.flatten or self.sequence is not None
+        offsets = document_offsets(batch["position_ids"]) if flat else None
         if self.sequence is not None:
             targets = torch.full_like(batch["labels"], -100)  # (B, T)
             targets[:, :-1] = batch["labels"][:, 1:]
             flat = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                     "targets": targets, "real": batch["real"]}
             batch = {k: self.sequence.piece(v.reshape(1, -1)) for k, v in flat.items()}
-        return {k: v.to(device) for k, v in batch.items()}, bad
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if offsets is not None:
+            batch["offsets"] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in offsets.items()}
+        return batch, bad
 
     def counts(self, batch: dict) -> dict[str, int]:
         """Loss-bearing tokens per objective (the normaliser), known before any forward."""
@@ -162,22 +175,28 @@ class StreamObjectives:
     def model_inputs(self, batch: dict, positions_seed: int) -> tuple[dict, dict]:
         """The exact inputs of the student's and the teacher's forwards for a micro-batch.
 
-        Packed rows (several documents each, positions restarting at 0 per document) are flattened into ONE
-        row of B·T tokens with `attention_mask` None, as transformers' DataCollatorWithFlattening does: every
-        attention backend then separates the documents by their positions. (flash_attention_2 reads packed
-        documents from `position_ids` only when the batch has one row; with B > 1 its documents attended to
-        each other.) A short-to-long row is one document seen at skipped positions: it stays a row of its own,
-        with an explicit all-ones mask, so the position jumps are not read as document boundaries. The teacher
-        reads every row at its native positions, flattened the same way.
+        Packed rows (several documents each, positions restarting at 0 per document) go in with
+        `attention_mask` None, which every backend reads as "separate the documents by their positions". For
+        flash_attention_2 (`flatten`) they are flattened into ONE row of B·T tokens, as transformers'
+        DataCollatorWithFlattening does, with the documents' offsets (`cu_seq_lens_q/k`, `max_length_q/k`:
+        transformers' FlashAttentionKwargs, so no layer derives them again): flash reads packed documents only
+        when the batch has one row (with B > 1 its documents attended to each other). Other backends keep B
+        rows (transformers' sdpa builds B masks of T², not one of (B·T)²). A short-to-long row is one document
+        seen at skipped positions: it stays a row of its own, with an explicit all-ones mask, so the position
+        jumps are not read as document boundaries. The teacher reads every row at its native positions, laid
+        out as packed rows are.
 
         Returns:
-            (student inputs, teacher inputs): {"input_ids", "position_ids", "attention_mask"}; shapes (1, B·T)
-            when flattened, (B, T) for short-to-long rows.
+            (student inputs, teacher inputs): {"input_ids", "position_ids", "attention_mask"} and, flattened,
+            the offsets; shapes (1, B·T) when flattened, else (B, T).
         """
         input_ids, positions = batch["input_ids"], batch["position_ids"]  # (B, T) each, (1, n) when split
         B, T = input_ids.shape
-        flat = {"input_ids": input_ids.reshape(1, B * T), "position_ids": positions.reshape(1, B * T),
-                "attention_mask": None}
+        if "offsets" in batch:
+            flat = {"input_ids": input_ids.reshape(1, B * T), "position_ids": positions.reshape(1, B * T),
+                    "attention_mask": None, **batch["offsets"]}
+        else:
+            flat = {"input_ids": input_ids, "position_ids": positions, "attention_mask": None}
         if self.cfg.positions == "native":
             return flat, flat
         gen = torch.Generator().manual_seed(positions_seed)
@@ -226,9 +245,11 @@ class StreamObjectives:
                 final = {self.num_layers} if objectives.kl is not None else set()
                 wanted = sorted(set(self.layers) | final)
                 with spans("teacher_forward", self.name):
+                    extra = {k: v for k, v in teacher_inputs.items()
+                             if k not in ("input_ids", "position_ids", "attention_mask")}
                     taught = {i: h.view(B, T, -1) for i, h in self.teacher(
                         teacher_inputs["input_ids"], teacher_inputs["position_ids"], None, wanted,
-                        objectives.kl is not None).items()}
+                        objectives.kl is not None, **extra).items()}
                 with spans("loss", self.name):
                     if objectives.hidden is not None:
                         sums["hidden"] = hidden_cosine_loss([states[i] for i in self.layers],
@@ -243,10 +264,17 @@ class StreamObjectives:
 
 
 def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers: dict[str, list[int]],
-                     num_layers: int, teacher=None, strategy=None) -> dict[str, StreamObjectives]:
+                     num_layers: int, teacher=None, strategy=None,
+                     attention: str = "sdpa_varlen") -> dict[str, StreamObjectives]:
     """Every stream's StreamObjectives (after the strategy's set-up: `teacher` is the sharded one if any, and
     the streams in `strategy.split` get its sequence-parallel groups; with an expanded student and an
-    alignment weight, every stream gets the objective `alignment`)."""
+    alignment weight, every stream gets the objective `alignment`).
+
+    Args:
+        attention: the models' attention implementation (before any sequence-parallel wrapper): whether
+            micro-batches are flattened (`distill.attention.flattens`).
+    """
+    from distill.attention import flattens
     from distill.models import TruncatedTeacher
 
     runner = TruncatedTeacher(teacher) if teacher is not None else None  # shared: one copy per depth
@@ -261,7 +289,7 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
             name=name, cfg=stream_cfg, data=streams[name], layers=layers.get(name, []), num_layers=num_layers,
             target_length=cfg.rope.target_length, teacher=runner if taught else None, teacher_head=head,
             sequence=strategy.sequence if strategy is not None and name in strategy.split else None,
-            alignment=alignment)
+            alignment=alignment, flatten=flattens(attention))
     return built
 
 

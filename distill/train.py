@@ -129,29 +129,63 @@ def run(cfg: RecipeConfig, return_state: bool = False, spans: Spans = NO_SPANS):
         lock.release()
 
 
+@dataclasses.dataclass
+class Session:
+    """What set-up builds for the loop and the export (`_set_up`)."""
+
+    cfg: RecipeConfig
+    procs: object
+    tokenizer: object
+    streams: dict
+    strategy: object
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    state: ckpt.TrainState
+    mixture: object
+    ctx: StepContext | None
+    dtype: torch.dtype
+    autocast: object
+    trace: dict | None
+    groups: dict | None
+    flops: dict
+    peak: float | None
+
+    @property
+    def live(self) -> dict:
+        """The live objects `run(return_state=True)` hands back (tests)."""
+        return {"student": self.student, "teacher": self.teacher, "optimizer": self.strategy.optimizer,
+                "mixture": self.mixture, "strategy": self.strategy}
+
+
 def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
+    session = _set_up(cfg, procs, spans)
+    finish = (lambda code: (code, session.live)) if return_state else (lambda code: code)
+    out_dir = cfg.run.output_dir
+    if session.state.step >= cfg.train.max_steps:
+        if cfg.train.export and not os.path.isfile(os.path.join(out_dir, "final", "config.json")):
+            # A run stopped (killed) after its last checkpoint but before its export finished.
+            _export(cfg, session.strategy, session.student, session.tokenizer, session.streams, session.dtype,
+                    procs.is_main)
+        logger.info("nothing to do: the run already reached step %d", session.state.step)
+        return finish(0)
+    return finish(_train(session, spans))
+
+
+def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
+    """Everything before the first step. What can be wrong with the recipe, the data or the launch is
+    checked from the configs before any model is loaded; the models are loaded on the host (sharded modes) or
+    the device, laid out by the strategy, and only then checked by forwards (`startup_checks`), the way the
+    step runs them."""
     from transformers import AutoTokenizer
 
-    from distill.evaluate import eval_streams
-    from distill.layers import resolve_layers
-    from distill.metrics import MetricsFile, Tracker, console_line, flop_rates, peak_tflops
+    from distill.metrics import flop_counts, peak_tflops
     from distill.mixture import Mixture, StreamPlan
-    from distill.models import (
-        check_extension,
-        check_packing_isolation,
-        load_student,
-        load_teacher,
-        native_rope_reference,
-        resolve_dtype,
-    )
-    from distill.rope import original_length
+    from distill.models import load_student, load_teacher, resolve_dtype
     from distill.sequence import split_streams
     from distill.strategies import choose
 
     torch.manual_seed(cfg.run.seed)
     out_dir, device = cfg.run.output_dir, procs.device
-
-    # -- set-up: everything that can be wrong with the recipe or the data is checked before any write -----
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path,
                                                   trust_remote_code=cfg.model.trust_remote_code)
@@ -166,77 +200,143 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     # The launcher's mode, picked once.
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
     strategy.split = split_streams(cfg, seq_lens)
-    if cfg.model.expansion is not None and strategy.name == "zero3":
-        raise ConfigError("model.expansion: hybrid expansion runs on one process, data parallel or FSDP2, "
-                          "not under ZeRO-3 (launch with recipes/accelerate/fsdp2.yaml)")
-    if cfg.model.expansion is not None and cfg.parallel.sequence_parallel > 1:
-        raise ConfigError("model.expansion: not with parallel.sequence_parallel > 1 (the alignment loss "
-                          "reads whole rows); set parallel.sequence_parallel: 1")
+    attention = check_launch(cfg, strategy, streams, device)
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
         check_memory(cfg, strategy.name, procs.world, device, seq_lens)
+
+    # Sharded modes load on the host: nothing whole reaches a GPU; the strategy moves what each rank holds.
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
-    student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, device)
-    num_layers = student.config.num_hidden_layers
+    host = torch.device("cpu") if strategy.sharded else device
+    student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, host)
     teacher = None
     if cfg.needs_teacher:
         teacher_cfg = cfg.model if cfg.teacher.path is None else \
             dataclasses.replace(cfg.model, path=cfg.teacher.path)
-        teacher = load_teacher(teacher_cfg.path, teacher_cfg, device)
-    # Without a teacher (Long CPT), the RoPE checks compare against the checkpoint's native rotary module.
-    reference = teacher if teacher is not None else native_rope_reference(student, cfg.model)
-    window = original_length(reference.config, cfg.rope)
-    for name, stream in streams.items():
-        check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
-    # Rank 0's choice for `layers: auto` (a tie broken differently would give ranks different teacher depths).
-    layers = procs.gather_objects(resolve_layers(cfg, num_layers, student, teacher, streams))[0]
-    flops = flop_rates(cfg, seq_lens, layers, student, teacher)  # unsharded
-    peak = peak_tflops(device, cfg.log.peak_tflops)
-    mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
-                       for n, s in cfg.streams.items()], cfg.mix.tokens_per_step, cfg.run.seed)
-
-    problem = None  # rank 0 checks; every rank stops on its verdict (the others would wait in collectives)
-    if procs.is_main:
-        try:
-            for line in check_extension(student, reference, cfg.rope):
-                logger.info(line)
-        except RuntimeError as err:  # our RoPE math and the model's disagree: a bug, not a user mistake
-            problem = (RuntimeError, str(err))
-        attention = student.config._attn_implementation
-        err = check_packing_isolation(student, attention)
-        logger.info("packed documents isolated (%s): max |logit difference| vs alone = %.2e", attention, err)
-        if cfg.model.dtype == "float32" and err > 1e-3:
-            problem = (TrainingError, f"packed documents are not isolated with attention '{attention}' (max "
-                                      f"logit error {err:.3g})")
-        for name, ls in layers.items():
-            logger.info("stream %s distils hidden states %s", name, ls)
-        warn_sparse_streams(cfg, mixture)
-    problem = procs.gather_objects(problem)[0]
-    if problem is not None:
-        raise problem[0](problem[1])
-
-    # -- weights, sharding, optimiser and the training state -------------------------------------------
+        teacher = load_teacher(teacher_cfg.path, teacher_cfg, host)
     _load_weights(cfg, student, resume_path)
     autocast = _autocast(device, dtype)
     trace = None
     if cfg.optim.layers.mode == "traced":
-        trace = _start_trace(cfg, student, streams, resume_path, strategy, autocast)
+        trace = _start_trace(cfg, student, streams, resume_path, strategy, _autocast(host, dtype), host)
+    counts = (flop_counts(student), flop_counts(teacher) if teacher is not None else None)  # unsharded
     strategy.setup(student, teacher, cfg.optim, dtype)
     logger.info("%s", strategy.describe())
+    layers = startup_checks(cfg, strategy, student, teacher, streams, autocast)
+
+    from distill.metrics import flop_rates
+
+    flops = flop_rates(cfg, seq_lens, layers, *counts)
+    mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
+                       for n, s in cfg.streams.items()], cfg.mix.tokens_per_step, cfg.run.seed)
+    if procs.is_main:
+        warn_sparse_streams(cfg, mixture)
     state = ckpt.TrainState(mixture, lr=cfg.optim.lr, layer_trace=trace)
     if resume_path is not None:
         ckpt.restore(resume_path, strategy, state, procs.rank)
         saved_world = ckpt.read_state(resume_path).get("world_size", 1)
         logger.info("resumed from %s (step %d, %d tokens; saved on %d processes, now %d)",
                     resume_path, state.step, state.tokens, saved_world, procs.world)
-    live = {"student": student, "teacher": teacher, "optimizer": strategy.optimizer, "mixture": mixture,
-            "strategy": strategy}
-    finish = (lambda code: (code, live)) if return_state else (lambda code: code)
-    if state.step >= cfg.train.max_steps:
-        if cfg.train.export and not os.path.isfile(os.path.join(out_dir, "final", "config.json")):
-            # A run stopped (killed) after its last checkpoint but before its export finished.
-            _export(cfg, strategy, student, tokenizer, streams, dtype, procs.is_main)
-        logger.info("nothing to do: the run already reached step %d", state.step)
-        return finish(0)
+
+    from distill.localise import grad_groups
+
+    # After sharding (the parameter objects change); for the logged norms and optim.layers' re-measurement.
+    groups = grad_groups(student) if cfg.log.layer_grad_every or (trace and cfg.optim.layers.every) else None
+    num_layers = student.config.num_hidden_layers
+    ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher,
+                                                                  strategy, attention),
+                      mixture=mixture, device=device, autocast=autocast, seed=cfg.run.seed,
+                      max_grad_norm=cfg.optim.max_grad_norm, vocab_size=student.config.vocab_size,
+                      bad_rows=cfg.train.bad_rows, spans=spans, layer_grad_every=cfg.log.layer_grad_every,
+                      grad_groups=groups)
+    return Session(cfg=cfg, procs=procs, tokenizer=tokenizer, streams=streams, strategy=strategy,
+                   student=student, teacher=teacher, state=state, mixture=mixture, ctx=ctx, dtype=dtype,
+                   autocast=autocast, trace=trace, groups=groups, flops=flops,
+                   peak=peak_tflops(device, cfg.log.peak_tflops))
+
+
+def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> str:
+    """The recipe against the launch and the data, from the configs alone (no model loaded yet); one line on
+    a problem. Returns the attention implementation the models will load with."""
+    from distill.models import _load_config, resolve_attention
+    from distill.rope import original_length
+    from distill.sequence import check_attention
+
+    if cfg.model.expansion is not None and strategy.name == "zero3":
+        raise ConfigError("model.expansion: hybrid expansion runs on one process, data parallel or FSDP2, "
+                          "not under ZeRO-3 (launch with recipes/accelerate/fsdp2.yaml)")
+    if cfg.model.expansion is not None and cfg.parallel.sequence_parallel > 1:
+        raise ConfigError("model.expansion: not with parallel.sequence_parallel > 1 (the alignment loss "
+                          "reads whole rows); set parallel.sequence_parallel: 1")
+    config = _load_config(cfg.model.path, cfg.model.trust_remote_code)
+    attention = resolve_attention(cfg.model.attention, device, getattr(config, "model_type", None))
+    if attention == "flash_attention_2" and cfg.model.dtype == "float32":
+        raise ConfigError("model.dtype: float32 cannot run flash_attention_2 (flash-attn computes in float16 "
+                          "or bfloat16 only); set model.dtype: bfloat16 or model.attention: sdpa_varlen")
+    check_attention(attention, cfg.parallel.sequence_parallel)
+    if cfg.parallel.sequence_parallel > 1:
+        from distill.sequence import check_heads
+
+        check_heads(config, cfg.parallel.sequence_parallel)
+    # The teacher's native window, from its config (the student's own config before extension without one).
+    native = _load_config(cfg.teacher.path, cfg.model.trust_remote_code) if cfg.teacher.path else config
+    window = original_length(native, cfg.rope)
+    for name, stream in streams.items():
+        check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
+    return attention
+
+
+def startup_checks(cfg: RecipeConfig, strategy, student, teacher, streams: dict, autocast) -> dict:
+    """The checks that need the models, run on every rank through the strategy's own forward (collectives in
+    sharded modes), under the step's autocast, after the models are laid out: our RoPE against the live
+    buffers, packed documents isolated by the attention implementation, and `layers: auto`. Any failure,
+    on any rank, stops every rank with one line (no rank is left waiting in a collective).
+
+    Returns:
+        {stream: distilled hidden-state indices}.
+    """
+    from distill.layers import resolve_layers
+    from distill.models import check_extension, isolation_tolerance, native_rope_reference, packing_isolation
+
+    procs, problem, layers = strategy.procs, None, {}
+    try:
+        # Without a teacher (Long CPT) the RoPE checks compare against the checkpoint's native rotary module.
+        reference = teacher if teacher is not None else native_rope_reference(student, cfg.model)
+        for line in check_extension(student, reference, cfg.rope):
+            logger.info(line)
+        attention = student.config._attn_implementation
+        worst, scale = packing_isolation(strategy.forward, student, autocast)
+        logger.info("packed documents isolated (%s, %s): max |logit difference| vs alone = %.2e (of %.2e)",
+                    attention, cfg.model.dtype, worst, scale)
+        if worst > isolation_tolerance(cfg.model.dtype) * max(scale, 1.0):
+            raise TrainingError(f"packed documents are not isolated with attention '{attention}' (max logit "
+                                f"error {worst:.3g} of {scale:.3g})")
+        layers = resolve_layers(cfg, student.config.num_hidden_layers, student, teacher, streams,
+                                forward=strategy.forward, autocast=autocast)
+    except (ConfigError, TrainingError) as err:
+        problem = (type(err), str(err))
+    except Exception as err:  # noqa: BLE001 - a start-up check that crashes is reported like one that fails
+        logger.debug("start-up check failed", exc_info=True)  # the traceback only at debug level
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        problem = (TrainingError, f"start-up check failed: {type(err).__name__}: {reason}")
+    problems = [p for p in procs.gather_objects(problem) if p is not None]
+    if problems:
+        kind, message = problems[0]
+        raise kind(message)
+    # Rank 0's choice for `layers: auto` (a tie broken differently would give ranks different teacher depths).
+    layers = procs.gather_objects(layers)[0]
+    if procs.is_main:
+        for name, ls in layers.items():
+            logger.info("stream %s distils hidden states %s", name, ls)
+    return layers
+
+
+def _train(session: Session, spans: Spans) -> int:
+    """The loop: one `train_step` per optimiser step, then metrics, the stop check and checkpoints; at the
+    end the export. Returns the exit code."""
+    cfg, procs, strategy, state = session.cfg, session.procs, session.strategy, session.state
+    out_dir, trace = cfg.run.output_dir, session.trace
+    from distill.localise import plot_layer_grads
+    from distill.metrics import MetricsFile, Tracker, console_line
 
     metrics = tracker = None
     if procs.is_main:
@@ -245,24 +345,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         tracker = Tracker(cfg.log.wandb.project, cfg.log.wandb.mode, cfg.run.name, out_dir, to_dict(cfg),
                           run_id=state.wandb_id, entity=cfg.log.wandb.entity)
         state.wandb_id = tracker.run_id
-    evaluation = None
-    if cfg.train.eval_every and strategy.sharded:
-        logger.warning("train.eval_every: in-training evaluation needs the whole model on one process; "
-                       "skipped when sharded (run scripts/evaluate.py on a checkpoint or on final/)")
-    elif cfg.train.eval_every and procs.is_main:
-        native = teacher if teacher is not None else student
-        evaluation = _evaluation(cfg, tokenizer, native, eval_streams(cfg))
-
-    from distill.localise import grad_groups, plot_layer_grads
-
-    # After sharding (the parameter objects change); for the logged norms and optim.layers' re-measurement.
-    groups = grad_groups(student) if cfg.log.layer_grad_every or (trace and cfg.optim.layers.every) else None
-    ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher,
-                                                                  strategy),
-                      mixture=mixture, device=device, autocast=autocast, seed=cfg.run.seed,
-                      max_grad_norm=cfg.optim.max_grad_norm, vocab_size=student.config.vocab_size,
-                      bad_rows=cfg.train.bad_rows, spans=spans, layer_grad_every=cfg.log.layer_grad_every,
-                      grad_groups=groups)
+    evaluation = _in_training_evaluation(session)
 
     def save_checkpoint(step: int) -> str:
         path = ckpt.save(os.path.join(out_dir, "checkpoints"), step, strategy, state, procs)
@@ -281,16 +364,14 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
                         dynamic_ncols=True)
     preempt = ckpt.PreemptionFlag()
     stop_file = os.environ.get("DISTILL_STOP_FILE") or None
-    student.train()
+    session.student.train()
     streak = 0
-
-    # -- the loop ----------------------------------------------------------------------------------------
     for step in range(state.step, cfg.train.max_steps):
         t0 = time.perf_counter()
         state.lr = lr_at(step, cfg.optim.lr, cfg.optim.schedule, cfg.train.max_steps)
         strategy.set_lr(state.lr)
         try:
-            result = train_step(ctx, step)
+            result = train_step(session.ctx, step)
         except BadRowError:
             logger.error("a bad row in step %d: writing a checkpoint at step %d before stopping", step + 1,
                          step)
@@ -304,30 +385,13 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         if not result.stepped:
             logger.warning("step %d: non-finite loss %.4g or grad-norm %.4g; step skipped (%d in a row)",
                            state.step, result.loss, result.grad_norm, streak)
-
         done = state.step
         if procs.is_main:
-            record = {"step": done, "tokens": state.tokens, "lr": state.lr, "grad_norm": result.grad_norm,
-                      "tokens_per_s": result.tokens / max(elapsed, 1e-9), "loss": result.loss}
-            # Model FLOP/s per device (6N + 12·L·d·T per trained token), the teacher's forward apart; MFU
-            # against the device's peak when it is known (log.peak_tflops or the GPU's name).
-            step_flops = [sum(n * flops[name][k] for name, n in result.slots.items()) for k in (0, 1)]
-            per_device = [f / max(elapsed, 1e-9) / procs.world / 1e12 for f in step_flops]
-            record["tflops_per_s"] = per_device[0]
-            if step_flops[1] > 0:
-                record["teacher_tflops_per_s"] = per_device[1]
-            if peak is not None:
-                record["mfu"] = per_device[0] / peak
-            record.update({f"loss/{n}/{o}": v for (n, o), v in result.means.items()})
-            record.update({f"tokens/{n}": v for n, v in result.slots.items()})  # token slots of this step
-            record.update({f"grad_norm/{k}": v for k, v in result.part_norms.items()})
-            record["skipped_steps"] = state.nonfinite_total
-            if state.skipped_rows:
-                record["skipped_rows"] = state.skipped_rows
+            record = _step_record(session, result, elapsed)
             if evaluation is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
                 from distill.evaluate import evaluate_suite
 
-                figures = evaluate_suite(student, teacher, **evaluation)
+                figures = evaluate_suite(session.student, session.teacher, **evaluation)
                 record.update({f"eval/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
             metrics.write(record)
             tracker.log(record, done)
@@ -337,11 +401,11 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
                 progress.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
             if done % cfg.train.log_every == 0:
                 (progress.write if progress is not None else print)(console_line(record))
-
         every = cfg.optim.layers.every
         # Also at the last step: a run stopped there and resumed later must hold the same measurement.
         if trace is not None and every and done % every == 0:
-            state.layer_trace = trace = _retrace(cfg, strategy, streams, autocast, groups)
+            state.layer_trace = trace = _retrace(cfg, strategy, session.streams, session.autocast,
+                                                 session.groups)
         if streak >= cfg.train.max_nonfinite_steps:  # after the step's record is written
             raise TrainingError(
                 f"{streak} non-finite steps in a row (last: step {done}, loss {result.loss}, grad-norm "
@@ -357,7 +421,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         if stop and not last:
             if progress is not None:
                 progress.close()
-            return finish(_stopped(done, preempt, stop_file, procs.is_main))
+            return _stopped(done, preempt, stop_file, procs.is_main)
 
     if progress is not None:
         progress.close()
@@ -365,14 +429,55 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
         plot_layer_grads(os.path.join(out_dir, "metrics.jsonl"),
                          os.path.join(out_dir, "layer_grad_norms.png"))
     if cfg.train.export:
-        _export(cfg, strategy, student, tokenizer, streams, dtype, procs.is_main)
+        _export(cfg, strategy, session.student, session.tokenizer, session.streams, session.dtype,
+                procs.is_main)
     if stop_file is not None and procs.is_main and os.path.exists(stop_file):
         os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
     procs.barrier()
     if metrics is not None:
         metrics.close()
         tracker.finish()
-    return finish(0)
+    return 0
+
+
+def _step_record(session: Session, result, elapsed: float) -> dict:
+    """The step's metrics.jsonl record (rank 0)."""
+    state, procs, flops, peak = session.state, session.procs, session.flops, session.peak
+    record = {"step": state.step, "tokens": state.tokens, "lr": state.lr, "grad_norm": result.grad_norm,
+              "tokens_per_s": result.tokens / max(elapsed, 1e-9), "loss": result.loss}
+    # Model FLOP/s per device (6N + 12·L·d·T per trained token), the teacher's forward apart; MFU against the
+    # device's peak when it is known (log.peak_tflops or the GPU's name).
+    step_flops = [sum(n * flops[name][k] for name, n in result.slots.items()) for k in (0, 1)]
+    per_device = [f / max(elapsed, 1e-9) / procs.world / 1e12 for f in step_flops]
+    record["tflops_per_s"] = per_device[0]
+    if step_flops[1] > 0:
+        record["teacher_tflops_per_s"] = per_device[1]
+    if peak is not None:
+        record["mfu"] = per_device[0] / peak
+    record.update({f"loss/{n}/{o}": v for (n, o), v in result.means.items()})
+    record.update({f"tokens/{n}": v for n, v in result.slots.items()})  # token slots of this step
+    record.update({f"grad_norm/{k}": v for k, v in result.part_norms.items()})
+    record["skipped_steps"] = state.nonfinite_total
+    if state.skipped_rows:
+        record["skipped_rows"] = state.skipped_rows
+    return record
+
+
+def _in_training_evaluation(session: Session) -> dict | None:
+    """The arguments of `evaluate_suite` for `train.eval_every`, on rank 0 of an unsharded run; else None."""
+    from distill.evaluate import eval_streams
+
+    cfg = session.cfg
+    if not cfg.train.eval_every:
+        return None
+    if session.strategy.sharded:
+        logger.warning("train.eval_every: in-training evaluation needs the whole model on one process; "
+                       "skipped when sharded (run scripts/evaluate.py on a checkpoint or on final/)")
+        return None
+    if not session.procs.is_main:
+        return None
+    native = session.teacher if session.teacher is not None else session.student
+    return _evaluation(cfg, session.tokenizer, native, eval_streams(cfg))
 
 
 def _stopped(done: int, preempt: ckpt.PreemptionFlag, stop_file: str | None, is_main: bool) -> int:
@@ -504,16 +609,21 @@ def _diagnostic_batch(cfg: RecipeConfig, streams: dict, device) -> dict:
 
 
 def _start_trace(cfg: RecipeConfig, student, streams: dict, resume_path: str | None, strategy,
-                 autocast) -> dict:
-    """optim.layers: traced at start-up, on the whole student (before sharding; every rank computes the same):
-    the per-layer gradient norms of the diagnostic batch, then the layers frozen (above_mean) or the per-layer
-    LR factors handed to the strategy (lr_scale). A resumed run reuses its checkpoint's measurement."""
+                 autocast, device) -> dict:
+    """optim.layers: traced at start-up, on the whole student where it sits before the strategy lays it out
+    (`device`: the host in sharded modes; every rank computes the same): the per-layer gradient norms of the
+    diagnostic batch, then the layers frozen (above_mean) or the per-layer LR factors handed to the strategy
+    (lr_scale). A resumed run reuses its checkpoint's measurement. flash-attn has no CPU kernels: on the host
+    the measurement runs with sdpa_varlen (the same attention values; the relative norms are what is kept)."""
     from distill.localise import diagnostic_norms, freeze_untraced, layer_plan
+    from distill.models import attention_override
 
     layers_cfg = cfg.optim.layers
     trace = ckpt.read_state(resume_path).get("layer_trace") if resume_path is not None else None
     if trace is None:
-        norms = diagnostic_norms(student, _diagnostic_batch(cfg, streams, strategy.procs.device), autocast)
+        host_flash = device.type == "cpu" and student.config._attn_implementation == "flash_attention_2"
+        with attention_override(student, "sdpa_varlen" if host_flash else None):
+            norms = diagnostic_norms(student, _diagnostic_batch(cfg, streams, device), autocast)
         trace = layer_plan(norms, layers_cfg.select, layers_cfg.max_scale)
     relative = ", ".join(f"{i}: {r:.2f}" for i, r in trace["relative"].items())
     if layers_cfg.select == "above_mean":

@@ -137,6 +137,20 @@ def shard_teacher(teacher: nn.Module, mesh=None, mp_dtype: torch.dtype | None = 
     return teacher
 
 
+def move_unsharded(model: nn.Module, device: torch.device) -> None:
+    """Move the parameters and buffers that no FSDP unit holds (plain tensors) to `device`, in place."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and not isinstance(param, DTensor) and param.device != device:
+                    param.data = param.data.to(device)
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Reduce-scatter gradients after the next backward (True) or keep accumulating unsharded ones (False).
 
@@ -253,12 +267,15 @@ class FSDP2(Strategy):
             self.sequence = sequence.SequenceParallel(self.sequence_parallel, self.procs.rank,
                                                       self.procs.world)
             student.set_attn_implementation(sequence.register(student.config._attn_implementation))
-        # Shard after every whole-model check and load: a forward on one rank alone would wait forever.
+        # The models arrive whole on the host; fully_shard moves each unit's parameters to the device and
+        # keeps this rank's shard, one unit at a time, so no whole model is ever on a GPU.
         mesh = make_mesh(self.procs.device)
         mp = dtype if self.procs.device.type == "cuda" and dtype != torch.float32 else None
         shard_student(student, mesh, reshard_after_forward_requested(), mp_dtype=mp)
+        move_unsharded(student, self.procs.device)  # buffers (RoPE) of modules outside any unit
         if teacher is not None:
             shard_teacher(teacher, mesh)
+            move_unsharded(teacher, self.procs.device)  # its replicated shell: embeddings, norm, lm_head
         self.student, self.teacher = student, teacher
         # Over the sharded parameters.
         self.optimizer = make_optimizer(student, optim_cfg, sharded=True,

@@ -18,6 +18,9 @@ class Replicated(Strategy):
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
         del dtype  # autocast does mixed precision over the fp32 master weights
+        student.to(self.procs.device)  # a no-op when loaded there; the whole model lives on every rank
+        if teacher is not None:
+            teacher.to(self.procs.device)
         self.student, self.teacher = student, teacher
         self.optimizer = make_optimizer(student, optim_cfg, sharded=False,
                                         lr_scales=self.param_scales(student))

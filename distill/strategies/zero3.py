@@ -108,7 +108,7 @@ def ds_config(max_grad_norm: float = 0.0, persistence_threshold: int = 100_000,
             engine, with no lower-precision communication (`lower_precision_safe_modules: []`): gradients
             are still reduced in fp32.
     """
-    zero = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+    zero = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
             "reduce_bucket_size": bucket_size, "stage3_prefetch_bucket_size": bucket_size,
             "stage3_param_persistence_threshold": persistence_threshold,
             "stage3_max_live_parameters": 10 * bucket_size, "stage3_max_reuse_distance": 10 * bucket_size}
@@ -132,6 +132,16 @@ def _init_distributed() -> None:
     if not tdist.is_initialized():
         raise RuntimeError("ZeRO-3 needs an initialised process group (launch with accelerate or torchrun)")
     deepspeed.init_distributed(dist_backend=tdist.get_backend(), auto_mpi_discovery=False)
+
+
+def partition_in_place(module: nn.Module, config: dict) -> None:
+    """Partition an instantiated module's parameters with `deepspeed.zero.Init(module=...)`: each parameter in
+    turn goes to the device and keeps only this rank's partition. Without it `deepspeed.initialize` moves the
+    WHOLE module to the device first (its `module.to(device)`), a full model per GPU before partitioning."""
+    import deepspeed
+
+    with torch.no_grad():
+        deepspeed.zero.Init(module=module, config_dict_or_path=config)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,9 +203,9 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and not hasattr(head, "_distill_full_weight_hook"):
         head._distill_full_weight_hook = head.register_forward_hook(_keep_full_weight)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer,
-        config=ds_config(max_grad_norm, persistence_threshold, bucket_size, train=True, autocast=autocast))
+    config = ds_config(max_grad_norm, persistence_threshold, bucket_size, train=True, autocast=autocast)
+    partition_in_place(model, config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     engine._distill_order = [names[id(p)] for p in order]
     engine._distill_group_sizes = sizes
     engine._distill_client_optimizer = optimizer
@@ -280,9 +290,18 @@ def shard_teacher(teacher: nn.Module, persistence_threshold: int = 100_000, buck
         raise ValueError("shard_teacher: the teacher must be frozen (eval(), requires_grad_(False)) first")
     _init_distributed()
     decoder = decoder_of(teacher)
-    engine, _, _, _ = deepspeed.initialize(
-        model=decoder, config=ds_config(0.0, persistence_threshold, bucket_size, train=False))
+    config = ds_config(0.0, persistence_threshold, bucket_size, train=False)
+    partition_in_place(decoder, config)
+    engine, _, _, _ = deepspeed.initialize(model=decoder, config=config)
     engine.eval()
+    with torch.no_grad():  # what stays replicated (lm_head, buffers) to the device; partitions are there
+        for module in teacher.modules():
+            for param in module._parameters.values():
+                if param is not None and not hasattr(param, "ds_id") and param.device != engine.device:
+                    param.data = param.data.to(engine.device)
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != engine.device:
+                    module._buffers[name] = buf.to(engine.device)
     teacher._distill_engine = engine
     return teacher
 

@@ -18,6 +18,10 @@ Runs (each its own output directory under OUT, 3 steps, a checkpoint every step)
   expanded/      (replicated, FSDP2) hybrid expansion of both layers (dlerp, alignment), optim.layers traced
                  with lr_scale (measured again every 2 steps), per-part gradient norms every step, per stream
   localised/     (ZeRO-3, which refuses expansion) traced with lr_scale and per-part gradient norms
+  flash/         flash_attention_2 through the CPU stand-in (tests/flash_standin, on PYTHONPATH), bf16
+                 autocast, gradient checkpointing; flash_calls.json: the stand-in's calls per rank
+  flash_sequence/ (FSDP2) the same with parallel.sequence_parallel: 2 (GQA: 4 heads, 2 key/value heads)
+  startup/       (replicated) rank 0's start-up check crashes: every rank must stop with one line
 With --teacher, OUT/teacher.json holds the sharded teacher's truncated hidden states against the plain ones.
 Process start-up dominates on CPU, hence one launch for all of them.
 """
@@ -41,6 +45,55 @@ SPARSE = ("streams.long.share=0.2", "streams.short.objectives.kl=null")
 LOCALISED = ("optim.layers={mode: traced, select: lr_scale, rows: 2, every: 2}", "log.layer_grad_every=1")
 EXPANDED = ("model.expansion={layers: 2, interpolation: dlerp, alignment: {kind: cosine, weight: 0.5}}",
             *LOCALISED)
+
+
+FLASH = ("model.attention=flash_attention_2", "model.dtype=bfloat16", "model.gradient_checkpointing=true")
+"""flash-attn 2 (the stand-in on CPU) as a GPU run uses it: bf16 autocast, activation checkpointing."""
+BF16 = ("model.attention=sdpa_varlen", "model.dtype=bfloat16", "model.gradient_checkpointing=true")
+"""The same precision with sdpa_varlen: the reference of the flash runs."""
+
+
+def flash_run(recipe: str, out: str, *overrides: str) -> int:
+    """`distill.train.main` with FLASH; the stand-in's calls of this run on this rank go to
+    OUT/flash_calls.json (rank 0: a list per rank)."""
+    import torch.distributed as dist
+    from flash_attn import standin
+
+    from distill import train
+
+    standin.reset()
+    code = train.main([recipe, f"run.output_dir={out}", *FLASH, *overrides])
+    calls = list(standin.CALLS)
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, calls)
+    else:
+        gathered = [calls]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(out, "flash_calls.json"), "w", encoding="utf-8") as f:
+            json.dump(gathered, f)
+    return code
+
+
+def failing_startup_run(recipe: str, out: str) -> int:
+    """`distill.train.main` where rank 0's packing-isolation check raises (as flash-attn did on fp32 inputs):
+    every rank must stop with the same one-line error, none left waiting in a collective."""
+    import torch.distributed as dist
+
+    from distill import models, train
+
+    real = models.packing_isolation
+
+    def crash(*args, **kwargs):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        return real(*args, **kwargs)
+
+    models.packing_isolation = crash
+    try:
+        return train.main([recipe, f"run.output_dir={out}"])
+    finally:
+        models.packing_isolation = real
 
 
 def poisoned_run(recipe: str, out: str, *overrides: str) -> int:
@@ -140,6 +193,11 @@ def main() -> None:
                 json.dump(dict(live["strategy"].sequence.calls), f)
     if mode == "replicated":
         codes["sparse"] = run("sparse", *SPARSE)
+        codes["startup"] = failing_startup_run(args.recipe, os.path.join(args.out, "startup"))
+    codes["flash"] = flash_run(args.recipe, os.path.join(args.out, "flash"))
+    if mode == "fsdp2":
+        codes["flash_sequence"] = flash_run(args.recipe, os.path.join(args.out, "flash_sequence"),
+                                            "parallel.sequence_parallel=2")
     if mode != "zero3":
         codes["expanded"] = run("expanded", *EXPANDED)
     else:

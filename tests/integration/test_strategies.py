@@ -25,6 +25,7 @@ from transformers import AutoConfig
 
 from distill.metrics import read_metrics
 
+from ..conftest import FLASH_STANDIN
 from .test_train import ROOT, recipe, write
 
 STEPS = 3
@@ -43,8 +44,11 @@ def launch(mode: str, recipe_path: str, out: str, teacher: str) -> subprocess.Co
     """The worker under `accelerate launch` with the mode's launcher config; once more if a worker died of
     SIGABRT inside gloo (seen at start-up once in a dozen CI runs here, and once mid-run in a collective on a
     machine loaded by other work; unrelated to the code under test, which a second failure would show)."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1", "DS_BUILD_OPS": "0"}
+    # The flash-attn stand-in on the path (its sitecustomize patches transformers at start-up): the flash/
+    # runs dispatch flash_attention_2 to it; the others ask for sdpa_varlen (auto on a CPU) and never touch it.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([FLASH_STANDIN, ROOT]), "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1",
+           "DS_BUILD_OPS": "0"}
     worker = os.path.join(ROOT, "tests", "integration", "strategy_worker.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            os.path.join(ROOT, "recipes", "accelerate", LAUNCH[mode]), "--num_processes", "2",
@@ -62,10 +66,14 @@ def launch(mode: str, recipe_path: str, out: str, teacher: str) -> subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, tiny_llama, built_data):
-    """1-process references in this process: full (3 steps) and poisoned (step 1 NaN)."""
+def single(tmp_path_factory, tiny_llama, built_data, flash_standin):
+    """1-process references in this process: full (3 steps), poisoned (step 1 NaN), bf16 with sdpa_varlen,
+    and flash_attention_2 through the stand-in (its calls in flash/flash_calls.json, with how often
+    transformers derived document offsets itself: flash/derived.json)."""
+    import transformers.modeling_flash_attention_utils as fa_utils
+
     from distill import train
-    from tests.integration.strategy_worker import EXPANDED, LOCALISED, SPARSE, poisoned_run
+    from tests.integration.strategy_worker import BF16, EXPANDED, LOCALISED, SPARSE, flash_run, poisoned_run
 
     root = tmp_path_factory.mktemp("single")
     path = write(strategy_recipe(tiny_llama, built_data, root / "full"), root / "r.yaml")
@@ -74,8 +82,23 @@ def single(tmp_path_factory, tiny_llama, built_data):
     assert train.main([path, f"run.output_dir={root / 'sparse'}", *SPARSE]) == 0
     assert train.main([path, f"run.output_dir={root / 'expanded'}", *EXPANDED]) == 0
     assert train.main([path, f"run.output_dir={root / 'localised'}", *LOCALISED]) == 0
+    assert train.main([path, f"run.output_dir={root / 'bf16'}", *BF16]) == 0
+    derived, real = [], fa_utils.prepare_fa_kwargs_from_position_ids
+
+    def spy(position_ids):  # transformers' own derivation of cu_seqlens, in every layer, when not given them
+        derived.append(int(position_ids.numel()))
+        return real(position_ids)
+
+    fa_utils.prepare_fa_kwargs_from_position_ids = spy
+    try:
+        assert flash_run(path, str(root / "flash")) == 0
+    finally:
+        fa_utils.prepare_fa_kwargs_from_position_ids = real
+    with open(root / "flash" / "derived.json", "w", encoding="utf-8") as f:
+        json.dump(derived, f)
     return {"root": root, "recipe": path, "full": root / "full", "poisoned": root / "poisoned",
-            "sparse": root / "sparse", "expanded": root / "expanded", "localised": root / "localised"}
+            "sparse": root / "sparse", "expanded": root / "expanded", "localised": root / "localised",
+            "bf16": root / "bf16", "flash": root / "flash"}
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp2", "zero3"])
@@ -91,7 +114,9 @@ def two(request, tmp_path_factory, tiny_llama, built_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + "\n".join(first) + proc.stderr[-6000:]
     with open(root / "codes.json", encoding="utf-8") as f:
         codes = json.load(f)
+    startup = codes["codes"].pop("startup", None)
     assert codes["world"] == 2 and set(codes["codes"].values()) == {0}, codes
+    assert startup == (3 if mode == "ddp" else None), codes
     assert codes["mode"] == {"ddp": "replicated", "fsdp2": "fsdp2", "zero3": "zero3"}[mode]
     return {"mode": mode, "root": root, "recipe": path, "stderr": proc.stderr}
 
@@ -304,3 +329,54 @@ def test_fsdp2_options_and_sharded_teachers(two):
     else:
         described = "DeepSpeed ZeRO-3: student (with optimiser) and teacher partitioned over 2 processes"
         assert described in two["stderr"]
+
+
+def _varlen_offsets(calls: list[dict]) -> set[tuple[int, ...]]:
+    """The document offsets the varlen entry point received, over all calls."""
+    return {tuple(c["cu_seqlens"]) for c in calls if c["entry"] == "flash_attn_varlen_func"}
+
+
+def _flash_calls(run) -> list[list[dict]]:
+    with open(run / "flash_calls.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_flash_attention_runs_match_sdpa_varlen(two, single, tiny_llama):
+    """flash_attention_2 (transformers' own flash path, the CPU stand-in underneath) in bf16 with gradient
+    checkpointing: 1 process and 2 processes in every mode (FSDP2 also with sequence parallelism over both
+    ranks, GQA) train the same steps as sdpa_varlen in bf16, within bf16 noise. Every packed micro-batch
+    reached the varlen entry point with its documents separated by the offsets the step computed (the
+    1-process run's set of offsets, which the layout tests tie to the data); transformers derived none
+    itself in training; nothing reached flash-attn in fp32."""
+    want = read_metrics(single["bf16"] / "metrics.jsonl")
+    runs = [single["flash"], two["root"] / "flash"]
+    if two["mode"] == "fsdp2":
+        runs.append(two["root"] / "flash_sequence")
+    for run in runs:
+        _assert_steps_close(read_metrics(run / "metrics.jsonl"), want, rel=3e-2)
+    reference = _flash_calls(single["flash"])[0]
+    offsets = _varlen_offsets(reference)
+    total = {1024}  # every training micro-batch here flattens to 1024 tokens (1 x 1024 long, 4 x 256 short)
+    assert {o[-1] for o in offsets} >= total and any(len(o) > 3 for o in offsets), offsets
+    layers = AutoConfig.from_pretrained(tiny_llama).num_hidden_layers
+    with open(single["flash"] / "derived.json", encoding="utf-8") as f:
+        derived = json.load(f)
+    assert derived == [18] * layers  # only the start-up check's packed row (7 + 11 tokens) was left to derive
+    for run in runs[1:]:
+        per_rank = _flash_calls(run)
+        assert len(per_rank) == 2 and all(per_rank)
+        assert set().union(*(_varlen_offsets(c) for c in per_rank)) == offsets, run
+    for calls in [reference, *_flash_calls(runs[1])]:
+        assert {c["dtype"] for c in calls} == {"bfloat16"} and all(c["causal"] for c in calls)
+
+
+@pytest.mark.slow
+def test_a_failing_start_up_check_stops_every_rank_with_one_line(two):
+    """Rank 0's start-up check raises (the fp32 flash-attn failure of old): both ranks stop with the same
+    one-line error and exit code 3, neither waits in a collective, and no traceback is printed."""
+    if two["mode"] != "ddp":
+        return
+    line = "error: start-up check failed: RuntimeError: FlashAttention only support fp16 and bf16 data type"
+    assert two["stderr"].count(line) == 2, two["stderr"][-3000:]
+    assert "Traceback" not in two["stderr"]

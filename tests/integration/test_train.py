@@ -321,9 +321,9 @@ def test_auto_layers_are_ranked_on_single_documents(tmp_path, tiny_llama, built_
     seen = []
     real = layers_module.attention_kl
 
-    def spy(student, teacher, input_ids, batch_size=1):
+    def spy(student, teacher, input_ids, batch_size=1, **kwargs):
         seen.append(input_ids.cpu())
-        return real(student, teacher, input_ids, batch_size)
+        return real(student, teacher, input_ids, batch_size, **kwargs)
 
     monkeypatch.setattr(layers_module, "attention_kl", spy)
     cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=1)
