@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from distill.data.dataset import IGNORE_INDEX, DataError, PackedStream, holdout_of
 from distill.layers import attention_kl, sample_documents
-from distill.models import decoder_of, forward_hidden
+from distill.models import decoder_of, forward_hidden, packed_layout
 from distill.objectives import kl_loss
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,12 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 (the parameters' dtype) on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, *models):
+    """bf16 autocast on CUDA, or wherever a model runs flash_attention_2 (flash-attn computes in fp16/bf16
+    only; the same precision on every device); else plain fp32 (the parameters' dtype)."""
+    flash = any(m is not None and m.config._attn_implementation == "flash_attention_2" for m in models)
+    if device.type == "cuda" or flash:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -137,9 +139,9 @@ def _token_nll(hidden, weight, labels, bias, chunk_size):
 
 def _final_hidden(model, input_ids, position_ids) -> torch.Tensor:
     """(B, T, H) final-norm hidden states of a packed batch, without keeping the per-layer states."""
-    out = decoder_of(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
-                            use_cache=False)
-    return out.last_hidden_state
+    ids, pos, extra, unflatten = packed_layout(model, input_ids, position_ids)
+    out = decoder_of(model)(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False, **extra)
+    return unflatten(out.last_hidden_state)
 
 
 def _mean(total: float, count: int) -> float:
@@ -242,7 +244,7 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
     n_real = n_kl = 0
     cos_sums = None
     totals, t_totals = DocTotals(), DocTotals()
-    with eval_mode(model, teacher), _autocast(device):
+    with eval_mode(model, teacher), _autocast(device, model, teacher):
         for start in range(0, len(indices), batch_size):
             chunk = indices[start: start + batch_size]
             batch = stream.batch(chunk)
@@ -292,7 +294,7 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
     out["hidden_cosine"] = [_mean(c, n_real) for c in cos_sums] if same_shape and cos_sums else []
     if attention_rows > 0:
         docs = sample_documents(stream, attention_rows, attention_tokens)
-        with eval_mode(model, teacher), _autocast(device):
+        with eval_mode(model, teacher), _autocast(device, model, teacher):
             out["attention_kl"] = attention_kl(model, teacher, docs.to(device)).float().cpu().tolist()
     return out
 
@@ -426,7 +428,7 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
     per_sum = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,) NLL sum per document position
     per_count = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,)
     totals, within, beyond = DocTotals(), DocTotals(), DocTotals()
-    with eval_mode(model), _autocast(device):
+    with eval_mode(model), _autocast(device, model):
         for ids, pos, labels, doc_pos, doc in batches:
             final = _final_hidden(model, ids.to(device), pos.to(device))  # (B, T, H)
             nll, has_target = token_nll(final, weight, labels.to(device), bias, chunk_size)  # (B, T) each
@@ -631,7 +633,7 @@ def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     device = _device(model)
     weight, bias = _lm_head(model)
     seq = list(prompt_ids)
-    with eval_mode(model), _autocast(device):
+    with eval_mode(model), _autocast(device, model):
         for _ in range(max_new_tokens):
             ids = torch.tensor([seq], device=device)
             pos = torch.arange(len(seq), device=device)[None]
@@ -660,7 +662,7 @@ def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256
     device = _device(model)
     acc = np.zeros((len(lengths), len(depths)))
     lp = np.zeros((len(lengths), len(depths)))
-    with eval_mode(model), _autocast(device):
+    with eval_mode(model), _autocast(device, model):
         for i, length in enumerate(lengths):
             for j, depth in enumerate(depths):
                 cases = [passkey_prompts(tokenizer, filler_ids, length, depth,

@@ -479,7 +479,7 @@ def _resolve_indices(layers, n_layers: int) -> list[int]:
     return out
 
 
-def _decoder_states(decoder, input_ids, position_ids, attention_mask, depth: int):
+def _decoder_states(decoder, input_ids, position_ids, attention_mask, depth: int, **attention_kwargs):
     """The decoder's forward with every hidden state (no cache, no lm_head): `depth` + 1 entries checked."""
     out = decoder(
         input_ids=input_ids,
@@ -487,6 +487,7 @@ def _decoder_states(decoder, input_ids, position_ids, attention_mask, depth: int
         attention_mask=attention_mask,
         use_cache=False,
         output_hidden_states=True,
+        **attention_kwargs,
     )
     if len(out.hidden_states) != depth + 1:
         raise RuntimeError(f"expected {depth + 1} hidden states, got {len(out.hidden_states)}")
@@ -516,11 +517,31 @@ def forward_hidden(
     decoder = decoder_of(model)
     n_layers = _num_layers(decoder)
     wanted = None if layers is None else _resolve_indices(layers, n_layers)
-    out = _decoder_states(decoder, input_ids, position_ids, attention_mask, n_layers)
-    hidden = out.hidden_states
+    ids, pos, extra, unflatten = packed_layout(model, input_ids, position_ids, attention_mask)
+    out = _decoder_states(decoder, ids, pos, attention_mask, n_layers, **extra)
+    hidden = tuple(unflatten(h) for h in out.hidden_states)
     if wanted is None:
-        return hidden, out.last_hidden_state
-    return [hidden[i] for i in wanted], out.last_hidden_state
+        return hidden, unflatten(out.last_hidden_state)
+    return [hidden[i] for i in wanted], unflatten(out.last_hidden_state)
+
+
+def packed_layout(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None):
+    """Packed rows (B, T) laid out for the model's attention, as the trainer's step lays them out: flattened
+    to (1, B·T) with the documents' offsets for flash_attention_2 (which separates packed documents only in a
+    one-row batch), else unchanged.
+
+    Returns:
+        (input_ids, position_ids, attention kwargs, unflatten: (1, B·T, H) → (B, T, H)).
+    """
+    from distill.attention import document_offsets, flattens
+
+    B, T = input_ids.shape
+    if attention_mask is not None or B == 1 or not flattens(model.config._attn_implementation):
+        return input_ids, position_ids, {}, lambda h: h
+    offsets = {k: v.to(input_ids.device) if torch.is_tensor(v) else v
+               for k, v in document_offsets(position_ids.cpu()).items()}
+    return (input_ids.reshape(1, B * T), position_ids.reshape(1, B * T), offsets,
+            lambda h: h.view(B, T, *h.shape[2:]))
 
 
 def truncated_decoder(decoder: nn.Module, depth: int) -> nn.Module:

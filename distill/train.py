@@ -154,7 +154,8 @@ class Session:
     def live(self) -> dict:
         """The live objects `run(return_state=True)` hands back (tests)."""
         return {"student": self.student, "teacher": self.teacher, "optimizer": self.strategy.optimizer,
-                "mixture": self.mixture, "strategy": self.strategy}
+                "mixture": self.mixture, "strategy": self.strategy,
+                "layers": {n: s.layers for n, s in self.ctx.streams.items()}}
 
 
 def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):

@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--attention", default="sdpa",
+                   choices=["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"],
+                   help="attention implementation (flash_attention_2 runs under bf16 autocast on any device)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else the teacher's)")
     p.add_argument("--no-teacher-baselines", action="store_true",
                    help="with --teacher, skip the teacher's own long-text figures (past its window and "

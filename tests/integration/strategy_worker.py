@@ -22,6 +22,7 @@ Runs (each its own output directory under OUT, 3 steps, a checkpoint every step)
                  autocast, gradient checkpointing; flash_calls.json: the stand-in's calls per rank
   flash_sequence/ (FSDP2) the same with parallel.sequence_parallel: 2 (GQA: 4 heads, 2 key/value heads)
   startup/       (replicated) rank 0's start-up check crashes: every rank must stop with one line
+  sequence_sdpa/ (FSDP2) sequence parallelism with transformers' sdpa: refused before loading (exit 2)
 With --teacher, OUT/teacher.json holds the sharded teacher's truncated hidden states against the plain ones.
 Process start-up dominates on CPU, hence one launch for all of them.
 """
@@ -196,6 +197,9 @@ def main() -> None:
         codes["startup"] = failing_startup_run(args.recipe, os.path.join(args.out, "startup"))
     codes["flash"] = flash_run(args.recipe, os.path.join(args.out, "flash"))
     if mode == "fsdp2":
+        # transformers' sdpa builds its mask for the local slice while Ulysses attends over the whole row:
+        # refused in one line before any model is loaded (exit 2).
+        codes["sequence_sdpa"] = run("sequence_sdpa", "parallel.sequence_parallel=2", "model.attention=sdpa")
         codes["flash_sequence"] = flash_run(args.recipe, os.path.join(args.out, "flash_sequence"),
                                             "parallel.sequence_parallel=2")
     if mode != "zero3":

@@ -7,6 +7,8 @@ flash_attention_2 (GPU only) separates packed documents by `position_ids` only w
 equals the row-by-row one with sdpa_varlen.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from transformers.modeling_flash_attention_utils import (
@@ -22,9 +24,12 @@ from distill.step import StreamObjectives
 from .test_train import recipe, write
 
 
-def _objectives(cfg, name: str, data: str) -> StreamObjectives:
-    return StreamObjectives(name=name, cfg=cfg.streams[name], data=PackedStream(data), layers=[1],
-                            num_layers=2, target_length=cfg.rope.target_length)
+def _objectives(cfg, name: str, data: str, attention: str = "flash_attention_2") -> StreamObjectives:
+    """The stream's objectives as the trainer builds them for models running `attention`."""
+    from distill.step import build_objectives
+
+    one = dataclasses.replace(cfg, streams={name: cfg.streams[name]})
+    return build_objectives(one, {name: PackedStream(data)}, {name: [1]}, 2, attention=attention)[name]
 
 
 def _boundaries(stream: PackedStream, rows: list[int]) -> list[int]:
@@ -115,3 +120,18 @@ def test_flattened_forward_equals_row_by_row(cfg, packed, tiny_llama):
                          attention_mask=None, output_hidden_states=True, use_cache=False).hidden_states
         for a, b in zip(flat, each):
             torch.testing.assert_close(a.view(b.shape), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_varlen", "eager"])
+def test_other_backends_keep_their_rows(cfg, packed, attention):
+    """Only flash needs one row: transformers' sdpa would build one (B·T)² mask instead of B masks of T²
+    (2.3x slower at 4 x 1024), so the other backends get the B rows, with no offsets."""
+    stream = _objectives(cfg, "short", packed, attention)
+    assert not stream.flatten
+    rows = list(range(4))
+    batch, _ = stream.fetch(rows, "cpu", vocab_size=10**6)
+    assert "offsets" not in batch
+    student, teacher = stream.model_inputs(batch, positions_seed=0)
+    for inputs in (student, teacher):
+        assert inputs["input_ids"].shape == (4, stream.data.seq_len) and inputs["attention_mask"] is None
+        assert set(inputs) == {"input_ids", "position_ids", "attention_mask"}

@@ -45,7 +45,7 @@ def launch(mode: str, recipe_path: str, out: str, teacher: str) -> subprocess.Co
     SIGABRT inside gloo (seen at start-up once in a dozen CI runs here, and once mid-run in a collective on a
     machine loaded by other work; unrelated to the code under test, which a second failure would show)."""
     # The flash-attn stand-in on the path (its sitecustomize patches transformers at start-up): the flash/
-    # runs dispatch flash_attention_2 to it; the others ask for sdpa_varlen (auto on a CPU) and never touch it.
+    # runs dispatch flash_attention_2 to it; the others ask for sdpa_varlen (auto on a CPU), never use it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([FLASH_STANDIN, ROOT]), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1",
            "DS_BUILD_OPS": "0"}
@@ -114,9 +114,10 @@ def two(request, tmp_path_factory, tiny_llama, built_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + "\n".join(first) + proc.stderr[-6000:]
     with open(root / "codes.json", encoding="utf-8") as f:
         codes = json.load(f)
-    startup = codes["codes"].pop("startup", None)
+    startup, refused = codes["codes"].pop("startup", None), codes["codes"].pop("sequence_sdpa", None)
     assert codes["world"] == 2 and set(codes["codes"].values()) == {0}, codes
     assert startup == (3 if mode == "ddp" else None), codes
+    assert refused == (2 if mode == "fsdp2" else None), codes
     assert codes["mode"] == {"ddp": "replicated", "fsdp2": "fsdp2", "zero3": "zero3"}[mode]
     return {"mode": mode, "root": root, "recipe": path, "stderr": proc.stderr}
 
@@ -380,3 +381,14 @@ def test_a_failing_start_up_check_stops_every_rank_with_one_line(two):
     line = "error: start-up check failed: RuntimeError: FlashAttention only support fp16 and bf16 data type"
     assert two["stderr"].count(line) == 2, two["stderr"][-3000:]
     assert "Traceback" not in two["stderr"]
+
+
+@pytest.mark.slow
+def test_sequence_parallelism_with_sdpa_is_refused_in_one_line(two):
+    if two["mode"] != "fsdp2":
+        return
+    line = ("error: parallel.sequence_parallel: 2 needs model.attention auto, sdpa_varlen or "
+            "flash_attention_2 (the attention sees the whole row, while 'sdpa' builds its mask for this "
+            "rank's slice)")
+    assert two["stderr"].count(line) == 2, two["stderr"][-3000:]
+    assert not (two["root"] / "sequence_sdpa" / "config.yaml").exists()  # nothing loaded, nothing written

@@ -342,3 +342,41 @@ def test_auto_layers_are_ranked_on_single_documents(tmp_path, tiny_llama, built_
     assert rows.shape[0] == 4
     for row in rows.tolist():  # every row is the start of ONE document: no second document, no padding
         assert any(doc[: len(row)] == tuple(row) for doc in documents if len(doc) >= len(row))
+
+
+def test_flash_attention_in_float32_is_refused_before_loading(tmp_path, tiny_llama, built_data, capsys):
+    """flash-attn computes in fp16/bf16 only: a float32 recipe with flash_attention_2 stops with one line
+    (exit 2) before any model is loaded, instead of dying in the first forward."""
+    from distill import train
+
+    cfg = recipe(tiny_llama, built_data, tmp_path / "run", "long_cpt", steps=1)
+    cfg["model"]["attention"] = "flash_attention_2"
+    assert train.main([write(cfg, tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model.dtype: float32 cannot run flash_attention_2")
+
+
+def test_flash_attention_run_with_auto_layers_and_evaluation(tmp_path, tiny_llama, built_data, flash_standin):
+    """One process on flash_attention_2 (the CPU stand-in) in bf16: `layers: auto` ranks layers through the
+    laid-out models (eager attention, then flash again) and picks what sdpa_varlen picks; in-training
+    evaluation runs under the same precision; the losses are sdpa_varlen's within bf16 noise."""
+    from distill.train import run
+
+    picked, records = {}, {}
+    for attention in ("sdpa_varlen", "flash_attention_2"):
+        cfg = recipe(tiny_llama, built_data, tmp_path / attention, "longred", steps=2, train__eval_every=2)
+        cfg["model"].update({"attention": attention, "dtype": "bfloat16"})
+        cfg["streams"]["short"]["objectives"]["hidden"].update({"layers": "auto", "top_k": 1})
+        flash_standin.module.reset()
+        code, live = run(load_recipe(write(cfg, tmp_path / f"{attention}.yaml")), return_state=True)
+        assert code == 0
+        assert live["student"].config._attn_implementation == attention  # restored after the eager ranking
+        picked[attention] = live["layers"]["short"]
+        records[attention] = read_metrics(tmp_path / attention / "metrics.jsonl")
+        if attention == "flash_attention_2":
+            assert flash_standin.calls and {c["dtype"] for c in flash_standin.calls} == {"bfloat16"}
+    assert picked["flash_attention_2"] == picked["sdpa_varlen"] and 2 in picked["sdpa_varlen"]
+    want, got = records["sdpa_varlen"], records["flash_attention_2"]
+    assert "eval/short_nll" in got[-1]
+    for key in ("loss", "loss/long/lm", "loss/short/hidden", "eval/short_nll", "eval/long_nll"):
+        assert got[-1][key] == pytest.approx(want[-1][key], rel=3e-2), key

@@ -474,6 +474,30 @@ def test_evaluate_cli_writes_json_and_plots(tiny_llama, built, tmp_path, capsys)
     assert "short_nll" in captured.out
 
 
+def test_evaluate_cli_with_flash_attention_equals_sdpa_varlen(tiny_llama, built, tmp_path, capsys,
+                                                             flash_standin):
+    """scripts/evaluate.py --attention flash_attention_2 (transformers' flash path, the CPU stand-in
+    underneath, bf16 autocast as on a GPU) gives the figures of sdpa_varlen within bf16 noise; packed rows
+    reach the varlen entry point with their documents separated."""
+    figures = {}
+    for name in ("sdpa_varlen", "flash_attention_2"):
+        flash_standin.module.reset()
+        code = _script("evaluate").main([
+            "--model", tiny_llama, "--teacher", tiny_llama, "--short-data", built["short"],
+            "--long-data", built["long"], "--original-length", "128", "--out", str(tmp_path / name),
+            "--max-rows", "4", "--passkey-samples", "1", "--lengths", "64,128", "--depths", "0,1",
+            "--attention", name, "--no-teacher-baselines"])
+        assert code == 0, capsys.readouterr().err
+        figures[name] = json.loads((tmp_path / name / "eval.json").read_text())["figures"]
+    calls = flash_standin.calls
+    assert {c["dtype"] for c in calls} == {"bfloat16"}
+    assert max(c.get("documents", 0) for c in calls) > 2  # a flattened batch of packed short rows
+    want, got = figures["sdpa_varlen"], figures["flash_attention_2"]
+    for key in ("short_nll", "long_nll", "short_whole_nll"):
+        if key in want:
+            assert got[key] == pytest.approx(want[key], rel=2e-2), key
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "{missing}", "--short-data", "{short}", "--long-data", "{long}"],
      "--model .*no such directory"),
