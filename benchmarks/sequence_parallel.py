@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism on 2 CPU processes: activation memory and time per token, S = 2 against S = 1.
 
-The benchmarks' tiny Llama (4 layers x 256, 8 heads, ~6.8M parameters), fp32, sdpa_varlen, one long packed row
+The benchmarks' tiny Llama (4 layers x 256, 8 heads, ~6.8M parameters), the trainer's attention (--attention
+auto: flash-attn on CUDA when installed, else sdpa_varlen) and precision (--dtype), one long packed row
 of --tokens tokens (documents of 300-1500 tokens, one of them crossing the shard edge), forward + LM loss +
 backward, both ranks at once (gloo, one thread each):
   S = 1: each rank runs the whole row (what a rank holds without sequence parallelism);
@@ -31,12 +32,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str = "cpu") -> None:
+def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str = "cpu",
+           attention_name: str = "auto", dtype_name: str = "float32") -> None:
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from distill import attention, sequence
+    from distill import sequence
     from distill.objectives import lm_loss
     from distill.plan import SavedTensorBytes
 
@@ -47,9 +49,14 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    attention.register()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa_varlen",
+    from distill.attention import document_offsets
+    from distill.models import resolve_attention
+
+    inner = resolve_attention(attention_name, device, "llama")
+    sequence.check_attention(inner, world)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=inner,
                                                  dtype=torch.float32).to(device)
+    low = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
     lengths, left = [], tokens
     while left > 0:
@@ -59,24 +66,28 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=gen).to(device)
     positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
     targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100, device=device)], dim=1)
+    offsets = {k: v.to(device) if hasattr(v, "to") else v
+               for k, v in document_offsets(positions.cpu()).items()}
     sp = sequence.SequenceParallel(world, rank, world)
-    split_name = sequence.register("sdpa_varlen")
+    split_name = sequence.register(inner)
 
     final = {}
 
     def step(size: int) -> tuple[int, float]:
         model.zero_grad(set_to_none=True)
+        # The trainer's inputs: the whole row's document offsets with every (piece of the) row.
         if size == 1:
-            model.set_attn_implementation("sdpa_varlen")
-            inputs, tgt, context = {"input_ids": ids, "position_ids": positions}, targets, None
+            model.set_attn_implementation(inner)
+            inputs, tgt, context = {"input_ids": ids, "position_ids": positions, **offsets}, targets, None
         else:
             model.set_attn_implementation(split_name)
-            inputs = {"input_ids": sp.piece(ids), "position_ids": sp.piece(positions)}
+            inputs = {"input_ids": sp.piece(ids), "position_ids": sp.piece(positions), **offsets}
             tgt, context = sp.piece(targets), sp.on("long")
         recorder = SavedTensorBytes()
         dist.barrier()
         t0 = time.perf_counter()
-        with recorder("student_forward", "long"):
+        with recorder("student_forward", "long"), torch.autocast(device.type, dtype=low,
+                                                                 enabled=low != torch.float32):
             if context is not None:
                 with context:
                     out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
@@ -109,7 +120,8 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str
             "saved_bytes_per_rank": {str(k): int(statistics.median(v)) for k, v in saved.items()},
             "seconds": {str(k): round(v, 4) for k, v in med.items()},
             "setup": {"tokens": tokens, "documents": len(lengths), "repeats": repeats, "processes": world,
-                      "device": device_type, "model": "4 layers x 256, 8 heads, fp32, sdpa_varlen"},
+                      "device": device_type, "attention": inner, "dtype": dtype_name,
+                      "model": "4 layers x 256, 8 heads"},
         }
         with open(out, "w", encoding="utf-8") as f:
             json.dump(result, f)
@@ -122,10 +134,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--processes", type=int, default=2, help="S, the processes of the group (default 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--attention", default="auto", help="model.attention (auto: flash-attn on CUDA when "
+                                                            "installed, else sdpa_varlen)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="autocast dtype over fp32 weights, as the trainer (default: bfloat16 on CUDA, "
+                             "float32 on a CPU)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.worker:
-        worker(args.worker[0], args.tokens, args.repeats, args.worker[1], args.device)
+        worker(args.worker[0], args.tokens, args.repeats, args.worker[1], args.device, args.attention, dtype)
         return
     import common
 
@@ -137,7 +155,8 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
                "--master_port", "29620", os.path.abspath(__file__), "--tokens", str(args.tokens),
-               "--repeats", str(args.repeats), "--device", args.device, "--worker", ws.model, out]
+               "--repeats", str(args.repeats), "--device", args.device, "--attention", args.attention,
+               "--dtype", dtype, "--worker", ws.model, out]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])

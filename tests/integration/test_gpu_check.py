@@ -1,0 +1,49 @@
+"""benchmarks/gpu_check.py runs end to end on a CPU with the flash-attn stand-in (tests/flash_standin), as it
+will on a GPU: every part reports, a failing part does not stop the others, and the report is on disk after
+each part."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ..conftest import FLASH_STANDIN
+from .test_train import ROOT
+
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+
+
+def _run(tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([FLASH_STANDIN, ROOT]), "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--out", str(out), *args], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == printed
+    return printed
+
+
+@pytest.mark.slow
+def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
+    report = _run(tmp_path, "--attention", "flash_attention_2", "--seq", "512", "--loss-tokens", "1024",
+                  "--steps", "2")
+    assert report["flash_attn"] is True
+    for part in ("attention", "loss", "train", "layout", "zero3_precision", "sequence_parallel"):
+        assert report[part]["status"] == "ok", (part, report[part])
+    kernels = report["attention"]["implementations"]
+    assert kernels["flash_attention_2"]["layout"] == "one row + offsets"
+    assert kernels["flash_attention_2"]["logit_rel_err"] < 0.05  # bf16 against the fp32 dense mask
+    assert report["train"]["attention"] == "flash_attention_2" and report["layout"]["flattened"]
+    assert report["sequence_parallel"]["sizes"]["2"]["loss_rel_diff_vs_one_process"] < 3e-2
+
+
+def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
+    report = _run(tmp_path, "--part", "45", "--attention", "no_such_attention")
+    assert report["layout"]["status"] == "failed" and "no_such_attention" in report["layout"]["error"]
+    assert "\n" not in report["layout"]["error"]
+    assert report["zero3_precision"]["status"] == "ok"
+    assert "attention" not in report and "train" not in report
