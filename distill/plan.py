@@ -111,9 +111,26 @@ def student_activation_bytes(shape: Shape, tokens: int, regime: str, checkpointi
     return saved_forward_bytes(shape, tokens, regime, checkpointing) + recompute
 
 
+def distilled_states(objectives) -> int:
+    """How many hidden states a stream's `hidden` objective compares (`auto`: its top_k plus the last)."""
+    hidden = objectives.hidden
+    if hidden is None:
+        return 0
+    if hidden.layers == "auto":
+        return hidden.top_k + 1
+    return len({str(layer) for layer in hidden.layers})
+
+
+def cosine_loss_bytes(shape: Shape, tokens: int, states: int) -> int:
+    """What `hidden_cosine_loss` saves for backward: fp32 copies of the student's and the teacher's states at
+    the loss-bearing tokens, 8 bytes per token per hidden unit per distilled state (measured with
+    saved-tensor accounting)."""
+    return 8 * tokens * shape.hidden * states
+
+
 def loss_bytes(shape: Shape, tokens: int, objectives, compute_bytes: int) -> int:
-    """The chunked losses' peak: a chunk of fp32 logits (and their gradient), the fp32 lm_head gradient
-    accumulator, the gradient of the final hidden states."""
+    """The losses' peak: a chunk of fp32 logits (and their gradient), the fp32 lm_head gradient
+    accumulator, the gradient of the final hidden states; plus the hidden-state cosine's saved copies."""
     total = 0
     if objectives.lm is not None:
         chunk = min(tokens, objectives.lm.chunk_size)
@@ -121,21 +138,25 @@ def loss_bytes(shape: Shape, tokens: int, objectives, compute_bytes: int) -> int
     if objectives.kl is not None:
         chunk = min(tokens, objectives.kl.chunk_size)
         total = max(total, chunk * shape.vocab * (16 + compute_bytes) + 4 * shape.vocab * shape.hidden)
-    return total + (4 * tokens * shape.hidden if total else 0)
+    cosine = cosine_loss_bytes(shape, tokens, distilled_states(objectives))
+    return total + (4 * tokens * shape.hidden if total else 0) + cosine
 
 
-def teacher_activation_bytes(shape: Shape, tokens: int, depth: int, weight_bytes: int) -> int:
-    """The teacher's forward (no grad): hidden states up to `depth` kept, one layer's intermediates in
-    flight."""
+def teacher_activation_bytes(shape: Shape, tokens: int, depth: int, weight_bytes: int,
+                             kept: int | None = None) -> int:
+    """The teacher's forward (no grad) to `depth`: the `kept` hidden states a loss asked for (the teacher
+    keeps only those, `distill.models.TruncatedTeacher`; None: all depth + 1), the state flowing through
+    the layers, and one layer's intermediates in flight."""
     if depth <= 0:
         return tokens * shape.hidden * weight_bytes
-    kept = (depth + 1) * shape.hidden
-    in_flight = 3 * shape.hidden + 2 * shape.kv_width + 3 * shape.intermediate
-    return tokens * (kept + in_flight) * weight_bytes
+    kept = depth + 1 if kept is None else kept
+    in_flight = 4 * shape.hidden + 2 * shape.kv_width + 3 * shape.intermediate
+    return tokens * (kept * shape.hidden + in_flight) * weight_bytes
 
 
 def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dict[str, int],
-         teacher_shape: Shape | None = None, sequence_parallel: int = 1, on_gpu: bool = True) -> dict:
+         teacher_shape: Shape | None = None, sequence_parallel: int = 1, on_gpu: bool = True,
+         ranks_per_node: int = 8) -> dict:
     """Bytes per GPU of the recipe `cfg` on `world` GPUs in `mode`.
 
     Args:
@@ -144,10 +165,12 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
         seq_lens: each stream's row length.
         sequence_parallel: S, the ranks the longest stream's rows are split over (its activations / S).
         on_gpu: FSDP2 runs its parameters in the recipe's dtype (mixed precision) only on a GPU.
+        ranks_per_node: processes per node (host memory per node).
 
     Returns:
-        {"peak_bytes", "gpu_bytes", "fits", "breakdown": {...}, "streams": {name: {...}}, "mode", "world",
-         "sequence_parallel"}.
+        {"peak_bytes", "gpu_bytes", "fits", "setup_peak_bytes" (GPU, before the first step),
+         "host_bytes_per_rank", "host_bytes_per_node", "ranks_per_node", "breakdown": {...},
+         "streams": {name: {...}}, "mode", "world", "sequence_parallel"}.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -201,7 +224,8 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
         if needs_teacher and objectives.needs_teacher:
             layers = _distilled_depth(objectives, teacher_shape.layers)
             depth = max(layers, teacher_shape.layers if objectives.kl is not None else 0)
-        teacher_act = teacher_activation_bytes(teacher_shape, rows, depth, weight_bytes) if depth else 0
+        kept = distilled_states(objectives) + (1 if objectives.kl is not None else 0)
+        teacher_act = teacher_activation_bytes(teacher_shape, rows, depth, weight_bytes, kept) if depth else 0
         losses = loss_bytes(shape, tokens, objectives, weight_bytes)
         activations = with_ckpt if cfg.model.gradient_checkpointing else without
         streams[name] = {"tokens_per_micro_batch": rows, "sequence_parallel": split,
@@ -215,10 +239,52 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
     breakdown["largest_stream"] = largest
     breakdown["overhead"] = overhead
     peak = static + largest + overhead
+    setup = setup_bytes(shape, teacher_shape if needs_teacher else None, mode, world, weight_bytes)
+    host = host_bytes(shape, teacher_shape if needs_teacher else None, weight_bytes)
+    ranks_per_node = min(world, ranks_per_node)
     return {"mode": mode, "world": world, "sequence_parallel": sequence_parallel, "peak_bytes": int(peak),
             "gpu_bytes": int(gpu_bytes), "fits": peak <= gpu_bytes,
+            "setup_peak_bytes": int(setup + OVERHEAD_BYTES), "host_bytes_per_rank": int(host),
+            "host_bytes_per_node": int(host * ranks_per_node), "ranks_per_node": ranks_per_node,
             "breakdown": {k: int(v) for k, v in breakdown.items()},
             "streams": {k: {kk: int(vv) for kk, vv in v.items()} for k, v in streams.items()}}
+
+
+def host_bytes(shape: Shape, teacher_shape: Shape | None, weight_bytes: int) -> float:
+    """Host memory of one rank at set-up: the student's fp32 master weights and the teacher in the recipe's
+    dtype, whole, as every rank loads them before the strategy lays them out (measured as peak RSS on the
+    CPU, tests/integration/test_plan.py)."""
+    return 4 * shape.params + (weight_bytes * teacher_shape.params if teacher_shape is not None else 0)
+
+
+def setup_bytes(shape: Shape, teacher_shape: Shape | None, mode: str, world: int, weight_bytes: int) -> float:
+    """GPU memory at the set-up's peak, before the first step (no gradients, no optimiser state yet): the
+    models arrive whole on the host in sharded modes, and the strategy moves them one piece at a time.
+    - replicated: the whole student (fp32) and teacher on every GPU;
+    - fsdp2: this rank's shards, plus the unit being sharded whole (`fully_shard` moves a unit's parameters to
+      the GPU, then keeps the shard): the largest of a decoder layer and the root (embeddings, lm_head);
+    - zero3: this rank's partitions, plus the parameter being partitioned whole (`zero.Init` goes one
+      parameter at a time): the largest, the embedding matrix.
+    The teacher the same way in its dtype (its embeddings and lm_head replicated under FSDP2)."""
+    n = shape.params
+    root = shape.embed_params + (0 if shape.tied else shape.vocab * shape.hidden)
+    if mode == "replicated":
+        student = 4 * n
+    elif mode == "fsdp2":
+        student = 4 * n / world + 4 * max(shape.layer_params, root)
+    else:
+        student = 4 * n / world + 4 * shape.embed_params
+    if teacher_shape is None:
+        return student
+    t_layers = teacher_shape.layers * teacher_shape.layer_params
+    t_edges = teacher_shape.params - t_layers
+    if mode == "replicated":
+        teacher = teacher_shape.params
+    elif mode == "fsdp2":
+        teacher = t_layers / world + teacher_shape.layer_params + t_edges
+    else:
+        teacher = teacher_shape.params / world + teacher_shape.embed_params
+    return student + weight_bytes * teacher
 
 
 def _split_streams(cfg, seq_lens: dict[str, int]) -> set[str]:
@@ -360,16 +426,23 @@ class SavedTensorBytes:
         from distill.step import NO_SPANS
 
         self.bytes: dict[str, list[int]] = {}
+        self.loss_bytes: dict[str, list[int]] = {}
+        """Per stream, what each objective span ("loss") saves for backward beyond the forward's tensors."""
         self._quiet = NO_SPANS
+        self._forward_keys: set = set()
 
     def __call__(self, name: str, stream: str | None = None):
         import torch
 
-        if name != "student_forward":
+        if name not in ("student_forward", "loss"):
             return self._quiet(name, stream)
-        seen: set = set()
-        self.bytes.setdefault(stream, []).append(0)
-        slot = len(self.bytes[stream]) - 1
+        forward = name == "student_forward"
+        if forward:
+            self._forward_keys = set()
+        seen = self._forward_keys if forward else set(self._forward_keys)
+        table = self.bytes if forward else self.loss_bytes
+        table.setdefault(stream, []).append(0)
+        slot = len(table[stream]) - 1
 
         def pack(t):
             if _is_weight(t):
@@ -377,7 +450,7 @@ class SavedTensorBytes:
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
             if key not in seen:
                 seen.add(key)
-                self.bytes[stream][slot] += t.numel() * t.element_size()
+                table[stream][slot] += t.numel() * t.element_size()
             return t
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)

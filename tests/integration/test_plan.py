@@ -14,12 +14,15 @@ from distill.plan import (
     GiB,
     SavedTensorBytes,
     Shape,
+    cosine_loss_bytes,
+    host_bytes,
     memory_problem,
     plan,
     plan_with_sequence_parallel,
     recipe_seq_lens,
     saved_forward_bytes,
 )
+from distill.step import StreamObjectives
 from distill.testing import tiny_config
 
 from .test_train import ROOT, recipe, write
@@ -68,6 +71,95 @@ def test_activation_estimate_matches_saved_tensors(tmp_path, tiny_llama, built_d
         predicted = saved_forward_bytes(shape, tokens, regime, checkpointing)
         for got in measured:
             assert abs(predicted / got - 1) <= 0.15, (name, predicted, got)
+
+
+def test_cosine_loss_estimate_matches_saved_tensors(tmp_path, tiny_llama, built_data):
+    """What the hidden-state cosine saves for backward (fp32 copies of both sides' states at the loss-bearing
+    tokens) within ±15% of the planner's 8 bytes per token per hidden unit per state."""
+    from distill.train import run
+
+    cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=1)
+    cfg["model"]["dtype"] = "bfloat16"
+    cfg["streams"]["short"]["objectives"].pop("kl")
+    cfg["train"]["export"] = False
+    recipe_cfg = load_recipe(write(cfg, tmp_path / "r.yaml"))
+    recorder = SavedTensorBytes()
+    real_tokens = {}  # the loss-bearing tokens of each micro-batch (the planner counts every slot: a bound)
+    original = StreamObjectives.losses
+
+    def losses(self, strategy, batch, *args, **kwargs):
+        real_tokens.setdefault(self.name, []).append(int(batch["real"].sum()))
+        return original(self, strategy, batch, *args, **kwargs)
+
+    StreamObjectives.losses = losses
+    try:
+        assert run(recipe_cfg, spans=recorder) == 0
+    finally:
+        StreamObjectives.losses = original
+    shape = Shape.from_config(AutoConfig.from_pretrained(tiny_llama))
+    seq_lens = recipe_seq_lens(recipe_cfg)
+    for name, states in (("short", 2), ("s2l", 1)):  # layers [1, last] and [last]
+        slots = recipe_cfg.streams[name].micro_batch * seq_lens[name]
+        assert len(recorder.loss_bytes[name]) == len(real_tokens[name]) > 0
+        for got, real in zip(recorder.loss_bytes[name], real_tokens[name]):
+            predicted = cosine_loss_bytes(shape, real, states)
+            assert abs(predicted / got - 1) <= 0.15, (name, predicted, got)
+            assert got <= 1.15 * cosine_loss_bytes(shape, slots, states)  # what the plan counts: all slots
+
+
+HOST_PROBE = """
+import gc, json, sys
+from distill.config import ModelConfig, RopeConfig
+from distill.models import load_student, load_teacher
+
+def kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+path, warm = sys.argv[1], sys.argv[2]
+rope = RopeConfig(method="abf", theta=1e5, target_length=1024)
+# Warm up on a small model: every module the loaders touch is imported before the measurement.
+load_student(ModelConfig(path=warm, dtype="float32"), rope)
+load_teacher(warm, ModelConfig(path=warm, dtype="bfloat16"))
+gc.collect()
+base = kib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
+student = load_student(ModelConfig(path=path, dtype="float32"), rope)  # as a sharded run loads on the host
+teacher = load_teacher(path, ModelConfig(path=path, dtype="bfloat16"))
+print(json.dumps({"peak": kib("VmHWM") - base}))
+"""
+
+
+def test_host_memory_estimate_matches_peak_rss(tmp_path, tiny_llama, tokenizer_dir):
+    """Every rank holds the fp32 student and the bf16 teacher on the host before the strategy lays them out:
+    the planner's host bytes per rank within ±15% of the peak RSS that loading adds (a ~39M-parameter Llama,
+    big enough that the models dwarf the allocator's noise)."""
+    from distill.testing import make_tiny_model
+
+    model = make_tiny_model(str(tmp_path / "model"), "llama", vocab_size=8000, hidden_size=512, num_layers=8,
+                            num_heads=8, num_kv_heads=2)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", HOST_PROBE, model, tiny_llama], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    shape = Shape.from_config(AutoConfig.from_pretrained(model))
+    predicted = host_bytes(shape, shape, 2)
+    assert shape.params > 30_000_000
+    assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+
+
+def test_set_up_fits_where_training_does(tmp_path):
+    """The set-up's GPU peak (shards plus one unit in flight; no gradients or optimiser yet) stays below the
+    training peak for the 8B recipes, and the host memory per node is reported."""
+    for name in ("longred-32k-abf", "longred-128k-abf"):
+        cfg, shape = _llama3_recipe(tmp_path, name)
+        for mode in ("fsdp2", "zero3"):
+            result = plan(cfg, shape, mode, 8, 80 * GiB, recipe_seq_lens(cfg))
+            assert result["setup_peak_bytes"] < result["peak_bytes"]
+            assert result["host_bytes_per_node"] == 8 * result["host_bytes_per_rank"]
+            assert 44 * GiB < result["host_bytes_per_rank"] < 46 * GiB  # 4 + 2 bytes x 8.03B parameters
 
 
 def test_state_bytes_match_the_live_objects(tmp_path, tiny_llama, built_data):
