@@ -655,10 +655,22 @@ class ParallelConfig:
     skip_memory_check: bool = False
     """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
     prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""
+    collective_timeout_s: float | None = None
+    """Seconds a rank waits in a collective before the process group fails the run (NCCL's default is 10
+    minutes, shorter than rank 0 writing an 8B checkpoint to a slow filesystem while the others wait). null:
+    twice the time to write the planner's checkpoint size (fp32 weights and AdamW, 12 bytes per parameter)
+    at `checkpoint_write_gb_per_s`, at least 30 minutes."""
+    checkpoint_write_gb_per_s: float = 0.2
+    """The write speed the default collective timeout assumes (GB/s; 0.2: a busy shared filesystem)."""
 
     def validate(self, path: str) -> None:
         check(self.sequence_parallel >= 1, join(path, "sequence_parallel"),
               f"must be a positive number of ranks, got {self.sequence_parallel}")
+        check(self.collective_timeout_s is None or self.collective_timeout_s > 0,
+              join(path, "collective_timeout_s"),
+              f"must be positive seconds, got {self.collective_timeout_s}")
+        check(self.checkpoint_write_gb_per_s > 0, join(path, "checkpoint_write_gb_per_s"),
+              f"must be positive, got {self.checkpoint_write_gb_per_s}")
 
 
 @dataclasses.dataclass

@@ -245,9 +245,27 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
     return {"mode": mode, "world": world, "sequence_parallel": sequence_parallel, "peak_bytes": int(peak),
             "gpu_bytes": int(gpu_bytes), "fits": peak <= gpu_bytes,
             "setup_peak_bytes": int(setup + OVERHEAD_BYTES), "host_bytes_per_rank": int(host),
+            "checkpoint_bytes": checkpoint_bytes(shape),
+            "collective_timeout_s": cfg.parallel.collective_timeout_s or
+            collective_timeout_s(shape, cfg.parallel.checkpoint_write_gb_per_s),
             "host_bytes_per_node": int(host * ranks_per_node), "ranks_per_node": ranks_per_node,
             "breakdown": {k: int(v) for k, v in breakdown.items()},
             "streams": {k: {kk: int(vv) for kk, vv in v.items()} for k, v in streams.items()}}
+
+
+CHECKPOINT_BYTES_PER_PARAM = 12
+"""A checkpoint: fp32 weights (model.safetensors) and AdamW's two fp32 moments (optimizer.pt)."""
+MIN_COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+def checkpoint_bytes(shape: Shape) -> int:
+    return CHECKPOINT_BYTES_PER_PARAM * shape.params
+
+
+def collective_timeout_s(shape: Shape, write_gb_per_s: float) -> float:
+    """The default process-group timeout: twice the time rank 0 needs to write a checkpoint while the other
+    ranks wait in a collective, at least 30 minutes."""
+    return max(MIN_COLLECTIVE_TIMEOUT_S, 2 * checkpoint_bytes(shape) / (write_gb_per_s * 1e9))
 
 
 def host_bytes(shape: Shape, teacher_shape: Shape | None, weight_bytes: int) -> float:

@@ -94,6 +94,22 @@ def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dic
         raise ConfigError(problem)
 
 
+def collective_timeout(cfg: RecipeConfig) -> float:
+    """parallel.collective_timeout_s, or the planner's default for the model's checkpoint size (the config
+    alone; 30 minutes when it cannot be read here: set-up then reports the path in one line)."""
+    if cfg.parallel.collective_timeout_s is not None:
+        return float(cfg.parallel.collective_timeout_s)
+    from transformers import AutoConfig
+
+    from distill.plan import MIN_COLLECTIVE_TIMEOUT_S, Shape, collective_timeout_s
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the set-up's own load gives the one-line error
+        return MIN_COLLECTIVE_TIMEOUT_S
+    return collective_timeout_s(Shape.from_config(config), cfg.parallel.checkpoint_write_gb_per_s)
+
+
 def take_lock(procs, output_dir: str) -> ckpt.RunLock:
     """Rank 0 takes the output directory's lock; every rank raises the same one-line error if it is held."""
     lock = ckpt.RunLock(output_dir)
@@ -120,7 +136,7 @@ def run(cfg: RecipeConfig, return_state: bool = False, spans: Spans = NO_SPANS):
     """
     from distill.strategies import Processes
 
-    procs = Processes()
+    procs = Processes(collective_timeout(cfg))
     check_output_dir(cfg.run.output_dir)
     lock = take_lock(procs, cfg.run.output_dir)
     try:

@@ -6,8 +6,9 @@
 Reads only the model's (and the teacher's) `config.json`, never the weights, so a 70B run can be planned on a
 laptop; works before the data is built when the recipe gives `streams.<name>.seq_len`. Prints the parameters,
 gradients and optimiser state, the teacher, each stream's activations (with and without gradient
-checkpointing), loss buffers and overhead per GPU, the peak, whether it fits, and the smallest
-sequence-parallel degree that fits; `--json` prints the same as one JSON object. A user mistake prints one
+checkpointing), loss buffers and overhead per GPU, the peak, whether it fits, the smallest
+sequence-parallel degree that fits, the set-up's GPU peak, host memory per rank and node, the checkpoint size
+and the collective timeout it implies; `--json` prints the same as one JSON object. A user mistake prints one
 line `error: ...` and exits with status 2.
 """
 
@@ -89,6 +90,12 @@ def format_plan(result: dict) -> str:
                      f"{s['teacher_activations'] / gib:>8.2f}")
     verdict = "fits" if result["fits"] else "does NOT fit"
     lines.append(f"peak {result['peak_bytes'] / gib:.1f} GiB per GPU: {verdict}")
+    lines.append(f"set-up (before the first step): {result['setup_peak_bytes'] / gib:.1f} GiB per GPU; host "
+                 f"memory {result['host_bytes_per_rank'] / gib:.1f} GiB per rank, "
+                 f"{result['host_bytes_per_node'] / gib:.1f} GiB per node of "
+                 f"{result['ranks_per_node']} ranks")
+    lines.append(f"checkpoint {result['checkpoint_bytes'] / 1e9:.1f} GB; collective timeout "
+                 f"{result['collective_timeout_s']:.0f} s (parallel.collective_timeout_s)")
     sp = result["min_sequence_parallel"]
     lines.append("smallest sequence-parallel degree that fits: "
                  + (f"{sp} ({result['peak_bytes_at_min_sequence_parallel'] / gib:.1f} GiB)" if sp

@@ -37,10 +37,18 @@ logger = logging.getLogger(__name__)
 class Processes:
     """Rank, world and the few collectives the loop needs (sums over ranks; no-ops on one process)."""
 
-    def __init__(self):
-        from accelerate import Accelerator
+    def __init__(self, timeout_s: float | None = None):
+        """Args: timeout_s: the process group's collective timeout (parallel.collective_timeout_s); None:
+        torch's default."""
+        import datetime
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers = [] if timeout_s is None else [InitProcessGroupKwargs(
+            timeout=datetime.timedelta(seconds=float(timeout_s)))]
+        self.timeout_s = timeout_s
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.device = self.accelerator.device

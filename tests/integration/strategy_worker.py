@@ -162,20 +162,22 @@ def main() -> None:
     from distill.strategies import Processes, choose
 
     torch.set_num_threads(1)
-    procs = Processes()
-    mode = choose(procs).name
     codes = {}
-    if args.teacher and mode != "replicated":
-        result = teacher_diffs(args.teacher, mode)
-        if procs.is_main:
-            os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "teacher.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f)
 
     def run(name, *overrides):
         return train.main([args.recipe, f"run.output_dir={os.path.join(args.out, name)}", *overrides])
 
+    # The first run creates the process group, with the recipe's parallel.collective_timeout_s.
     codes["full"] = run("full")
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    timeout_s = backend.options._timeout.total_seconds()
+    procs = Processes()
+    mode = choose(procs).name
+    if args.teacher and mode != "replicated":
+        result = teacher_diffs(args.teacher, mode)
+        if procs.is_main:
+            with open(os.path.join(args.out, "teacher.json"), "w", encoding="utf-8") as f:
+                json.dump(result, f)
     codes["resumed_first"] = run("resumed", "train.max_steps=2")
     codes["resumed"] = run("resumed")
     codes["poisoned"] = poisoned_run(args.recipe, os.path.join(args.out, "poisoned"))
@@ -208,7 +210,7 @@ def main() -> None:
         codes["localised"] = run("localised", *LOCALISED)
     if procs.is_main:
         with open(os.path.join(args.out, "codes.json"), "w", encoding="utf-8") as f:
-            json.dump({"mode": mode, "world": procs.world, "codes": codes}, f)
+            json.dump({"mode": mode, "world": procs.world, "codes": codes, "timeout_s": timeout_s}, f)
     if dist.is_initialized():
         dist.barrier()
 

@@ -160,6 +160,13 @@ def test_set_up_fits_where_training_does(tmp_path):
             assert result["setup_peak_bytes"] < result["peak_bytes"]
             assert result["host_bytes_per_node"] == 8 * result["host_bytes_per_rank"]
             assert 44 * GiB < result["host_bytes_per_rank"] < 46 * GiB  # 4 + 2 bytes x 8.03B parameters
+            assert result["checkpoint_bytes"] == 12 * shape.params  # fp32 weights + AdamW: ~96 GB
+            assert result["collective_timeout_s"] == 1800  # 2 x 482 s at 0.2 GB/s, raised to 30 min
+    seventy = Shape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, head_dim=128,
+                    vocab=128256, tied=False)
+    from distill.plan import collective_timeout_s
+
+    assert collective_timeout_s(seventy, 0.2) == pytest.approx(2 * 12 * seventy.params / 0.2e9)  # ~2.3 h
 
 
 def test_state_bytes_match_the_live_objects(tmp_path, tiny_llama, built_data):

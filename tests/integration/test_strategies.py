@@ -37,6 +37,7 @@ def strategy_recipe(model, data, out):
     cfg = recipe(model, data, out, "longred", steps=STEPS)
     cfg["optim"]["max_grad_norm"] = 0.5  # small enough that the tiny model's gradients are clipped
     cfg["train"].update({"save_every": 1, "keep_last": 5, "export": False})
+    cfg["parallel"] = {"collective_timeout_s": 1234}
     return cfg
 
 
@@ -118,6 +119,7 @@ def two(request, tmp_path_factory, tiny_llama, built_data):
     assert codes["world"] == 2 and set(codes["codes"].values()) == {0}, codes
     assert startup == (3 if mode == "ddp" else None), codes
     assert refused == (2 if mode == "fsdp2" else None), codes
+    assert codes["timeout_s"] == 1234  # parallel.collective_timeout_s reached the process group
     assert codes["mode"] == {"ddp": "replicated", "fsdp2": "fsdp2", "zero3": "zero3"}[mode]
     return {"mode": mode, "root": root, "recipe": path, "stderr": proc.stderr}
 
