@@ -442,19 +442,27 @@ def _train(session: Session, spans: Spans) -> int:
 
     if progress is not None:
         progress.close()
-    if procs.is_main and cfg.log.layer_grad_every:
-        plot_layer_grads(os.path.join(out_dir, "metrics.jsonl"),
-                         os.path.join(out_dir, "layer_grad_norms.png"))
-    if cfg.train.export:
-        _export(cfg, strategy, session.student, session.tokenizer, session.streams, session.dtype,
-                procs.is_main)
-    if stop_file is not None and procs.is_main and os.path.exists(stop_file):
-        os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
-    procs.barrier()
+    _finish(session, stop_file)
     if metrics is not None:
         metrics.close()
         tracker.finish()
     return 0
+
+
+def _finish(session: Session, stop_file: str | None) -> None:
+    """After the last step: the gradient-norm plot, the export, the stop file's removal, a barrier."""
+    from distill.localise import plot_layer_grads
+
+    cfg, procs, out_dir = session.cfg, session.procs, session.cfg.run.output_dir
+    if procs.is_main and cfg.log.layer_grad_every:
+        plot_layer_grads(os.path.join(out_dir, "metrics.jsonl"),
+                         os.path.join(out_dir, "layer_grad_norms.png"))
+    if cfg.train.export:
+        _export(cfg, session.strategy, session.student, session.tokenizer, session.streams, session.dtype,
+                procs.is_main)
+    if stop_file is not None and procs.is_main and os.path.exists(stop_file):
+        os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
+    procs.barrier()
 
 
 def _step_record(session: Session, result, elapsed: float) -> dict:
