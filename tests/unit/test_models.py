@@ -203,6 +203,15 @@ def test_truncated_teacher_equals_full_hidden_states(tiny_models, arch):
         for i, tensor in got.items():
             torch.testing.assert_close(tensor, full[i], rtol=1e-6, atol=1e-6)
             assert not tensor.requires_grad
+    # Only the requested states are kept: the decoder runs without output_hidden_states (which would hold
+    # every layer's state until the forward ends), and no hook is left behind.
+    seen = []
+    hook = teacher.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("output_hidden_states")), with_kwargs=True)
+    truncated(ids, pos, None, [1, 3])
+    hook.remove()
+    assert seen == [None]  # the truncated copy (depth 3, sharing the hooks) ran, never asking for every state
+    assert all(not layer._forward_pre_hooks for layer in teacher.get_decoder().layers)
     one_off = TruncatedTeacher(teacher)(ids, pos, None, [2])  # a fresh runner: its own copies
     torch.testing.assert_close(one_off[2], full[2], rtol=1e-6, atol=1e-6)
     # The full teacher is untouched: still 4 layers, the final norm, the same hidden states.

@@ -50,6 +50,8 @@ def test_ds_config_is_zero3_without_gradient_accumulation():
     assert cfg["gradient_clipping"] == 1.0 and cfg["zero_allow_untested_optimizer"]
     assert ds_config(0.0)["gradient_clipping"] == 0.0
     assert "gradient_clipping" not in ds_config(train=False)
+    # Reduce-scatters and all-gathers overlap the backward (DeepSpeed runs them on side streams).
+    assert cfg["zero_optimization"]["overlap_comm"] is True
 
 
 class _Procs:
