@@ -148,6 +148,10 @@ def test_host_memory_estimate_matches_peak_rss(tmp_path, tiny_llama, tokenizer_d
     predicted = host_bytes(shape, shape, 2)
     assert shape.params > 30_000_000
     assert abs(predicted / measured - 1) <= 0.15, (predicted, measured)
+    # One process on this machine: the set-up's peak on its device is the same two whole models.
+    from distill.plan import setup_bytes
+
+    assert setup_bytes(shape, shape, "replicated", 1, 2) == predicted
 
 
 def test_set_up_fits_where_training_does(tmp_path):
