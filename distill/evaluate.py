@@ -44,6 +44,15 @@ PASSKEY_DIGITS = 5
 # corpus with these templates, so the evaluation asks in the form the model has seen).
 PASSKEY_NEEDLE = "PASSKEY = {key}"
 PASSKEY_LOOKUP = "assert PASSKEY == {key}"
+PASSKEY_TEMPLATES = {
+    "code": (PASSKEY_NEEDLE, PASSKEY_LOOKUP, "PASSKEY"),
+    # The classic passkey task (Mohtashami & Jaggi 2023) for pretrained language models: SmolLM2-135M finds
+    # 0.95 of its keys in 512-2048 tokens of code with it, 0.72 with the code template.
+    "text": ("The pass key is {key}. Remember it. {key} is the pass key.",
+             "What is the pass key? The pass key is {key}", "pass key"),
+}
+"""(needle, look-up, the key's name) per passkey template: "code" (the demo's corpus states and looks up
+keys in this form), "text" (natural language)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -498,20 +507,21 @@ PASSKEY_MARK = PASSKEY_NEEDLE.split(" ")[0]
 """The key's name, in both the statement and the look-up."""
 
 
-def _without_key_lines(tokenizer, ids: np.ndarray) -> np.ndarray:
-    """A document's ids with the lines mentioning `PASSKEY_MARK` dropped (unchanged when there is none); a
+def _without_key_lines(tokenizer, ids: np.ndarray, mark: str = PASSKEY_MARK) -> np.ndarray:
+    """A document's ids with the lines mentioning `mark` dropped (unchanged when there is none); a
     special token closing the document (its separator) is kept."""
     special = set(tokenizer.all_special_ids)
     tail = [int(ids[-1])] if len(ids) and int(ids[-1]) in special else []
     body = ids[: len(ids) - len(tail)].tolist()
     text = tokenizer.decode(body, skip_special_tokens=True)
-    if PASSKEY_MARK not in text:
+    if mark not in text:
         return ids
-    kept = "\n".join(line for line in text.split("\n") if PASSKEY_MARK not in line)
+    kept = "\n".join(line for line in text.split("\n") if mark not in line)
     return np.asarray(_encode(tokenizer, kept) + tail, dtype=np.int64)  # as the builder encodes a document
 
 
-def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20, tokenizer=None) -> np.ndarray:
+def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20, tokenizer=None,
+                       mark: str = PASSKEY_MARK) -> np.ndarray:
     """Filler text for passkey prompts: the real (non-padding) tokens of the first rows of a held-out stream,
     joined (documents keep the separators the builder put between them).
 
@@ -526,7 +536,7 @@ def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20, to
         for doc in stream.documents(i):
             ids = np.asarray(doc, dtype=np.int64)
             if tokenizer is not None:
-                ids = _without_key_lines(tokenizer, ids)
+                ids = _without_key_lines(tokenizer, ids, mark)
             parts.append(ids)
             total += len(ids)
         if total >= max_tokens:
@@ -537,7 +547,7 @@ def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20, to
 
 
 def passkey_prompts(tokenizer, filler_ids, context_length: int, depth: float,
-                    rng: random.Random | int) -> tuple[list[int], list[int]]:
+                    rng: random.Random | int, template: str = "code") -> tuple[list[int], list[int]]:
     """One passkey prompt: a key statement at a relative depth inside filler, then the question.
 
     Layout (code-like, since the demo models are trained on Python code):
@@ -551,6 +561,7 @@ def passkey_prompts(tokenizer, filler_ids, context_length: int, depth: float,
         context_length: exact prompt length in tokens (the answer follows it).
         depth: relative position of the needle in [0, 1].
         rng: a `random.Random` (or an int seed): the same state gives the same prompt.
+        template: a key of `PASSKEY_TEMPLATES` (the needle and the look-up).
 
     Returns:
         (prompt_ids, answer_ids): len(prompt_ids) == context_length.
@@ -563,10 +574,11 @@ def passkey_prompts(tokenizer, filler_ids, context_length: int, depth: float,
     if filler.size == 0:
         raise ValueError("filler_ids is empty")
     key = random_key(rng)
-    needle = _encode_inline(tokenizer, "\n" + PASSKEY_NEEDLE.format(key=key) + "\n")
-    question_text = "\n" + PASSKEY_LOOKUP.split("{key}")[0].rstrip(" ")
+    needle_text, lookup_text, _ = PASSKEY_TEMPLATES[template]
+    needle = _encode_inline(tokenizer, "\n" + needle_text.format(key=key) + "\n")
+    question_text = "\n" + lookup_text.split("{key}")[0].rstrip(" ")
     question = _encode_inline(tokenizer, question_text)
-    full = _encode_inline(tokenizer, "\n" + PASSKEY_LOOKUP.format(key=key))
+    full = _encode_inline(tokenizer, "\n" + lookup_text.format(key=key))
     # Tokenizers may merge the space with the first digit: split where the question's own encoding stops
     # agreeing with the encoding of question + answer, so the answer is exactly what the model should emit.
     common = 0
@@ -645,7 +657,7 @@ def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
 
 def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256,),
                      depths: Sequence[float] = (0.0, 0.5, 1.0), samples: int = 4, seed: int = 0,
-                     batch_size: int = 4) -> dict:
+                     batch_size: int = 4, template: str = "code") -> dict:
     """Passkey retrieval accuracy per (context length, depth) and overall.
 
     Exact match under greedy decoding is scored with one teacher-forced forward over prompt + answer: greedy
@@ -666,7 +678,7 @@ def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256
         for i, length in enumerate(lengths):
             for j, depth in enumerate(depths):
                 cases = [passkey_prompts(tokenizer, filler_ids, length, depth,
-                                         _prompt_rng(seed, length, depth, k))
+                                         _prompt_rng(seed, length, depth, k), template)
                          for k in range(samples)]
                 hits, logps = [], []
                 for start in range(0, len(cases), batch_size):
@@ -684,9 +696,10 @@ def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256
 
 def needle_grid(model, tokenizer, filler_ids, lengths: Sequence[int], depths: Sequence[float],
                 samples: int = 4, seed: int = 0, path: str | None = None, title: str = "passkey retrieval",
-                batch_size: int = 4) -> dict:
+                batch_size: int = 4, template: str = "code") -> dict:
     """`passkey_accuracy` over context length × depth, plus a heatmap PNG at `path` when given."""
-    grid = passkey_accuracy(model, tokenizer, filler_ids, lengths, depths, samples, seed, batch_size)
+    grid = passkey_accuracy(model, tokenizer, filler_ids, lengths, depths, samples, seed, batch_size,
+                            template)
     if path is not None:
         plot_needle_heatmap(grid, path, title=title)
     return grid
@@ -791,7 +804,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
                    buckets: int | Sequence[int] | str = 16, attention_rows: int = 2,
                    attention_tokens: int = 512,
                    teacher_baselines: bool = False, short_whole_stream=None,
-                   long_rows: int | None | str = "max_rows", teacher_rolling: bool = True) -> dict:
+                   long_rows: int | None | str = "max_rows", teacher_rolling: bool = True,
+                   passkey_template: str = "code") -> dict:
     """Every evaluation as flat figures; the trainer logs them under `eval/...` every `eval_every` steps.
 
     Cheap with a small `max_rows`; leaves `model` (and `teacher`) in their original train/eval mode.
@@ -886,7 +900,7 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         source = long_stream if long_stream is not None else short_stream
         if source is None:
             raise ValueError("passkey evaluation needs held-out text (a long or short stream) for the filler")
-        filler = filler_from_stream(source, tokenizer=tokenizer)
+        filler = filler_from_stream(source, tokenizer=tokenizer, mark=PASSKEY_TEMPLATES[passkey_template][2])
         lengths = (list(passkey_lengths) if passkey_lengths
                    else sorted({int(original_length), int(target_length)}))
         runs = {"student": model}
@@ -896,7 +910,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         for name, m in runs.items():
             path = os.path.join(out_dir, f"needle_{name}.png") if out_dir is not None else None
             grid = needle_grid(m, tokenizer, filler, lengths, passkey_depths, passkey_samples, seed, path,
-                               title=f"passkey retrieval: {name}", batch_size=batch_size)
+                               title=f"passkey retrieval: {name}", batch_size=batch_size,
+                               template=passkey_template)
             details["passkey"][name] = grid
             prefix = "" if name == "student" else "teacher_"
             figures[prefix + "passkey_accuracy"] = grid["accuracy"]

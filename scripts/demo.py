@@ -228,7 +228,7 @@ def evaluate_cmd(model: str, out_dir: str, size: dict, data_dir: str, teacher: s
            "--long-data", data_dir, "--original-length", "256", "--target-length", "1024", "--out", out_dir,
            "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["long_rows"]),
            "--passkey-samples", str(size["passkey_samples"]), "--lengths", "256,512,1024",
-           "--depths", "0.1,0.5,0.9"]
+           "--depths", "0.1,0.5,0.9", "--passkey-template", "code"]
     return cmd + (["--teacher", teacher] if teacher else [])
 
 
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--long-data", data_dir, "--original-length", "256", "--target-length", "1024",
                  "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["long_rows"]),
                  "--passkey-samples", str(size["sweep_passkey_samples"]), "--lengths", "256,512,1024",
+                 "--passkey-template", "code",
                  "--depths", "0.1,0.5,0.9", "--out", sweep_dir, *points])
         sweeps[method] = read_json(os.path.join(sweep_dir, "sweep.json"))
     report = write_report(out, results, time.time() - start, args.seeds, format_loss, sweeps)

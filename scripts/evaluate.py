@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=number(int), default=4,
                    help="short rows / passkey prompts per forward")
     p.add_argument("--seed", type=int, default=0, help="passkey seed")
+    p.add_argument("--passkey-template", default="text", choices=["text", "code"],
+                   help="text: the classic natural-language passkey (default, for pretrained models); code: "
+                        "`PASSKEY = <key>` ... `assert PASSKEY ==`, the form the CPU demo's corpus uses")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -308,6 +311,7 @@ def evaluate(args) -> dict:
     suite = dict(max_rows=args.max_rows or None, long_rows=long_rows or None,
                  passkey_samples=args.passkey_samples if long is not None else 0, tokenizer=tokenizer,
                  passkey_lengths=lengths, passkey_depths=args.depths, seed=args.seed,
+                 passkey_template=args.passkey_template,
                  batch_size=args.batch_size, buckets=args.buckets, short_whole_stream=whole)
     if args.sweep:
         from distill.sweep import run_sweep

@@ -51,6 +51,17 @@ def _length_mask(lengths: np.ndarray, stream: DataStreamConfig) -> np.ndarray:
     return mask
 
 
+def separator_id(tokenizer: Any, spec: DataSpec) -> int:
+    """The id of the spec's `separator` token; DataError unless it is exactly one token of the vocabulary."""
+    token = spec.separator
+    vocab = tokenizer.get_vocab()
+    if token not in vocab:
+        near = sorted(t for t in getattr(tokenizer, "all_special_tokens", []) if t in vocab)
+        raise DataError(f"separator: {token!r} is not a token of {spec.tokenizer!r}; special tokens: "
+                        f"{', '.join(near) or 'none'}")
+    return int(vocab[token])
+
+
 def _read_source(spec: DataSpec, index: int, source: SourceConfig, tokenizer: Any, eos_id: int | None,
                  progress: bool) -> tuple[TokenizedSource, SourceReader]:
     """Tokenize one source; stop early once every stream using it has its budget of usable documents."""
@@ -243,9 +254,10 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
     start = time.perf_counter()
     tokenizer = load_tokenizer(spec.tokenizer)
     identity = tokenizer_identity(tokenizer)
-    eos_id = tokenizer.eos_token_id
+    eos_id = separator_id(tokenizer, spec) if spec.separator is not None else tokenizer.eos_token_id
     if spec.eos and eos_id is None:
-        raise DataError(f"tokenizer {spec.tokenizer!r} has no EOS token; set eos: false in the spec")
+        raise DataError(f"tokenizer {spec.tokenizer!r} has no EOS token; name a separator token (separator: "
+                        f"...) or set eos: false in the spec")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0
@@ -322,6 +334,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                     "rows": packed.rows, "real_tokens": packed.real_tokens,
                     "padding_tokens": packed.padding_tokens,
                     "tokenizer_fingerprint": fingerprint, "eos_token_id": eos_id, "pad_token_id": pad_id,
+                    "separator": spec.separator if spec.separator is not None else tokenizer.eos_token,
                 }
                 rel = stream_name if not held_out else os.path.join("holdout", stream_name)
                 _write_stream(packed, os.path.join(tmp, rel), info)

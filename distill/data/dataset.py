@@ -292,10 +292,10 @@ class PackedStream:
 
 
 def export_text(stream: PackedStream, tokenizer: Any, path: str) -> int:
-    """Write every document of a built stream as one JSON line {"text": ...} (decoded, without the EOS the
-    builder appended): the held-out data as a text dataset, e.g. for an lm-evaluation-harness local task.
+    """Write every document of a built stream as one JSON line {"text": ...} (decoded, without the separator
+    the builder appended): the held-out data as a text dataset, e.g. for an lm-evaluation-harness local task.
     Returns the number of documents written."""
-    eos = tokenizer.eos_token_id
+    eos = stream.info.get("eos_token_id", tokenizer.eos_token_id)
     written = 0
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

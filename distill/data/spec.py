@@ -175,7 +175,12 @@ class DataSpec:
     strict: bool = False
     """Turn every skipped record (malformed JSON, missing field, non-UTF-8, empty) into an error."""
     eos: bool = True
-    """Append the tokenizer's EOS token to every document."""
+    """Append a separator token to every document (`separator`, else the tokenizer's EOS)."""
+    separator: str | None = None
+    """The token that ends every document, when it is not the tokenizer's EOS: an instruct tokenizer's EOS
+    is often its chat-turn terminator (SmolLM2, Qwen2.5: `<|im_end|>`), while pre-training separated
+    documents with another token (`<|endoftext|>`). Must be one token of the tokenizer's vocabulary;
+    null: the tokenizer's EOS."""
     batch_size: int = 1000
     """Documents per tokenizer call."""
     holdout: HoldoutConfig = dataclasses.field(default_factory=HoldoutConfig)
