@@ -667,8 +667,30 @@ def legacy_rope_fields(rope_parameters: dict) -> dict:
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
+def _cast_state(model, state: dict, dtype: torch.dtype) -> dict:
+    """`state` in `dtype`, tensors that shared storage still shared (a tied lm_head stays the embedding's
+    tensor, so save_pretrained writes it once), and a tied model's head tied even when a gathered (sharded)
+    state dict holds two copies."""
+    out, cast = {}, {}
+    for key, value in state.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        ident = (value.data_ptr(), value.storage_offset(), tuple(value.shape), value.device)
+        if ident not in cast:
+            cast[ident] = value.detach().to(dtype)
+        out[key] = cast[ident]
+    if getattr(model.config, "tie_word_embeddings", False):
+        names = {id(m): n for n, m in model.named_modules()}
+        embed = names.get(id(model.get_input_embeddings()))
+        head = names.get(id(model.get_output_embeddings()))
+        if embed is not None and head is not None and f"{embed}.weight" in out and f"{head}.weight" in out:
+            out[f"{head}.weight"] = out[f"{embed}.weight"]
+    return out
+
+
 def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
-           dtype: torch.dtype | None = None) -> str:
+           dtype: torch.dtype | None = None, original_length: int | None = None) -> str:
     """Save a Hugging Face model directory (safetensors, config with the extended RoPE, tokenizer).
 
     The exported config has use_cache True (for generation); training code loads it with use_cache False.
@@ -678,14 +700,18 @@ def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
 
     Args:
         state_dict: a full state dict gathered from a sharded model (FSDP2/ZeRO-3); None uses `model`'s own.
-        dtype: the dtype the weights are written in (cast here); None keeps the tensors' own.
+        dtype: the dtype the weights are written in (cast here, tied weights kept one tensor); None keeps the
+            tensors' own.
+        original_length: the window the model was extended from, written as the config's top-level
+            `original_max_position_embeddings` (an abf extension's `rope_parameters` cannot say it), read by
+            scripts/evaluate.py.
     """
     import json
 
     os.makedirs(out_dir, exist_ok=True)
     source = state_dict if state_dict is not None else model.state_dict()
     if dtype is not None:
-        source = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in source.items()}
+        source = _cast_state(model, source, dtype)
     floating = [v.dtype for v in source.values() if v.is_floating_point()]
     saved_dtype = floating[0] if floating else torch.float32
     previous = model.config.use_cache, model.config.dtype
@@ -701,6 +727,8 @@ def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
     if config.get("rope_parameters"):
         config.update(legacy_rope_fields(config["rope_parameters"]))
     config["torch_dtype"] = config["dtype"] = str(saved_dtype).removeprefix("torch.")  # 4.x read torch_dtype
+    if original_length is not None:
+        config["original_max_position_embeddings"] = int(original_length)
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -18,7 +18,8 @@ data when present, else from the recipe's `streams.<name>.seq_len`. Per GPU it c
   states up to the deepest distilled layer and one of its layers in flight;
 - framework overhead (CUDA context, NCCL, allocator slack): 1.5 GiB plus 5%.
 The peak is the static part plus the largest stream. `min_sequence_parallel` is the smallest degree S
-(dividing the number of GPUs) with which the longest stream's activations, split over S ranks, fit.
+the trainer accepts (dividing the number of GPUs and the attention heads, `sequence_parallel_problem`) with
+which the longest stream's activations, split over S ranks, fit.
 """
 
 from __future__ import annotations
@@ -323,24 +324,39 @@ def _distilled_depth(objectives, num_layers: int) -> int:
     return max(num_layers if layer == "last" else int(layer) for layer in hidden.layers)
 
 
+def sequence_parallel_problem(shape: Shape, world: int, size: int) -> str | None:
+    """Why the trainer would refuse sequence parallelism over `size` ranks of `world` for this model (the
+    degree must divide the processes and the attention heads, and divide or be divided by the key/value
+    heads: distill.sequence.check_heads), or None."""
+    if size == 1:
+        return None
+    if world % size:
+        return f"{size} does not divide the {world} processes"
+    if shape.heads % size or (shape.kv_heads % size and size % shape.kv_heads):
+        return (f"{size} must divide the {shape.heads} attention heads and divide or be divided by the "
+                f"{shape.kv_heads} key/value heads")
+    return None
+
+
 def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int,
                                 seq_lens: dict[str, int], teacher_shape: Shape | None = None,
                                 on_gpu: bool = True) -> dict:
-    """`plan` at the recipe's `parallel.sequence_parallel`, plus `min_sequence_parallel`: the smallest S
-    dividing `world` (a power of two) at which the peak fits, or None when none does."""
+    """`plan` at the recipe's `parallel.sequence_parallel` (with `sequence_parallel_problem` when the trainer
+    would refuse it), plus `min_sequence_parallel`: the smallest degree the trainer accepts for this model
+    and launch at which the peak fits, or None when none does."""
     configured = cfg.parallel.sequence_parallel
     result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu)
+    result["sequence_parallel_problem"] = sequence_parallel_problem(shape, world, configured)
     result["min_sequence_parallel"] = None
-    s = 1
-    while s <= world:
-        if world % s == 0:
-            trial = result if s == configured else \
-                plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu)
-            if trial["fits"]:
-                result["min_sequence_parallel"] = s
-                result["peak_bytes_at_min_sequence_parallel"] = trial["peak_bytes"]
-                break
-        s *= 2
+    for s in range(1, world + 1):
+        if sequence_parallel_problem(shape, world, s) is not None:
+            continue
+        trial = result if s == configured else \
+            plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu)
+        if trial["fits"]:
+            result["min_sequence_parallel"] = s
+            result["peak_bytes_at_min_sequence_parallel"] = trial["peak_bytes"]
+            break
     return result
 
 

@@ -563,7 +563,7 @@ def _export(cfg: RecipeConfig, strategy, student, tokenizer, streams: dict, dtyp
         if name == "expanded":
             expansion.save_unfolded(student, tokenizer, tmp, state, spec, alphas, dtype=dtype)
         else:
-            export(student, tokenizer, tmp, state_dict=state, dtype=dtype)
+            export(student, tokenizer, tmp, state_dict=state, dtype=dtype, original_length=_window(cfg))
             if alphas is not None:
                 with open(os.path.join(tmp, "expansion_fold.json"), "w", encoding="utf-8") as f:
                     folded = {str(i): a for i, a in alphas.items()}
@@ -571,6 +571,15 @@ def _export(cfg: RecipeConfig, strategy, student, tokenizer, streams: dict, dtyp
         replace_dir(tmp, final)
         logger.info("exported %s%s", final, "" if alphas is None else
                     f" ({'unfolded' if name == 'expanded' else 'folded with ᾱ ' + str(alphas)})")
+
+
+def _window(cfg: RecipeConfig) -> int:
+    """The teacher's native window (what the export records as its original length)."""
+    from distill.models import _load_config
+    from distill.rope import original_length
+
+    return original_length(_load_config(cfg.teacher.path or cfg.model.path, cfg.model.trust_remote_code),
+                           cfg.rope)
 
 
 def _fold_batches(cfg: RecipeConfig, streams: dict, tokenizer, rows: int, device) -> list[dict]:

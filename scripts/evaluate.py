@@ -9,8 +9,9 @@ Writes OUT_DIR/eval.json ({"model", "teacher", "figures": flat numbers, "details
 grids}) and the plots nll_by_position.png, needle_student.png (and needle_teacher.png with a teacher).
 OUT_DIR defaults to <model>/eval. A data argument may also be a built directory's root: its holdout/short and
 holdout/long streams are used. The original length defaults to the teacher's max_position_embeddings (else the
-model's rope_parameters["original_max_position_embeddings"]), the target length to the model's
-max_position_embeddings. A user mistake prints one line `error: ...` and exits with status 2.
+model's rope_parameters["original_max_position_embeddings"], else the `original_max_position_embeddings` our
+exports record), the target length to the model's max_position_embeddings. A user mistake prints one line
+`error: ...` and exits with status 2.
 
 Real benchmarks. This suite measures drift and retrieval on held-out data; the paper's short-text scores
 (MMLU, HellaSwag, ...) and long-context scores (RULER) come from lm-evaluation-harness, which loads the
@@ -123,10 +124,13 @@ def default_lengths(model_config, teacher_config, original: int | None,
         target = int(model_config.max_position_embeddings)
     if original is None:
         params = getattr(model_config, "rope_parameters", None) or {}
+        recorded = getattr(model_config, "original_max_position_embeddings", None)  # our exports write it
         if teacher_config is not None:
             original = int(teacher_config.max_position_embeddings)
         elif params.get("original_max_position_embeddings"):
             original = int(params["original_max_position_embeddings"])
+        elif recorded:
+            original = int(recorded)
         else:
             raise UsageError("cannot tell the original context length from the model's config "
                              "(an abf extension does not record it): "

@@ -96,6 +96,9 @@ def format_plan(result: dict) -> str:
                  f"{result['ranks_per_node']} ranks")
     lines.append(f"checkpoint {result['checkpoint_bytes'] / 1e9:.1f} GB; collective timeout "
                  f"{result['collective_timeout_s']:.0f} s (parallel.collective_timeout_s)")
+    if result.get("sequence_parallel_problem"):
+        lines.append(f"parallel.sequence_parallel {result['sequence_parallel']}: the trainer refuses it: "
+                     f"{result['sequence_parallel_problem']}")
     sp = result["min_sequence_parallel"]
     lines.append("smallest sequence-parallel degree that fits: "
                  + (f"{sp} ({result['peak_bytes_at_min_sequence_parallel'] / gib:.1f} GiB)" if sp
