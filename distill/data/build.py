@@ -233,7 +233,7 @@ def _write_stream(packed: Packed, path: str, info: dict) -> None:
         f.write("\n")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -352,7 +352,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
                 if name.endswith(".arrow"):
                     full = os.path.join(root, name)
                     rel = os.path.relpath(full, tmp).replace(os.sep, "/")
-                    checksums[rel], sizes[rel] = _sha256(full), os.path.getsize(full)
+                    checksums[rel], sizes[rel] = file_sha256(full), os.path.getsize(full)
         manifest = {
             "format": 1,
             "spec": to_dict(spec),
@@ -410,7 +410,7 @@ def verify(output_dir: str, progress: bool = True) -> tuple[int, list[str]]:
             problems.append(f"{full}: missing (listed in {MANIFEST})")
             continue
         size = os.path.getsize(full)
-        got = _sha256(full)
+        got = file_sha256(full)
         if bar is not None:
             bar.update(size)
         if rel in sizes and size != sizes[rel]:
