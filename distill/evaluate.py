@@ -805,7 +805,9 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
                    attention_tokens: int = 512,
                    teacher_baselines: bool = False, short_whole_stream=None,
                    long_rows: int | None | str = "max_rows", teacher_rolling: bool = True,
-                   passkey_template: str = "code") -> dict:
+                   passkey_template: str = "code", ruler_samples: int = 0,
+                   ruler_tasks: Sequence[str] | None = None,
+                   ruler_lengths: Sequence[int] | None = None) -> dict:
     """Every evaluation as flat figures; the trainer logs them under `eval/...` every `eval_every` steps.
 
     Cheap with a small `max_rows`; leaves `model` (and `teacher`) in their original train/eval mode.
@@ -924,6 +926,18 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
                                                                       else float("nan"))
             if path is not None:
                 plots.append(path)
+    if ruler_samples > 0:
+        from distill.ruler import TASKS, ruler_suite
+
+        source = long_stream if long_stream is not None else short_stream
+        if tokenizer is None or source is None:
+            raise ValueError("RULER tasks need a tokenizer and held-out text for the haystack")
+        haystack = filler_from_stream(source, tokenizer=tokenizer)
+        lengths = list(ruler_lengths or passkey_lengths or sorted({int(original_length), int(target_length)}))
+        runs = {"": model, **({"teacher_": teacher} if teacher_baselines and teacher is not None else {})}
+        for prefix, m in runs.items():
+            result = ruler_suite(m, tokenizer, haystack, lengths, ruler_samples, ruler_tasks or TASKS, seed)
+            figures.update({f"{prefix}ruler/{k}": v for k, v in result.items()})
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         record = {"figures": figures, "details": details, "plots": [os.path.basename(p) for p in plots]}

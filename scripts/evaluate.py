@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=number(int), default=4,
                    help="short rows / passkey prompts per forward")
     p.add_argument("--seed", type=int, default=0, help="passkey seed")
+    p.add_argument("--ruler-samples", type=number(int, strict=False), default=0,
+                   help="prompts per (RULER-style task, length), scored by greedy generation; 0 skips them "
+                        "(default 0; distill/ruler.py)")
+    p.add_argument("--ruler-tasks", type=lambda s: s.split(","),
+                   help="comma-separated tasks (default: all of distill.ruler.TASKS)")
     p.add_argument("--passkey-template", default="text", choices=["text", "code"],
                    help="text: the classic natural-language passkey (default, for pretrained models); code: "
                         "`PASSKEY = <key>` ... `assert PASSKEY ==`, the form the CPU demo's corpus uses")
@@ -254,7 +259,11 @@ def evaluate(args) -> dict:
     from distill.data.dataset import PackedStream
     from distill.evaluate import evaluate_suite, short_retention
     from distill.models import load_teacher, resolve_dtype
+    from distill.ruler import TASKS
 
+    unknown = [t for t in (args.ruler_tasks or []) if t not in TASKS]
+    if unknown:
+        raise UsageError(f"--ruler-tasks {','.join(unknown)}: unknown; tasks: {', '.join(TASKS)}")
     if args.sweep and (args.model or args.teacher):
         raise UsageError("--sweep ORIGINAL EXTENDED replaces --model and --teacher; pass one or the other")
     if not args.sweep and not args.model:
@@ -315,7 +324,8 @@ def evaluate(args) -> dict:
     suite = dict(max_rows=args.max_rows or None, long_rows=long_rows or None,
                  passkey_samples=args.passkey_samples if long is not None else 0, tokenizer=tokenizer,
                  passkey_lengths=lengths, passkey_depths=args.depths, seed=args.seed,
-                 passkey_template=args.passkey_template,
+                 passkey_template=args.passkey_template, ruler_samples=args.ruler_samples,
+                 ruler_tasks=args.ruler_tasks,
                  batch_size=args.batch_size, buckets=args.buckets, short_whole_stream=whole)
     if args.sweep:
         from distill.sweep import run_sweep

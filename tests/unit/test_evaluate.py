@@ -652,3 +652,30 @@ def test_sweep_refuses_another_architecture(tiny_llama, tiny_models, built, caps
                                      "--tokenizer", tiny_llama])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                                  "variable_tracking", "common_words"])
+def test_ruler_prompts_hold_their_answers(tokenizer, built, task):
+    """Every RULER-style prompt is `length` tokens (common_words: at most), deterministic in its seed, and
+    holds what it asks for; scoring is the fraction of expected strings generated."""
+    import random
+
+    from distill.ruler import make_prompt, score
+
+    filler = filler_from_stream(built["long"])
+    prompt, answers = make_prompt(task, tokenizer, filler, 400, random.Random(3))
+    assert len(prompt) == 400 or (task == "common_words" and 380 <= len(prompt) <= 400)
+    assert make_prompt(task, tokenizer, filler, 400, random.Random(3)) == (prompt, answers)
+    text = tokenizer.decode(prompt)
+    assert answers and all(a in text for a in answers)
+    assert score(" ".join(answers), answers) == 1.0 and score("nothing", answers) == 0.0
+    with pytest.raises(ValueError, match="cannot hold"):
+        make_prompt(task if task != "common_words" else "niah_multivalue", tokenizer, filler, 20,
+                    random.Random(0))
+
+
+def test_ruler_tasks_are_checked_in_one_line(tiny_llama, built, capsys):
+    code = _script("evaluate").main(["--model", tiny_llama, "--short-data", built["short"],
+                                     "--original-length", "128", "--ruler-tasks", "niah_single,nope"])
+    assert code == 2 and "--ruler-tasks nope: unknown" in capsys.readouterr().err
