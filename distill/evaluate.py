@@ -46,8 +46,7 @@ PASSKEY_NEEDLE = "PASSKEY = {key}"
 PASSKEY_LOOKUP = "assert PASSKEY == {key}"
 PASSKEY_TEMPLATES = {
     "code": (PASSKEY_NEEDLE, PASSKEY_LOOKUP, "PASSKEY"),
-    # The classic passkey task (Mohtashami & Jaggi 2023) for pretrained language models: SmolLM2-135M finds
-    # 0.95 of its keys in 512-2048 tokens of code with it, 0.72 with the code template.
+    # The classic passkey task (Mohtashami & Jaggi 2023), for pretrained language models (docs/real_model.md).
     "text": ("The pass key is {key}. Remember it. {key} is the pass key.",
              "What is the pass key? The pass key is {key}", "pass key"),
 }
