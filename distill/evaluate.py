@@ -1,7 +1,7 @@
 """Evaluation suite: short-text retention against the teacher, NLL by position on long text, passkey retrieval
 (needle in a haystack), per-layer drift, and plots.
 
-What each figure answers (shared/METHOD.md, "Why short-text ability degrades"):
+What each figure answers (docs/method.md, "Why short-text ability degrades"):
 - `short_nll` / `kl_teacher_student` / `hidden_cosine` / `attention_kl` on held-out short rows: how far the
   extended student has drifted from the original model where the original was good (short text). The paper
   tracks hidden-state cosine and attention KL; at toy scale the next-token KL and NLL gap are the sharper
