@@ -114,26 +114,11 @@ def flash_available(device) -> bool:
     return bool(is_flash_attn_2_available()) and (device.type == "cuda" or device.type == "cpu")
 
 
-def trainer_layout(name: str, ids, positions) -> tuple[dict, callable]:
-    """The inputs the trainer's step gives attention `name` for packed rows (B, T) (distill.step): flattened
-    to one row with the documents' offsets for flash_attention_2, else the B rows; and the map of the
-    logits back to (B, T, V)."""
-    from distill.attention import document_offsets, flattens
-
-    B, T = ids.shape
-    if not flattens(name):
-        return {"input_ids": ids, "position_ids": positions}, lambda x: x
-    offsets = {k: v.to(ids.device) if hasattr(v, "to") else v
-               for k, v in document_offsets(positions.cpu()).items()}
-    return ({"input_ids": ids.reshape(1, B * T), "position_ids": positions.reshape(1, B * T), **offsets},
-            lambda x: x.view(B, T, *x.shape[2:]))
-
-
 def check_attention(device, seq: int, rows: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.models import resolve_attention
+    from distill.models import packed_layout, resolve_attention
     from distill.testing import tiny_config
 
     config = tiny_config("llama", vocab_size=5000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
@@ -151,31 +136,33 @@ def check_attention(device, seq: int, rows: int) -> dict:
         model.load_state_dict(state)
         return model.to(device).train()
 
-    def run(model, name, autocast: bool):
-        inputs, back = trainer_layout(name, ids, positions)
-        labels = inputs["input_ids"].clone()
+    def run(model, autocast: bool):
+        # The layout the trainer gives this attention (distill.models.packed_layout: one row with the
+        # documents' offsets for flash, the B rows otherwise).
+        flat_ids, flat_pos, offsets, back = packed_layout(model, ids, positions)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(**inputs, labels=labels, use_cache=False)
+            out = model(input_ids=flat_ids, position_ids=flat_pos, labels=flat_ids.clone(), use_cache=False,
+                        **offsets)
         out.loss.backward()
         return back(out.logits.detach().float())
 
     reference = model_for("sdpa")
-    ref_logits = run(reference, "sdpa", autocast=False)
+    ref_logits = run(reference, autocast=False)
     ref_grads = [p.grad.detach().clone() for p in reference.parameters()]
     del reference
     results = {}
     for name in implementations:
         low = device.type == "cuda" or name == "flash_attention_2"  # the trainer's precision for it
         model = model_for(name)
-        logits = run(model, name, autocast=low)
+        logits = run(model, autocast=low)
         grads = [p.grad for p in model.parameters()]
         num = sum(float((g - r).float().square().sum()) for g, r in zip(grads, ref_grads))
         den = sum(float(r.float().square().sum()) for r in ref_grads)
         logit_err = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
 
-        def step(model=model, name=name, low=low):
+        def step(model=model, low=low):
             model.zero_grad(set_to_none=True)
-            run(model, name, autocast=low)
+            run(model, autocast=low)
 
         _peak_reset(device)
         seconds = _timed(step, device)

@@ -67,9 +67,9 @@ def document_offsets(position_ids: torch.Tensor) -> dict:
     Returns:
         {"cu_seq_lens_q", "cu_seq_lens_k": int32 (D + 1,), "max_length_q", "max_length_k": int}.
     """
-    flat = position_ids.reshape(-1)
-    starts = [0] + ((flat[1:] <= flat[:-1]).nonzero().flatten() + 1).tolist()
-    cuts = starts + [flat.numel()]
+    total = position_ids.numel()
+    spans = document_segments(position_ids.reshape(1, total))  # the same boundary rule as sdpa_varlen's
+    cuts = [0, total] if spans is None else [start for start, _ in spans[0]] + [total]
     offsets = torch.tensor(cuts, dtype=torch.int32)
     longest = max(b - a for a, b in zip(cuts, cuts[1:]))
     return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest,
@@ -79,8 +79,8 @@ def document_offsets(position_ids: torch.Tensor) -> dict:
 FLATTENED = ("flash_attention_2",)
 """Attention implementations that separate packed documents only in a flattened (1, B·T) micro-batch:
 transformers' flash path reads documents from position_ids (or cu_seq_lens) only when the batch has one row.
-transformers' sdpa must NOT be flattened: its dense mask would grow from B·T² to (B·T)² (2.3x slower at
-4 × 1024 here); sdpa_varlen splits each row itself."""
+transformers' sdpa must NOT be flattened: its dense mask would grow from B·T² to (B·T)² (2.6-2.8x slower at
+4 × 1024 here, benchmarks/micro_batch_layout.py); sdpa_varlen splits each row itself."""
 
 
 def flattens(implementation: str) -> bool:

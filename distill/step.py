@@ -146,8 +146,8 @@ class StreamObjectives:
         batch["real"] = self.data.real_mask(rows)
         if bad:
             _blank_bad_rows(batch, mask)
-        flat = self.flatten or self.sequence is not None
-        offsets = document_offsets(batch["position_ids"]) if flat else None
+        flattened = self.flatten or self.sequence is not None
+        offsets = document_offsets(batch["position_ids"]) if flattened else None
         if self.sequence is not None:
             targets = torch.full_like(batch["labels"], -100)  # (B, T)
             targets[:, :-1] = batch["labels"][:, 1:]

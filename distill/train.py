@@ -165,6 +165,8 @@ class Session:
     groups: dict | None
     flops: dict
     peak: float | None
+    window: int
+    """The teacher's native window (the export records it as its original length)."""
 
     @property
     def live(self) -> dict:
@@ -181,8 +183,7 @@ def _run(cfg: RecipeConfig, procs, return_state: bool, spans: Spans):
     if session.state.step >= cfg.train.max_steps:
         if cfg.train.export and not os.path.isfile(os.path.join(out_dir, "final", "config.json")):
             # A run stopped (killed) after its last checkpoint but before its export finished.
-            _export(cfg, session.strategy, session.student, session.tokenizer, session.streams, session.dtype,
-                    procs.is_main)
+            _export(session)
         logger.info("nothing to do: the run already reached step %d", session.state.step)
         return finish(0)
     return finish(_train(session, spans))
@@ -217,7 +218,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     # The launcher's mode, picked once.
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
     strategy.split = split_streams(cfg, seq_lens)
-    attention = check_launch(cfg, strategy, streams, device)
+    attention, window = check_launch(cfg, strategy, streams, device)
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
         check_memory(cfg, strategy.name, procs.world, device, seq_lens)
 
@@ -268,12 +269,12 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     return Session(cfg=cfg, procs=procs, tokenizer=tokenizer, streams=streams, strategy=strategy,
                    student=student, teacher=teacher, state=state, mixture=mixture, ctx=ctx, dtype=dtype,
                    autocast=autocast, trace=trace, groups=groups, flops=flops,
-                   peak=peak_tflops(device, cfg.log.peak_tflops))
+                   peak=peak_tflops(device, cfg.log.peak_tflops), window=window)
 
 
-def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> str:
+def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[str, int]:
     """The recipe against the launch and the data, from the configs alone (no model loaded yet); one line on
-    a problem. Returns the attention implementation the models will load with."""
+    a problem. Returns the attention implementation the models will load with and the teacher's window."""
     from distill.models import _load_config, resolve_attention
     from distill.rope import original_length
     from distill.sequence import check_attention
@@ -299,7 +300,7 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> str:
     window = original_length(native, cfg.rope)
     for name, stream in streams.items():
         check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
-    return attention
+    return attention, window
 
 
 def startup_checks(cfg: RecipeConfig, strategy, student, teacher, streams: dict, autocast) -> dict:
@@ -458,8 +459,7 @@ def _finish(session: Session, stop_file: str | None) -> None:
         plot_layer_grads(os.path.join(out_dir, "metrics.jsonl"),
                          os.path.join(out_dir, "layer_grad_norms.png"))
     if cfg.train.export:
-        _export(cfg, session.strategy, session.student, session.tokenizer, session.streams, session.dtype,
-                procs.is_main)
+        _export(session)
     if stop_file is not None and procs.is_main and os.path.exists(stop_file):
         os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
     procs.barrier()
@@ -528,8 +528,7 @@ def _stopped(done: int, preempt: ckpt.PreemptionFlag, stop_file: str | None, is_
     return EXIT_PREEMPTED
 
 
-def _export(cfg: RecipeConfig, strategy, student, tokenizer, streams: dict, dtype: torch.dtype,
-            is_main: bool) -> None:
+def _export(session: Session) -> None:
     """Write the Hugging Face export `<output_dir>/final` atomically: into a temporary directory renamed once
     complete (a kill mid-write leaves the previous export or none, never a partial one). fp32 master weights
     go out in the recipe's dtype (bf16 for real models).
@@ -544,15 +543,16 @@ def _export(cfg: RecipeConfig, strategy, student, tokenizer, streams: dict, dtyp
     from distill.files import replace_dir
     from distill.models import export
 
-    out_dir, spec = cfg.run.output_dir, cfg.model.expansion
+    cfg, strategy, student, tokenizer = session.cfg, session.strategy, session.student, session.tokenizer
+    dtype, out_dir, spec = session.dtype, session.cfg.run.output_dir, session.cfg.model.expansion
     full_state = strategy.model_state_dict()  # a collective when sharded
     alphas = None
     if spec is not None:
         from distill import expansion
 
-        rows = _fold_batches(cfg, streams, tokenizer, spec.fold_rows, strategy.procs.device)
+        rows = _fold_batches(cfg, session.streams, tokenizer, spec.fold_rows, strategy.procs.device)
         alphas = expansion.fold_alphas(student, full_state, rows, strategy.forward)  # every rank: forwards
-    if not is_main:
+    if not session.procs.is_main:
         return
     targets = [("final", full_state if alphas is None else expansion.fold_state(full_state, alphas))]
     if alphas is not None:
@@ -563,7 +563,7 @@ def _export(cfg: RecipeConfig, strategy, student, tokenizer, streams: dict, dtyp
         if name == "expanded":
             expansion.save_unfolded(student, tokenizer, tmp, state, spec, alphas, dtype=dtype)
         else:
-            export(student, tokenizer, tmp, state_dict=state, dtype=dtype, original_length=_window(cfg))
+            export(student, tokenizer, tmp, state_dict=state, dtype=dtype, original_length=session.window)
             if alphas is not None:
                 with open(os.path.join(tmp, "expansion_fold.json"), "w", encoding="utf-8") as f:
                     folded = {str(i): a for i, a in alphas.items()}
@@ -571,15 +571,6 @@ def _export(cfg: RecipeConfig, strategy, student, tokenizer, streams: dict, dtyp
         replace_dir(tmp, final)
         logger.info("exported %s%s", final, "" if alphas is None else
                     f" ({'unfolded' if name == 'expanded' else 'folded with ᾱ ' + str(alphas)})")
-
-
-def _window(cfg: RecipeConfig) -> int:
-    """The teacher's native window (what the export records as its original length)."""
-    from distill.models import _load_config
-    from distill.rope import original_length
-
-    return original_length(_load_config(cfg.teacher.path or cfg.model.path, cfg.model.trust_remote_code),
-                           cfg.rope)
 
 
 def _fold_batches(cfg: RecipeConfig, streams: dict, tokenizer, rows: int, device) -> list[dict]:

@@ -81,6 +81,20 @@ class Processes:
             self.accelerator.wait_for_everyone()
 
 
+def move_plain_tensors(model: nn.Module, device: torch.device,
+                       sharded: Callable[[nn.Parameter], bool]) -> None:
+    """Move, in place, the parameters a sharding left as plain tensors (those `sharded` says it does not hold)
+    and every buffer to `device`: what stays replicated after a strategy moved its own shards there."""
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None and not sharded(param) and param.device != device:
+                    param.data = param.data.to(device)
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
+
+
 def global_rank() -> int:
     """This process's rank in the default process group (0 without one)."""
     import torch.distributed as dist

@@ -34,7 +34,7 @@ from torch import nn
 
 from distill.models import decoder_layers
 from distill.optim import keep_kernel, make_optimizer
-from distill.strategies.base import Strategy, global_rank
+from distill.strategies.base import Strategy, global_rank, move_plain_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -141,14 +141,7 @@ def move_unsharded(model: nn.Module, device: torch.device) -> None:
     """Move the parameters and buffers that no FSDP unit holds (plain tensors) to `device`, in place."""
     from torch.distributed.tensor import DTensor
 
-    with torch.no_grad():
-        for module in model.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None and not isinstance(param, DTensor) and param.device != device:
-                    param.data = param.data.to(device)
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and buf.device != device:
-                    module._buffers[name] = buf.to(device)
+    move_plain_tensors(model, device, lambda param: isinstance(param, DTensor))
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -52,7 +52,7 @@ from torch import nn
 
 from distill.models import decoder_of
 from distill.optim import make_optimizer
-from distill.strategies.base import Strategy, global_rank
+from distill.strategies.base import Strategy, global_rank, move_plain_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -294,14 +294,8 @@ def shard_teacher(teacher: nn.Module, persistence_threshold: int = 100_000, buck
     partition_in_place(decoder, config)
     engine, _, _, _ = deepspeed.initialize(model=decoder, config=config)
     engine.eval()
-    with torch.no_grad():  # what stays replicated (lm_head, buffers) to the device; partitions are there
-        for module in teacher.modules():
-            for param in module._parameters.values():
-                if param is not None and not hasattr(param, "ds_id") and param.device != engine.device:
-                    param.data = param.data.to(engine.device)
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and buf.device != engine.device:
-                    module._buffers[name] = buf.to(engine.device)
+    # What stays replicated (lm_head, buffers) to the device; the partitions are there already.
+    move_plain_tensors(teacher, engine.device, lambda param: hasattr(param, "ds_id"))
     teacher._distill_engine = engine
     return teacher
 
