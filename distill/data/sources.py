@@ -142,6 +142,9 @@ class SourceReader:
             yield from self._hf()
             return
         self.files = self.paths()
+        if kind == "files" and self.source.document == "directory":
+            yield from self._directories()
+            return
         reader = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet,
                   "text": self._text_file, "files": self._file}[kind]
         for path in self.files:
@@ -285,6 +288,28 @@ class SourceReader:
         content = self._decode_file(path)
         if content is not None:
             text = self._text(content, path)
+            if text is not None:
+                yield text
+
+    def _directories(self) -> Iterator[str]:
+        """One document per top-level directory of the source (its files in sorted order, each introduced by
+        its relative path); files directly under the root, one document each."""
+        root = expand_path(self.source.path or "")
+        if not os.path.isdir(root):
+            raise DataError(f"{self.where}: document: directory needs a directory path, got "
+                            f"{self.source.path!r}")
+        groups: dict[str, list[str]] = {}
+        for path in self.files:
+            rel = os.path.relpath(path, root)
+            top = rel.split(os.sep, 1)[0] if os.sep in rel else rel
+            groups.setdefault(top, []).append(path)
+        for top in sorted(groups):
+            parts = []
+            for path in groups[top]:
+                content = self._decode_file(path)
+                if content is not None and content.strip():
+                    parts.append(f"# file: {os.path.relpath(path, root)}\n{content}")
+            text = self._text("\n".join(parts) if parts else "", os.path.join(root, top))
             if text is not None:
                 yield text
 

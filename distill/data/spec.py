@@ -50,6 +50,10 @@ class SourceConfig:
     """files: glob patterns of files to leave out."""
     text_split: Literal["file", "blank_line"] = "file"
     """text: one document per file, or one per block separated by blank lines."""
+    document: Literal["file", "directory"] = "file"
+    """files: one document per file, or one per top-level directory under `path` (a package's source tree,
+    its wanted files joined in sorted order, each after a `# file: <relative path>` line): an honest long
+    document for long-context data. Files directly under `path` stay one document each."""
     dataset: str | None = None
     """hf: a Hugging Face dataset id, a local dataset script/dir, or a `save_to_disk` directory."""
     config: str | None = None
@@ -77,6 +81,8 @@ class SourceConfig:
         if self.kind != "files":
             check(not self.include and not self.exclude, join(path, "include"),
                   f"include/exclude are for kind files, not {self.kind}")
+            check(self.document == "file", join(path, "document"),
+                  f"directory documents are for kind files, not {self.kind}")
         check(self.text_field != "", join(path, "text_field"), "must not be empty")
         if self.match:
             check(self.kind in ("jsonl", "json", "hf"), join(path, "match"),

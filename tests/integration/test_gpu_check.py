@@ -32,13 +32,24 @@ def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
     report = _run(tmp_path, "--attention", "flash_attention_2", "--seq", "512", "--loss-tokens", "1024",
                   "--steps", "2")
     assert report["flash_attn"] is True
-    for part in ("attention", "loss", "train", "layout", "zero3_precision", "sequence_parallel"):
+    for part in ("attention", "loss", "train", "layout", "zero3_precision", "sequence_parallel",
+                 "restoration"):
         assert report[part]["status"] == "ok", (part, report[part])
     kernels = report["attention"]["implementations"]
     assert kernels["flash_attention_2"]["layout"] == "one row + offsets"
     assert kernels["flash_attention_2"]["logit_rel_err"] < 0.05  # bf16 against the fp32 dense mask
     assert report["train"]["attention"] == "flash_attention_2" and report["layout"]["flattened"]
     assert report["sequence_parallel"]["sizes"]["2"]["loss_rel_diff_vs_one_process"] < 3e-2
+    # Part 7: the shipped SmolLM2 recipes and spec (tiny overrides on a CPU), Long CPT and LongReD for the
+    # same budget, then scripts/evaluate.py on both exports against the original.
+    restoration = report["restoration"]
+    assert restoration["long_cpt"]["tokens"] == restoration["longred"]["tokens"] > 0
+    for method in ("long_cpt", "longred"):
+        figures = restoration[method]
+        for key in ("short_nll_gap", "long_nll_beyond", "passkey_accuracy/1024", "passkey_accuracy/2048",
+                    "tokens_per_s"):
+            assert key in figures, (method, key)
+    assert "short_gap_recovered" in restoration
 
 
 def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):

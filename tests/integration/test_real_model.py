@@ -252,3 +252,70 @@ def test_ruler_tasks_separate_a_real_model_from_a_random_one(smollm2, data, tiny
                          tasks=("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"),
                          max_new_tokens=16)
     assert chance["ruler_mean"] == 0.0, chance
+
+
+# The one-GPU recipes (recipes/smollm2-135m/) on their shipped data spec, with tiny overrides: three packages
+# and a few modules instead of the whole standard library, lengths cut to what 2 cores train in seconds.
+SHIPPED_DATA = ["sources.0.include=[email/*.py,json/*.py,logging/*.py]",
+                "sources.1.include=[a*.py,b*.py,c*.py]", "streams.long.seq_len=512",
+                "streams.long.min_doc_tokens=512", "streams.long.max_tokens=20000",
+                "streams.s2l.seq_len=128", "streams.s2l.min_doc_tokens=128", "streams.s2l.max_tokens=5000",
+                "streams.short.seq_len=128", "streams.short.max_tokens=10000"]
+
+
+@pytest.fixture(scope="module")
+def shipped_data(smollm2, tmp_path_factory):
+    """data/smollm2-32k.yaml built by scripts/prepare_data.py with the imported tokenizer (tiny overrides)."""
+    out = tmp_path_factory.mktemp("shipped") / "smollm2-32k"
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"),
+                           os.path.join(ROOT, "data", "smollm2-32k.yaml"), f"tokenizer={smollm2}",
+                           f"output_dir={out}", *SHIPPED_DATA], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_the_shipped_spec_makes_package_long_documents(shipped_data, smollm2):
+    """Long rows come from whole packages (files joined with their paths), every document ends with
+    `<|endoftext|>`, and the short stream holds top-level modules only."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    long = PackedStream(str(shipped_data / "long"))
+    assert long.info["eos_token_id"] == 0 and long.info["seq_len"] == 512
+    headers = [line for i in range(len(long)) for line in tokenizer.decode(long.input_ids(i)).splitlines()
+               if line.startswith("# file: ")]
+    packages = {h.split()[2].split("/")[0] for h in headers}
+    assert len(headers) >= 3 and packages <= {"email", "json", "logging"}  # several files of one tree
+    short = PackedStream(str(shipped_data / "short"))
+    assert not any("# file: " in tokenizer.decode(short.input_ids(i)) for i in range(len(short)))
+    manifest = json.load(open(shipped_data / "manifest.json"))
+    assert set(manifest["streams"]["short"]["train"]["sources"]) == {"modules"}
+    assert manifest["streams"]["long"]["holdout"]["rows"] >= 1
+
+
+@pytest.mark.parametrize("method", ["long_cpt", "mix_cpt", "longred"])
+def test_the_one_gpu_recipes_start_on_cpu(method, shipped_data, smollm2, tmp_path):
+    """recipes/smollm2-135m/<method>-32k-abf.yaml as shipped (the real model, its selected layers, θ 4e6)
+    with tiny lengths: one step trains, the RoPE is the recipe's and the losses are a pretrained model's."""
+    from distill.train import run
+
+    recipe = os.path.join(ROOT, "recipes", "smollm2-135m", f"{method}-32k-abf.yaml")
+    overrides = [f"model.path={smollm2}", f"run.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                 "train.eval_every=0", "train.save_every=0", "train.export=false", "log.wandb.mode=disabled",
+                 "log.progress_bar=false", "model.gradient_checkpointing=false",
+                 f"streams.long.data={shipped_data / 'long'}", "streams.long.seq_len=512"]
+    if method != "long_cpt":
+        overrides += [f"streams.short.data={shipped_data / 'short'}", "streams.short.seq_len=128",
+                      "streams.short.micro_batch=3", f"streams.s2l.data={shipped_data / 's2l'}",
+                      "streams.s2l.seq_len=128", "streams.s2l.micro_batch=1"]
+    tokens = 512 if method == "long_cpt" else 1024  # 4 : 3 : 1 = 512 long, 384 short, 128 s2l
+    cfg = load_recipe(recipe, [*overrides, f"mix.tokens_per_step={tokens}"])
+    assert cfg.rope.method == "abf" and cfg.rope.theta == 4.0e6 and cfg.rope.target_length == 32768
+    assert run(cfg) == 0
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert 0 < record["loss/long/lm"] < 6, record  # a pretrained model on code, not a random one (10.8)
+    if method == "longred":
+        assert cfg.streams["short"].objectives.hidden.layers == [2, 3, 10, 11, 12, 13, 30]
+        assert 0 < record["loss/short/hidden"] < 1 and 0 < record["loss/s2l/hidden"] < 1
+    if method == "mix_cpt":
+        assert 0 < record["loss/short/lm"] < 6

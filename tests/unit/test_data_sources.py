@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distill.config import ConfigError
 from distill.data.build import build
 from distill.data.dataset import DataError
 from distill.data.sources import SourceReader
@@ -79,6 +80,23 @@ def test_files_tree_include_exclude_and_non_utf8(tmp_path):
     assert docs == ["# readme\n", "print('a')\n"]
     assert dict(reader.skipped) == {"not_utf8": 1}
     assert [p.split("repo/")[1] for p in reader.files] == ["README.md", "pkg/a.py", "pkg/b.py"]
+
+
+def test_a_directory_document_joins_a_package_tree(tmp_path):
+    """document: directory makes each top-level directory one document (its wanted files in sorted order,
+    each after its relative path); files directly under the root stay one document each."""
+    for rel, text in {"pkg_b/z.py": "zed\n", "pkg_a/x.py": "ex\n", "pkg_a/sub/y.py": "why\n",
+                      "pkg_a/notes.txt": "left out\n", "top.py": "top\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    docs, reader = _read(kind="files", path=str(tmp_path), include=["*.py"], document="directory")
+    assert docs == ["# file: pkg_a/sub/y.py\nwhy\n\n# file: pkg_a/x.py\nex\n",
+                    "# file: pkg_b/z.py\nzed\n", "# file: top.py\ntop\n"]
+    assert reader.records == 3
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.document: directory documents are for kind files"):
+        spec_from_dict({"tokenizer": "t", "output_dir": "o",
+                        "sources": [{"name": "s", "kind": "jsonl", "path": "x", "document": "directory"}],
+                        "streams": {"long": {"sources": ["s"], "seq_len": 8}}})
 
 
 @pytest.mark.parametrize("kind,path,message", [
