@@ -229,3 +229,69 @@ def test_base_files_resolve_without_a_base_key():
     assert len(paths) >= 4
     for path in paths:
         assert "base" not in read_with_bases(path)
+
+
+def _recipe_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key of a recipe (`<name>` for a stream), from the dataclasses."""
+    import dataclasses
+    import typing
+
+    from distill.config import RecipeConfig
+
+    cls = cls or RecipeConfig
+    keys = []
+    for field in dataclasses.fields(cls):
+        key = f"{prefix}{field.name}"
+        keys.append(key)
+        hint = typing.get_type_hints(cls)[field.name]
+        args = typing.get_args(hint)
+        nested = [hint, *args, *(x for a in args for x in typing.get_args(a))]
+        for sub in {a for a in nested if dataclasses.is_dataclass(a)}:
+            keys += _recipe_keys(sub, key + (".<name>." if field.name == "streams" else "."))
+    return keys
+
+
+def test_docs_recipes_explain_every_key():
+    """docs/recipes.md names every recipe key: in full, or as `.leaf` under its parent's entry."""
+    text = open(os.path.join(ROOT, "docs", "recipes.md"), encoding="utf-8").read()
+    keys = _recipe_keys()
+    assert len(keys) > 100
+    missing = [k for k in keys if f"`{k}`" not in text and f"### {k}" not in text and not (
+        "." in k and f"`{k.rsplit('.', 1)[0]}" in text and f"`.{k.rsplit('.', 1)[1]}`" in text)]
+    assert not missing, missing
+
+
+def test_docs_catalogue_is_what_the_planner_says():
+    """Each row of docs/recipes.md's catalogue carries scripts/plan.py's figures for its recipes (8 x H100 and
+    8 x H200, FSDP2, MFU 0.4): GiB per GPU, the fit, the sequence-parallel fallback, step time, hours, disk
+    and the stop grace. No number there is typed by hand."""
+    from distill.plan import GPUS, plan_with_sequence_parallel
+
+    text = open(os.path.join(ROOT, "docs", "recipes.md"), encoding="utf-8").read()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`recipes/" in line]
+    budgets = planner_budgets()
+    seen = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        pattern = re.search(r"`(recipes/[^`]+)`", cells[2]).group(1)
+        alternatives = re.search(r"\{([^}]+)\}", pattern)
+        paths = ([pattern.replace(alternatives.group(0), a) for a in alternatives.group(1).split(",")]
+                 if alternatives else [pattern])
+        for path in paths:
+            cfg = _load(path)
+            shape, seq_lens = _shape(cfg.model.path), recipe_seq_lens(cfg)
+            h100 = plan_with_sequence_parallel(cfg, shape, "fsdp2", 8, GPUS["h100-80gb"], seq_lens)
+            h200 = plan_with_sequence_parallel(cfg, shape, "fsdp2", 8, GPUS["h200-141gb"], seq_lens)
+            gib = 1024**3
+            expected = f"{h100['peak_bytes'] / gib:.0f}, " + ("fits" if h100["fits"] else
+                                                             "does not fit (S = {}: {:.0f})".format(
+                h100["min_sequence_parallel"], h100["peak_bytes_at_min_sequence_parallel"] / gib))
+            assert cells[3] == expected, (path, cells[3], expected)
+            assert cells[4] == ("fits" if h100["fits"] else f"{h200['peak_bytes'] / gib:.0f}, fits"), path
+            assert h200["fits"]
+            b = budgets[path]
+            disk = f"{b['checkpoint_disk_bytes_max'] / 1e12:.2f} TB"
+            assert cells[5:] == [f"{b['step_s']:.0f}", f"{b['total_hours']:.1f}", disk,
+                                 f"{b['stop_grace_s']} s"], path
+            seen.add(path)
+    assert seen == set(EIGHT_B)
