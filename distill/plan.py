@@ -518,6 +518,9 @@ def stream_tokens_per_step(cfg) -> dict[str, float]:
     from distill.schedules import share_at
 
     steps = cfg.train.max_steps
+    if all(isinstance(s.share, float) for s in cfg.streams.values()):  # fixed shares: no walk needed
+        whole = sum(s.share for s in cfg.streams.values())
+        return {n: cfg.mix.tokens_per_step * s.share / whole for n, s in cfg.streams.items()}
     totals = dict.fromkeys(cfg.streams, 0.0)
     for step in range(steps):
         shares = {n: share_at(step, s.share) for n, s in cfg.streams.items()}

@@ -122,3 +122,17 @@ def test_trainer_warns_when_a_run_reads_more_rows_than_were_built(tmp_path, tiny
     with caplog.at_level(logging.WARNING, logger="distill.train"):
         warn_repeated_data(cfg, Mixture([StreamPlan("long", 160, 1024, 1, 1.0)], cfg.mix.tokens_per_step, 0))
     assert caplog.text == ""
+
+
+def test_tokens_per_step_follow_a_share_schedule():
+    """A scheduled share is followed step by step: short at 0 for the first half, 6 for the second, against
+    long 4 and s2l 1, averages to what the mixture plans over the run."""
+    from distill.plan import stream_tokens_per_step
+
+    cfg = load_recipe(os.path.join(ROOT, "recipes/llama3-8b/longred-32k-abf.yaml"),
+                      ["streams.short.share={name: stages, stages: [[0, 0], [256, 6]]}"])
+    got = stream_tokens_per_step(cfg)
+    step = 2**21
+    assert got["short"] == pytest.approx(step * (0 + 6 / 11) / 2)
+    assert got["long"] == pytest.approx(step * (4 / 5 + 4 / 11) / 2)
+    assert sum(got.values()) == pytest.approx(step)
