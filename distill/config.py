@@ -3,6 +3,8 @@
 Every command (data builder, trainer, evaluation) goes through `load`. YAML mirrors the dataclasses one
 to one: unknown keys and wrong types are `ConfigError`s naming the dotted key, the value and what is
 allowed (with the closest valid key for a typo), so a user sees one clear line instead of a traceback.
+A file may extend another with `base: path/relative/to/this/file.yaml` (deep-merged: mappings merge, lists
+and scalars replace), before the command line's overrides; the resolved recipe holds no `base`.
 """
 
 from __future__ import annotations
@@ -245,9 +247,50 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+BASE_KEY = "base"
+"""A recipe's (or data spec's) `base: other.yaml`: the file it extends, relative to the file naming it."""
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` deep-merged onto `base` (a new mapping): mappings merge key by key; a list, a scalar or
+    null replaces what the base had (a list is one value: `layers: [last]` is not appended to)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_with_bases(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict:
+    """Read a YAML mapping and, when it names a `base`, merge it onto that file's (recursively) content.
+
+    The base path is relative to the directory of the file that names it (so a recipe can be run from any
+    directory); chains are allowed, a cycle is a ConfigError. The result holds no `base` key.
+    """
+    path = os.fspath(path)
+    data = read_yaml(path)
+    if BASE_KEY not in data:
+        return data
+    base = data.pop(BASE_KEY)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: {BASE_KEY}: expected a file path relative to this file, got {base!r}")
+    target = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    chain = (*_chain, os.path.abspath(path))
+    if os.path.abspath(target) in chain:
+        start = os.path.dirname(chain[0])  # name the files as seen from the first one
+        names = [os.path.relpath(p, start) for p in (*chain, os.path.abspath(target))]
+        raise ConfigError(f"{path}: {BASE_KEY}: {base}: a cycle of bases ({' -> '.join(names)})")
+    if not os.path.isfile(target):
+        raise ConfigError(f"{path}: {BASE_KEY}: {base}: file not found (looked for {target})")
+    return merge(read_with_bases(target, chain), data)
+
+
 def load(cls: type, path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Load dataclass `cls` from a YAML file (or from overrides alone when path is None)."""
-    data = read_yaml(path) if path is not None else {}
+    """Load dataclass `cls` from a YAML file (or from overrides alone when path is None): the file merged onto
+    its `base` chain first, then the `a.b=value` overrides."""
+    data = read_with_bases(path) if path is not None else {}
     apply_overrides(data, overrides)
     return from_dict(cls, data)
 

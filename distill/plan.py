@@ -491,3 +491,114 @@ class SavedTensorBytes:
 
     def step_done(self, record: dict) -> None:
         """Nothing per step."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's budget: tokens, time at a stated MFU, checkpoints on disk, the stop grace a cluster must give
+# ---------------------------------------------------------------------------------------------------
+PEAK_TFLOPS = {"h100-80gb": 989.0, "h200-141gb": 989.0, "a100-80gb": 312.0}
+"""Dense bf16 peak TFLOP/s of the named GPUs (as distill.metrics.PEAK_TFLOPS gives the trainer's MFU)."""
+STOP_GRACE_MARGIN = 1.25
+"""The suggested stop grace: (one step + one checkpoint write) times this, rounded up to a minute."""
+
+
+def flop_counts_of(shape: Shape) -> dict[str, float]:
+    """distill.metrics.flop_counts from a config's shape (no model built): N counts every matmul operand, i.e.
+    all parameters but the input embedding (a lookup), with the lm_head counted even when tied."""
+    head = shape.vocab * shape.hidden
+    return {"L": float(shape.layers), "d": float(shape.hidden), "V": float(shape.vocab),
+            "N_layers": float(shape.layers * shape.layer_params),
+            "N": float(shape.params - shape.embed_params + (head if shape.tied else 0))}
+
+
+def stream_tokens_per_step(cfg) -> dict[str, float]:
+    """Each stream's token slots per optimiser step (all ranks), averaged over the run's steps: its share of
+    `mix.tokens_per_step` (a share schedule is followed step by step; micro-batch counts are rounded
+    stochastically around exactly this, distill.mixture)."""
+    from distill.schedules import share_at
+
+    steps = cfg.train.max_steps
+    if all(isinstance(s.share, float) for s in cfg.streams.values()):  # fixed shares: no walk needed
+        whole = sum(s.share for s in cfg.streams.values())
+        return {n: cfg.mix.tokens_per_step * s.share / whole for n, s in cfg.streams.items()}
+    totals = dict.fromkeys(cfg.streams, 0.0)
+    for step in range(steps):
+        shares = {n: share_at(step, s.share) for n, s in cfg.streams.items()}
+        whole = sum(shares.values())
+        for name, share in shares.items():
+            totals[name] += share / whole if whole > 0 else 0.0
+    return {n: cfg.mix.tokens_per_step * t / steps for n, t in totals.items()}
+
+
+def checkpoints_on_disk(max_steps: int, save_every: int, keep_last: int, keep_every: int) -> tuple[int, int]:
+    """(the most checkpoints on disk at once, those left at the end) for saves at every `save_every` steps and
+    at the last step, pruned as distill.checkpoint.prune does after each save (the newest `keep_last` plus
+    multiples of `keep_every`). The most is counted while a new one is written, before the prune."""
+    saves = sorted({*(range(save_every, max_steps + 1, save_every) if save_every else ()), max_steps})
+    kept: list[int] = []
+    most = 0
+    for step in saves:
+        kept.append(step)
+        most = max(most, len(kept))
+        newest = sorted(kept, reverse=True)
+        kept = [s for i, s in enumerate(newest) if i < keep_last or (keep_every and s % keep_every == 0)]
+    return most, len(kept)
+
+
+def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_lens: dict[str, int],
+               mfu: float, peak_tflops: float | None) -> dict:
+    """What a run costs besides memory: tokens per step and per run (per stream), step time and hours at a
+    stated MFU, checkpoints on disk, and the stop grace a scheduler must leave between its signal and the
+    kill.
+
+    Time: FLOPs per step are the trainer's own (distill.metrics.flop_rates: 6N + 12·L·d·T per trained token,
+    plus the teacher's forward 2·N·depth/L + 4·depth·d·T), at `mfu` of `peak_tflops` on each of `world` GPUs.
+    The attention term counts the whole row as one document (an upper bound for packed rows) and gradient
+    checkpointing's recomputation is not counted, as the MFU convention has it: MFU 0.4 with recomputation
+    is about 0.53 of the hardware. The trainer logs `mfu` for the student alone and `teacher_tflops_per_s`
+    apart; the planner's MFU is their sum over the peak.
+
+    Args:
+        mfu: model FLOPs utilisation assumed (e.g. 0.4).
+        peak_tflops: dense bf16 peak per GPU; None: no time figures.
+
+    Returns:
+        {"tokens_per_step", "tokens_per_run": {stream: tokens}, "step_flops", "mfu", "peak_tflops",
+         "step_s", "train_hours", "checkpoint_bytes", "checkpoint_write_s", "checkpoints_saved",
+         "checkpoints_on_disk_max", "checkpoints_at_end", "checkpoint_disk_bytes_max",
+         "checkpoint_hours", "total_hours", "stop_grace_s"} (time figures None without a peak).
+    """
+    from distill.metrics import flop_rates
+
+    teacher_shape = teacher_shape or shape
+    per_step = stream_tokens_per_step(cfg)
+    layers = {}
+    for name, stream in cfg.streams.items():
+        hidden = stream.objectives.hidden
+        if hidden is not None:  # `auto` picks its top_k below the last state: the teacher runs to the last
+            picked = ["last"] if hidden.layers == "auto" else hidden.layers
+            layers[name] = [teacher_shape.layers if x == "last" else int(x) for x in picked]
+    rates = flop_rates(cfg, seq_lens, layers, flop_counts_of(shape),
+                       flop_counts_of(teacher_shape) if cfg.needs_teacher else None)
+    step_flops = sum(per_step[n] * (student + teacher) for n, (student, teacher) in rates.items())
+    size = checkpoint_bytes(shape)
+    write_s = size / (cfg.parallel.checkpoint_write_gb_per_s * 1e9)
+    train = cfg.train
+    most, at_end = checkpoints_on_disk(train.max_steps, train.save_every, train.keep_last, train.keep_every)
+    saves = len({*(range(train.save_every, train.max_steps + 1, train.save_every) if train.save_every
+                   else ()), train.max_steps})
+    result = {"tokens_per_step": cfg.mix.tokens_per_step,
+              "tokens_per_step_by_stream": {n: int(round(t)) for n, t in per_step.items()},
+              "tokens_per_run": {n: int(round(t * train.max_steps)) for n, t in per_step.items()},
+              "step_flops": step_flops, "mfu": mfu, "peak_tflops": peak_tflops,
+              "checkpoint_bytes": size, "checkpoint_write_s": write_s, "checkpoints_saved": saves,
+              "checkpoints_on_disk_max": most, "checkpoints_at_end": at_end,
+              "checkpoint_disk_bytes_max": most * size, "checkpoint_hours": saves * write_s / 3600,
+              "step_s": None, "train_hours": None, "total_hours": None, "stop_grace_s": None}
+    if peak_tflops:
+        step_s = step_flops / (mfu * peak_tflops * 1e12 * world)
+        grace = math.ceil(STOP_GRACE_MARGIN * (step_s + write_s) / 60) * 60
+        result.update({"step_s": step_s, "train_hours": train.max_steps * step_s / 3600,
+                       "total_hours": train.max_steps * step_s / 3600 + result["checkpoint_hours"],
+                       "stop_grace_s": grace})
+    return result

@@ -73,6 +73,23 @@ def warn_sparse_streams(cfg: RecipeConfig, mixture) -> None:
             seq_len, 100 * e, 1 / e)
 
 
+def warn_repeated_data(cfg: RecipeConfig, mixture) -> None:
+    """A stream whose built rows are fewer than the run reads (train.max_steps × its token slots per step)
+    starts another epoch: the same rows again. Say so once, at start-up."""
+    from distill.plan import stream_tokens_per_step
+
+    for name, per_step in stream_tokens_per_step(cfg).items():
+        plan = mixture.streams[name]
+        needed = per_step * cfg.train.max_steps / plan.seq_len  # rows read over the run
+        if needed > plan.rows:
+            logger.warning(
+                "streams.%s: the run reads ~%d rows of %d tokens (%.0fM tokens over train.max_steps %d) but "
+                "%s holds %d: %.2f epochs, rows repeat; build more (the data spec's "
+                "streams.<name>.max_tokens) or lower train.max_steps", name, needed, plan.seq_len,
+                needed * plan.seq_len / 1e6, cfg.train.max_steps, cfg.streams[name].data, plan.rows,
+                needed / plan.rows)
+
+
 def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dict[str, int]) -> None:
     """On a GPU, before any model is loaded: the planner's estimate from the configs (scripts/plan.py) against
     the device's memory; one line when it will not fit (`parallel.skip_memory_check: true` goes on).
@@ -248,6 +265,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
                        for n, s in cfg.streams.items()], cfg.mix.tokens_per_step, cfg.run.seed)
     if procs.is_main:
         warn_sparse_streams(cfg, mixture)
+        warn_repeated_data(cfg, mixture)
     state = ckpt.TrainState(mixture, lr=cfg.optim.lr, layer_trace=trace)
     if resume_path is not None:
         ckpt.restore(resume_path, strategy, state, procs.rank)

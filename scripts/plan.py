@@ -1,14 +1,17 @@
 """Plan a run's memory per GPU from the recipe and the model's config.json, before anything is loaded.
 
     python scripts/plan.py RECIPE [--accelerate-config recipes/accelerate/fsdp2.yaml] [--gpus N]
-        [--gpu h100-80gb|h200-141gb|a100-80gb|BYTES] [--json] [a.b=value ...]
+        [--gpu h100-80gb|h200-141gb|a100-80gb|BYTES] [--mfu 0.4] [--peak-tflops T] [--json] [a.b=value ...]
 
 Reads only the model's (and the teacher's) `config.json`, never the weights, so a 70B run can be planned on a
 laptop; works before the data is built when the recipe gives `streams.<name>.seq_len`. Prints the parameters,
 gradients and optimiser state, the teacher, each stream's activations (with and without gradient
 checkpointing), loss buffers and overhead per GPU, the peak, whether it fits, the smallest
 sequence-parallel degree that fits, the set-up's GPU peak, host memory per rank and node, the checkpoint size
-and the collective timeout it implies; `--json` prints the same as one JSON object. A user mistake prints one
+and the collective timeout it implies; then the budget: tokens per step and per run, step time and hours at
+`--mfu` (default 0.4), checkpoints on disk under train.keep_last / keep_every, and the stop grace a cluster
+must leave between its signal and the kill. `--json` prints the same as one JSON object (the budget under
+"budget"). Overrides may come before or after the flags. A user mistake prints one
 line `error: ...` and exits with status 2.
 """
 
@@ -25,14 +28,25 @@ from distill.cli import Parser, UsageError, number  # noqa: E402
 from distill.config import ConfigError  # noqa: E402
 
 
+class _Parser(Parser):
+    def parse_args(self, args=None, namespace=None):
+        # `plan.py RECIPE --gpus 8 --json model.path=X`: overrides may come after the flags, as distill.train
+        # takes them (a plain `nargs="*"` positional cannot follow optionals).
+        return self.parse_intermixed_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="training recipe YAML")
     p.add_argument("overrides", nargs="*", help="a.b=value recipe overrides")
     p.add_argument("--accelerate-config", help="the launcher config (default: FSDP2 on 8 GPUs)")
     p.add_argument("--gpus", type=number(int), help="GPUs in the launch (default: the accelerate config's)")
     p.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default), h200-141gb, a100-80gb, or bytes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--mfu", type=number(float), default=0.4,
+                   help="model FLOPs utilisation the step time assumes (default 0.4)")
+    p.add_argument("--peak-tflops", type=number(float),
+                   help="dense bf16 peak TFLOP/s per GPU (default: log.peak_tflops, else the --gpu's)")
     return p
 
 
@@ -70,7 +84,42 @@ def make_plan(args) -> dict:
     teacher = Shape.from_config(config(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else shape
     result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, recipe_seq_lens(cfg), teacher)
     result.update({"recipe": args.recipe, "gpu": args.gpu, "parameters": shape.params})
+    result["budget"] = make_budget(args, cfg, shape, teacher, world)
     return result
+
+
+def make_budget(args, cfg, shape, teacher, world: int) -> dict:
+    """Tokens, time at --mfu, checkpoints on disk and the stop grace (distill.plan.run_budget)."""
+    from distill.plan import PEAK_TFLOPS, recipe_seq_lens, run_budget
+
+    if args.mfu > 1:
+        raise UsageError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
+    peak = args.peak_tflops or cfg.log.peak_tflops or PEAK_TFLOPS.get(args.gpu.strip().lower())
+    return run_budget(cfg, shape, teacher if cfg.teacher.path else None, world, recipe_seq_lens(cfg),
+                      args.mfu, peak)
+
+
+def format_budget(result: dict) -> list[str]:
+    b, world = result["budget"], result["world"]
+    per_stream = ", ".join(f"{n} {t / 1e6:.2f}M" for n, t in b["tokens_per_step_by_stream"].items())
+    run = ", ".join(f"{n} {t / 1e6:.0f}M" for n, t in b["tokens_per_run"].items())
+    lines = [f"tokens per step {b['tokens_per_step'] / 1e6:.2f}M ({per_stream}); per run: {run}"]
+    if b["step_s"] is None:
+        lines.append("time: unknown peak TFLOP/s for this --gpu; give --peak-tflops")
+    else:
+        lines.append(f"time at MFU {b['mfu']:.2f} of {b['peak_tflops']:.0f} TFLOP/s x {world} GPUs: "
+                     f"{b['step_s']:.1f} s per step, {b['train_hours']:.1f} h of training + "
+                     f"{b['checkpoint_hours']:.1f} h writing {b['checkpoints_saved']} checkpoints = "
+                     f"{b['total_hours']:.1f} h")
+    lines.append(f"checkpoints: {b['checkpoint_bytes'] / 1e9:.1f} GB each (fp32 weights + AdamW), "
+                 f"{b['checkpoint_write_s']:.0f} s to write at parallel.checkpoint_write_gb_per_s; at most "
+                 f"{b['checkpoints_on_disk_max']} on disk = {b['checkpoint_disk_bytes_max'] / 1e12:.2f} TB "
+                 f"(train.keep_last / keep_every), {b['checkpoints_at_end']} at the end")
+    if b["stop_grace_s"] is not None:
+        lines.append(f"stop grace: one step + one checkpoint ~ {b['stop_grace_s']} s: sbatch "
+                     f"--signal=B:USR1@{b['stop_grace_s']} and STOP_GRACE={b['stop_grace_s']} "
+                     f"(scripts/slurm/train.sbatch)")
+    return lines
 
 
 def format_plan(result: dict) -> str:
@@ -103,6 +152,8 @@ def format_plan(result: dict) -> str:
     lines.append("smallest sequence-parallel degree that fits: "
                  + (f"{sp} ({result['peak_bytes_at_min_sequence_parallel'] / gib:.1f} GiB)" if sp
                     else "none"))
+    if "budget" in result:
+        lines.extend(format_budget(result))
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 by scripts/slurm/local_cluster.sh; .ci/run's environment is root with Debian's packages).
 
 Two jobs of the same recipe, each `accelerate launch` with 2 CPU ranks: one uninterrupted, one sent SIGUSR1 by
-SLURM (`scancel --batch --signal=USR1`, what `--signal=B:USR1@600` does before the time limit). The second
+SLURM (`scancel --batch --signal=USR1`, what `--signal=B:USR1@1200` does before the time limit). The second
 checkpoints, exits cleanly, requeues itself, resumes, and ends with weights bit-identical to the first; its
 log says what happened in one line and carries no traceback.
 """
