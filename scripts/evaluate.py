@@ -282,7 +282,8 @@ def evaluate(args) -> dict:
     from distill.config import ModelConfig
     from distill.data.dataset import PackedStream
     from distill.evaluate import evaluate_suite, short_retention
-    from distill.models import load_teacher, model_directory, resolve_dtype
+    from distill.hub import model_directory
+    from distill.models import load_teacher, resolve_dtype
     from distill.ruler import TASKS
 
     unknown = [t for t in (args.ruler_tasks or []) if t not in TASKS]

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def work(args):
+    from distill.hub import model_directory
     from distill.merge import interpolate, residual
-    from distill.models import model_directory
 
     # A directory, or a hub id resolved through the Hugging Face cache as training resolves model.path.
     for role in ("original", "extended", "base", "instruct", "target"):
