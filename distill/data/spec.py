@@ -38,8 +38,10 @@ class SourceConfig:
     """jsonl | json (a list of records) | parquet | text | files (one file = one document) | hf."""
     path: str | None = None
     """A file, a directory or a glob (`**` allowed; `~`, `$VAR` and `{stdlib}` expand); required except for
-    hf. A value in angle brackets (`<your instruction data>`) is a placeholder a shipped spec leaves for the
-    user: building refuses it in one line naming the override (`sources.<name>.path=...`)."""
+    hf. On an hf source: a local copy of the dataset (the same records), read instead of the hub, its format
+    told by the extension (jsonl, json, parquet, text). A value in angle brackets (`<your instruction data>`)
+    is a placeholder a shipped spec leaves for the user: building refuses it in one line naming the override
+    (`sources.<name>.path=...`)."""
     text_field: str = "text"
     """Field holding the document text (jsonl, json, parquet, hf)."""
     weight: float = 1.0
