@@ -1,9 +1,10 @@
 """In-training evaluation of a sharded run, and its checkpoints read by scripts/evaluate.py.
 
 A 2-process run (gloo, `accelerate launch` with the shipped launcher config) with `train.eval_every` logs the
-short-text figures under eval/ in metrics.jsonl; its mid-run checkpoint loads in scripts/evaluate.py as a
-model directory, and the 1-process evaluation of that checkpoint gives the figures the sharded ranks logged
-at that step (the same weights, scored by another code path)."""
+short-text figures under eval/ in metrics.jsonl, and its steps equal a 1-process run's without evaluation;
+its mid-run checkpoint loads in scripts/evaluate.py as a model directory, and the 1-process evaluation of that
+checkpoint gives the figures the sharded ranks logged at that step (the same weights, scored by another code
+path)."""
 
 import json
 import os
@@ -30,7 +31,7 @@ def _script(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])  # ~20 s and ~80 s (DeepSpeed's start-up) on 2 cores
+@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])  # 20-40 s each on 2 idle cores
 def test_sharded_run_evaluates_in_training_and_its_checkpoint_evaluates(mode, tmp_path, tiny_llama,
                                                                        built_data, capsys):
     """On main, a sharded run skipped in-training evaluation (no eval/ keys) and its checkpoints held no
@@ -50,6 +51,13 @@ def test_sharded_run_evaluates_in_training_and_its_checkpoint_evaluates(mode, tm
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
     assert "eval/short_nll" not in records[1]
+    # Evaluating leaves training as it was: the steps equal one process's without evaluation.
+    from distill.train import main
+
+    reference = tmp_path / "reference"
+    assert main([str(tmp_path / "r.yaml"), f"run.output_dir={reference}", "train.eval_every=0"]) == 0
+    for r in read_metrics(reference / "metrics.jsonl"):
+        assert records[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-5), r["step"]
     for step in (2, 3):  # every eval_every steps and at the last step
         r = records[step]
         assert r["eval/short_nll_gap"] == pytest.approx(r["eval/short_nll"] - r["eval/teacher_short_nll"])
