@@ -2,6 +2,8 @@
 
 Layout: `<output_dir>/checkpoints/step-N/` with
     model.safetensors   the student's full weights (every parallel mode writes the same format)
+    config.json, tokenizer files   the student's config (extended RoPE, fp32) and tokenizer: the directory
+                        loads with from_pretrained and scripts/evaluate.py --model like an export
     optimizer.pt        the optimiser state of an unsharded AdamW (tensors only; weights_only=True loads it)
     state.json          `TrainState`: step, tokens, mixture cursors, LR, wandb id, counters
     rng-<rank>.pt       torch / numpy / python RNG states of each rank
@@ -24,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -135,11 +138,16 @@ def _untied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(root: str, step: int, strategy, state: TrainState, procs) -> str:
+def save(root: str, step: int, strategy, state: TrainState, procs,
+         model_files: Callable[[str], None] | None = None) -> str:
     """Write checkpoint step-`step` atomically; every rank calls this (the strategy gathers full state dicts
     with collectives; each rank saves its own RNG state; rank 0 writes the rest). After each phase the ranks
     agree on whether any of them failed (`procs.any`), so a failure anywhere stops every rank with one line
-    and none waits for the others forever."""
+    and none waits for the others forever.
+
+    Args:
+        model_files: called on rank 0 with the checkpoint's directory to write what makes model.safetensors
+            a Hugging Face model directory (config.json, tokenizer: `distill.models.write_model_files`)."""
     rank = procs.rank
     model_state = strategy.model_state_dict()  # full, on rank 0 ({} elsewhere)
     optim_state = strategy.optimizer_state_dict()
@@ -167,7 +175,9 @@ def save(root: str, step: int, strategy, state: TrainState, procs) -> str:
     try:
         torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
         if rank == 0:
-            save_file(_untied(model_state), os.path.join(tmp, "model.safetensors"))
+            save_file(_untied(model_state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            if model_files is not None:
+                model_files(tmp)
             torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
             with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
                 json.dump({**state.state_dict(), "step": step, "world_size": procs.world}, f, indent=1)

@@ -200,7 +200,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply `a.b=value` overrides to a nested mapping in place (creating mappings as needed).
 
-    A number indexes into an existing list: `sources.1.path=/data/x.jsonl`.
+    A number indexes into an existing list: `sources.1.path=/data/x.jsonl`; so does the `name` of one of its
+    items: `sources.instruct.path=/data/x.jsonl`.
     """
     for keys, value in parse_overrides(overrides):
         node = data
@@ -208,10 +209,16 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             where = ".".join(keys[: i + 1])
             last = i == len(keys) - 1
             if isinstance(node, list):
-                if not k.isdigit() or int(k) >= len(node):
+                names = [item.get("name") if isinstance(item, dict) else None for item in node]
+                if not k.isdigit() and k in names:
+                    k = names.index(k)
+                elif not k.isdigit() or int(k) >= len(node):
+                    given = [str(n) for n in names if n is not None]
+                    named = f" or a name ({', '.join(given)})" if given else ""
                     raise ConfigError(f"override {'.'.join(keys)}: {where} is not an index of a list of "
-                                      f"{len(node)} items (0..{len(node) - 1})")
-                k = int(k)
+                                      f"{len(node)} items (0..{len(node) - 1}){named}")
+                else:
+                    k = int(k)
             elif not isinstance(node, dict):
                 raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:i])} "
                                   f"is not a mapping or a list")

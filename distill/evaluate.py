@@ -307,6 +307,107 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
     return out
 
 
+@torch.no_grad()
+def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8, batch_size: int = 4,
+                            autocast=contextlib.nullcontext, flatten: bool | None = None,
+                            chunk_size: int = 4096) -> dict:
+    """`short_retention`'s NLL and KL figures for a student sharded over ranks (FSDP2, ZeRO-3); every rank
+    calls it.
+
+    Each forward of a sharded model is a collective (its layers are all-gathered), so every rank runs the
+    same number of forwards, the student's through the strategy's root forward (which gathers embeddings and
+    lm_head) and the teacher's through `TruncatedTeacher`, each on its share of the rows (a rank short of
+    rows repeats one and does not count it). Per-document totals are gathered, so every rank returns the
+    same figures, equal to `short_retention`'s on one process up to summation order.
+
+    Args:
+        strategy: the run's `distill.strategies.Strategy` (its student, forward, output_weight, procs).
+        teacher: the frozen teacher as the strategy laid it out, or None (then only NLL figures).
+        autocast: the step's compute context (a callable returning a context manager).
+        flatten: lay packed rows out as one row with document offsets (flash attention); None: from the
+            student's attention name.
+
+    Returns:
+        {"short_nll", "short_nll_se", "short_ppl", "short_tokens", "short_documents", and with a teacher
+         "teacher_short_nll", "teacher_short_nll_se", "short_nll_gap_se", "kl_teacher_student"}.
+    """
+    from distill.models import TruncatedTeacher
+
+    procs = strategy.procs
+    stream = _open(stream)
+    indices = _row_indices(stream, max_rows)
+    mine = indices[procs.rank::procs.world]
+    batches = math.ceil(math.ceil(len(indices) / procs.world) / batch_size)  # the same on every rank
+    student = getattr(strategy.student, "module", strategy.student)
+    device = procs.device
+    runner = TruncatedTeacher(teacher) if teacher is not None else None
+    t_weight, t_bias = _lm_head(teacher) if teacher is not None else (None, None)
+    final: list[torch.Tensor] = []
+    # The root forward keeps logits for one token: the final-norm states come from the decoder's output.
+    hook = decoder_of(student).register_forward_hook(lambda m, a, out: final.append(out.last_hidden_state))
+    totals, t_totals = DocTotals(), DocTotals()
+    kl_sum, n_kl = 0.0, 0
+    try:
+        with eval_mode(student, teacher), autocast():
+            for b in range(batches):
+                rows = mine[b * batch_size: (b + 1) * batch_size]
+                counted = bool(rows)
+                rows = rows or indices[:1]  # a rank out of rows still takes part in the collectives
+                batch = stream.batch(rows)
+                ids = batch["input_ids"].to(device)  # (B, T)
+                pos = batch["position_ids"].to(device)  # (B, T)
+                labels = batch["labels"].to(device)  # (B, T)
+                B, T = ids.shape
+                flat_ids, flat_pos, extra, unflatten = packed_layout(student, ids, pos, flatten=flatten)
+                final.clear()
+                strategy.forward(input_ids=flat_ids, position_ids=flat_pos, attention_mask=None,
+                                 use_cache=False, logits_to_keep=1, **extra)
+                s_final = unflatten(final[-1])  # (B, T, H)
+                s_weight = strategy.output_weight()
+                s_bias = getattr(student.get_output_embeddings(), "bias", None)
+                t_final = None
+                if runner is not None:
+                    t_final = unflatten(runner(flat_ids, flat_pos, None, [], True, **extra)[runner.n_layers])
+                if not counted:
+                    continue
+                # Document ids unique over the whole stream: a row's documents offset by its row index.
+                doc = (pos == 0).long().cumsum(1) - 1 + torch.tensor(rows, device=device)[:, None] * T
+                nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
+                totals.add(nll, has_target, doc)
+                if t_final is None:
+                    continue
+                t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
+                t_totals.add(t_nll, has_target, doc)
+                predicting = torch.zeros_like(has_target)  # position t predicts token t+1
+                predicting[:, :-1] = has_target[:, 1:]
+                with _exact(device):
+                    kl, count = kl_loss(s_final, s_weight, t_final, t_weight, predicting, kind="forward",
+                                        chunk_size=chunk_size)
+                kl_sum += kl.item()
+                n_kl += int(count.item())
+    finally:
+        hook.remove()
+        final.clear()
+    gathered = procs.gather_objects((totals.sums, totals.counts, t_totals.sums, kl_sum, n_kl))
+    totals, t_totals = DocTotals(), DocTotals()
+    for sums, counts, t_sums, _, _ in gathered:  # documents are disjoint between ranks
+        totals.sums.update(sums)
+        totals.counts.update(counts)
+        t_totals.sums.update(t_sums)
+        t_totals.counts.update({d: counts[d] for d in t_sums})
+    n_targets = sum(totals.counts.values())
+    out = {"short_nll": totals.mean(), "short_nll_se": totals.se(), "short_tokens": n_targets,
+           "short_documents": sum(1 for n in totals.counts.values() if n)}
+    out["short_ppl"] = math.exp(out["short_nll"]) if n_targets else float("nan")
+    if teacher is None:
+        return out
+    out["teacher_short_nll"] = t_totals.mean()
+    out["teacher_short_nll_se"] = t_totals.se()
+    out["short_nll_gap_se"] = totals.minus(t_totals).se()
+    out["kl_teacher_student"] = _mean(sum(g[3] for g in gathered), sum(g[4] for g in gathered))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------
 # NLL by position on long text
 # ------------------------------------------------------------------------------------------------------------

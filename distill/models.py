@@ -26,6 +26,7 @@ from torch import nn
 
 from distill import attention
 from distill.config import ConfigError, ModelConfig, RopeConfig
+from distill.hub import hub_reason, looks_local
 from distill.rope import apply_extension, base_inv_freq, extended_rope_parameters, head_dim, our_inv_freq
 
 logger = logging.getLogger(__name__)
@@ -74,13 +75,12 @@ def _load_config(path: str, trust_remote_code: bool):
     """The checkpoint's config, or a one-line ConfigError naming model.path."""
     from transformers import AutoConfig
 
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+    if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise ConfigError(f"model.path: cannot load '{path}': no such directory")
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 -- OSError, ValueError (bad repo id), hub errors: all "cannot load"
-        raise ConfigError(f"model.path: cannot load '{path}': {_short_reason(err)}") from None
+        raise ConfigError(f"model.path: cannot load '{path}': {hub_reason(err)}") from None
 
 
 def _from_pretrained(path: str, config, model_cfg: ModelConfig, device, key: str):
@@ -102,7 +102,7 @@ def _from_pretrained(path: str, config, model_cfg: ModelConfig, device, key: str
     except ImportError as err:  # e.g. flash_attention_2 without the package
         raise ConfigError(f"model.attention: cannot use '{implementation}': {_short_reason(err)}") from None
     except Exception as err:  # noqa: BLE001 -- any load failure is a one-line user error
-        raise ConfigError(f"{key}: cannot load '{path}': {_short_reason(err)}") from None
+        raise ConfigError(f"{key}: cannot load '{path}': {hub_reason(err)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -525,10 +525,12 @@ def forward_hidden(
     return [hidden[i] for i in wanted], unflatten(out.last_hidden_state)
 
 
-def packed_layout(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None):
+def packed_layout(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
+                  flatten: bool | None = None):
     """Packed rows (B, T) laid out for the model's attention, as the trainer's step lays them out: flattened
     to (1, B·T) with the documents' offsets for flash_attention_2 (which separates packed documents only in a
-    one-row batch), else unchanged.
+    one-row batch), else unchanged. `flatten` overrides what the model's attention name says (a
+    sequence-parallel wrapper's name hides the flash implementation under it).
 
     Returns:
         (input_ids, position_ids, attention kwargs, unflatten: (1, B·T, H) → (B, T, H)).
@@ -536,7 +538,9 @@ def packed_layout(model, input_ids: torch.Tensor, position_ids: torch.Tensor, at
     from distill.attention import document_offsets, flattens
 
     B, T = input_ids.shape
-    if attention_mask is not None or B == 1 or not flattens(model.config._attn_implementation):
+    if flatten is None:
+        flatten = flattens(model.config._attn_implementation)
+    if attention_mask is not None or B == 1 or not flatten:
         return input_ids, position_ids, {}, lambda h: h
     offsets = {k: v.to(input_ids.device) if torch.is_tensor(v) else v
                for k, v in document_offsets(position_ids.cpu()).items()}
@@ -706,8 +710,6 @@ def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
             `original_max_position_embeddings` (an abf extension's `rope_parameters` cannot say it), read by
             scripts/evaluate.py.
     """
-    import json
-
     os.makedirs(out_dir, exist_ok=True)
     source = state_dict if state_dict is not None else model.state_dict()
     if dtype is not None:
@@ -721,17 +723,40 @@ def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
         model.save_pretrained(out_dir, state_dict=source)
     finally:
         model.config.use_cache, model.config.dtype = previous
-    config_path = os.path.join(out_dir, "config.json")
+    _complete_config(os.path.join(out_dir, "config.json"), saved_dtype, original_length)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _complete_config(config_path: str, dtype: torch.dtype, original_length: int | None) -> None:
+    """Add to a saved config.json what `export` promises: legacy RoPE fields, the weights' dtype (under both
+    names), the original length."""
+    import json
+
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("rope_parameters"):
         config.update(legacy_rope_fields(config["rope_parameters"]))
-    config["torch_dtype"] = config["dtype"] = str(saved_dtype).removeprefix("torch.")  # 4.x read torch_dtype
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")  # 4.x read torch_dtype
     if original_length is not None:
         config["original_max_position_embeddings"] = int(original_length)
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def write_model_files(model, tokenizer, out_dir: str, dtype: torch.dtype = torch.float32,
+                      original_length: int | None = None) -> None:
+    """The config.json (as `export` writes it) and the tokenizer files beside weights saved elsewhere (a
+    training checkpoint's model.safetensors), so the directory loads with `from_pretrained` and
+    scripts/evaluate.py like an export."""
+    previous = model.config.use_cache, model.config.dtype
+    model.config.use_cache, model.config.dtype = True, dtype
+    try:
+        model.config.save_pretrained(out_dir)
+    finally:
+        model.config.use_cache, model.config.dtype = previous
+    _complete_config(os.path.join(out_dir, "config.json"), dtype, original_length)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return out_dir

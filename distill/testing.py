@@ -113,3 +113,42 @@ def make_tiny_model(out_dir: str, arch: str = "llama", tokenizer_dir: str | None
             break
         config_kwargs["vocab_size"] = loaded
     return out_dir
+
+
+def fill_hub_cache(cache_dir: str, repo_id: str, model_dir: str, commit: str | None = None) -> str:
+    """Put the files of `model_dir` into a Hugging Face hub cache as the hub would have downloaded repo
+    `repo_id` (org/name): `models--org--name/blobs/<hash>`, `snapshots/<commit>/<file>` linking to its blob,
+    `refs/main` holding the commit. With HF_HUB_CACHE=cache_dir (or HF_HOME=<dir> and cache_dir=<dir>/hub)
+    and HF_HUB_OFFLINE=1, `from_pretrained(repo_id)` and `snapshot_download(repo_id)` read these files:
+    a hub id resolves offline, as on a machine whose cache already holds the model.
+
+    Returns the snapshot directory.
+    """
+    import hashlib
+    import shutil
+
+    org_name = repo_id.split("/")
+    if len(org_name) != 2 or not all(org_name):
+        raise ValueError(f"repo_id {repo_id!r}: expected org/name")
+    repo = os.path.join(cache_dir, "models--" + "--".join(org_name))
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()  # a fixed 40-hex "commit" per repo id
+    snapshot = os.path.join(repo, "snapshots", commit)
+    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
+    for root, _, names in os.walk(model_dir):
+        for name in names:
+            source = os.path.join(root, name)
+            rel = os.path.relpath(source, model_dir)
+            with open(source, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            blob = os.path.join(repo, "blobs", digest)
+            if not os.path.exists(blob):
+                shutil.copyfile(source, blob)
+            link = os.path.join(snapshot, rel)
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)  # as the hub cache links them
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w", encoding="utf-8") as f:
+        f.write(commit)
+    return snapshot

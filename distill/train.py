@@ -383,8 +383,14 @@ def _train(session: Session, spans: Spans) -> int:
         state.wandb_id = tracker.run_id
     evaluation = _in_training_evaluation(session)
 
+    def model_files(directory: str) -> None:  # the checkpoint reads as a model directory (evaluate.py)
+        from distill.models import write_model_files
+
+        write_model_files(session.student, session.tokenizer, directory, original_length=session.window)
+
     def save_checkpoint(step: int) -> str:
-        path = ckpt.save(os.path.join(out_dir, "checkpoints"), step, strategy, state, procs)
+        path = ckpt.save(os.path.join(out_dir, "checkpoints"), step, strategy, state, procs,
+                         model_files=model_files if cfg.model.expansion is None else None)
         if procs.is_main:
             ckpt.prune(os.path.join(out_dir, "checkpoints"), cfg.train.keep_last, cfg.train.keep_every)
             if cfg.log.layer_grad_every:
@@ -422,12 +428,12 @@ def _train(session: Session, spans: Spans) -> int:
             logger.warning("step %d: non-finite loss %.4g or grad-norm %.4g; step skipped (%d in a row)",
                            state.step, result.loss, result.grad_norm, streak)
         done = state.step
+        figures = None  # sharded: every rank evaluates (its forwards are collectives); else rank 0 alone
+        if evaluation is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
+            figures = evaluation()
         if procs.is_main:
             record = _step_record(session, result, elapsed)
-            if evaluation is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.max_steps):
-                from distill.evaluate import evaluate_suite
-
-                figures = evaluate_suite(session.student, session.teacher, **evaluation)
+            if figures is not None:
                 record.update({f"eval/{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
             metrics.write(record)
             tracker.log(record, done)
@@ -506,21 +512,41 @@ def _step_record(session: Session, result, elapsed: float) -> dict:
     return record
 
 
-def _in_training_evaluation(session: Session) -> dict | None:
-    """The arguments of `evaluate_suite` for `train.eval_every`, on rank 0 of an unsharded run; else None."""
-    from distill.evaluate import eval_streams
+def _in_training_evaluation(session: Session):
+    """`train.eval_every`'s evaluation as a callable returning flat figures, or None where this rank has none
+    to run. Unsharded: `evaluate_suite` on rank 0. Sharded (FSDP2, ZeRO-3): every rank scores the held-out
+    short rows through the strategy's forwards (`sharded_short_retention`: short_nll, teacher_short_nll,
+    short_nll_gap, kl_teacher_student); the long-text and passkey figures need the whole model on one process:
+    scripts/evaluate.py on a checkpoint gives them."""
+    from distill.evaluate import eval_streams, evaluate_suite, sharded_short_retention
 
-    cfg = session.cfg
-    if not cfg.train.eval_every:
-        return None
-    if session.strategy.sharded:
-        logger.warning("train.eval_every: in-training evaluation needs the whole model on one process; "
-                       "skipped when sharded (run scripts/evaluate.py on a checkpoint or on final/)")
-        return None
-    if not session.procs.is_main:
+    cfg, strategy = session.cfg, session.strategy
+    if not cfg.train.eval_every or not (strategy.sharded or session.procs.is_main):
         return None
     native = session.teacher if session.teacher is not None else session.student
-    return _evaluation(cfg, session.tokenizer, native, eval_streams(cfg))
+    arguments = _evaluation(cfg, session.tokenizer, native, eval_streams(cfg))
+    if arguments is None:
+        return None
+    if not strategy.sharded:
+        return lambda: evaluate_suite(session.student, session.teacher, **arguments)
+    if arguments["short_stream"] is None:
+        logger.warning("train.eval_every: a sharded run evaluates held-out short data only, and none was "
+                       "found (eval.short_data); no in-training evaluation")
+        return None
+    if session.procs.is_main:
+        logger.info("sharded: in-training evaluation scores the held-out short rows (short_nll, "
+                    "teacher_short_nll, short_nll_gap); long-text and passkey figures: scripts/evaluate.py "
+                    "--model %s/checkpoints/step-N", cfg.run.output_dir)
+    flatten = any(s.flatten for s in session.ctx.streams.values()) if session.ctx is not None else None
+
+    def evaluate() -> dict:
+        figures = sharded_short_retention(strategy, session.teacher, arguments["short_stream"],
+                                          arguments["max_rows"], autocast=session.autocast, flatten=flatten)
+        if "teacher_short_nll" in figures:
+            figures["short_nll_gap"] = figures["short_nll"] - figures["teacher_short_nll"]
+        return figures
+
+    return evaluate
 
 
 def _stopped(done: int, preempt: ckpt.PreemptionFlag, stop_file: str | None, is_main: bool) -> int:

@@ -7,8 +7,11 @@
 
 Writes OUT_DIR/eval.json ({"model", "teacher", "figures": flat numbers, "details": per-layer lists, buckets,
 grids}) and the plots nll_by_position.png, needle_student.png (and needle_teacher.png with a teacher).
-OUT_DIR defaults to <model>/eval. A data argument may also be a built directory's root: its holdout/short and
-holdout/long streams are used. The original length defaults to the teacher's max_position_embeddings (else the
+OUT_DIR defaults to <model>/eval (eval/<org>--<name> for a hub id). --model and --teacher take a directory
+(an export, a training checkpoint) or a Hugging Face hub id, resolved through the Hugging Face cache as
+training resolves model.path (HF_HUB_OFFLINE=1 with the model in the cache: no network). A data argument may
+also be a built directory's root: its holdout/short and holdout/long streams are used. The original length
+defaults to the teacher's max_position_embeddings (else the
 model's rope_parameters["original_max_position_embeddings"], else the `original_max_position_embeddings` our
 exports record), the target length to the model's max_position_embeddings. A user mistake prints one line
 `error: ...` and exits with status 2.
@@ -140,6 +143,21 @@ def default_lengths(model_config, teacher_config, original: int | None,
     return original, target
 
 
+def default_out(name: str, path: str, leaf: str) -> str:
+    """<model>/<leaf> for a model directory; ./<leaf>/<org>--<name> for a hub id (its directory is the
+    Hugging Face cache's snapshot, no place for results)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.join(path, leaf)
+    return os.path.join(leaf, name.replace("/", "--"))
+
+
+def named(name: str | None) -> str | None:
+    """What eval.json records of a model: a directory's absolute path, a hub id as given."""
+    if name is None or not os.path.isdir(os.path.expanduser(name)):
+        return name
+    return os.path.abspath(os.path.expanduser(name))
+
+
 def doubling(original: int, target: int) -> list[int]:
     """original, 2·original, ... up to target (target always included)."""
     out, n = [], original
@@ -151,7 +169,9 @@ def doubling(original: int, target: int) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="the model to evaluate (Hugging Face directory, e.g. runs/<run>/final)")
+    p.add_argument("--model", help="the model to evaluate: a Hugging Face directory (runs/<run>/final, a "
+                                   "checkpoint runs/<run>/checkpoints/step-N) or a hub id (read through the "
+                                   "Hugging Face cache; HF_HUB_OFFLINE=1 reads the cache alone)")
     p.add_argument("--sweep", nargs=2, metavar=("ORIGINAL", "EXTENDED"),
                    help="instead of --model/--teacher: evaluate (1-α)·ORIGINAL + α·EXTENDED for each "
                         "of --alphas (EXTENDED's config), against ORIGINAL; writes sweep.json, sweep.md and "
@@ -161,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point", action="append", default=[], metavar="NAME=EVAL_JSON",
                    help="another model's eval.json to put on the sweep's plot (repeatable)")
     p.add_argument("--teacher",
-                   help="the original model, for retention figures (KL, hidden cosine, attention KL)")
+                   help="the original model, for retention figures (KL, hidden cosine, attention KL): a "
+                        "directory or a hub id, as --model")
     p.add_argument("--short-data", required=True,
                    help="held-out short stream (or a built root: uses holdout/short)")
     p.add_argument("--long-data",
@@ -204,10 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--attention", default="sdpa",
+    p.add_argument("--attention", default="auto",
                    choices=["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"],
-                   help="attention implementation (flash_attention_2 runs under bf16 autocast on any device)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else the teacher's)")
+                   help="attention implementation: auto (default) is flash_attention_2 on CUDA with "
+                        "flash-attn, else sdpa_varlen (per-document SDPA: no dense T×T mask over a packed "
+                        "row, which sdpa builds); flash_attention_2 runs under bf16 autocast on any device")
+    p.add_argument("--tokenizer",
+                   help="tokenizer directory or hub id (default: the model's, else the teacher's)")
     p.add_argument("--no-teacher-baselines", action="store_true",
                    help="with --teacher, skip the teacher's own long-text figures (past its window and "
                         "through its rolling window) and passkey grid: they are the same for every model of "
@@ -258,6 +282,7 @@ def evaluate(args) -> dict:
     from distill.config import ModelConfig
     from distill.data.dataset import PackedStream
     from distill.evaluate import evaluate_suite, short_retention
+    from distill.hub import model_directory
     from distill.models import load_teacher, resolve_dtype
     from distill.ruler import TASKS
 
@@ -273,9 +298,11 @@ def evaluate(args) -> dict:
     points = read_points(args.point)
     if args.sweep and args.extra_data:
         raise UsageError("--extra-data is not scored by --sweep; evaluate those models with --model")
-    for flag, path in (("--model", args.model), ("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
-        if path is not None and not os.path.isdir(path):
-            raise UsageError(f"{flag} {path}: no such directory")
+    # A directory, or a hub id resolved through the Hugging Face cache as training resolves model.path.
+    names = {"model": args.model, "teacher": args.teacher}  # as given, for eval.json
+    for flag in ("model", "teacher", "tokenizer"):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, model_directory(getattr(args, flag), f"--{flag}"))
     short_path = stream_dir(args.short_data, "short", "--short-data")
     long_path = stream_dir(args.long_data, "long", "--long-data") if args.long_data else None
     extra_paths = read_extra(args.extra_data)
@@ -330,12 +357,12 @@ def evaluate(args) -> dict:
     if args.sweep:
         from distill.sweep import run_sweep
 
-        out_dir = args.out or os.path.join(args.model, "sweep")
+        out_dir = args.out or default_out(names["model"], args.model, "sweep")
         record = run_sweep(teacher, model, args.alphas, short, long, original, target, out_dir, points,
                            **suite)
         print(f"wrote {os.path.join(out_dir, 'sweep.json')}", file=sys.stderr)
         return {f"alpha_{r['alpha']:g}/{k}": v for r in record["rows"] for k, v in r.items() if k != "alpha"}
-    out_dir = args.out or os.path.join(args.model, "eval")
+    out_dir = args.out or default_out(names["model"], args.model, "eval")
     figures = evaluate_suite(model, teacher, short, long, original, target, out_dir=out_dir,
                              teacher_baselines=teacher is not None and not args.no_teacher_baselines,
                              teacher_rolling=not args.no_teacher_baselines, **suite)
@@ -356,8 +383,7 @@ def evaluate(args) -> dict:
         record["figures"].update(fold)
         record["fold"] = {"alphas": {str(i): a for i, a in fold_alphas.items()}, "rows": len(rows),
                           "data": os.path.abspath(short_path)}
-    record = {"model": os.path.abspath(args.model),
-              "teacher": os.path.abspath(args.teacher) if args.teacher else None,
+    record = {"model": named(names["model"]), "teacher": named(names["teacher"]),
               "short_data": os.path.abspath(short_path),
               "long_data": os.path.abspath(long_path) if long_path else None,
               "short_whole_data": os.path.abspath(whole_path) if whole_path else None,

@@ -7,7 +7,9 @@
         θ_CPT + λ·(θ_instruct − θ_base): an instruction-following long model without new instruction tuning;
         config from the CPT'd model, tokenizer and chat template from the instruct model.
 
-Every output is sharded safetensors in the layout of the model its config comes from, in its dtype, and loads
+Every input is a model directory or a Hugging Face hub id, resolved through the Hugging Face cache as
+training resolves model.path (HF_HUB_OFFLINE=1 with the model in the cache: no network). Every output is
+sharded safetensors in the layout of the model its config comes from, in its dtype, and loads
 with AutoModelForCausalLM. Mismatched architectures, shapes, vocabularies or tokenizers: one line `error: ...`
 and exit status 2.
 """
@@ -45,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def work(args):
+    from distill.hub import model_directory
     from distill.merge import interpolate, residual
 
+    # A directory, or a hub id resolved through the Hugging Face cache as training resolves model.path.
+    for role in ("original", "extended", "base", "instruct", "target"):
+        if getattr(args, role, None) is not None:
+            setattr(args, role, model_directory(getattr(args, role), f"--{role}"))
     if args.command == "interpolate":
         bad = [a for a in args.alpha if not 0.0 <= a <= 1.0]
         if bad:
@@ -57,9 +64,10 @@ def work(args):
 
 def main(argv: list[str] | None = None) -> int:
     from distill.cli import guarded
+    from distill.config import ConfigError
     from distill.merge import MergeError
 
-    code, _, written = guarded(build_parser(), work, (MergeError,), argv)
+    code, _, written = guarded(build_parser(), work, (MergeError, ConfigError), argv)
     if code:
         return code
     for path in written:

@@ -4,6 +4,10 @@
     python scripts/prepare_data.py --verify data/built/<name>
     python scripts/prepare_data.py --export-text data/built/<name>/holdout/short OUT.jsonl
 
+Overrides reach a source by its name: `sources.<name>.path=PATH` (on an hf source: read a local copy of the
+dataset instead; format by extension), `sources.<name>.<key>=VALUE`; every source is checked before any is
+read. Spec keys: docs/data.md.
+
 Writes <output_dir>/<stream>/, <output_dir>/holdout/<stream>/ and <output_dir>/manifest.json. A user
 mistake (bad spec, missing file, bad data) prints one line `error: ...` and exits with status 2.
 `--verify DIR` checks every file of a built directory against the sha256 its manifest recorded, with a
@@ -29,7 +33,8 @@ from distill.data.dataset import DataError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", nargs="?", help="data spec YAML (data/<name>.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. tokenizer=path/to/tok")
+    parser.add_argument("overrides", nargs="*",
+                        help="key.path=value overrides, e.g. tokenizer=path/to/tok sources.<name>.path=PATH")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output_dir once the new one is built")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

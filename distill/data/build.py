@@ -24,7 +24,7 @@ import numpy as np
 from distill.config import to_dict
 from distill.data.dataset import MANIFEST, STREAM_INFO, DataError, tokenizer_identity
 from distill.data.pack import Packed, gather_pieces, pack
-from distill.data.sources import SourceReader
+from distill.data.sources import SourceReader, check_sources
 from distill.data.spec import DataSpec, DataStreamConfig, SourceConfig
 from distill.data.tokenize import TokenizedSource, load_tokenizer, tokenize_documents
 from distill.files import replace_dir
@@ -264,6 +264,7 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
 
     used = [(i, s) for i, s in enumerate(spec.sources)
             if any(s.name in st.sources for st in spec.streams.values())]
+    check_sources(used)  # every source's paths and datasets, before the first is streamed
     data: dict[int, TokenizedSource] = {}
     source_report: dict[str, dict] = {}
     for i, source in used:

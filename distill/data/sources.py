@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 from distill.data.dataset import DataError
 from distill.data.spec import SourceConfig
+from distill.hub import hub_reason
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,47 @@ def expand_path(path: str) -> str:
     if "{stdlib}" in path:
         path = path.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
     return os.path.expandvars(os.path.expanduser(path))
+
+
+LOCAL_KINDS = ("jsonl", "json", "parquet", "text")
+
+
+def local_kind(path: str) -> str | None:
+    """The format of local files by extension (a file, a glob's pattern, or the first such file under a
+    directory): jsonl, json, parquet or text; None when none is recognised."""
+    def by_name(name: str) -> str | None:
+        return next((k for k in LOCAL_KINDS if name.endswith(_EXTENSIONS[k])), None)
+
+    if os.path.isdir(path):
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for name in sorted(names):
+                if by_name(name) is not None and not name.startswith("."):
+                    return by_name(name)
+        return None
+    return by_name(path)
+
+
+def is_placeholder(path: str | None) -> bool:
+    """A path in angle brackets (`<your instruction data>`): what a shipped spec leaves for the user's own
+    data."""
+    return path is not None and path.strip().startswith("<") and path.strip().endswith(">")
+
+
+def check_sources(sources: list[tuple[int, SourceConfig]]) -> None:
+    """`SourceReader.check` of every (index, source) before any of them is read, so the last source's
+    mistake is reported at once, not after the others have streamed. DataError: the first problem, and how
+    many other sources have one."""
+    problems = []
+    for index, source in sources:
+        try:
+            SourceReader(source, index).check()
+        except DataError as err:
+            problems.append((source.name, str(err)))
+    if problems:
+        more = problems[1:]
+        tail = f" (and {len(more)} more: {', '.join(n for n, _ in more)})" if more else ""
+        raise DataError(problems[0][1] + tail)
 
 
 def _has_glob(path: str) -> bool:
@@ -50,6 +92,8 @@ class SourceReader:
 
     def __init__(self, source: SourceConfig, index: int = 0, strict: bool = False):
         self.source = source
+        self.kind = source.kind
+        """What is read: the source's kind, or for an hf source given a `path`, the local copy's format."""
         self.where = f"source {source.name!r} (sources[{index}])"
         self.strict = strict
         self.skipped: collections.Counter[str] = collections.Counter()
@@ -108,21 +152,21 @@ class SourceReader:
                     if name.startswith("."):
                         continue
                     full = os.path.join(root, name)
-                    if src.kind == "files" or name.endswith(_EXTENSIONS.get(src.kind, ())):
+                    if self.kind == "files" or name.endswith(_EXTENSIONS.get(self.kind, ())):
                         found.append(full)
             found.sort()
-            if src.kind == "files":
+            if self.kind == "files":
                 found = [p for p in found if self._wanted(os.path.relpath(p, path))]
             if not found:
-                allowed = ("" if src.kind == "files"
-                           else f" with extension {' or '.join(_EXTENSIONS[src.kind])}")
+                allowed = ("" if self.kind == "files"
+                           else f" with extension {' or '.join(_EXTENSIONS[self.kind])}")
                 raise DataError(f"{self.where}: directory {src.path!r} has no files{allowed}"
-                                + (" matching include/exclude" if src.kind == "files" else ""))
+                                + (" matching include/exclude" if self.kind == "files" else ""))
         elif os.path.isfile(path):
             found = [path]
         else:
             raise DataError(f"{self.where}: no such file or directory: {src.path!r}")
-        if src.kind == "files" and _has_glob(path):
+        if self.kind == "files" and _has_glob(path):
             found = [p for p in found if self._wanted(p)]
             if not found:
                 raise DataError(f"{self.where}: no files under {src.path!r} match include/exclude")
@@ -136,8 +180,22 @@ class SourceReader:
         return not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(base, p) for p in self.source.exclude)
 
     # -- documents ---------------------------------------------------------------------------------------
+    def _resolve_kind(self) -> None:
+        """An hf source given a `path` reads a local copy of the dataset: its format from the extension."""
+        src = self.source
+        if src.kind != "hf" or not src.path or is_placeholder(src.path):
+            return
+        self.kind = local_kind(expand_path(src.path))
+        if self.kind is None:
+            known = sorted({e for k in LOCAL_KINDS for e in _EXTENSIONS[k]})
+            raise DataError(f"{self.where}: cannot tell the format of {src.path!r} (a local copy of "
+                            f"{src.dataset}); name its files {', '.join(known)}")
+        if src.match and self.kind not in ("jsonl", "json"):
+            raise DataError(f"{self.where}: match needs jsonl or json records; {src.path!r} is {self.kind}")
+
     def __iter__(self) -> Iterator[str]:
-        kind = self.source.kind
+        self._resolve_kind()
+        kind = self.kind
         if kind == "hf":
             yield from self._hf()
             return
@@ -328,13 +386,12 @@ class SourceReader:
                                         f"splits: {', '.join(ds)}")
                     ds = ds[src.split]
             else:
-                ds = datasets.load_dataset(name, src.config, split=src.split, streaming=src.streaming)
+                ds = datasets.load_dataset(name, src.config, data_dir=src.data_dir, split=src.split,
+                                           streaming=src.streaming)
         except DataError:
             raise
         except Exception as err:  # noqa: BLE001 - hub, network and format errors all end here
-            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(f"{self.where}: cannot load dataset {name!r} (config {src.config!r}, split "
-                            f"{src.split!r}): {msg}") from None
+            raise DataError(f"{self._dataset_where()}: {hub_reason(err)}") from None
         columns = getattr(ds, "column_names", None)
         if columns is not None and src.text_field not in columns:
             raise DataError(f"{self.where}: dataset {name!r} has no column {src.text_field!r}; "
@@ -348,6 +405,51 @@ class SourceReader:
             text = self._text(record.get(src.text_field), f"{name}[{i}]")
             if text is not None:
                 yield text
+
+    def _dataset_where(self) -> str:
+        src = self.source
+        data_dir = f", data_dir {src.data_dir!r}" if src.data_dir is not None else ""
+        return (f"{self.where}: cannot load dataset {src.dataset!r} (config {src.config!r}{data_dir}, split "
+                f"{src.split!r})")
+
+    # -- the up-front check ------------------------------------------------------------------------------
+    def check(self) -> None:
+        """A cheap probe that the source can be read, before any source is streamed: a placeholder path is
+        refused, local paths must match files, a hub dataset must resolve (its configuration, data_dir and
+        split: `datasets.load_dataset_builder` reads the repository's file list, not its data). DataError
+        otherwise."""
+        src = self.source
+        self._resolve_kind()
+        if self.kind != "hf":
+            if is_placeholder(src.path):
+                raise DataError(f"{self.where}: path {src.path} is a placeholder for your own data: pass "
+                                f"sources.{src.name}.path=PATH (a {self.kind} file, directory or glob) to "
+                                f"scripts/prepare_data.py, or leave the source out of every stream")
+            self.paths()
+            return
+        import datasets
+
+        name = src.dataset
+        try:
+            if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "state.json"))
+                                        or os.path.isfile(os.path.join(name, "dataset_dict.json"))):
+                splits = None
+                if os.path.isfile(os.path.join(name, "dataset_dict.json")):
+                    with open(os.path.join(name, "dataset_dict.json"), encoding="utf-8") as f:
+                        splits = json.load(f).get("splits")
+            else:
+                builder = datasets.load_dataset_builder(name, src.config, data_dir=src.data_dir)
+                files = getattr(builder.config, "data_files", None)
+                splits = [str(k) for k in files] if files else None
+        except Exception as err:  # noqa: BLE001 - not found, offline and not cached, gated, a loading script
+            hint = ""
+            if "scripts are no longer supported" in str(err):
+                hint = (f" (datasets >= 4 refuses loading scripts: use a parquet or jsonl copy of the data, "
+                        f"e.g. sources.{src.name}.path=PATH)")
+            raise DataError(f"{self._dataset_where()}: {hub_reason(err)}{hint}") from None
+        split = src.split.split("[")[0]  # "train[:10%]" reads split train
+        if splits is not None and split not in splits:
+            raise DataError(f"{self._dataset_where()}: no split {split!r}; splits: {', '.join(splits)}")
 
     def summary(self) -> str:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"

@@ -38,7 +38,10 @@ class SourceConfig:
     """jsonl | json (a list of records) | parquet | text | files (one file = one document) | hf."""
     path: str | None = None
     """A file, a directory or a glob (`**` allowed; `~`, `$VAR` and `{stdlib}` expand); required except for
-    hf."""
+    hf. On an hf source: a local copy of the dataset (the same records), read instead of the hub, its format
+    told by the extension (jsonl, json, parquet, text). A value in angle brackets (`<your instruction data>`)
+    is a placeholder a shipped spec leaves for the user: building refuses it in one line naming the override
+    (`sources.<name>.path=...`)."""
     text_field: str = "text"
     """Field holding the document text (jsonl, json, parquet, hf)."""
     weight: float = 1.0
@@ -58,6 +61,9 @@ class SourceConfig:
     """hf: a Hugging Face dataset id, a local dataset script/dir, or a `save_to_disk` directory."""
     config: str | None = None
     """hf: dataset configuration name (e.g. sample-10BT)."""
+    data_dir: str | None = None
+    """hf: a directory inside the dataset repository to read (`load_dataset(..., data_dir=...)`), for
+    datasets laid out by directory rather than by configuration (bigcode/starcoderdata: `python`)."""
     split: str = "train"
     """hf: split to read."""
     streaming: bool = False
@@ -78,6 +84,7 @@ class SourceConfig:
             check(self.path is not None and self.path != "", join(path, "path"),
                   f"kind {self.kind} needs a path (a file, a directory or a glob)")
             check(self.dataset is None, join(path, "dataset"), f"only for kind hf, not {self.kind}")
+            check(self.data_dir is None, join(path, "data_dir"), f"only for kind hf, not {self.kind}")
         if self.kind != "files":
             check(not self.include and not self.exclude, join(path, "include"),
                   f"include/exclude are for kind files, not {self.kind}")

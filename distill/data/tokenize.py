@@ -39,7 +39,13 @@ def load_tokenizer(name: str) -> Any:
         if len(text) > 300:
             text = text[:300] + "…"
         where = "directory" if os.path.isdir(name) else "hub id or directory"
-        raise DataError(f"tokenizer {name!r} ({where}) does not load: {type(err).__name__}: {text}") from None
+        if "gated" in text.lower():  # Llama: the hub wants a login with access to the repository
+            from distill.hub import GATED_HINT
+
+            text = GATED_HINT
+        else:
+            text = f"{type(err).__name__}: {text}"
+        raise DataError(f"tokenizer {name!r} ({where}) does not load: {text}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if not getattr(tokenizer, "is_fast", False) and getattr(tokenizer, "_tokenizer", None) is None:

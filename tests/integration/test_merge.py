@@ -95,7 +95,7 @@ def test_bad_inputs_are_one_line(tmp_path, tokenizer_dir):
          "config hidden_size is 48"),
         (["interpolate", "--original", retok, "--extended", good, "--alpha", "0.5"], "tokenizers disagree"),
         (["interpolate", "--original", str(tmp_path / "nope"), "--extended", good, "--alpha", "0.5"],
-         "not a model directory"),
+         "no such directory"),
         (["interpolate", "--original", good, "--extended", good, "--alpha", "1.5"], "--alpha 1.5"),
         (["residual", "--base", good, "--instruct", str(wider), "--target", good], "config hidden_size"),
     ]

@@ -256,3 +256,44 @@ def test_export_text_decodes_every_held_out_document(built, tokenizer_dir, tmp_p
     bad = _cli("--export-text", str(tmp_path), str(tmp_path / "x.jsonl"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def _local_copies(root) -> dict[str, str]:
+    """{source name of data/fineweb-edu-short.yaml: a local JSON-lines copy with that dataset's fields}:
+    stdlib modules as documents (`content` for starcoderdata, SlimPajama's meta for the arXiv filter)."""
+    from distill.testing import stdlib_files
+
+    texts = []
+    for path in stdlib_files(min_bytes=500, max_bytes=4000, limit=70):
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    names = ["fineweb_edu", "math", "code", "books", "wikipedia", "arxiv", "instruct"]
+    paths = {}
+    for i, name in enumerate(names):
+        field = "content" if name == "code" else "text"
+        records = [{field: t, "meta": {"redpajama_set_name": "RedPajamaArXiv" if j % 2 else "RedPajamaC4"}}
+                   for j, t in enumerate(texts[i * 10: (i + 1) * 10])]
+        paths[name] = str(root / f"{name}.jsonl")
+        with open(paths[name], "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return paths
+
+
+def test_shipped_short_spec_builds_offline_with_one_override_per_source(tmp_path, tokenizer_dir):
+    """data/fineweb-edu-short.yaml as shipped, every source swapped for local files by its name
+    (`sources.<name>.path=`): the placeholder `instruct` left alone is one line naming the override; with it
+    the spec builds, each source read from its copy (the arXiv one through its SlimPajama filter)."""
+    local = _local_copies(tmp_path)
+    spec = os.path.join(ROOT, "data", "fineweb-edu-short.yaml")
+    common = [f"tokenizer={tokenizer_dir}", f"output_dir={tmp_path / 'out'}", "holdout.fraction=0.1"]
+    swaps = [f"sources.{name}.path={path}" for name, path in local.items() if name != "instruct"]
+    result = _cli(spec, *common, *swaps)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: source 'instruct' (sources[6]): path <your instruction data")
+    assert "sources.instruct.path=PATH" in result.stderr and "tokenize" not in result.stdout
+    result = _cli(spec, *common, *swaps, f"sources.instruct.path={local['instruct']}")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    counts = {name: report["documents"] for name, report in manifest["sources"].items()}
+    assert counts == {**dict.fromkeys(local, 10), "arxiv": 5}, counts
+    assert manifest["streams"]["short"]["train"]["rows"] > 0

@@ -217,3 +217,104 @@ def test_hf_kind_reads_local_datasets_offline(tmp_path):
         assert docs == ["x one", "x two"]
     with pytest.raises(DataError, match="has no column 'body'"):
         _read(kind="hf", dataset=str(tmp_path / "saved"), text_field="body")
+
+
+# -- hub-style sources: data_dir, the up-front check, local copies -------------------------------------------
+
+def test_hf_data_dir_reads_one_directory_of_the_dataset(tmp_path):
+    """bigcode/starcoderdata is laid out by directory (python/, java/, ...): `data_dir` picks one, passed to
+    load_dataset as data_dir (on main the spec had no such key and the spec named it as a config)."""
+    for lang in ("python", "java"):
+        (tmp_path / "repo" / lang).mkdir(parents=True)
+        pq.write_table(pa.table({"content": [f"{lang} one", f"{lang} two"]}),
+                       tmp_path / "repo" / lang / "train-00000.parquet")
+    for streaming in (False, True):
+        docs, _ = _read(kind="hf", dataset=str(tmp_path / "repo"), data_dir="python", split="train",
+                        text_field="content", streaming=streaming)
+        assert docs == ["python one", "python two"]
+    with pytest.raises(DataError, match=r"data_dir 'rust', split 'train'\): .*rust doesn't contain any data"):
+        SourceReader(SourceConfig(name="s", kind="hf", dataset=str(tmp_path / "repo"), data_dir="rust"),
+                     0).check()
+
+
+def _loading_script_dataset(root):
+    """A dataset repository that is only a loading script (RedPajama-Data-1T's form), which datasets >= 4
+    refuses."""
+    root.mkdir()
+    (root / f"{root.name}.py").write_text("import datasets\n\nclass Arxiv(datasets.GeneratorBasedBuilder):\n"
+                                          "    pass\n")
+    return str(root)
+
+
+def test_every_source_is_checked_before_any_is_read(tmp_path, tokenizer_dir, monkeypatch):
+    """The fifth source's mistake is reported at once: on main, four sources were read and tokenized first.
+    Every broken source is named, the first one's reason in full."""
+    sources = []
+    for i in range(4):
+        _write_jsonl(tmp_path / f"s{i}.jsonl", [json.dumps({"text": f"document {i} " * 20})])
+        sources.append({"name": f"s{i}", "kind": "jsonl", "path": str(tmp_path / f"s{i}.jsonl")})
+    sources.append({"name": "arxiv", "kind": "hf", "dataset": _loading_script_dataset(tmp_path / "arxiv")})
+    sources.append({"name": "instruct", "kind": "jsonl", "path": "<your instruction data>"})
+    spec = spec_from_dict({
+        "tokenizer": tokenizer_dir, "output_dir": str(tmp_path / "out"), "sources": sources,
+        "streams": {"short": {"sources": [s["name"] for s in sources], "seq_len": 16, "pack": "best_fit"}}})
+    read = []
+    original = SourceReader.__iter__
+    monkeypatch.setattr(SourceReader, "__iter__", lambda self: (read.append(self.source.name),
+                                                                original(self))[1])
+    with pytest.raises(DataError) as err:
+        build(spec, progress=False)
+    message = str(err.value)
+    assert read == []  # nothing was streamed
+    assert message.startswith(f"source 'arxiv' (sources[4]): cannot load dataset '{tmp_path / 'arxiv'}'")
+    assert "refuses loading scripts" in message and "sources.arxiv.path=PATH" in message
+    assert message.endswith("(and 1 more: instruct)") and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_placeholder_path_is_one_line_naming_the_override(tmp_path):
+    with pytest.raises(DataError) as err:
+        SourceReader(SourceConfig(name="instruct", kind="jsonl", path="<your instruction data>"), 6).check()
+    assert str(err.value) == (
+        "source 'instruct' (sources[6]): path <your instruction data> is a placeholder for your own data: "
+        "pass sources.instruct.path=PATH (a jsonl file, directory or glob) to scripts/prepare_data.py, or "
+        "leave the source out of every stream")
+
+
+def test_hf_source_with_a_path_reads_a_local_copy(tmp_path):
+    """`sources.<name>.path=` swaps a hub dataset for local files of the same records (format by extension;
+    text_field and match apply), so one override per source builds a shipped spec offline."""
+    _write_jsonl(tmp_path / "slim.jsonl", [
+        json.dumps({"text": "paper", "meta": {"redpajama_set_name": "RedPajamaArXiv"}}),
+        json.dumps({"text": "web page", "meta": {"redpajama_set_name": "RedPajamaC4"}})])
+    reader = SourceReader(SourceConfig(name="arxiv", kind="hf", dataset="cerebras/SlimPajama-627B",
+                                       streaming=True, path=str(tmp_path / "*.jsonl"),
+                                       match={"meta.redpajama_set_name": "RedPajamaArXiv"}), 0)
+    reader.check()  # no hub lookup: the local files are what is read
+    assert list(reader) == ["paper"] and reader.kind == "jsonl" and reader.filtered == 1
+    pq.write_table(pa.table({"content": ["def f(): pass"]}), tmp_path / "code.parquet")
+    docs, reader = _read(kind="hf", dataset="bigcode/starcoderdata", data_dir="python", text_field="content",
+                         path=str(tmp_path))  # a directory: its parquet files
+    assert docs == ["def f(): pass"] and reader.kind == "parquet"
+
+
+def test_a_missing_split_is_caught_by_the_check(tmp_path):
+    (tmp_path / "repo").mkdir()
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "repo" / "train.parquet")
+    with pytest.raises(DataError, match=r"no split 'validation'; splits: train$"):
+        SourceReader(SourceConfig(name="s", kind="hf", dataset=str(tmp_path / "repo"), split="validation"),
+                     0).check()
+
+
+def test_gated_refusals_say_how_to_log_in():
+    import httpx
+    from huggingface_hub.errors import GatedRepoError
+
+    from distill.hub import GATED_HINT, hub_reason
+
+    refused = httpx.Response(403, request=httpx.Request("GET", "https://huggingface.co/meta-llama/x"))
+    assert hub_reason(GatedRepoError("403 Client Error.", response=refused)) == GATED_HINT
+    # transformers' wording (an OSError) and datasets' (DatasetNotFoundError) say "gated" too.
+    assert hub_reason(OSError("You are trying to access a gated repo.\nMake sure ...")) == GATED_HINT
+    assert "hf auth login" in GATED_HINT and "HF_TOKEN" in GATED_HINT
+    assert hub_reason(OSError("no such file")) == "no such file"

@@ -98,3 +98,27 @@ def test_overrides_apply_to_the_spec(tmp_path):
     path.write_text(yaml.safe_dump(_spec()))
     spec = load_spec(str(path), ["tokenizer=/my/tok", "streams.long.seq_len=128"])
     assert spec.tokenizer == "/my/tok" and spec.streams["long"].seq_len == 128
+
+
+def test_overrides_reach_a_source_by_its_name(tmp_path):
+    """`sources.<name>.<key>=`: on main only a list index (sources.0.path=) reached a source."""
+    import yaml
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_spec()))
+    spec = load_spec(str(path), ["sources.b.path=/elsewhere", "sources.a.weight=3",
+                                 "sources.0.text_field=body"])
+    assert spec.source("b").path == "/elsewhere" and spec.source("a").weight == 3.0
+    assert spec.source("a").text_field == "body"
+    with pytest.raises(ConfigError, match=r"^override sources\.c\.path: sources\.c is not an index of a list "
+                                          r"of 2 items \(0\.\.1\) or a name \(a, b\)$"):
+        load_spec(str(path), ["sources.c.path=/x"])
+
+
+def test_data_dir_is_for_hf_sources_only():
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.data_dir: only for kind hf, not jsonl"):
+        spec_from_dict(_spec(**{"sources.0.data_dir": "python"}))
+    data = _spec()
+    data["sources"].append({"name": "code", "kind": "hf", "dataset": "bigcode/starcoderdata",
+                            "data_dir": "python"})
+    assert spec_from_dict(data).source("code").data_dir == "python"
