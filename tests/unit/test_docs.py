@@ -1,0 +1,135 @@
+"""What the README and docs/ tell a user to type exists: every repository path they name, every flag they pass
+to one of our scripts, and every dotted recipe or data-spec key they cite. A renamed flag, a moved file or a
+dropped key fails here instead of in a user's terminal."""
+
+import dataclasses
+import os
+import re
+import typing
+
+import pytest
+
+from distill.config import RecipeConfig
+from distill.data.spec import DataSpec, DataStreamConfig, SourceConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOCS = [os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")]
+PAGES = sorted(["README.md", "benchmarks/README.md", *DOCS])
+
+# Repository paths: a top-level folder of ours, then path characters, ending in a file name with an extension.
+PATH = re.compile(r"(?<![\w./-])((?:distill|scripts|benchmarks|recipes|data|docs|tests)/"
+                  r"[\w./{},*<>-]*\.(?:py|yaml|md|sh|sbatch))")
+COMMAND = re.compile(r"python3? (?:-m )?((?:scripts|benchmarks)/\w+\.py)([^\n`|]*)")
+FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+KEY = re.compile(r"(?<![\w./<-])((?:run|model|rope|teacher|streams|mix|optim|train|parallel|log|eval|sources|"
+                 r"holdout)(?:\.[A-Za-z_<>][\w<>]*)+)(?==|`|\s|:|,|\))")
+GENERATED = ("data/built/", "runs/", "models/", "demo_out/", "logs/")
+FILE_SUFFIXES = ("py", "json", "jsonl", "yaml", "md", "png", "sbatch", "sh", "txt")
+# Keys the docs cite on purpose as what NOT to write (the error a typo gets).
+EXAMPLES_OF_MISTAKES = {"optim.lrr"}
+
+
+def _text(page: str) -> str:
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return f.read()
+
+
+def _expand(path: str) -> list[str]:
+    """`recipes/llama3-8b/{long_cpt,mix_cpt}-32k-abf.yaml` → both names (one brace group at a time)."""
+    match = re.search(r"\{([^{}]*)\}", path)
+    if not match:
+        return [path]
+    return [p for option in match.group(1).split(",")
+            for p in _expand(path[:match.start()] + option + path[match.end():])]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_named_path_exists(page):
+    missing = []
+    for raw in PATH.findall(_text(page)):
+        if raw.startswith(GENERATED) or any(c in raw for c in "*<>") or "/built/" in raw:
+            continue
+        for path in _expand(raw):
+            if not os.path.exists(os.path.join(ROOT, path)):
+                missing.append(path)
+    assert not missing, f"{page} names files that do not exist: {sorted(set(missing))}"
+
+
+def _script_flags(script: str) -> set[str]:
+    return set(re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", _text(script)))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_flag_given_to_a_script_is_one_it_takes(page):
+    wrong = []
+    for script, rest in COMMAND.findall(_text(page)):
+        if not os.path.isfile(os.path.join(ROOT, script)):
+            wrong.append(f"{script} (no such script)")
+            continue
+        known = _script_flags(script) | {"--help"}
+        wrong += [f"{script} {flag}" for flag in FLAG.findall(rest) if flag not in known]
+    assert not wrong, f"{page} passes flags our scripts do not take: {sorted(set(wrong))}"
+
+
+def _fields(cls) -> dict:
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def _resolve(cls, parts: list[str]) -> bool:
+    """Whether `parts` is a path of fields through dataclass `cls` (a dict's key is any name)."""
+    tp: typing.Any = cls
+    for part in parts:
+        origin = typing.get_origin(tp)
+        if origin is dict:
+            tp = typing.get_args(tp)[1]
+            continue
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            options = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            if not options:
+                return False
+            tp = options[0]
+        if origin is list:
+            args = typing.get_args(tp)
+            if args and dataclasses.is_dataclass(args[0]):  # sources.<name>.key: a list item by name
+                tp = args[0]
+                continue
+            return False
+        if not dataclasses.is_dataclass(tp):
+            return False
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return False
+        tp = hints[part]
+    return True
+
+
+def _known_key(key: str) -> bool:
+    parts = [p for p in key.split(".")]
+    if parts[0] in ("sources", "holdout"):
+        return _resolve(DataSpec, parts)
+    if parts[0] == "streams" and len(parts) >= 3:
+        return (_resolve(RecipeConfig, parts) or _resolve(DataStreamConfig, parts[2:])
+                or parts[2] in _fields(SourceConfig))
+    return _resolve(RecipeConfig, parts)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_cited_key_is_a_recipe_or_spec_key(page):
+    text = _text(page)
+    keys = {k.rstrip(".") for k in KEY.findall(text)} - EXAMPLES_OF_MISTAKES
+    unknown = sorted(k for k in keys if k.rsplit(".", 1)[-1] not in FILE_SUFFIXES and not _known_key(k))
+    assert not unknown, f"{page} cites keys that no recipe or data spec has: {unknown}"
+
+
+def test_the_checks_catch_what_they_should():
+    """The three checks are not vacuous: they recognise a real key, flag and path, and refuse made-up ones."""
+    assert _known_key("parallel.sequence_parallel") and _known_key("streams.short.objectives.hidden.layers")
+    assert _known_key("sources.instruct.path") and _known_key("streams.long.min_doc_tokens")
+    assert not _known_key("train.no_such_key") and not _known_key("streams.long.no_such_key")
+    assert "--out" in _script_flags("scripts/evaluate.py")
+    assert "--nope" not in _script_flags("scripts/plan.py")
+    found = PATH.findall("see `recipes/llama3-8b/{long_cpt,mix_cpt}-32k-abf.yaml` and docs/method.md.")
+    assert [p for raw in found for p in _expand(raw)] == ["recipes/llama3-8b/long_cpt-32k-abf.yaml",
+                                                          "recipes/llama3-8b/mix_cpt-32k-abf.yaml",
+                                                          "docs/method.md"]
+    assert COMMAND.findall("    python scripts/plan.py R.yaml --gpus 8 --json\n")[0][0] == "scripts/plan.py"
