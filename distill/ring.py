@@ -1,0 +1,317 @@
+"""Ring attention: the second sequence-parallel mode for the long stream (`sequence_parallel_mode: ring`).
+
+Each rank of a group of S (the groups of distill.sequence.SequenceParallel) holds a zigzag slice of the
+flattened packed row: the row is cut into 2S equal chunks and rank i holds chunks i and 2S-1-i, so that under
+the causal mask every rank has the same work (an early chunk attends to little, its late partner to much).
+Queries stay where they are; key/value blocks travel round the ring (rank i sends to i+1 and receives from
+i-1, S-1 hops), and each rank accumulates attention block by block with an online softmax: the output and the
+log-sum-exp of the scores are kept in fp32 and merged per block (Liu et al. 2023, "Ring Attention with
+Blockwise Transformers"; the zigzag layout as in zhuzilin/ring-flash-attention).
+
+Masks: causal by global token index AND within one packed document. Documents come from the WHOLE row's
+offsets (`cu_seq_lens_q`, which the step computes once per micro-batch, or the positions all-gathered and read
+as distill.attention reads them: a document starts where a position does not increase), so a document that
+crosses a shard edge (or a zigzag chunk edge) stays whole. In the zigzag layout a block from a lower rank is
+seen only through its early chunk (by all of this rank's queries), a block from a higher rank only by this
+rank's late chunk: each foreign step computes half a block, every rank the same amount (the balance).
+
+Backward: a custom `torch.autograd.Function` with its own ring backward. It recomputes each block's
+probabilities from the saved log-sum-exp (as flash attention does), sends the key/value blocks round the ring
+again, and passes each block's dK/dV accumulator along with it (S hops, the last one bringing every
+accumulator home). Communication is torch.distributed point-to-point (`batch_isend_irecv`), which gloo runs
+on the CPU; the next block's transfer overlaps the current block's compute.
+
+Ring has no head-divisibility limit (every rank keeps all heads): it reaches degrees Ulysses cannot (more
+ranks than key/value or query heads, groups spanning nodes), at the price of S-1 key/value transfers per
+layer instead of Ulysses' four all-to-alls of 1/S. Grouped-query attention is computed in groups (query heads
+of one key/value head share it): key/value travel unrepeated.
+
+The blocks are computed with plain fp32 matmuls, tiled over query rows (`TILE_ELEMENTS` scores at a time):
+exact and device-independent, not a fused kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from distill import sequence
+
+PREFIX = "ring_"
+
+TILE_ELEMENTS = 1 << 26
+"""Score elements (heads × query rows × keys) computed at once: bounds the transient fp32 score and
+probability matrices to ~256 MiB each, whatever the slice length."""
+
+
+class RingParallel(sequence.SequenceParallel):
+    """SequenceParallel with the zigzag layout and a key/value ring instead of Ulysses' all-to-all."""
+
+    mode = "ring"
+
+    def chunks(self) -> tuple[int, int]:
+        """The two of the row's 2S chunks this rank holds, in order."""
+        return self.index, 2 * self.size - 1 - self.index
+
+    def piece(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's zigzag slice of `tensor` along `dim`: chunks i and 2S-1-i of 2S equal chunks."""
+        if tensor.shape[dim] % (2 * self.size):
+            raise ValueError(f"ring attention: {tensor.shape[dim]} tokens do not cut into 2 x "
+                             f"{self.size} equal chunks")
+        parts = tensor.chunk(2 * self.size, dim=dim)
+        first, second = self.chunks()
+        return torch.cat([parts[first], parts[second]], dim=dim)
+
+    def token_index(self, rank: int, n: int, device) -> torch.Tensor:
+        """(n,) global positions in the row of the n tokens rank `rank` of the group holds."""
+        c = n // 2
+        early = torch.arange(rank * c, (rank + 1) * c, device=device)
+        late_start = (2 * self.size - 1 - rank) * c
+        return torch.cat([early, torch.arange(late_start, late_start + c, device=device)])
+
+    def whole(self, pieces: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """The row from every rank's zigzag slice (the inverse of `piece`), ranks in group order."""
+        halves = [p.chunk(2, dim=dim) for p in pieces]
+        ordered = [h[0] for h in halves] + [h[1] for h in reversed(halves)]
+        return torch.cat(ordered, dim=dim)
+
+    def gather_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """(1, n) positions of this rank's zigzag slice → (1, S·n) of the whole row, in row order."""
+        import torch.distributed as dist
+
+        pieces = [torch.empty_like(positions) for _ in range(self.size)]
+        dist.all_gather(pieces, positions.contiguous(), group=self.group)
+        return self.whole(pieces)
+
+    def shift(self, tensor: torch.Tensor):
+        """Start sending `tensor` to the next rank of the ring and receiving the previous rank's.
+
+        Returns:
+            (the tensor being received, the pending works: wait on each before reading it).
+        """
+        import torch.distributed as dist
+
+        received = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        ops = [dist.P2POp(dist.isend, tensor, group=self.group, group_peer=(self.index + 1) % self.size),
+               dist.P2POp(dist.irecv, received, group=self.group, group_peer=(self.index - 1) % self.size)]
+        return received, dist.batch_isend_irecv(ops)
+
+
+def _wait(works) -> None:
+    for work in works:
+        work.wait()
+
+
+def _visible(rank: int, source: int, c: int) -> tuple[slice, slice]:
+    """The query rows and key columns of this rank's slice that can see the block `source` holds (zigzag,
+    causal): its own block whole; a lower rank's early chunk for every query; a higher rank's whole block
+    for the late chunk only. Everything outside is masked by causality alone."""
+    if source == rank:
+        return slice(0, 2 * c), slice(0, 2 * c)
+    if source < rank:
+        return slice(0, 2 * c), slice(0, c)
+    return slice(c, 2 * c), slice(0, 2 * c)
+
+
+def _tiles(rows: int, heads: int, cols: int):
+    step = max(1, TILE_ELEMENTS // max(1, heads * cols))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def _allowed(q_index, k_index, q_doc, k_doc) -> torch.Tensor:
+    """(m, c) which key each query may see: causal by row position, and within its own document."""
+    return (k_index[None, :] <= q_index[:, None]) & (k_doc[None, :] == q_doc[:, None])
+
+
+def _block_forward(q, k, v, allowed, scale):
+    """One block's attention. q (h, g, m, D), k/v (h, c, D), allowed (m, c) → out (h, g, m, D) and
+    lse (h, g, m), fp32; a row seeing no key has out 0 and lse -inf."""
+    scores = torch.einsum("hgmd,hcd->hgmc", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (h, g, m)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # masked: exp(-inf) = 0
+    return torch.einsum("hgmc,hcd->hgmd", probs, v), lse
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Online softmax: two partial attentions (out, lse) over disjoint key sets → one over their union."""
+    merged = torch.logaddexp(lse, block_lse)
+    merged_safe = torch.where(torch.isfinite(merged), merged, 0.0)
+    out = (out * torch.exp(lse - merged_safe)[..., None]
+           + block_out * torch.exp(block_lse - merged_safe)[..., None])
+    return out, merged
+
+
+def _block_backward(q, k, v, grad_out, lse, delta, allowed, scale):
+    """Gradients of one block given the rows' final lse and delta = rowsum(dO · O) (flash attention's
+    recomputation). q/grad_out (h, g, m, D), k/v (h, c, D), lse/delta (h, g, m) → dq (h, g, m, D),
+    dk, dv (h, c, D)."""
+    scores = torch.einsum("hgmd,hcd->hgmc", q, k) * scale
+    probs = torch.exp(scores.masked_fill(~allowed, float("-inf")) - lse[..., None])  # (h, g, m, c)
+    dv = torch.einsum("hgmc,hgmd->hcd", probs, grad_out)
+    dprobs = torch.einsum("hgmd,hcd->hgmc", grad_out, v)
+    dscores = probs * (dprobs - delta[..., None])
+    dq = torch.einsum("hgmc,hcd->hgmd", dscores, k) * scale
+    dk = torch.einsum("hgmc,hgmd->hcd", dscores, q) * scale
+    return dq, dk, dv
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else \
+        contextlib.nullcontext()
+
+
+class RingAttention(torch.autograd.Function):
+    """Ring attention over a RingParallel group, with its own ring backward.
+
+    forward(q (h, g, n, D), k (h, n, D), v (h, n, D), docs (T,) document id of every token of the row,
+    scale, ring) → out (h, g, n, D) in q's dtype; h key/value heads, g query heads per key/value head, n this
+    rank's tokens (T = S·n).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, docs, scale, ring):
+        rank, size, n = ring.index, ring.size, q.shape[2]
+        c = n // 2
+        q_index = ring.token_index(rank, n, q.device)
+        q_doc = docs[q_index]
+        with _no_autocast(q.device):
+            qf = q.float()
+            out = torch.zeros(qf.shape, dtype=torch.float32, device=q.device)  # (h, g, n, D)
+            lse = torch.full(qf.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)  # (h, g, n)
+            kv = torch.stack([k, v]).contiguous()  # (2, h, n, D): one message per hop, in the input dtype
+            for step in range(size):
+                source = (rank - step) % size
+                if step < size - 1:  # the next block's transfer overlaps this block's compute
+                    incoming, works = ring.shift(kv)
+                rows, cols = _visible(rank, source, c)
+                k_index = ring.token_index(source, n, q.device)[cols]
+                k_doc = docs[k_index]
+                kb, vb = kv[0, :, cols].float(), kv[1, :, cols].float()  # (h, c', D)
+                for tile in _tiles(rows.stop - rows.start, qf.shape[0] * qf.shape[1], kb.shape[1]):
+                    sub = slice(rows.start + tile.start, rows.start + tile.stop)
+                    allowed = _allowed(q_index[sub], k_index, q_doc[sub], k_doc)
+                    if not allowed.any():  # another document entirely: nothing to add
+                        continue
+                    block_out, block_lse = _block_forward(qf[:, :, sub], kb, vb, allowed, scale)
+                    out[:, :, sub], lse[:, :, sub] = _merge(out[:, :, sub], lse[:, :, sub], block_out,
+                                                            block_lse)
+                if step < size - 1:
+                    _wait(works)
+                    kv = incoming
+        result = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, docs, result, lse)
+        ctx.scale, ctx.ring = scale, ring
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, docs, out, lse = ctx.saved_tensors
+        ring, scale = ctx.ring, ctx.scale
+        rank, size, n = ring.index, ring.size, q.shape[2]
+        c = n // 2
+        q_index = ring.token_index(rank, n, q.device)
+        q_doc = docs[q_index]
+        with _no_autocast(q.device):
+            qf, do = q.float(), grad_out.float()
+            delta = (do * out.float()).sum(-1)  # (h, g, n)
+            dq = torch.zeros(qf.shape, dtype=torch.float32, device=q.device)
+            kv = torch.stack([k, v]).contiguous()
+            # The accumulator of the block this rank holds travels with it: after S hops it is back home.
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # (2, h, n, D)
+            for step in range(size):
+                source = (rank - step) % size
+                if step < size - 1:
+                    incoming, works = ring.shift(kv)
+                rows, cols = _visible(rank, source, c)
+                k_index = ring.token_index(source, n, q.device)[cols]
+                k_doc = docs[k_index]
+                kb, vb = kv[0, :, cols].float(), kv[1, :, cols].float()
+                for tile in _tiles(rows.stop - rows.start, qf.shape[0] * qf.shape[1], kb.shape[1]):
+                    sub = slice(rows.start + tile.start, rows.start + tile.stop)
+                    allowed = _allowed(q_index[sub], k_index, q_doc[sub], k_doc)
+                    if not allowed.any():
+                        continue
+                    dq_t, dk_t, dv_t = _block_backward(qf[:, :, sub], kb, vb, do[:, :, sub], lse[:, :, sub],
+                                                       delta[:, :, sub], allowed, scale)
+                    dq[:, :, sub] += dq_t
+                    dkv[0, :, cols] += dk_t
+                    dkv[1, :, cols] += dv_t
+                dkv, dkv_works = ring.shift(dkv)  # to the rank that sees this block next (or its owner)
+                _wait(dkv_works)
+                if step < size - 1:
+                    _wait(works)
+                    kv = incoming
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def document_ids(offsets: torch.Tensor | None, total: int, device) -> torch.Tensor:
+    """(total,) the document each token of the row belongs to, from the row's offsets (D + 1,) (None: one
+    document)."""
+    if offsets is None:
+        return torch.zeros(total, dtype=torch.long, device=device)
+    cuts = offsets.to(device=device, dtype=torch.long)
+    return torch.searchsorted(cuts, torch.arange(total, device=device), right=True) - 1
+
+
+def ring_attention(ring: RingParallel, query, key, value, offsets=None, positions=None, scaling=None):
+    """Exact causal, per-document attention of this rank's zigzag slice against the whole row.
+
+    Args:
+        query: (1, Hq, n, D) this rank's queries; key/value: (1, Hkv, n, D), Hkv dividing Hq.
+        offsets: the whole row's document offsets (D + 1,) (`cu_seq_lens_q`), or None to read documents
+            from `positions` (1, n) of this slice, all-gathered; neither: one causal document.
+        scaling: the softmax scale (default D^-0.5).
+
+    Returns:
+        (1, n, Hq, D), transformers' attention layout.
+    """
+    _, heads, n, d = query.shape
+    kv_heads = key.shape[1]
+    total = n * ring.size
+    if offsets is None and positions is not None:
+        from distill.attention import document_offsets
+
+        offsets = document_offsets(ring.gather_positions(positions))["cu_seq_lens_q"]
+    docs = document_ids(offsets, total, query.device)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    q = query[0].reshape(kv_heads, heads // kv_heads, n, d)  # query heads grouped by their key/value head
+    out = RingAttention.apply(q, key[0], value[0], docs, scale, ring)  # (Hkv, g, n, D)
+    return out.reshape(heads, n, d).transpose(0, 1)[None]
+
+
+def _forward(inner):
+    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        ring = sequence._ACTIVE
+        if ring is None:  # the teacher, the short streams, any forward outside `SequenceParallel.on`
+            return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                         **kwargs)
+        if attention_mask is not None or dropout or kwargs.get("sliding_window") is not None \
+                or getattr(module, "sliding_window", None) is not None:
+            raise RuntimeError("ring attention takes packed rows only: no attention mask, dropout or "
+                               "sliding window")
+        ring.calls[ring.tag] += 1
+        out = ring_attention(ring, query, key, value, offsets=kwargs.get("cu_seq_lens_q"),
+                             positions=kwargs.get("position_ids"), scaling=scaling)
+        return out.to(query.dtype), None
+
+    return forward
+
+
+def register(inner_name: str) -> str:
+    """Register "ring_<alias of inner>" with transformers (attention and mask functions): ring attention
+    inside `SequenceParallel.on` blocks, the inner implementation elsewhere; returns the name (never
+    containing "flash", see distill.sequence.ALIASES)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    sequence.check_attention(inner_name, 2)
+    name = PREFIX + sequence.ALIASES[inner_name]
+    inner = (sequence.flash_attention_2 if inner_name == "flash_attention_2"
+             else AttentionInterface()[inner_name])
+    AttentionInterface.register(name, _forward(inner))
+    AttentionMaskInterface.register(name, AttentionMaskInterface()[inner_name])
+    return name
