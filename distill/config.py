@@ -650,8 +650,13 @@ class ParallelConfig:
     itself comes from the launcher (`accelerate launch --config_file recipes/accelerate/<mode>.yaml`)."""
     sequence_parallel: int = 1
     """S > 1 splits each micro-batch of the longest stream (native positions, LM loss) along the sequence over
-    groups of S ranks (Ulysses: an all-to-all around attention); needs the FSDP2 launch, S dividing the
-    number of processes and the attention heads, and rows whose micro-batch tokens divide by S."""
+    groups of S ranks; needs the FSDP2 launch, S dividing the number of processes, and rows whose micro-batch
+    tokens divide by S (2·S for ring). Ulysses also needs S to divide the attention heads."""
+    sequence_parallel_mode: Literal["ulysses", "ring"] = "ulysses"
+    """How a split row's attention communicates. ulysses: an all-to-all trades the sequence split for a head
+    split around the model's own kernel (S divides the heads; fastest within a node). ring: key/value blocks
+    travel round the group over zigzag slices (distill.ring): any S, more ranks than heads, groups across
+    nodes."""
     skip_memory_check: bool = False
     """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
     prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""

@@ -217,6 +217,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     dtype = resolve_dtype(cfg.model.dtype)
     # The launcher's mode, picked once.
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
+    strategy.sequence_mode = cfg.parallel.sequence_parallel_mode
     strategy.split = split_streams(cfg, seq_lens)
     attention, window = check_launch(cfg, strategy, streams, device)
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
@@ -294,7 +295,7 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
     if cfg.parallel.sequence_parallel > 1:
         from distill.sequence import check_heads
 
-        check_heads(config, cfg.parallel.sequence_parallel)
+        check_heads(config, cfg.parallel.sequence_parallel, cfg.parallel.sequence_parallel_mode)
     # The teacher's native window, from its config (the student's own config before extension without one).
     native = _load_config(cfg.teacher.path, cfg.model.trust_remote_code) if cfg.teacher.path else config
     window = original_length(native, cfg.rope)
