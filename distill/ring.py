@@ -26,12 +26,14 @@ ranks than key/value or query heads, groups spanning nodes), at the price of S-1
 layer instead of Ulysses' four all-to-alls of 1/S. Grouped-query attention is computed in groups (query heads
 of one key/value head share it): key/value travel unrepeated.
 
-The blocks are computed with plain fp32 matmuls, tiled over query rows (`TILE_ELEMENTS` scores at a time):
-exact and device-independent, not a fused kernel.
+The blocks are computed with plain fp32 matmuls, tiled over query rows (`TILE_ROWS`), each tile only against
+the keys its documents can reach (packed rows: work near Σ document² rather than T²): exact and
+device-independent, not a fused kernel.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 
@@ -41,9 +43,10 @@ from distill import sequence
 
 PREFIX = "ring_"
 
-TILE_ELEMENTS = 1 << 26
-"""Score elements (heads × query rows × keys) computed at once: bounds the transient fp32 score and
-probability matrices to ~256 MiB each, whatever the slice length."""
+TILE_ROWS = 512
+"""Query rows per sub-block: each tile meets only the keys from its first query's document start to its last
+query, so smaller tiles skip more masked work (packed rows) at more, smaller matmuls; the transient fp32
+scores are (query heads x TILE_ROWS x keys in range)."""
 
 
 class RingParallel(sequence.SequenceParallel):
@@ -104,21 +107,29 @@ def _wait(works) -> None:
         work.wait()
 
 
-def _visible(rank: int, source: int, c: int) -> tuple[slice, slice]:
-    """The query rows and key columns of this rank's slice that can see the block `source` holds (zigzag,
-    causal): its own block whole; a lower rank's early chunk for every query; a higher rank's whole block
-    for the late chunk only. Everything outside is masked by causality alone."""
-    if source == rank:
-        return slice(0, 2 * c), slice(0, 2 * c)
-    if source < rank:
-        return slice(0, 2 * c), slice(0, c)
-    return slice(c, 2 * c), slice(0, 2 * c)
-
-
-def _tiles(rows: int, heads: int, cols: int):
-    step = max(1, TILE_ELEMENTS // max(1, heads * cols))
-    for start in range(0, rows, step):
-        yield slice(start, min(rows, start + step))
+def _pairs(ring: RingParallel, rank: int, source: int, n: int, cuts: list[int]) -> list[tuple[slice, slice]]:
+    """The (query rows, key columns) sub-blocks of this rank's slice against the block `source` holds that
+    can hold a visible pair, in local indices: query tiles of at most `TILE_ROWS` rows, each against the key
+    columns from the start of its first query's document to its last query (causal and per document; the
+    mask inside is exact). In the zigzag layout this also skips a lower rank's late chunk and, from a higher
+    rank, everything but this rank's late chunk."""
+    c = n // 2
+    size = ring.size
+    q_chunks = ((0, rank * c), (c, (2 * size - 1 - rank) * c))  # (local start, global start) of each chunk
+    k_chunks = ((0, source * c), (c, (2 * size - 1 - source) * c))
+    rows = max(1, min(TILE_ROWS, c))
+    pairs = []
+    for q_local, q_global in q_chunks:
+        for a in range(0, c, rows):
+            b = min(c, a + rows)
+            first, last = q_global + a, q_global + b - 1
+            doc_start = cuts[bisect.bisect_right(cuts, first) - 1]
+            for k_local, k_global in k_chunks:
+                lo, hi = max(doc_start, k_global), min(last, k_global + c - 1)
+                if lo <= hi:
+                    pairs.append((slice(q_local + a, q_local + b),
+                                  slice(k_local + lo - k_global, k_local + hi - k_global + 1)))
+    return pairs
 
 
 def _allowed(q_index, k_index, q_doc, k_doc) -> torch.Tensor:
@@ -168,14 +179,13 @@ class RingAttention(torch.autograd.Function):
     """Ring attention over a RingParallel group, with its own ring backward.
 
     forward(q (h, g, n, D), k (h, n, D), v (h, n, D), docs (T,) document id of every token of the row,
-    scale, ring) → out (h, g, n, D) in q's dtype; h key/value heads, g query heads per key/value head, n this
-    rank's tokens (T = S·n).
+    cuts (the row's document offsets as a list), scale, ring) → out (h, g, n, D) in q's dtype; h key/value
+    heads, g query heads per key/value head, n this rank's tokens (T = S·n).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, docs, scale, ring):
+    def forward(ctx, q, k, v, docs, cuts, scale, ring):
         rank, size, n = ring.index, ring.size, q.shape[2]
-        c = n // 2
         q_index = ring.token_index(rank, n, q.device)
         q_doc = docs[q_index]
         with _no_autocast(q.device):
@@ -187,32 +197,27 @@ class RingAttention(torch.autograd.Function):
                 source = (rank - step) % size
                 if step < size - 1:  # the next block's transfer overlaps this block's compute
                     incoming, works = ring.shift(kv)
-                rows, cols = _visible(rank, source, c)
-                k_index = ring.token_index(source, n, q.device)[cols]
+                k_index = ring.token_index(source, n, q.device)
                 k_doc = docs[k_index]
-                kb, vb = kv[0, :, cols].float(), kv[1, :, cols].float()  # (h, c', D)
-                for tile in _tiles(rows.stop - rows.start, qf.shape[0] * qf.shape[1], kb.shape[1]):
-                    sub = slice(rows.start + tile.start, rows.start + tile.stop)
-                    allowed = _allowed(q_index[sub], k_index, q_doc[sub], k_doc)
-                    if not allowed.any():  # another document entirely: nothing to add
-                        continue
-                    block_out, block_lse = _block_forward(qf[:, :, sub], kb, vb, allowed, scale)
-                    out[:, :, sub], lse[:, :, sub] = _merge(out[:, :, sub], lse[:, :, sub], block_out,
-                                                            block_lse)
+                for rows, cols in _pairs(ring, rank, source, n, cuts):
+                    allowed = _allowed(q_index[rows], k_index[cols], q_doc[rows], k_doc[cols])  # (m, c')
+                    block_out, block_lse = _block_forward(qf[:, :, rows], kv[0, :, cols].float(),
+                                                          kv[1, :, cols].float(), allowed, scale)
+                    out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], block_out,
+                                                              block_lse)
                 if step < size - 1:
                     _wait(works)
                     kv = incoming
         result = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, docs, result, lse)
-        ctx.scale, ctx.ring = scale, ring
+        ctx.cuts, ctx.scale, ctx.ring = cuts, scale, ring
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, docs, out, lse = ctx.saved_tensors
-        ring, scale = ctx.ring, ctx.scale
+        ring, scale, cuts = ctx.ring, ctx.scale, ctx.cuts
         rank, size, n = ring.index, ring.size, q.shape[2]
-        c = n // 2
         q_index = ring.token_index(rank, n, q.device)
         q_doc = docs[q_index]
         with _no_autocast(q.device):
@@ -226,18 +231,14 @@ class RingAttention(torch.autograd.Function):
                 source = (rank - step) % size
                 if step < size - 1:
                     incoming, works = ring.shift(kv)
-                rows, cols = _visible(rank, source, c)
-                k_index = ring.token_index(source, n, q.device)[cols]
+                k_index = ring.token_index(source, n, q.device)
                 k_doc = docs[k_index]
-                kb, vb = kv[0, :, cols].float(), kv[1, :, cols].float()
-                for tile in _tiles(rows.stop - rows.start, qf.shape[0] * qf.shape[1], kb.shape[1]):
-                    sub = slice(rows.start + tile.start, rows.start + tile.stop)
-                    allowed = _allowed(q_index[sub], k_index, q_doc[sub], k_doc)
-                    if not allowed.any():
-                        continue
-                    dq_t, dk_t, dv_t = _block_backward(qf[:, :, sub], kb, vb, do[:, :, sub], lse[:, :, sub],
-                                                       delta[:, :, sub], allowed, scale)
-                    dq[:, :, sub] += dq_t
+                for rows, cols in _pairs(ring, rank, source, n, cuts):
+                    allowed = _allowed(q_index[rows], k_index[cols], q_doc[rows], k_doc[cols])
+                    dq_t, dk_t, dv_t = _block_backward(qf[:, :, rows], kv[0, :, cols].float(),
+                                                       kv[1, :, cols].float(), do[:, :, rows],
+                                                       lse[:, :, rows], delta[:, :, rows], allowed, scale)
+                    dq[:, :, rows] += dq_t
                     dkv[0, :, cols] += dk_t
                     dkv[1, :, cols] += dv_t
                 dkv, dkv_works = ring.shift(dkv)  # to the rank that sees this block next (or its owner)
@@ -245,7 +246,7 @@ class RingAttention(torch.autograd.Function):
                 if step < size - 1:
                     _wait(works)
                     kv = incoming
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def document_ids(offsets: torch.Tensor | None, total: int, device) -> torch.Tensor:
@@ -277,9 +278,10 @@ def ring_attention(ring: RingParallel, query, key, value, offsets=None, position
 
         offsets = document_offsets(ring.gather_positions(positions))["cu_seq_lens_q"]
     docs = document_ids(offsets, total, query.device)
+    cuts = [int(x) for x in offsets.tolist()] if offsets is not None else [0, total]  # one host read a layer
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
     q = query[0].reshape(kv_heads, heads // kv_heads, n, d)  # query heads grouped by their key/value head
-    out = RingAttention.apply(q, key[0], value[0], docs, scale, ring)  # (Hkv, g, n, D)
+    out = RingAttention.apply(q, key[0], value[0], docs, cuts, scale, ring)  # (Hkv, g, n, D)
     return out.reshape(heads, n, d).transpose(0, 1)[None]
 
 

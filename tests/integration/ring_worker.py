@@ -5,8 +5,9 @@
 1. The attention alone: one packed row whose documents cross shard and zigzag-chunk edges; every rank computes
    the exact one-process reference (dense SDPA with a causal, per-document mask over the whole row, key/value
    heads repeated for GQA) and its own zigzag slice with ring attention; outputs and the gradients of q, k and
-   v (gathered back into row order) must equal the reference. Documents from the row's offsets and, once, from
-   the all-gathered positions alone. Cases: 4 query heads with 4, 2 and 1 key/value heads.
+   v (gathered back into row order) must equal the reference. Documents from the row's offsets, from the
+   all-gathered positions alone, and with tiles of 3 query rows (cut across chunk and document edges).
+   Cases: 4 query heads with 4, 2 and 1 key/value heads.
 2. With MODEL_DIR: a tiny Llama's hidden states, LM loss (targets shifted before slicing) and gradients with
    ring attention over the S ranks against one process, as sequence_worker.py checks Ulysses; a forward
    outside `SequenceParallel.on` (the teacher's, the short streams') must not enter the ring.
@@ -33,6 +34,7 @@ def reference(q, k, v, lengths):
 
 
 def attention_checks(ring, world) -> dict:
+    from distill import ring as ring_module
     from distill.attention import document_offsets
     from distill.ring import ring_attention
 
@@ -49,9 +51,12 @@ def attention_checks(ring, world) -> dict:
         grad = torch.randn(1, T, 4, 8, generator=gen)
         ref = reference(q, k, v, lengths)
         ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-        for source in ("offsets", "positions"):
+        for source in ("offsets", "positions", "tiled"):
+            # tiled: query tiles of 3 rows, cut across chunk and document edges, each meeting only the keys
+            # from its first query's document start on.
+            ring_module.TILE_ROWS = 3 if source == "tiled" else 512
             local = [ring.piece(t.detach(), dim=2).requires_grad_(True) for t in (q, k, v)]
-            out = ring_attention(ring, *local, offsets=offsets if source == "offsets" else None,
+            out = ring_attention(ring, *local, offsets=None if source == "positions" else offsets,
                                  positions=ring.piece(positions))  # (1, n, H, D)
             out.backward(ring.piece(grad))
             diffs = [(out.detach() - ring.piece(ref.detach())).abs().max().item()]

@@ -29,15 +29,17 @@ def _launch(world: int, out: str, port: str, model_dir: str | None = None) -> di
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_equals_one_process_on_a_document_crossing_shard_edges(tmp_path, tokenizer_dir, world):
-    """The attention alone (4 query heads over 4, 2 and 1 key/value heads; documents from offsets and from
-    gathered positions): output and dq, dk, dv equal dense masked SDPA over the whole row. Then a tiny Llama
-    with 2 heads and 1 key/value head (4 ranks: more ranks than heads, which Ulysses refuses): hidden states,
-    summed LM loss and summed gradients equal the unsplit row's; a forward outside `on` stays off the ring."""
+    """The attention alone (4 query heads over 4, 2 and 1 key/value heads; documents from offsets, from
+    gathered positions, and in query tiles of 3 rows): output and dq, dk, dv equal dense masked SDPA over the
+    whole row. Then a tiny Llama with 2 heads and 1 key/value head (4 ranks: more ranks than heads, which
+    Ulysses refuses): hidden states, summed LM loss and summed gradients equal the unsplit row's; a forward
+    outside `on` stays off the ring."""
     model = make_tiny_model(str(tmp_path / "model"), "llama", tokenizer_dir=tokenizer_dir, num_heads=2,
                             num_kv_heads=1)
     result = _launch(world, str(tmp_path / "out.json"), str(29600 + world), model)
     assert result["world"] == world
-    assert set(result["attention"]) == {f"kv{h}_{s}" for h in (4, 2, 1) for s in ("offsets", "positions")}
+    cases = {f"kv{h}_{s}" for h in (4, 2, 1) for s in ("offsets", "positions", "tiled")}
+    assert set(result["attention"]) == cases
     for case, diffs in result["attention"].items():  # [out, dq, dk, dv]
         assert max(diffs) < 1e-5, (case, diffs)
     model_result = result["model"]
