@@ -45,8 +45,11 @@ PREFIX = "ring_"
 
 TILE_ROWS = 512
 """Query rows per sub-block: each tile meets only the keys from its first query's document start to its last
-query, so smaller tiles skip more masked work (packed rows) at more, smaller matmuls; the transient fp32
-scores are (query heads x TILE_ROWS x keys in range)."""
+query, so smaller tiles skip more masked work (packed rows) at more, smaller matmuls."""
+
+TILE_COLS = 4096
+"""Key columns per sub-block: the transient fp32 scores of one sub-block are at most query heads x TILE_ROWS x
+TILE_COLS (32 heads: 256 MiB), whatever the slice or document length."""
 
 
 class RingParallel(sequence.SequenceParallel):
@@ -111,8 +114,8 @@ def _pairs(ring: RingParallel, rank: int, source: int, n: int, cuts: list[int]) 
     """The (query rows, key columns) sub-blocks of this rank's slice against the block `source` holds that
     can hold a visible pair, in local indices: query tiles of at most `TILE_ROWS` rows, each against the key
     columns from the start of its first query's document to its last query (causal and per document; the
-    mask inside is exact). In the zigzag layout this also skips a lower rank's late chunk and, from a higher
-    rank, everything but this rank's late chunk."""
+    mask inside is exact), cut into pieces of at most `TILE_COLS`. In the zigzag layout this also skips a
+    lower rank's late chunk and, from a higher rank, everything but this rank's late chunk."""
     c = n // 2
     size = ring.size
     q_chunks = ((0, rank * c), (c, (2 * size - 1 - rank) * c))  # (local start, global start) of each chunk
@@ -126,9 +129,10 @@ def _pairs(ring: RingParallel, rank: int, source: int, n: int, cuts: list[int]) 
             doc_start = cuts[bisect.bisect_right(cuts, first) - 1]
             for k_local, k_global in k_chunks:
                 lo, hi = max(doc_start, k_global), min(last, k_global + c - 1)
-                if lo <= hi:
+                for col in range(lo, hi + 1, TILE_COLS):  # nothing when the range is empty
+                    end = min(hi + 1, col + TILE_COLS)
                     pairs.append((slice(q_local + a, q_local + b),
-                                  slice(k_local + lo - k_global, k_local + hi - k_global + 1)))
+                                  slice(k_local + col - k_global, k_local + end - k_global)))
     return pairs
 
 

@@ -6,7 +6,7 @@
    the exact one-process reference (dense SDPA with a causal, per-document mask over the whole row, key/value
    heads repeated for GQA) and its own zigzag slice with ring attention; outputs and the gradients of q, k and
    v (gathered back into row order) must equal the reference. Documents from the row's offsets, from the
-   all-gathered positions alone, and with tiles of 3 query rows (cut across chunk and document edges).
+   all-gathered positions alone, and in tiles of 3 query rows x 5 keys (cut across chunk and document edges).
    Cases: 4 query heads with 4, 2 and 1 key/value heads.
 2. With MODEL_DIR: a tiny Llama's hidden states, LM loss (targets shifted before slicing) and gradients with
    ring attention over the S ranks against one process, as sequence_worker.py checks Ulysses; a forward
@@ -52,9 +52,9 @@ def attention_checks(ring, world) -> dict:
         ref = reference(q, k, v, lengths)
         ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
         for source in ("offsets", "positions", "tiled"):
-            # tiled: query tiles of 3 rows, cut across chunk and document edges, each meeting only the keys
-            # from its first query's document start on.
-            ring_module.TILE_ROWS = 3 if source == "tiled" else 512
+            # tiled: query tiles of 3 rows and key pieces of 5 columns, cut across chunk and document edges,
+            # each tile meeting only the keys from its first query's document start on.
+            ring_module.TILE_ROWS, ring_module.TILE_COLS = (3, 5) if source == "tiled" else (512, 4096)
             local = [ring.piece(t.detach(), dim=2).requires_grad_(True) for t in (q, k, v)]
             out = ring_attention(ring, *local, offsets=None if source == "positions" else offsets,
                                  positions=ring.piece(positions))  # (1, n, H, D)

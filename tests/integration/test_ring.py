@@ -30,10 +30,10 @@ def _launch(world: int, out: str, port: str, model_dir: str | None = None) -> di
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_equals_one_process_on_a_document_crossing_shard_edges(tmp_path, tokenizer_dir, world):
     """The attention alone (4 query heads over 4, 2 and 1 key/value heads; documents from offsets, from
-    gathered positions, and in query tiles of 3 rows): output and dq, dk, dv equal dense masked SDPA over the
-    whole row. Then a tiny Llama with 2 heads and 1 key/value head (4 ranks: more ranks than heads, which
-    Ulysses refuses): hidden states, summed LM loss and summed gradients equal the unsplit row's; a forward
-    outside `on` stays off the ring."""
+    gathered positions, and in tiles of 3 query rows x 5 keys): output and dq, dk, dv equal dense masked
+    SDPA over the whole row. Then a tiny Llama with 2 heads and 1 key/value head (4 ranks: more ranks than
+    heads, which Ulysses refuses): hidden states, summed LM loss and summed gradients equal the unsplit row's;
+    a forward outside `on` stays off the ring."""
     model = make_tiny_model(str(tmp_path / "model"), "llama", tokenizer_dir=tokenizer_dir, num_heads=2,
                             num_kv_heads=1)
     result = _launch(world, str(tmp_path / "out.json"), str(29600 + world), model)
