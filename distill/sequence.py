@@ -13,6 +13,7 @@ parallelism needs no DeepSpeed).
   the teacher and the short streams run as they always do. `calls` counts entries per stream.
 The loss rule is unchanged: each rank counts the loss-bearing tokens of its slice, so the global counts and
 the summed gradients are exactly those of the unsplit row.
+The other mode, ring attention over zigzag slices (`parallel.sequence_parallel_mode: ring`), is distill.ring.
 """
 
 from __future__ import annotations
