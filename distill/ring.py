@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import math
+from collections import Counter
 
 import torch
 
@@ -289,6 +291,80 @@ def ring_attention(ring: RingParallel, query, key, value, offsets=None, position
     return out.reshape(heads, n, d).transpose(0, 1)[None]
 
 
+def _member(cls, size: int, index: int, group):
+    """A SequenceParallel-like view of an existing group (no process group is created)."""
+    part = cls.__new__(cls)
+    part.size, part.index, part.group, part.group_index = size, index, group, 0
+    part.tag, part.calls = None, Counter()
+    return part
+
+
+class HybridParallel(sequence.SequenceParallel):
+    """Ulysses x ring (`sequence_parallel_mode: hybrid`): a group of S = U·R ranks, R = parallel.ring_degree.
+
+    The row is cut into R zigzag ring pieces (2R chunks, ring rank r holding chunks r and 2R-1-r), and each
+    ring piece into U contiguous slices, one per rank of a Ulysses subgroup (U consecutive ranks).
+    Attention: an all-to-all inside the Ulysses subgroup gives each rank its ring piece whole for H/U of the
+    heads, ring attention runs over the R ranks holding the same heads (same Ulysses index, one per
+    subgroup), and a second all-to-all brings the output back. U must divide the heads (as for Ulysses); R
+    has no such limit: the all-to-all stays inside U consecutive ranks (a node), the ring crosses subgroups.
+    """
+
+    mode = "hybrid"
+
+    def __init__(self, size: int, rank: int, world: int, ring_degree: int):
+        import torch.distributed as dist
+
+        super().__init__(size, rank, world)
+        if ring_degree < 1 or size % ring_degree:
+            raise ValueError(f"parallel.ring_degree: {ring_degree} does not divide "
+                             f"parallel.sequence_parallel {size}")
+        u_size = size // ring_degree
+        u_index, r_index = self.index % u_size, self.index // u_size
+        u_group = r_group = None
+        for g in range(world // size):  # every rank creates every group, in the same order
+            base = g * size
+            for r in range(ring_degree):
+                group = dist.new_group([base + r * u_size + u for u in range(u_size)])
+                if g == self.group_index and r == r_index:
+                    u_group = group
+            for u in range(u_size):
+                group = dist.new_group([base + r * u_size + u for r in range(ring_degree)])
+                if g == self.group_index and u == u_index:
+                    r_group = group
+        self.ulysses = _member(sequence.SequenceParallel, u_size, u_index, u_group)
+        self.ring = _member(RingParallel, ring_degree, r_index, r_group)
+
+    def piece(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's slice: its ring piece (zigzag over R), then its contiguous 1/U of that."""
+        return self.ring.piece(tensor, dim).chunk(self.ulysses.size, dim=dim)[self.ulysses.index]
+
+    def whole(self, pieces: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """The row from every rank's slice (the inverse of `piece`), ranks in group order."""
+        u = self.ulysses.size
+        return self.ring.whole([torch.cat(pieces[r * u:(r + 1) * u], dim=dim) for r in range(self.ring.size)],
+                               dim=dim)
+
+    def gather_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """(1, n) positions of this rank's slice → (1, S·n) of the whole row, in row order."""
+        return self.ring.gather_positions(self.ulysses.gather_positions(positions))
+
+    def attention(self, query, key, value, offsets=None, positions=None, scaling=None):
+        """query (1, H, n, D), key/value (1, Hkv, n, D) of this rank's slice → (1, n, H, D)."""
+        u = self.ulysses
+        kv_heads = key.shape[1]
+        if kv_heads % u.size:  # fewer KV heads than the Ulysses degree: each rank's query heads get theirs
+            key = key.repeat_interleave(u.size // kv_heads, dim=1)
+            value = value.repeat_interleave(u.size // kv_heads, dim=1)
+        q, k, v = (u.heads_to_sequence(t) for t in (query, key, value))  # (1, H/U, U·n, D): the ring piece
+        if offsets is None and positions is not None:  # the whole row's documents, once, from every slice
+            from distill.attention import document_offsets
+
+            offsets = document_offsets(self.gather_positions(positions))["cu_seq_lens_q"]
+        out = ring_attention(self.ring, q, k, v, offsets=offsets, scaling=scaling)  # (1, U·n, H/U, D)
+        return u.sequence_to_heads(out)
+
+
 def _forward(inner):
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         ring = sequence._ACTIVE
@@ -300,8 +376,10 @@ def _forward(inner):
             raise RuntimeError("ring attention takes packed rows only: no attention mask, dropout or "
                                "sliding window")
         ring.calls[ring.tag] += 1
-        out = ring_attention(ring, query, key, value, offsets=kwargs.get("cu_seq_lens_q"),
-                             positions=kwargs.get("position_ids"), scaling=scaling)
+        split = ring.attention if isinstance(ring, HybridParallel) else \
+            functools.partial(ring_attention, ring)
+        out = split(query, key, value, offsets=kwargs.get("cu_seq_lens_q"),
+                    positions=kwargs.get("position_ids"), scaling=scaling)
         return out.to(query.dtype), None
 
     return forward

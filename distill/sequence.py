@@ -124,24 +124,27 @@ def split_streams(cfg, seq_lens: dict[str, int]) -> dict[str, int]:
         if tokens % size:
             raise ConfigError(f"streams.{name}: a micro-batch of {tokens} tokens does not split into "
                               f"parallel.sequence_parallel {size} equal slices")
-        if cfg.parallel.sequence_parallel_mode == "ring" and tokens % (2 * size):
+        if cfg.parallel.sequence_parallel_mode != "ulysses" and tokens % (2 * size):
             raise ConfigError(f"streams.{name}: a micro-batch of {tokens} tokens does not cut into the "
                               f"2 x {size} equal chunks of ring's zigzag layout")
         split[name] = size
     return split
 
 
-def check_heads(config, size: int, mode: str = "ulysses") -> None:
+def check_heads(config, size: int, mode: str = "ulysses", ring_degree: int = 1) -> None:
     """Ulysses: S must divide the attention heads, and the key/value heads divide S or S them (one line
-    otherwise). Ring keeps every head on every rank: any S."""
+    otherwise). Ring keeps every head on every rank: any S. Hybrid: the Ulysses degree S / ring_degree."""
     from distill.config import ConfigError
 
     if mode == "ring":
         return
+    key = "parallel.sequence_parallel"
+    if mode == "hybrid":
+        size, key = size // ring_degree, "parallel.sequence_parallel / parallel.ring_degree"
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     if heads % size or (kv % size and size % kv):
-        raise ConfigError(f"parallel.sequence_parallel: {size} must divide the {heads} attention heads and "
+        raise ConfigError(f"{key}: {size} must divide the {heads} attention heads and "
                           f"divide or be divided by the {kv} key/value heads (Ulysses; "
                           f"parallel.sequence_parallel_mode: ring takes any degree)")
 

@@ -256,10 +256,14 @@ class FSDP2(Strategy):
         if self.sequence_parallel > 1:  # Ulysses around the student's own attention kernel, or ring
             from distill import ring, sequence
 
-            sequence.check_heads(student.config, self.sequence_parallel, self.sequence_mode)
-            kind, module = ((ring.RingParallel, ring) if self.sequence_mode == "ring"
-                            else (sequence.SequenceParallel, sequence))
-            self.sequence = kind(self.sequence_parallel, self.procs.rank, self.procs.world)
+            sequence.check_heads(student.config, self.sequence_parallel, self.sequence_mode, self.ring_degree)
+            args = (self.sequence_parallel, self.procs.rank, self.procs.world)
+            if self.sequence_mode == "ulysses":
+                self.sequence, module = sequence.SequenceParallel(*args), sequence
+            elif self.sequence_mode == "ring":
+                self.sequence, module = ring.RingParallel(*args), ring
+            else:  # hybrid: Ulysses inside subgroups, a ring across them
+                self.sequence, module = ring.HybridParallel(*args, ring_degree=self.ring_degree), ring
             student.set_attn_implementation(module.register(student.config._attn_implementation))
         # The models arrive whole on the host; fully_shard moves each unit's parameters to the device and
         # keeps this rank's shard, one unit at a time, so no whole model is ever on a GPU.

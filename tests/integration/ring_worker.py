@@ -8,6 +8,7 @@
    v (gathered back into row order) must equal the reference. Documents from the row's offsets, from the
    all-gathered positions alone, and in tiles of 3 query rows x 5 keys (cut across chunk and document edges).
    Cases: 4 query heads with 4, 2 and 1 key/value heads.
+With 4 processes, the same checks again for Ulysses x ring (HybridParallel, 2 x 2).
 2. With MODEL_DIR: a tiny Llama's hidden states, LM loss (targets shifted before slicing) and gradients with
    ring attention over the S ranks against one process, as sequence_worker.py checks Ulysses; a forward
    outside `SequenceParallel.on` (the teacher's, the short streams') must not enter the ring.
@@ -34,9 +35,13 @@ def reference(q, k, v, lengths):
 
 
 def attention_checks(ring, world) -> dict:
+    import functools
+
     from distill import ring as ring_module
     from distill.attention import document_offsets
-    from distill.ring import ring_attention
+    from distill.ring import HybridParallel, ring_attention
+
+    attend = ring.attention if isinstance(ring, HybridParallel) else functools.partial(ring_attention, ring)
 
     T = 16 * world  # 2S chunks of 8 tokens
     lengths = [5, 3 * world + 4, 16 * world - 3 * world - 9]  # the second crosses chunk and shard edges
@@ -56,8 +61,8 @@ def attention_checks(ring, world) -> dict:
             # each tile meeting only the keys from its first query's document start on.
             ring_module.TILE_ROWS, ring_module.TILE_COLS = (3, 5) if source == "tiled" else (512, 4096)
             local = [ring.piece(t.detach(), dim=2).requires_grad_(True) for t in (q, k, v)]
-            out = ring_attention(ring, *local, offsets=None if source == "positions" else offsets,
-                                 positions=ring.piece(positions))  # (1, n, H, D)
+            out = attend(*local, offsets=None if source == "positions" else offsets,
+                         positions=ring.piece(positions))  # (1, n, H, D)
             out.backward(ring.piece(grad))
             diffs = [(out.detach() - ring.piece(ref.detach())).abs().max().item()]
             for t, r in zip(local, ref_grads):
@@ -123,7 +128,7 @@ def model_checks(model_dir, ring, rank, world) -> dict:
 
 
 def main() -> None:
-    from distill.ring import RingParallel
+    from distill.ring import HybridParallel, RingParallel
 
     out = sys.argv[1]
     torch.set_num_threads(1)
@@ -134,6 +139,11 @@ def main() -> None:
     if len(sys.argv) > 2:
         ring.calls.clear()
         result["model"] = model_checks(sys.argv[2], ring, rank, world)
+    if world == 4:  # Ulysses x ring: 2 x 2
+        hybrid = HybridParallel(world, rank, world, ring_degree=2)
+        result["hybrid_attention"] = attention_checks(hybrid, world)
+        if len(sys.argv) > 2:
+            result["hybrid_model"] = model_checks(sys.argv[2], hybrid, rank, world)
     if rank == 0:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(result, f)

@@ -33,23 +33,27 @@ def test_ring_equals_one_process_on_a_document_crossing_shard_edges(tmp_path, to
     gathered positions, and in tiles of 3 query rows x 5 keys): output and dq, dk, dv equal dense masked
     SDPA over the whole row. Then a tiny Llama with 2 heads and 1 key/value head (4 ranks: more ranks than
     heads, which Ulysses refuses): hidden states, summed LM loss and summed gradients equal the unsplit row's;
-    a forward outside `on` stays off the ring."""
+    a forward outside `on` stays off the ring. With 4 processes the same for Ulysses x ring (2 x 2)."""
     model = make_tiny_model(str(tmp_path / "model"), "llama", tokenizer_dir=tokenizer_dir, num_heads=2,
                             num_kv_heads=1)
     result = _launch(world, str(tmp_path / "out.json"), str(29600 + world), model)
     assert result["world"] == world
     cases = {f"kv{h}_{s}" for h in (4, 2, 1) for s in ("offsets", "positions", "tiled")}
-    assert set(result["attention"]) == cases
-    for case, diffs in result["attention"].items():  # [out, dq, dk, dv]
-        assert max(diffs) < 1e-5, (case, diffs)
-    model_result = result["model"]
-    assert model_result["heads"] < world or world == 2
-    assert model_result["state_diff"] < 1e-5, model_result
-    total, reference = model_result["loss"]
-    assert total == pytest.approx(reference, rel=1e-6)
-    assert model_result["grad_diff"] <= 1e-5 * model_result["grad_scale"], model_result
-    layers = model_result["layers"]
-    assert model_result["calls"] == {"long": layers} and model_result["calls_inside"] == layers
+    # With 4 processes also Ulysses x ring (2 x 2): the all-to-all inside pairs, the ring across them.
+    parts = [("attention", "model")] + ([("hybrid_attention", "hybrid_model")] if world == 4 else [])
+    assert set(result) == {"world", *(name for pair in parts for name in pair)}
+    for attention, model in parts:
+        assert set(result[attention]) == cases
+        for case, diffs in result[attention].items():  # [out, dq, dk, dv]
+            assert max(diffs) < 1e-5, (attention, case, diffs)
+        model_result = result[model]
+        assert model_result["heads"] < world or world == 2
+        assert model_result["state_diff"] < 1e-5, model_result
+        total, reference = model_result["loss"]
+        assert total == pytest.approx(reference, rel=1e-6)
+        assert model_result["grad_diff"] <= 1e-5 * model_result["grad_scale"], model_result
+        layers = model_result["layers"]
+        assert model_result["calls"] == {"long": layers} and model_result["calls_inside"] == layers
 
 
 def test_zigzag_slices_cover_the_row_once(tmp_path):
@@ -87,12 +91,30 @@ def test_ring_settings_are_checked(tmp_path, tiny_llama, built_data):
     check_heads(tiny_config(num_heads=4, num_kv_heads=2), 3, "ring")
     with pytest.raises(ConfigError, match="sequence_parallel_mode: ring takes any degree"):
         check_heads(tiny_config(num_heads=4, num_kv_heads=2), 8)
+    # Hybrid: the Ulysses degree S / R must divide the heads; R is free.
+    check_heads(tiny_config(num_heads=4, num_kv_heads=2), 16, "hybrid", 4)
+    with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel / parallel.ring_degree: 8 must "
+                                          r"divide the 4 attention heads"):
+        check_heads(tiny_config(num_heads=4, num_kv_heads=2), 16, "hybrid", 2)
+    cfg["parallel"] = {"sequence_parallel": 4, "sequence_parallel_mode": "hybrid", "ring_degree": 2}
+    assert split_streams(load_recipe(write(cfg, tmp_path / "e.yaml")), seq) == {"long": 4}
+    for parallel, message in [
+        ({"sequence_parallel": 4, "sequence_parallel_mode": "hybrid", "ring_degree": 3},
+         "parallel.ring_degree: hybrid needs 1 < ring_degree < sequence_parallel (4) and dividing it, got 3"),
+        ({"sequence_parallel": 4, "sequence_parallel_mode": "hybrid"},
+         "parallel.ring_degree: hybrid needs 1 < ring_degree < sequence_parallel (4) and dividing it, got 1"),
+        ({"sequence_parallel": 4, "sequence_parallel_mode": "ring", "ring_degree": 2},
+         "parallel.ring_degree: only with sequence_parallel_mode: hybrid, got 2")]:
+        cfg["parallel"] = parallel
+        with pytest.raises(ConfigError) as err:
+            load_recipe(write(cfg, tmp_path / "f.yaml"))
+        assert str(err.value) == message
     cfg["parallel"] = {"sequence_parallel": 2, "sequence_parallel_mode": "zigzag"}
     bad = write(cfg, tmp_path / "d.yaml")
     with pytest.raises(ConfigError) as err:
         load_recipe(bad)
     assert str(err.value) == ("parallel.sequence_parallel_mode: 'zigzag' is not allowed; allowed: 'ulysses', "
-                              "'ring'")
+                              "'ring', 'hybrid'")
     proc = train_cli(bad)  # the command line: one line, exit 2, no traceback
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "parallel.sequence_parallel_mode: 'zigzag' is not allowed" in proc.stderr.strip().splitlines()[-1]
