@@ -56,6 +56,36 @@ def test_ring_equals_one_process_on_a_document_crossing_shard_edges(tmp_path, to
         assert model_result["calls"] == {"long": layers} and model_result["calls_inside"] == layers
 
 
+@pytest.mark.slow
+def test_hybrid_through_the_trainer_equals_one_process(tmp_path, tiny_llama, built_data):
+    """FSDP2 on 4 processes with Ulysses x ring (2 x 2) on the long stream, gradient checkpointing (the
+    recompute splits again): every logged loss and the gradient norm equal one process, step by step."""
+    from distill import train
+    from distill.metrics import read_metrics
+
+    cfg = recipe(tiny_llama, built_data, tmp_path / "one", "longred", steps=2)
+    cfg["model"]["gradient_checkpointing"] = True
+    path = write(cfg, tmp_path / "r.yaml")
+    assert train.main([path]) == 0
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"), "--num_processes", "4",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29671",
+           "-m", "distill.train", path, f"run.output_dir={tmp_path / 'hybrid'}",
+           "parallel.sequence_parallel=4", "parallel.sequence_parallel_mode=hybrid", "parallel.ring_degree=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sequence parallel (hybrid) over groups of 4" in proc.stderr
+    got, want = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("hybrid", "one"))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    for g, w in zip(got, want):
+        keys = {k for k in w if k.startswith("loss")} | {"grad_norm"}
+        assert keys <= set(g) and "loss/long/lm" in keys
+        for key in keys:
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (g["step"], key)
+
+
 def test_zigzag_slices_cover_the_row_once(tmp_path):
     """piece/whole/token_index without a process group: rank i holds chunks i and 2S-1-i, whole() inverts."""
     from distill.ring import RingParallel
