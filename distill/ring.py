@@ -195,9 +195,9 @@ class RingAttention(torch.autograd.Function):
         q_index = ring.token_index(rank, n, q.device)
         q_doc = docs[q_index]
         with _no_autocast(q.device):
-            qf = q.float()
-            out = torch.zeros(qf.shape, dtype=torch.float32, device=q.device)  # (h, g, n, D)
-            lse = torch.full(qf.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)  # (h, g, n)
+            # fp32 per sub-block (no whole fp32 copy of q); the running output and lse are fp32 throughout.
+            out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (h, g, n, D)
+            lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)  # (h, g, n)
             kv = torch.stack([k, v]).contiguous()  # (2, h, n, D): one message per hop, in the input dtype
             for step in range(size):
                 source = (rank - step) % size
@@ -207,7 +207,7 @@ class RingAttention(torch.autograd.Function):
                 k_doc = docs[k_index]
                 for rows, cols in _pairs(ring, rank, source, n, cuts):
                     allowed = _allowed(q_index[rows], k_index[cols], q_doc[rows], k_doc[cols])  # (m, c')
-                    block_out, block_lse = _block_forward(qf[:, :, rows], kv[0, :, cols].float(),
+                    block_out, block_lse = _block_forward(q[:, :, rows].float(), kv[0, :, cols].float(),
                                                           kv[1, :, cols].float(), allowed, scale)
                     out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], block_out,
                                                               block_lse)
@@ -215,21 +215,21 @@ class RingAttention(torch.autograd.Function):
                     _wait(works)
                     kv = incoming
         result = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, docs, result, lse)
+        ctx.save_for_backward(q, k, v, result, lse)  # docs come back from cuts: no (T,) tensor per layer
         ctx.cuts, ctx.scale, ctx.ring = cuts, scale, ring
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, docs, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         ring, scale, cuts = ctx.ring, ctx.scale, ctx.cuts
         rank, size, n = ring.index, ring.size, q.shape[2]
+        docs = document_ids(torch.tensor(cuts), n * size, q.device)
         q_index = ring.token_index(rank, n, q.device)
         q_doc = docs[q_index]
         with _no_autocast(q.device):
-            qf, do = q.float(), grad_out.float()
-            delta = (do * out.float()).sum(-1)  # (h, g, n)
-            dq = torch.zeros(qf.shape, dtype=torch.float32, device=q.device)
+            delta = (grad_out.float() * out.float()).sum(-1)  # (h, g, n)
+            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             kv = torch.stack([k, v]).contiguous()
             # The accumulator of the block this rank holds travels with it: after S hops it is back home.
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # (2, h, n, D)
@@ -241,8 +241,8 @@ class RingAttention(torch.autograd.Function):
                 k_doc = docs[k_index]
                 for rows, cols in _pairs(ring, rank, source, n, cuts):
                     allowed = _allowed(q_index[rows], k_index[cols], q_doc[rows], k_doc[cols])
-                    dq_t, dk_t, dv_t = _block_backward(qf[:, :, rows], kv[0, :, cols].float(),
-                                                       kv[1, :, cols].float(), do[:, :, rows],
+                    dq_t, dk_t, dv_t = _block_backward(q[:, :, rows].float(), kv[0, :, cols].float(),
+                                                       kv[1, :, cols].float(), grad_out[:, :, rows].float(),
                                                        lse[:, :, rows], delta[:, :, rows], allowed, scale)
                     dq[:, :, rows] += dq_t
                     dkv[0, :, cols] += dk_t
