@@ -26,9 +26,12 @@ ranks than key/value or query heads, groups spanning nodes), at the price of S-1
 layer instead of Ulysses' four all-to-alls of 1/S. Grouped-query attention is computed in groups (query heads
 of one key/value head share it): key/value travel unrepeated.
 
-The blocks are computed with plain fp32 matmuls, tiled over query rows (`TILE_ROWS`), each tile only against
-the keys its documents can reach (packed rows: work near Σ document² rather than T²): exact and
-device-independent, not a fused kernel.
+The blocks are computed with plain fp32 matmuls, tiled over query rows (`TILE_ROWS`) and keys (`TILE_COLS`),
+each tile only against the keys its documents can reach (packed rows: work near Σ document² rather than
+T²): exact and device-independent, not a fused kernel.
+
+`HybridParallel` (`sequence_parallel_mode: hybrid`) runs Ulysses inside subgroups of S / ring_degree
+consecutive ranks and this ring across them.
 """
 
 from __future__ import annotations
