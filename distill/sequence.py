@@ -13,6 +13,7 @@ parallelism needs no DeepSpeed).
   the teacher and the short streams run as they always do. `calls` counts entries per stream.
 The loss rule is unchanged: each rank counts the loss-bearing tokens of its slice, so the global counts and
 the summed gradients are exactly those of the unsplit row.
+The other mode, ring attention over zigzag slices (`parallel.sequence_parallel_mode: ring`), is distill.ring.
 """
 
 from __future__ import annotations
@@ -123,19 +124,29 @@ def split_streams(cfg, seq_lens: dict[str, int]) -> dict[str, int]:
         if tokens % size:
             raise ConfigError(f"streams.{name}: a micro-batch of {tokens} tokens does not split into "
                               f"parallel.sequence_parallel {size} equal slices")
+        if cfg.parallel.sequence_parallel_mode != "ulysses" and tokens % (2 * size):
+            raise ConfigError(f"streams.{name}: a micro-batch of {tokens} tokens does not cut into the "
+                              f"2 x {size} equal chunks of ring's zigzag layout")
         split[name] = size
     return split
 
 
-def check_heads(config, size: int) -> None:
-    """S must divide the attention heads, and the key/value heads divide S or S them (one line otherwise)."""
+def check_heads(config, size: int, mode: str = "ulysses", ring_degree: int = 1) -> None:
+    """Ulysses: S must divide the attention heads, and the key/value heads divide S or S them (one line
+    otherwise). Ring keeps every head on every rank: any S. Hybrid: the Ulysses degree S / ring_degree."""
     from distill.config import ConfigError
 
+    if mode == "ring":
+        return
+    key = "parallel.sequence_parallel"
+    if mode == "hybrid":
+        size, key = size // ring_degree, "parallel.sequence_parallel / parallel.ring_degree"
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     if heads % size or (kv % size and size % kv):
-        raise ConfigError(f"parallel.sequence_parallel: {size} must divide the {heads} attention heads and "
-                          f"divide or be divided by the {kv} key/value heads")
+        raise ConfigError(f"{key}: {size} must divide the {heads} attention heads and "
+                          f"divide or be divided by the {kv} key/value heads (Ulysses; "
+                          f"parallel.sequence_parallel_mode: ring takes any degree)")
 
 
 INNER = ("sdpa_varlen", "flash_attention_2")

@@ -234,6 +234,8 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     dtype = resolve_dtype(cfg.model.dtype)
     # The launcher's mode, picked once.
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
+    strategy.sequence_mode = cfg.parallel.sequence_parallel_mode
+    strategy.ring_degree = cfg.parallel.ring_degree
     strategy.split = split_streams(cfg, seq_lens)
     attention, window = check_launch(cfg, strategy, streams, device)
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
@@ -312,7 +314,8 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
     if cfg.parallel.sequence_parallel > 1:
         from distill.sequence import check_heads
 
-        check_heads(config, cfg.parallel.sequence_parallel)
+        check_heads(config, cfg.parallel.sequence_parallel, cfg.parallel.sequence_parallel_mode,
+                    cfg.parallel.ring_degree)
     # The teacher's native window, from its config (the student's own config before extension without one).
     native = _load_config(cfg.teacher.path, cfg.model.trust_remote_code) if cfg.teacher.path else config
     window = original_length(native, cfg.rope)

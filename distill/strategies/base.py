@@ -118,6 +118,8 @@ class Strategy(abc.ABC):
         self.gradient_sync = gradient_sync
         self.sequence_parallel = sequence_parallel
         self.sequence = None  # a distill.sequence.SequenceParallel once set up with S > 1
+        self.sequence_mode = "ulysses"  # parallel.sequence_parallel_mode: ulysses | ring | hybrid
+        self.ring_degree = 1  # parallel.ring_degree (hybrid)
         self.split: dict[str, int] = {}  # {stream: S} for the streams split along the sequence
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None

@@ -253,13 +253,18 @@ class FSDP2(Strategy):
     sharded = True
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
-        if self.sequence_parallel > 1:  # Ulysses around the student's own attention kernel
-            from distill import sequence
+        if self.sequence_parallel > 1:  # Ulysses around the student's own attention kernel, or ring
+            from distill import ring, sequence
 
-            sequence.check_heads(student.config, self.sequence_parallel)
-            self.sequence = sequence.SequenceParallel(self.sequence_parallel, self.procs.rank,
-                                                      self.procs.world)
-            student.set_attn_implementation(sequence.register(student.config._attn_implementation))
+            sequence.check_heads(student.config, self.sequence_parallel, self.sequence_mode, self.ring_degree)
+            args = (self.sequence_parallel, self.procs.rank, self.procs.world)
+            if self.sequence_mode == "ulysses":
+                self.sequence, module = sequence.SequenceParallel(*args), sequence
+            elif self.sequence_mode == "ring":
+                self.sequence, module = ring.RingParallel(*args), ring
+            else:  # hybrid: Ulysses inside subgroups, a ring across them
+                self.sequence, module = ring.HybridParallel(*args, ring_degree=self.ring_degree), ring
+            student.set_attn_implementation(module.register(student.config._attn_implementation))
         # The models arrive whole on the host; fully_shard moves each unit's parameters to the device and
         # keeps this rank's shard, one unit at a time, so no whole model is ever on a GPU.
         mesh = make_mesh(self.procs.device)
@@ -277,7 +282,7 @@ class FSDP2(Strategy):
 
     def describe(self) -> str:
         size = self.sequence_parallel
-        sp = f", sequence parallel over groups of {size}" if size > 1 else ""
+        sp = f", sequence parallel ({self.sequence_mode}) over groups of {size}" if size > 1 else ""
         return f"FSDP2: student and teacher sharded over {self.procs.world} processes{sp}"
 
     def backward(self, loss, last: bool) -> None:

@@ -13,6 +13,8 @@ Runs (each its own output directory under OUT, 3 steps, a checkpoint every step)
   sequence/      (FSDP2) parallel.sequence_parallel: 2 (the long stream's rows split over both ranks), with
                  gradient checkpointing (the recompute in backward splits again); sequence.json: the
                  all-to-all entries per stream
+  sequence_ring/ (FSDP2) the same with parallel.sequence_parallel_mode: ring (zigzag slices, K/V round the
+                 ring); sequence_ring.json: the ring's entries per stream
   sparse/        (replicated) the long stream, the only one with an LM loss, absent from steps 1 and 3:
                  its lm_head gets no gradient there, on any rank
   expanded/      (replicated, FSDP2) hybrid expansion of both layers (dlerp, alignment), optim.layers traced
@@ -186,14 +188,15 @@ def main() -> None:
         codes["deferred"] = run("deferred", "parallel.gradient_sync=step")
         from distill.config import load_recipe
 
-        out = os.path.join(args.out, "sequence")
-        cfg = load_recipe(args.recipe, [f"run.output_dir={out}", "parallel.sequence_parallel=2",
-                                        "model.gradient_checkpointing=true"])
-        code, live = train.run(cfg, return_state=True)
-        codes["sequence"] = code
-        if procs.is_main:
-            with open(os.path.join(args.out, "sequence.json"), "w", encoding="utf-8") as f:
-                json.dump(dict(live["strategy"].sequence.calls), f)
+        for name, extra in (("sequence", []), ("sequence_ring", ["parallel.sequence_parallel_mode=ring"])):
+            out = os.path.join(args.out, name)
+            cfg = load_recipe(args.recipe, [f"run.output_dir={out}", "parallel.sequence_parallel=2",
+                                            "model.gradient_checkpointing=true", *extra])
+            code, live = train.run(cfg, return_state=True)
+            codes[name] = code
+            if procs.is_main:
+                with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as f:
+                    json.dump(dict(live["strategy"].sequence.calls), f)
     if mode == "replicated":
         codes["sparse"] = run("sparse", *SPARSE)
         codes["startup"] = failing_startup_run(args.recipe, os.path.join(args.out, "startup"))

@@ -40,6 +40,7 @@ def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
     assert kernels["flash_attention_2"]["logit_rel_err"] < 0.05  # bf16 against the fp32 dense mask
     assert report["train"]["attention"] == "flash_attention_2" and report["layout"]["flattened"]
     assert report["sequence_parallel"]["sizes"]["2"]["loss_rel_diff_vs_one_process"] < 3e-2
+    assert report["sequence_parallel"]["sizes"]["ring_2"]["loss_rel_diff_vs_one_process"] < 3e-2
     # Part 7: the shipped SmolLM2 recipes and spec (tiny overrides on a CPU), Long CPT and LongReD for the
     # same budget, then scripts/evaluate.py on both exports against the original.
     restoration = report["restoration"]

@@ -231,7 +231,7 @@ def test_two_process_checkpoint_resumes_on_one_process(two, single, tmp_path, ca
 
 @pytest.mark.slow
 def test_fsdp2_with_sequence_parallelism_matches_one_process(two, single, tmp_path, tiny_llama):
-    """FSDP2 + Ulysses over 2 ranks (the long stream's rows split in two) with gradient checkpointing: the
+    """FSDP2 + Ulysses, and + ring, over 2 ranks (the long stream's rows split in two) with checkpointing: the
     same steps as one process, the all-to-all entered by the long stream's student only, and its checkpoint
     resumes on one process."""
     if two["mode"] != "fsdp2":
@@ -248,6 +248,12 @@ def test_fsdp2_with_sequence_parallelism_matches_one_process(two, single, tmp_pa
     # Each long micro-batch: every layer's attention in the forward and again in the checkpointed recompute;
     # never the teacher's or the short streams' forwards.
     assert calls == {"long": 2 * layers * long_forwards}
+    # Ring attention instead of Ulysses (zigzag slices, K/V round the ring, its own backward): the same steps.
+    ring = two["root"] / "sequence_ring"
+    _assert_steps_close(read_metrics(ring / "metrics.jsonl"), read_metrics(single["full"] / "metrics.jsonl"))
+    assert _max_diff(_weights(ring, STEPS), _weights(single["full"], STEPS)) < 1e-5
+    with open(two["root"] / "sequence_ring.json", encoding="utf-8") as f:
+        assert json.load(f) == {"long": 2 * layers * long_forwards}
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS}")
