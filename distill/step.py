@@ -117,6 +117,8 @@ class StreamObjectives:
     sequence: object = None
     alignment: object = None
     flatten: bool = True
+    savers: tuple[bool, int] | None = None
+    """`distill.memory.scope`'s (offload, MLP chunks) on the long stream when the recipe turns them on."""
 
     @property
     def objectives(self) -> list[str]:
@@ -205,11 +207,19 @@ class StreamObjectives:
         one_document = torch.ones_like(input_ids)  # an explicit mask: the jumps are not document boundaries
         return {"input_ids": input_ids, "position_ids": skipped, "attention_mask": one_document}, flat
 
+    @contextlib.contextmanager
     def split_attention(self):
         """The context in which this stream's forwards and backwards run: its attention split over its
         sequence-parallel group when the stream is split (the backward recomputes checkpointed layers, whose
-        attention must split again), else nothing."""
-        return self.sequence.on(self.name) if self.sequence is not None else contextlib.nullcontext()
+        attention must split again), and the memory savers on the long stream (`distill.memory`)."""
+        from distill.memory import scope
+
+        with contextlib.ExitStack() as stack:
+            if self.sequence is not None:
+                stack.enter_context(self.sequence.on(self.name))
+            if self.savers is not None:
+                stack.enter_context(scope(*self.savers))
+            yield
 
     def losses(self, strategy, batch: dict, positions_seed: int, autocast, spans: Spans = NO_SPANS) -> dict:
         """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
@@ -265,7 +275,8 @@ class StreamObjectives:
 
 def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers: dict[str, list[int]],
                      num_layers: int, teacher=None, strategy=None,
-                     attention: str = "sdpa_varlen") -> dict[str, StreamObjectives]:
+                     attention: str = "sdpa_varlen", savers: tuple[bool, int] | None = None
+                     ) -> dict[str, StreamObjectives]:
     """Every stream's StreamObjectives (after the strategy's set-up: `teacher` is the sharded one if any, and
     the streams in `strategy.split` get its sequence-parallel groups; with an expanded student and an
     alignment weight, every stream gets the objective `alignment`).
@@ -274,6 +285,9 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
         attention: the models' attention implementation (before any sequence-parallel wrapper): whether
             micro-batches are flattened (`distill.attention.flattens`).
     """
+    from distill.memory import long_streams
+
+    longest = long_streams({n: s.seq_len for n, s in streams.items()}) if savers is not None else set()
     from distill.attention import flattens
     from distill.models import TruncatedTeacher
 
@@ -289,7 +303,7 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
             name=name, cfg=stream_cfg, data=streams[name], layers=layers.get(name, []), num_layers=num_layers,
             target_length=cfg.rope.target_length, teacher=runner if taught else None, teacher_head=head,
             sequence=strategy.sequence if strategy is not None and name in strategy.split else None,
-            alignment=alignment, flatten=flattens(attention))
+            alignment=alignment, flatten=flattens(attention), savers=savers if name in longest else None)
     return built
 
 
