@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 import torch
+
+from distill.plan import auto_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +53,6 @@ def scope(offload: bool, chunks: int):
         yield
     finally:
         _ACTIVE = previous
-
-
-def auto_chunks(hidden: int, intermediate: int) -> int:
-    """`parallel.tiled_mlp: auto`: the chunks that bring a chunk's MLP intermediates (four tensors of
-    `intermediate` per token: gate, up, their activation and product) down to one residual's size."""
-    return max(1, math.ceil(4 * intermediate / hidden))
 
 
 def resolve_chunks(setting, config) -> int:
@@ -265,7 +260,22 @@ def install_savers(model, parallel) -> tuple[bool, int] | None:
     return parallel.offload_activations, chunks
 
 
-def long_streams(seq_lens: dict[str, int]) -> set[str]:
-    """The streams the savers act on: those with the longest rows."""
-    longest = max(seq_lens.values())
-    return {name for name, n in seq_lens.items() if n == longest}
+class FinalState:
+    """The decoder's final-norm output of a forward, taken by a forward hook, for a stream whose losses read
+    only that state: `output_hidden_states=True` would keep every layer's output alive until the forward
+    returns, which under offloaded checkpoints is exactly what was moved off the device (the same tensors)."""
+
+    def __init__(self, model):
+        self.value: torch.Tensor | None = None
+        self._norm = model.get_decoder().norm
+
+    def __enter__(self):
+        def grab(module, args, output):
+            self.value = output
+
+        self._handle = self._norm.register_forward_hook(grab)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False

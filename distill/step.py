@@ -23,6 +23,7 @@ import torch
 
 from distill.config import ConfigError, RecipeConfig, StreamConfig
 from distill.data.dataset import DataError, PackedStream
+from distill.memory import FinalState
 from distill.mixture import Mixture, stable_seed
 from distill.objectives import alignment_loss, hidden_cosine_loss, kl_loss, lm_loss
 from distill.rope import skipped_positions
@@ -233,11 +234,16 @@ class StreamObjectives:
         # cosine upcasts itself). The final hidden state is fp32 under CPU autocast (the residual stream is):
         # outside autocast those matmuls ran in fp32, 3x slower on a bf16 CPU.
         with autocast():
-            with spans("student_forward", self.name), self.split_attention():
+            # Every layer's state only when a loss compares them (else only the final one is kept alive).
+            every = bool(self.layers)
+            final = contextlib.nullcontext() if every else FinalState(strategy.student)
+            with spans("student_forward", self.name), self.split_attention(), final:
                 # Through the root (sharded modes gather embeddings and lm_head there); logits for one token.
-                out = strategy.forward(**student_inputs, output_hidden_states=True, use_cache=False,
+                out = strategy.forward(**student_inputs, output_hidden_states=every, use_cache=False,
                                        logits_to_keep=1)
-            states = [h.view(B, T, -1) for h in out.hidden_states]  # n_layers + 1 of (B, T, H); [-1] normed
+            states = [h.view(B, T, -1) for h in out.hidden_states] if every else \
+                [final.value.view(B, T, -1)]  # n_layers + 1 (or the last) of (B, T, H); [-1] normed
+            del out, final
             head = strategy.output_weight()
             sums = {}
             if self.alignment is not None:
@@ -285,7 +291,7 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
         attention: the models' attention implementation (before any sequence-parallel wrapper): whether
             micro-batches are flattened (`distill.attention.flattens`).
     """
-    from distill.memory import long_streams
+    from distill.plan import long_streams
 
     longest = long_streams({n: s.seq_len for n, s in streams.items()}) if savers is not None else set()
     from distill.attention import flattens
