@@ -17,7 +17,7 @@ this module:
   `activation_checkpointing_enable(offload=True)` (torch's `save_on_cpu`), the copy runs on a side CUDA stream
   so the device-to-host transfer overlaps the next layer's forward, and it applies only to the streams that
   need it (the long one), not to every short micro-batch. On a CPU it is the same code path: a real copy
-  into a separate host buffer, so tests see the exact arithmetic a GPU run does.
+  into a separate host buffer and a real copy back, so tests see the exact arithmetic a GPU run does.
 - `parallel.tiled_mlp`: `TiledMLP`, an autograd Function that runs the MLP module over N sequence chunks
   without saving anything but its input, and in backward recomputes one chunk at a time and takes that
   chunk's gradients, so at most (tokens/N, intermediate) tensors exist at once.
@@ -124,7 +124,7 @@ class _Offloaded:
             torch.cuda.current_stream(self.device).wait_event(self.event)  # the host copy is complete
             back = self.host.to(self.device, non_blocking=True)
         else:
-            back = self.host.to(self.device)  # on the host already: the buffer itself
+            back = self.host.clone()  # a copy back, as on a GPU: the recompute never owns the host buffer
         return back
 
     def __del__(self):
