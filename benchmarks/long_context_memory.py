@@ -97,10 +97,27 @@ class LiveBytes:
             self.now -= n
 
     def __enter__(self):
+        """Track, with the offloaded host buffers (`distill.memory.HostOffload.pack`) counted as host."""
+        from distill import memory
+
+        self._pack = memory.HostOffload.pack
+        tracker, pack = self, self._pack
+
+        def host_pack(offload, tensor):
+            tracker.host = True
+            try:
+                return pack(offload, tensor)
+            finally:
+                tracker.host = False
+
+        memory.HostOffload.pack = host_pack
         self.mode.__enter__()
         return self
 
     def __exit__(self, *exc):
+        from distill import memory
+
+        memory.HostOffload.pack = self._pack
         return self.mode.__exit__(*exc)
 
 
@@ -138,7 +155,6 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
     sp = sequence.SequenceParallel(world, rank, world)
     split_name = sequence.register(inner)
     head = model.get_output_embeddings().weight
-    original_pack = memory.HostOffload.pack
 
     def run(size: int, offload: bool, tiled: bool, tracker: LiveBytes | None) -> float:
         split = size > 1
@@ -152,29 +168,16 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
         def attention():
             return sp.on("long") if split else contextlib.nullcontext()
 
-        def pack(self, tensor):
-            if tracker is not None:
-                tracker.host = True
-            try:
-                return original_pack(self, tensor)
-            finally:
-                if tracker is not None:
-                    tracker.host = False
-
-        memory.HostOffload.pack = pack
-        try:
-            with tracker if tracker is not None else contextlib.nullcontext():
-                with torch.autocast("cpu", dtype=torch.bfloat16), memory.FinalState(model) as final:
-                    with scope(), attention():
-                        model(**inputs, use_cache=False, logits_to_keep=1)
-                    loss = lm_loss(final.value, head, tgt, chunk_size=LOSS_CHUNK, shifted=True)[0]
-                    final.value = None
+        with tracker if tracker is not None else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16), memory.FinalState(model) as final:
                 with scope(), attention():
-                    loss.backward()
-                value = loss.detach().clone()
-                del loss
-        finally:
-            memory.HostOffload.pack = original_pack
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+                loss = lm_loss(final.value, head, tgt, chunk_size=LOSS_CHUNK, shifted=True)[0]
+                final.value = None
+            with scope(), attention():
+                loss.backward()
+            value = loss.detach().clone()
+            del loss
         if split:
             dist.all_reduce(value)
         return float(value)

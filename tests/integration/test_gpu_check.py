@@ -32,13 +32,17 @@ def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
     report = _run(tmp_path, "--attention", "flash_attention_2", "--seq", "512", "--loss-tokens", "1024",
                   "--steps", "2")
     assert report["flash_attn"] is True
-    for part in ("attention", "loss", "train", "layout", "zero3_precision", "sequence_parallel"):
+    for part in ("attention", "loss", "train", "layout", "zero3_precision", "sequence_parallel",
+                 "long_context_memory"):
         assert report[part]["status"] == "ok", (part, report[part])
     kernels = report["attention"]["implementations"]
     assert kernels["flash_attention_2"]["layout"] == "one row + offsets"
     assert kernels["flash_attention_2"]["logit_rel_err"] < 0.05  # bf16 against the fp32 dense mask
     assert report["train"]["attention"] == "flash_attention_2" and report["layout"]["flattened"]
     assert report["sequence_parallel"]["sizes"]["2"]["loss_rel_diff_vs_one_process"] < 3e-2
+    memory = report["long_context_memory"]["sizes"]["8192"]
+    assert memory["offload+tiled"]["measured_bytes"] < 0.6 * memory["plain"]["measured_bytes"]
+    assert memory["offload"]["host_bytes"] == 8 * 8192 * 64 * 4  # every layer's fp32 input on the host
 
 
 def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
