@@ -220,7 +220,8 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=8192, help="the row's length (even; 16384: ~2.5 minutes)")
+    parser.add_argument("--tokens", type=int, default=8192,
+                        help="the row's length (even; 16384: ~2.5 minutes)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

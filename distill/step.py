@@ -290,12 +290,14 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
     Args:
         attention: the models' attention implementation (before any sequence-parallel wrapper): whether
             micro-batches are flattened (`distill.attention.flattens`).
+        savers: `distill.memory.install_savers`'s (offload, MLP chunks) for the streams with the longest rows,
+            or None.
     """
+    from distill.attention import flattens
+    from distill.models import TruncatedTeacher
     from distill.plan import long_streams
 
     longest = long_streams({n: s.seq_len for n, s in streams.items()}) if savers is not None else set()
-    from distill.attention import flattens
-    from distill.models import TruncatedTeacher
 
     runner = TruncatedTeacher(teacher) if teacher is not None else None  # shared: one copy per depth
     expansion = cfg.model.expansion
