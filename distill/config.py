@@ -719,6 +719,16 @@ class ParallelConfig:
     at `checkpoint_write_gb_per_s`, at least 30 minutes."""
     checkpoint_write_gb_per_s: float = 0.2
     """The write speed the default collective timeout assumes (GB/s; 0.2: a busy shared filesystem)."""
+    offload_activations: bool = False
+    """Long stream: each decoder layer's checkpointed input (what gradient checkpointing keeps per layer,
+    tokens x hidden) is copied to pinned host memory on a side CUDA stream during the forward and brought
+    back for the layer's recompute in backward (`distill.memory`). Needs model.gradient_checkpointing; costs
+    host memory (scripts/plan.py prints it) and PCIe traffic; saves layers x tokens x hidden x 2-4 bytes per
+    GPU."""
+    tiled_mlp: int | Literal["auto"] = 1
+    """Long stream: each decoder layer's MLP runs over this many sequence chunks in forward and backward
+    (recomputing each chunk), so the (tokens, intermediate) tensors never exist whole; 1: off. auto: the
+    number of chunks that brings the chunk's intermediate down to the residual's size (scripts/plan.py)."""
 
     def validate(self, path: str) -> None:
         check(self.sequence_parallel >= 1, join(path, "sequence_parallel"),
@@ -736,6 +746,8 @@ class ParallelConfig:
               f"must be positive seconds, got {self.collective_timeout_s}")
         check(self.checkpoint_write_gb_per_s > 0, join(path, "checkpoint_write_gb_per_s"),
               f"must be positive, got {self.checkpoint_write_gb_per_s}")
+        check(self.tiled_mlp == "auto" or self.tiled_mlp >= 1, join(path, "tiled_mlp"),
+              f"must be a positive number of chunks or auto, got {self.tiled_mlp}")
 
 
 @dataclasses.dataclass
@@ -801,6 +813,9 @@ class RecipeConfig:
         problem = check_lr_schedule(self.optim.schedule, self.train.max_steps)
         if problem is not None:
             raise ConfigError(problem)
+        check(not self.parallel.offload_activations or self.model.gradient_checkpointing,
+              "parallel.offload_activations", "true needs model.gradient_checkpointing: true (what it moves "
+              "to the host is the checkpointed layer inputs)")
         traced = self.optim.layers
         if traced.mode == "traced" and traced.stream is not None:
             check(traced.stream in self.streams, "optim.layers.stream",

@@ -82,34 +82,83 @@ class Shape:
         return self.layers * self.layer_params + self.embed_params + head + self.hidden
 
 
-def activation_bytes_per_token_layer(shape: Shape, regime: str) -> int:
+def activation_bytes_per_token_layer(shape: Shape, regime: str, mlp_chunks: int = 1) -> float:
     """Saved-for-backward bytes per token per decoder layer (no checkpointing), as measured on the CPU.
 
     Args:
         regime: "fp32" (fp32 weights, no autocast), "autocast" (fp32 master weights, bf16 autocast: the
             residual stream stays fp32), "bf16" (bf16 weights: FSDP2 mixed precision on a GPU).
+        mlp_chunks: `parallel.tiled_mlp` (1: off): the tiled MLP saves only its input, so the MLP's
+            intermediates (`mlp_intermediate_bytes`) leave the saved bytes, and one chunk of the MLP's share
+            (`mlp_bytes`/N) exists while that chunk is recomputed in backward (counted here: this is also
+            the layer at its backward's peak).
     """
     h, kv, i = shape.hidden, shape.kv_width, shape.intermediate
-    return {"fp32": 36 * h + 8 * kv + 16 * i, "autocast": 32 * h + 4 * kv + 8 * i,
+    full = {"fp32": 36 * h + 8 * kv + 16 * i, "autocast": 32 * h + 4 * kv + 8 * i,
             "bf16": 22 * h + 4 * kv + 8 * i}[regime]
+    if mlp_chunks <= 1:
+        return full
+    return full - mlp_intermediate_bytes(shape, regime) + mlp_bytes(shape, regime) / mlp_chunks
 
 
-def saved_forward_bytes(shape: Shape, tokens: int, regime: str, checkpointing: bool) -> int:
-    """What one micro-batch's student forward keeps for backward (embeddings and final norm included): every
-    layer's activations, or with gradient checkpointing only each layer's input (`r·H`, r the residual's
-    bytes)."""
-    full = activation_bytes_per_token_layer(shape, regime)
-    residual = 2 if regime == "bf16" else 4
+def mlp_intermediate_bytes(shape: Shape, regime: str) -> int:
+    """Per token, what a gated MLP saves of width `intermediate` (gate, its activation, up, their product:
+    4 tensors in the compute dtype; 2 bytes each under autocast and bf16, 4 in fp32)."""
+    return (16 if regime == "fp32" else 8) * shape.intermediate
+
+
+def mlp_bytes(shape: Shape, regime: str) -> int:
+    """Per token, everything a gated MLP saves for backward: its intermediates and its input (fp32 input: 4H,
+    two bf16 casts of it under autocast: 4H, bf16: 2H)."""
+    return mlp_intermediate_bytes(shape, regime) + (2 if regime == "bf16" else 4) * shape.hidden
+
+
+def residual_bytes(regime: str) -> int:
+    """Bytes per hidden unit of the residual stream (a checkpointed layer input)."""
+    return 2 if regime == "bf16" else 4
+
+
+def saved_forward_bytes(shape: Shape, tokens: int, regime: str, checkpointing: bool, mlp_chunks: int = 1,
+                        offload: bool = False) -> float:
+    """What one micro-batch's student forward keeps for backward on the device (embeddings and final norm
+    included): every layer's activations (with a tiled MLP: without its intermediates), or with gradient
+    checkpointing only each layer's input (`r·H`, r the residual's bytes), which `offload` moves to the host
+    (`offloaded_host_bytes`)."""
+    if checkpointing:
+        per_layer = 0 if offload else residual_bytes(regime) * shape.hidden
+    elif mlp_chunks > 1:
+        per_layer = activation_bytes_per_token_layer(shape, regime) - mlp_intermediate_bytes(shape, regime)
+    else:
+        per_layer = activation_bytes_per_token_layer(shape, regime)
     base = 6 * shape.hidden if regime == "bf16" else 10 * shape.hidden  # embeddings out, final norm
-    per_layer = residual * shape.hidden if checkpointing else full
+    if checkpointing and offload:
+        base -= 2 * shape.hidden  # what stays is the final norm's (measured: 8H of the 10H under autocast)
     return tokens * (shape.layers * per_layer + base)
 
 
-def student_activation_bytes(shape: Shape, tokens: int, regime: str, checkpointing: bool) -> int:
+def offloaded_host_bytes(shape: Shape, tokens: int, regime: str) -> int:
+    """Host memory `parallel.offload_activations` holds per rank at the end of a micro-batch's forward: every
+    layer's checkpointed input (pinned on a GPU host)."""
+    return tokens * shape.layers * residual_bytes(regime) * shape.hidden
+
+
+def student_activation_bytes(shape: Shape, tokens: int, regime: str, checkpointing: bool,
+                             mlp_chunks: int = 1, offload: bool = False) -> float:
     """One micro-batch's activations at the backward's peak: the saved forward, plus, with checkpointing,
-    the layer being recomputed."""
-    recompute = tokens * activation_bytes_per_token_layer(shape, regime) if checkpointing else 0
-    return saved_forward_bytes(shape, tokens, regime, checkpointing) + recompute
+    the layer being recomputed (its MLP `mlp_chunks` pieces at a time) and, offloaded, that layer's input
+    brought back and the next one's in flight."""
+    recompute = tokens * activation_bytes_per_token_layer(shape, regime, mlp_chunks) if checkpointing else 0
+    in_flight = 2 * tokens * residual_bytes(regime) * shape.hidden if checkpointing and offload else 0
+    if not checkpointing and mlp_chunks > 1:  # the one chunk being recomputed in backward
+        recompute = tokens * mlp_bytes(shape, regime) / mlp_chunks
+    return saved_forward_bytes(shape, tokens, regime, checkpointing, mlp_chunks, offload) + recompute + \
+        in_flight
+
+
+def ring_blocks_bytes(shape: Shape, tokens: int, weight_bytes: int) -> int:
+    """Ring attention's key/value blocks in flight per rank: the block being used and the one arriving, each
+    (T/S) x kv_heads x head_dim for keys and for values (`tokens` is already T/S)."""
+    return 2 * tokens * shape.kv_heads * shape.head_dim * 2 * weight_bytes
 
 
 def distilled_states(objectives) -> int:
@@ -155,9 +204,34 @@ def teacher_activation_bytes(shape: Shape, tokens: int, depth: int, weight_bytes
     return tokens * (kept * shape.hidden + in_flight) * weight_bytes
 
 
+def auto_chunks(hidden: int, intermediate: int) -> int:
+    """`parallel.tiled_mlp: auto`: the chunks that bring a chunk's MLP intermediates (four tensors of
+    `intermediate` per token: gate, up, their activation and product) down to one residual's size."""
+    return max(1, math.ceil(4 * intermediate / hidden))
+
+
+def long_streams(seq_lens: dict[str, int]) -> set[str]:
+    """The streams the memory savers act on (`distill.memory`): those with the longest rows."""
+    longest = max(seq_lens.values())
+    return {name for name, n in seq_lens.items() if n == longest}
+
+
+def savers(cfg, shape: Shape) -> tuple[bool, int]:
+    """The recipe's (offload, MLP chunks) for its long stream (`distill.memory`; tiled_mlp auto resolved)."""
+    setting = cfg.parallel.tiled_mlp
+    chunks = auto_chunks(shape.hidden, shape.intermediate) if setting == "auto" else int(setting)
+    return bool(cfg.parallel.offload_activations), chunks
+
+
+def sequence_parallel_mode(cfg) -> str:
+    """parallel.sequence_parallel_mode where the recipe has it (ring attention), else ulysses."""
+    return getattr(cfg.parallel, "sequence_parallel_mode", "ulysses")
+
+
 def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dict[str, int],
          teacher_shape: Shape | None = None, sequence_parallel: int = 1, on_gpu: bool = True,
-         ranks_per_node: int = 8) -> dict:
+         ranks_per_node: int = 8, offload: bool | None = None, mlp_chunks: int | None = None,
+         sp_mode: str | None = None) -> dict:
     """Bytes per GPU of the recipe `cfg` on `world` GPUs in `mode`.
 
     Args:
@@ -167,6 +241,8 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
         sequence_parallel: S, the ranks the longest stream's rows are split over (its activations / S).
         on_gpu: FSDP2 runs its parameters in the recipe's dtype (mixed precision) only on a GPU.
         ranks_per_node: processes per node (host memory per node).
+        offload / mlp_chunks / sp_mode: the long stream's savers and the sequence-parallel kind ("ulysses",
+            "ring"); None: the recipe's.
 
     Returns:
         {"peak_bytes", "gpu_bytes", "fits", "setup_peak_bytes" (GPU, before the first step),
@@ -213,13 +289,26 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
 
     regime = ("bf16" if fsdp_mixed else "autocast") if low else "fp32"
     split_names = _split_streams(cfg, seq_lens)
+    recipe_offload, recipe_chunks = savers(cfg, shape)
+    offload = recipe_offload if offload is None else offload
+    mlp_chunks = recipe_chunks if mlp_chunks is None else mlp_chunks
+    sp_mode = sequence_parallel_mode(cfg) if sp_mode is None else sp_mode
+    longest = long_streams(seq_lens)
     streams = {}
+    offloaded_host = 0
     for name, stream in cfg.streams.items():
         rows = stream.micro_batch * seq_lens[name]
         split = sequence_parallel if name in split_names else 1
         tokens = math.ceil(rows / split)
-        with_ckpt = student_activation_bytes(shape, tokens, regime, True)
-        without = student_activation_bytes(shape, tokens, regime, False)
+        chunks = min(mlp_chunks, tokens) if name in longest else 1
+        moved = offload and name in longest and cfg.model.gradient_checkpointing
+        with_ckpt = student_activation_bytes(shape, tokens, regime, True, chunks, moved)
+        without = student_activation_bytes(shape, tokens, regime, False, chunks)
+        if split > 1 and sp_mode == "ring":
+            ring = ring_blocks_bytes(shape, tokens, 2 if regime == "bf16" else weight_bytes)
+            with_ckpt, without = with_ckpt + ring, without + ring
+        if moved:
+            offloaded_host = max(offloaded_host, offloaded_host_bytes(shape, tokens, regime))
         objectives = stream.objectives
         depth = 0
         if needs_teacher and objectives.needs_teacher:
@@ -250,6 +339,10 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
             "collective_timeout_s": cfg.parallel.collective_timeout_s or
             collective_timeout_s(shape, cfg.parallel.checkpoint_write_gb_per_s),
             "host_bytes_per_node": int(host * ranks_per_node), "ranks_per_node": ranks_per_node,
+            "offloaded_host_bytes_per_rank": int(offloaded_host),
+            "offloaded_host_bytes_per_node": int(offloaded_host * ranks_per_node),
+            "savers": {"offload_activations": bool(offload), "tiled_mlp": int(mlp_chunks),
+                       "sequence_parallel_mode": sp_mode},
             "breakdown": {k: int(v) for k, v in breakdown.items()},
             "streams": {k: {kk: int(vv) for kk, vv in v.items()} for k, v in streams.items()}}
 
@@ -324,14 +417,16 @@ def _distilled_depth(objectives, num_layers: int) -> int:
     return max(num_layers if layer == "last" else int(layer) for layer in hidden.layers)
 
 
-def sequence_parallel_problem(shape: Shape, world: int, size: int) -> str | None:
+def sequence_parallel_problem(shape: Shape, world: int, size: int, sp_mode: str = "ulysses") -> str | None:
     """Why the trainer would refuse sequence parallelism over `size` ranks of `world` for this model (the
-    degree must divide the processes and the attention heads, and divide or be divided by the key/value
-    heads: distill.sequence.check_heads), or None."""
+    degree must divide the processes and, for Ulysses, the attention heads, and divide or be divided by the
+    key/value heads: distill.sequence.check_heads; ring attention has no head limit), or None."""
     if size == 1:
         return None
     if world % size:
         return f"{size} does not divide the {world} processes"
+    if sp_mode == "ring":
+        return None
     if shape.heads % size or (shape.kv_heads % size and size % shape.kv_heads):
         return (f"{size} must divide the {shape.heads} attention heads and divide or be divided by the "
                 f"{shape.kv_heads} key/value heads")
@@ -340,24 +435,83 @@ def sequence_parallel_problem(shape: Shape, world: int, size: int) -> str | None
 
 def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int,
                                 seq_lens: dict[str, int], teacher_shape: Shape | None = None,
-                                on_gpu: bool = True) -> dict:
+                                on_gpu: bool = True, variants: bool = False, **savers_) -> dict:
     """`plan` at the recipe's `parallel.sequence_parallel` (with `sequence_parallel_problem` when the trainer
     would refuse it), plus `min_sequence_parallel`: the smallest degree the trainer accepts for this model
-    and launch at which the peak fits, or None when none does."""
+    and launch at which the peak fits, or None when none does.
+
+    Args:
+        variants: also `peak_by_savers`: the peak at the recipe's degree with each saver off and on
+            ({"plain", "offload", "tiled_mlp", "offload+tiled_mlp"} and, split, "ring" for the other kind).
+        savers_: `plan`'s offload / mlp_chunks / sp_mode overrides.
+    """
     configured = cfg.parallel.sequence_parallel
-    result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu)
-    result["sequence_parallel_problem"] = sequence_parallel_problem(shape, world, configured)
+    sp_mode = savers_.get("sp_mode") or sequence_parallel_mode(cfg)
+    result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu,
+                  **savers_)
+    result["sequence_parallel_problem"] = sequence_parallel_problem(shape, world, configured, sp_mode)
     result["min_sequence_parallel"] = None
     for s in range(1, world + 1):
-        if sequence_parallel_problem(shape, world, s) is not None:
+        if sequence_parallel_problem(shape, world, s, sp_mode) is not None:
             continue
         trial = result if s == configured else \
-            plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu)
+            plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu, **savers_)
         if trial["fits"]:
             result["min_sequence_parallel"] = s
             result["peak_bytes_at_min_sequence_parallel"] = trial["peak_bytes"]
             break
+    if variants:
+        _, chunks = savers(cfg, shape)
+        tiled = chunks if chunks > 1 else auto_chunks(shape.hidden, shape.intermediate)
+        table = {"plain": (False, 1), "offload": (True, 1), "tiled_mlp": (False, tiled),
+                 "offload+tiled_mlp": (True, tiled)}
+        peaks = {}
+        for key, (off, n) in table.items():
+            if off and not cfg.model.gradient_checkpointing:
+                continue
+            peaks[key] = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu,
+                              offload=off, mlp_chunks=n, sp_mode=sp_mode)["peak_bytes"]
+        if configured > 1:
+            other = "ring" if sp_mode == "ulysses" else "ulysses"
+            kept = {k: v for k, v in savers_.items() if k != "sp_mode"}
+            peaks[other] = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured,
+                                on_gpu, sp_mode=other, **kept)["peak_bytes"]
+        result["peak_by_savers"] = peaks
+        result["tiled_mlp_chunks_compared"] = tiled
     return result
+
+
+def max_context(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dict[str, int],
+                teacher_shape: Shape | None = None, on_gpu: bool = True, stream: str | None = None,
+                step: int = 1024, **savers_) -> dict:
+    """The longest row of the long stream (`stream`, default: the recipe's longest) that fits for this model
+    and launch at some sequence-parallel degree the trainer accepts, with the recipe's other streams as they
+    are: a bisection over multiples of `step` tokens (the peak grows with the length).
+
+    Returns:
+        {"max_context": tokens or 0, "stream", "sequence_parallel" (the smallest degree at that length),
+         "peak_bytes"}.
+    """
+    name = stream or sorted(long_streams(seq_lens))[0]
+
+    def fits(length: int) -> dict | None:
+        lens = {**seq_lens, name: length}
+        result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, lens, teacher_shape, on_gpu,
+                                             **savers_)
+        return result if result["min_sequence_parallel"] is not None else None
+
+    low, high = 0, step
+    while fits(high * 1) is not None and high < 2**30:
+        low, high = high, high * 2
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        if mid <= low:
+            break
+        low, high = (mid, high) if fits(mid) is not None else (low, mid)
+    best = fits(low) if low else None
+    return {"max_context": low, "stream": name,
+            "sequence_parallel": best["min_sequence_parallel"] if best else None,
+            "peak_bytes": best["peak_bytes_at_min_sequence_parallel"] if best else None}
 
 
 def gpu_memory(name: str) -> int:

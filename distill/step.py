@@ -23,6 +23,7 @@ import torch
 
 from distill.config import ConfigError, RecipeConfig, StreamConfig
 from distill.data.dataset import DataError, PackedStream
+from distill.memory import FinalState
 from distill.mixture import Mixture, stable_seed
 from distill.objectives import alignment_loss, hidden_cosine_loss, kl_loss, lm_loss
 from distill.rope import skipped_positions
@@ -117,6 +118,8 @@ class StreamObjectives:
     sequence: object = None
     alignment: object = None
     flatten: bool = True
+    savers: tuple[bool, int] | None = None
+    """`distill.memory.scope`'s (offload, MLP chunks) on the long stream when the recipe turns them on."""
 
     @property
     def objectives(self) -> list[str]:
@@ -205,11 +208,19 @@ class StreamObjectives:
         one_document = torch.ones_like(input_ids)  # an explicit mask: the jumps are not document boundaries
         return {"input_ids": input_ids, "position_ids": skipped, "attention_mask": one_document}, flat
 
+    @contextlib.contextmanager
     def split_attention(self):
         """The context in which this stream's forwards and backwards run: its attention split over its
         sequence-parallel group when the stream is split (the backward recomputes checkpointed layers, whose
-        attention must split again), else nothing."""
-        return self.sequence.on(self.name) if self.sequence is not None else contextlib.nullcontext()
+        attention must split again), and the memory savers on the long stream (`distill.memory`)."""
+        from distill.memory import scope
+
+        with contextlib.ExitStack() as stack:
+            if self.sequence is not None:
+                stack.enter_context(self.sequence.on(self.name))
+            if self.savers is not None:
+                stack.enter_context(scope(*self.savers))
+            yield
 
     def losses(self, strategy, batch: dict, positions_seed: int, autocast, spans: Spans = NO_SPANS) -> dict:
         """Loss sums of every objective of one micro-batch: {objective: 0-dim tensor}."""
@@ -223,11 +234,16 @@ class StreamObjectives:
         # cosine upcasts itself). The final hidden state is fp32 under CPU autocast (the residual stream is):
         # outside autocast those matmuls ran in fp32, 3x slower on a bf16 CPU.
         with autocast():
-            with spans("student_forward", self.name), self.split_attention():
+            # Every layer's state only when a loss compares them (else only the final one is kept alive).
+            every = bool(self.layers)
+            final = contextlib.nullcontext() if every else FinalState(strategy.student)
+            with spans("student_forward", self.name), self.split_attention(), final:
                 # Through the root (sharded modes gather embeddings and lm_head there); logits for one token.
-                out = strategy.forward(**student_inputs, output_hidden_states=True, use_cache=False,
+                out = strategy.forward(**student_inputs, output_hidden_states=every, use_cache=False,
                                        logits_to_keep=1)
-            states = [h.view(B, T, -1) for h in out.hidden_states]  # n_layers + 1 of (B, T, H); [-1] normed
+            states = [h.view(B, T, -1) for h in out.hidden_states] if every else \
+                [final.value.view(B, T, -1)]  # n_layers + 1 (or the last) of (B, T, H); [-1] normed
+            del out, final
             head = strategy.output_weight()
             sums = {}
             if self.alignment is not None:
@@ -265,7 +281,8 @@ class StreamObjectives:
 
 def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers: dict[str, list[int]],
                      num_layers: int, teacher=None, strategy=None,
-                     attention: str = "sdpa_varlen") -> dict[str, StreamObjectives]:
+                     attention: str = "sdpa_varlen", savers: tuple[bool, int] | None = None
+                     ) -> dict[str, StreamObjectives]:
     """Every stream's StreamObjectives (after the strategy's set-up: `teacher` is the sharded one if any, and
     the streams in `strategy.split` get its sequence-parallel groups; with an expanded student and an
     alignment weight, every stream gets the objective `alignment`).
@@ -273,9 +290,14 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
     Args:
         attention: the models' attention implementation (before any sequence-parallel wrapper): whether
             micro-batches are flattened (`distill.attention.flattens`).
+        savers: `distill.memory.install_savers`'s (offload, MLP chunks) for the streams with the longest rows,
+            or None.
     """
     from distill.attention import flattens
     from distill.models import TruncatedTeacher
+    from distill.plan import long_streams
+
+    longest = long_streams({n: s.seq_len for n, s in streams.items()}) if savers is not None else set()
 
     runner = TruncatedTeacher(teacher) if teacher is not None else None  # shared: one copy per depth
     expansion = cfg.model.expansion
@@ -289,7 +311,7 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
             name=name, cfg=stream_cfg, data=streams[name], layers=layers.get(name, []), num_layers=num_layers,
             target_length=cfg.rope.target_length, teacher=runner if taught else None, teacher_head=head,
             sequence=strategy.sequence if strategy is not None and name in strategy.split else None,
-            alignment=alignment, flatten=flattens(attention))
+            alignment=alignment, flatten=flattens(attention), savers=savers if name in longest else None)
     return built
 
 

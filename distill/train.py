@@ -24,6 +24,7 @@ import torch
 from distill import checkpoint as ckpt
 from distill.config import ConfigError, RecipeConfig, load_recipe, save_yaml, to_dict
 from distill.data.dataset import DataError
+from distill.memory import install_savers
 from distill.schedules import lr_at
 from distill.step import NO_SPANS, BadRowError, Spans, StepContext, build_objectives, check_stream, train_step
 
@@ -245,6 +246,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
     host = torch.device("cpu") if strategy.sharded else device
     student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, host)
+    savers = install_savers(student, cfg.parallel)  # parallel.offload_activations / tiled_mlp: long stream
     teacher = None
     if cfg.needs_teacher:
         teacher_cfg = cfg.model if cfg.teacher.path is None else \
@@ -281,7 +283,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     groups = grad_groups(student) if cfg.log.layer_grad_every or (trace and cfg.optim.layers.every) else None
     num_layers = student.config.num_hidden_layers
     ctx = StepContext(strategy=strategy, streams=build_objectives(cfg, streams, layers, num_layers, teacher,
-                                                                  strategy, attention),
+                                                                  strategy, attention, savers),
                       mixture=mixture, device=device, autocast=autocast, seed=cfg.run.seed,
                       max_grad_norm=cfg.optim.max_grad_norm, vocab_size=student.config.vocab_size,
                       bad_rows=cfg.train.bad_rows, spans=spans, layer_grad_every=cfg.log.layer_grad_every,

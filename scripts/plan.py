@@ -1,18 +1,22 @@
 """Plan a run's memory per GPU from the recipe and the model's config.json, before anything is loaded.
 
     python scripts/plan.py RECIPE [--accelerate-config recipes/accelerate/fsdp2.yaml] [--gpus N]
-        [--gpu h100-80gb|h200-141gb|a100-80gb|BYTES] [--mfu 0.4] [--peak-tflops T] [--json] [a.b=value ...]
+        [--gpu h100-80gb|h200-141gb|a100-80gb|BYTES] [--mfu 0.4] [--peak-tflops T] [--max-context] [--json]
+        [a.b=value ...]
 
 Reads only the model's (and the teacher's) `config.json`, never the weights, so a 70B run can be planned on a
 laptop; works before the data is built when the recipe gives `streams.<name>.seq_len`. Prints the parameters,
 gradients and optimiser state, the teacher, each stream's activations (with and without gradient
 checkpointing), loss buffers and overhead per GPU, the peak, whether it fits, the smallest
-sequence-parallel degree that fits, the set-up's GPU peak, host memory per rank and node, the checkpoint size
-and the collective timeout it implies; then the budget: tokens per step and per run, step time and hours at
-`--mfu` (default 0.4), checkpoints on disk under train.keep_last / keep_every, and the stop grace a cluster
-must leave between its signal and the kill. `--json` prints the same as one JSON object (the budget under
-"budget"). Overrides may come before or after the flags. A user mistake prints one
-line `error: ...` and exits with status 2.
+sequence-parallel degree that fits, the peak with each long-context saver off and on (offloaded
+checkpoints, tiled MLP, ring vs Ulysses attention), the set-up's GPU peak, host memory per rank and node (and
+what offloaded checkpoints hold), the checkpoint size and the collective timeout it implies; then the budget:
+tokens per step and per run, step time and hours at `--mfu` (default 0.4), checkpoints on disk under
+train.keep_last / keep_every, and the stop grace a cluster must leave between its signal and the kill.
+`--max-context` adds the longest long-stream row that fits (a bisection over its length, the other streams as
+they are, at the smallest sequence-parallel degree that fits). `--json` prints the same as one JSON object
+(the budget under "budget"). Overrides may come before or after the flags. A user mistake prints one line
+`error: ...` and exits with status 2.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate-config", help="the launcher config (default: FSDP2 on 8 GPUs)")
     p.add_argument("--gpus", type=number(int), help="GPUs in the launch (default: the accelerate config's)")
     p.add_argument("--gpu", default="h100-80gb", help="h100-80gb (default), h200-141gb, a100-80gb, or bytes")
+    p.add_argument("--max-context", action="store_true",
+                   help="also the longest long-stream row that fits (JSON: max_context)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--mfu", type=number(float), default=0.4,
                    help="model FLOPs utilisation the step time assumes (default 0.4)")
@@ -58,6 +64,7 @@ def make_plan(args) -> dict:
         Shape,
         accelerate_launch,
         gpu_memory,
+        max_context,
         plan_with_sequence_parallel,
         recipe_seq_lens,
     )
@@ -82,9 +89,15 @@ def make_plan(args) -> dict:
 
     shape = Shape.from_config(config(cfg.model.path, "model.path"))
     teacher = Shape.from_config(config(cfg.teacher.path, "teacher.path")) if cfg.teacher.path else shape
-    result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, recipe_seq_lens(cfg), teacher)
+    seq_lens = recipe_seq_lens(cfg)
+    result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher, variants=True)
     result.update({"recipe": args.recipe, "gpu": args.gpu, "parameters": shape.params})
     result["budget"] = make_budget(args, cfg, shape, teacher, world)
+    if args.max_context:
+        longest = max_context(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher)
+        result.update({"max_context": longest["max_context"], "max_context_stream": longest["stream"],
+                       "max_context_sequence_parallel": longest["sequence_parallel"],
+                       "max_context_peak_bytes": longest["peak_bytes"]})
     return result
 
 
@@ -143,6 +156,14 @@ def format_plan(result: dict) -> str:
                  f"memory {result['host_bytes_per_rank'] / gib:.1f} GiB per rank, "
                  f"{result['host_bytes_per_node'] / gib:.1f} GiB per node of "
                  f"{result['ranks_per_node']} ranks")
+    saver = result["savers"]
+    if saver["offload_activations"]:
+        lines.append(f"offloaded checkpoints (parallel.offload_activations): "
+                     f"{result['offloaded_host_bytes_per_rank'] / gib:.1f} GiB pinned host memory per rank, "
+                     f"{result['offloaded_host_bytes_per_node'] / gib:.1f} GiB per node")
+    peaks = ", ".join(f"{k} {v / gib:.1f}" for k, v in result["peak_by_savers"].items())
+    chunks = result["tiled_mlp_chunks_compared"]
+    lines.append(f"peak by long-stream saver (GiB; tiled MLP in {chunks} chunks): {peaks}")
     lines.append(f"checkpoint {result['checkpoint_bytes'] / 1e9:.1f} GB; collective timeout "
                  f"{result['collective_timeout_s']:.0f} s (parallel.collective_timeout_s)")
     if result.get("sequence_parallel_problem"):
@@ -154,6 +175,11 @@ def format_plan(result: dict) -> str:
                     else "none"))
     if "budget" in result:
         lines.extend(format_budget(result))
+    if "max_context" in result:
+        sp = result["max_context_sequence_parallel"]
+        lines.append(f"longest {result['max_context_stream']} row that fits: {result['max_context']} tokens"
+                     + (f" (sequence parallelism {sp}, {result['max_context_peak_bytes'] / gib:.1f} GiB)"
+                        if sp else ""))
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
                   "--steps", "2")
     assert report["flash_attn"] is True
     for part in ("attention", "loss", "train", "layout", "zero3_precision", "sequence_parallel",
-                 "restoration"):
+                 "restoration", "long_context_memory"):
         assert report[part]["status"] == "ok", (part, report[part])
     kernels = report["attention"]["implementations"]
     assert kernels["flash_attention_2"]["layout"] == "one row + offsets"
@@ -51,6 +51,9 @@ def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
                     "tokens_per_s"):
             assert key in figures, (method, key)
     assert "short_gap_recovered" in restoration
+    memory = report["long_context_memory"]["sizes"]["8192"]
+    assert memory["offload+tiled"]["measured_bytes"] < 0.6 * memory["plain"]["measured_bytes"]
+    assert memory["offload"]["host_bytes"] == 8 * 8192 * 64 * 4  # every layer's fp32 input on the host
 
 
 def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
