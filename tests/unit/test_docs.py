@@ -24,7 +24,7 @@ FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 KEY = re.compile(r"(?<![\w./<-])((?:run|model|rope|teacher|streams|mix|optim|train|parallel|log|eval|sources|"
                  r"holdout)(?:\.[A-Za-z_<>][\w<>]*)+)(?==|`|\s|:|,|\))")
 GENERATED = ("data/built/", "runs/", "models/", "demo_out/", "logs/")
-FILE_SUFFIXES = ("py", "json", "jsonl", "yaml", "md", "png", "sbatch", "sh", "txt")
+FILE_SUFFIXES = ("py", "json", "jsonl", "yaml", "md", "png", "sbatch", "sh", "txt", "safetensors")
 # Keys the docs cite on purpose as what NOT to write (the error a typo gets).
 EXAMPLES_OF_MISTAKES = {"optim.lrr"}
 
@@ -105,6 +105,8 @@ def _resolve(cls, parts: list[str]) -> bool:
 
 def _known_key(key: str) -> bool:
     parts = [p for p in key.split(".")]
+    if parts[-1].startswith("<"):  # `sources.<name>.<key>`: any key of that section
+        return _known_key(".".join(parts[:-1]) + ".path") if len(parts) > 2 else True
     if parts[0] in ("sources", "holdout"):
         return _resolve(DataSpec, parts)
     if parts[0] == "streams" and len(parts) >= 3:

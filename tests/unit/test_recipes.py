@@ -61,6 +61,24 @@ CHANGED = {
     "recipes/mistral-7b-v0.3/longred-128k-abf.yaml": {**_DISK, **_SHORT_MISTRAL},
     "recipes/mistral-7b-v0.3/mix_cpt-128k-abf.yaml": {**_DISK, **_SHORT_MISTRAL},
 }
+# Keys added to the recipe schema since the snapshot, at their defaults where a recipe does not set them.
+NEW_KEYS = {"parallel.offload_activations": False, "parallel.tiled_mlp": 1,
+            "parallel.sequence_parallel_mode": "ulysses", "parallel.ring_degree": 1}
+# Recipes newer than the snapshot: (the recipe they extend, what they change).
+_LONG = "data/built/slimpajama-llama3-{}/{}"
+NEW_RECIPES = {
+    "recipes/llama3-8b/longred-1m-abf-sp8.yaml": ("recipes/llama3-8b/longred-512k-abf-sp8.yaml", {
+        "run.name": "llama3-8b-longred-1m-abf-sp8", "run.output_dir": "runs/llama3-8b-longred-1m-abf-sp8",
+        "rope.theta": 5.0e8, "rope.target_length": 1048576, "streams.long.seq_len": 1048576,
+        "streams.long.data": _LONG.format("1m", "long"), "streams.s2l.data": _LONG.format("1m", "s2l"),
+        "parallel.offload_activations": True}),
+    "recipes/llama3-8b/longred-2m-abf-sp8.yaml": ("recipes/llama3-8b/longred-1m-abf-sp8.yaml", {
+        "run.name": "llama3-8b-longred-2m-abf-sp8", "run.output_dir": "runs/llama3-8b-longred-2m-abf-sp8",
+        "rope.theta": 1.0e9, "rope.target_length": 2097152, "streams.long.seq_len": 2097152,
+        "streams.long.data": _LONG.format("2m", "long"), "streams.s2l.data": _LONG.format("2m", "s2l"),
+        "parallel.tiled_mlp": "auto", "mix.tokens_per_step": 4194304, "train.max_steps": 256,
+        "train.save_every": 16}),
+}
 
 
 def shipped_recipes(under: str = "") -> list[str]:
@@ -112,16 +130,21 @@ def planner_budgets(world: int = 8, mfu: float = 0.4, peak_tflops: float = 989.0
 
 
 def test_the_shipped_recipes_are_found():
-    assert len(EIGHT_B) == 15
+    assert len(EIGHT_B) == 15 + len(NEW_RECIPES) and set(NEW_RECIPES) <= set(EIGHT_B)
     assert not [p for p in shipped_recipes() if "/base/" in p or p.startswith("recipes/accelerate")]
 
 
 @pytest.mark.parametrize("path", EIGHT_B)
 def test_recipes_on_bases_resolve_as_before(path):
-    """Each 8B recipe, rewritten on bases, resolves to the same config as before, but for the named fixes."""
-    before = _flat(json.load(open(SNAPSHOT))[path])
-    expected = {**before, **CHANGED[path]}
+    """Each 8B recipe, rewritten on bases, resolves to the same config as before, but for the named fixes (a
+    recipe newer than the snapshot: to the recipe it extends, but for what it changes)."""
     got = _flat(to_dict(_load(path)))
+    if path in NEW_RECIPES:
+        parent, changes = NEW_RECIPES[path]
+        assert got == {**_flat(to_dict(_load(parent))), **changes}
+        return
+    before = {**NEW_KEYS, **_flat(json.load(open(SNAPSHOT))[path])}
+    expected = {**before, **CHANGED[path]}
     assert got == expected
     assert set(CHANGED[path]) <= set(before)  # a fix changes a key that existed, it adds none
 
