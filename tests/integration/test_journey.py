@@ -2,10 +2,10 @@
 as written, on data built from the shipped data specs by scripts/prepare_data.py, with only these swaps:
 - the model: the recipes' and specs' hub ids (meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.3)
   resolve, offline (HF_HUB_OFFLINE=1), through a Hugging Face cache this test fills with a tiny random-init
-  model of the same family and depth (32 layers, so the recipes' layer lists stay as shipped) and a 256-token
+  model of the same family and depth (32 layers, so the recipes' layer lists stay as shipped) and a 128-token
   window;
 - the sources: one override per source, `sources.<name>.path=<local JSON lines>` (docs/data.md);
-- the scale: lengths / 32 (target 1024, original window 256, short rows 128), token budgets, 2 steps, one row
+- the scale: lengths / 64 (target 512, original window 128, short rows 64), token budgets, 2 steps, one row
   per micro-batch; a sequence-parallel recipe other than the sharded run below runs on one process.
 Before any data exists, scripts/plan.py plans each recipe as shipped. One recipe (128K LongReD with 2-way
 sequence parallelism) runs sharded (FSDP2, 2 processes, in-training evaluation on) and scripts/evaluate.py
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -33,8 +34,9 @@ from distill.testing import fill_hub_cache, make_tiny_model, stdlib_files
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "integration", "journey_worker.py")
 HUB = {"meta-llama/Meta-Llama-3-8B": "llama", "mistralai/Mistral-7B-v0.3": "mistral"}
-WINDOW, TARGET = 256, 1024
-LENGTHS = {"long": TARGET, "s2l": WINDOW, "short": 128}
+WINDOW, TARGET = 128, 512
+LENGTHS = {"long": TARGET, "s2l": WINDOW, "short": 64}
+TOKENS_PER_STEP = 1024  # LongReD's 4 : 3 : 1 = one 512-token long row, 6 short rows, one s2l window
 SPECS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "data", "*.yaml"))
                if not os.path.basename(p).startswith(("demo", "smollm2")))
 RECIPES = sorted(os.path.relpath(p, ROOT) for d in ("llama3-8b", "mistral-7b-v0.3")
@@ -58,6 +60,15 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def readme_quickstart() -> list[str]:
+    """The command lines of the README's quickstart block, as a user copies them."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = text[text.index("<!-- quickstart"):]
+    block = block[block.index("```bash") + len("```bash"): block.index("```", block.index("```bash") + 7)]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines() if line.strip()]
 
 
 def spec_swaps(spec_path: str, corpora: str, texts: list[str]) -> list[str]:
@@ -89,8 +100,9 @@ def spec_swaps(spec_path: str, corpora: str, texts: list[str]) -> list[str]:
 def recipe_swaps(recipe_path: str) -> list[str]:
     """The recipe's scale, shrunk: target and row lengths, token slots, steps, one row per micro-batch."""
     cfg = load_recipe(os.path.join(ROOT, recipe_path))
-    swaps = [f"rope.target_length={TARGET}", "mix.tokens_per_step=2048", f"train.max_steps={STEPS}",
-             "train.save_every=0", "train.eval_every=0", "train.export=false", "log.progress_bar=false"]
+    swaps = [f"rope.target_length={TARGET}", f"mix.tokens_per_step={TOKENS_PER_STEP}",
+             f"train.max_steps={STEPS}", "train.save_every=0", "train.eval_every=0", "train.export=false",
+             "log.progress_bar=false"]
     for name in cfg.streams:
         swaps += [f"streams.{name}.seq_len={LENGTHS[name]}", f"streams.{name}.micro_batch=1"]
     if cfg.parallel.sequence_parallel > 1:
@@ -105,7 +117,7 @@ def journey(tmp_path_factory, tokenizer_dir):
     hub_cache, hf_home = str(work / "hf" / "hub"), str(work / "hf")
     for repo, arch in HUB.items():
         model = make_tiny_model(str(work / "models" / arch), arch, tokenizer_dir=tokenizer_dir, seed=1,
-                                hidden_size=64, num_layers=32, num_heads=8, num_kv_heads=2,
+                                hidden_size=64, num_layers=32, num_heads=4, num_kv_heads=2,
                                 intermediate_size=128, max_position_embeddings=WINDOW)
         fill_hub_cache(hub_cache, repo, model)
     env = _env(hub_cache, hf_home)
@@ -129,16 +141,36 @@ def journey(tmp_path_factory, tokenizer_dir):
     failed = {name: r["code"] for name, r in results.items() if r["code"] != 0}
     assert not failed, (failed, proc.stderr[-4000:])
 
-    # The sharded run: FSDP2 on 2 processes (gloo), as the recipe's header launches it, plus the swaps.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"), "--num_processes", "2",
-              "--main_process_port", "29671", "-m", "distill.train", os.path.join(ROOT, SHARDED),
-              *[s for s in recipe_swaps(SHARDED) if not s.startswith(("train.", "parallel."))],
-              f"train.max_steps={STEPS}", "train.save_every=1", "train.eval_every=1", "eval.max_rows=2"]
-    proc = subprocess.run(launch, cwd=work, env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True,
-                          text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {"work": work, "env": env, "results": results}
+    # The README's quickstart, line by line in a fresh directory, with the same swaps: its FSDP2 launch is the
+    # sharded run (2 gloo processes instead of 8 GPUs), its evaluate.py reads the export.
+    quick = work / "quickstart"
+    quick.mkdir()
+    for line in readme_quickstart():
+        cmd = shlex.split(line)
+        if cmd[0] == "hf":  # the login: this machine's cache already holds the model
+            continue
+        run_env = env
+        if cmd[:2] == ["python", "scripts/prepare_data.py"]:
+            cmd += spec_swaps(cmd[2], str(corpora), texts)
+        elif cmd[:2] == ["python", "scripts/plan.py"]:
+            cmd += [s for s in recipe_swaps(cmd[2]) if not s.startswith("parallel.")]
+        elif cmd[0] == "accelerate":
+            at = cmd.index("--config_file") + 2
+            cmd[at:at] = ["--num_processes", "2", "--main_process_port", "29671"]
+            cmd += [s for s in recipe_swaps(SHARDED) if not s.startswith(("train.", "parallel."))]
+            cmd += [f"train.max_steps={STEPS}", "train.save_every=1", "train.eval_every=1", "eval.max_rows=2"]
+            run_env = {**env, "ACCELERATE_USE_CPU": "1"}
+        elif cmd[:2] == ["python", "scripts/evaluate.py"]:
+            cmd += ["--max-rows", "2", "--long-rows", "1", "--passkey-samples", "0"]
+        cmd = [sys.executable if c == "python" else c for c in cmd]
+        if cmd[0] == "accelerate":
+            cmd[:1] = [sys.executable, "-m", "accelerate.commands.launch"]
+        cmd = [os.path.join(ROOT, c) if c.startswith(("scripts/", "recipes/", "data/")) and os.path.isfile(
+            os.path.join(ROOT, c)) else c for c in cmd]
+        proc = subprocess.run(cmd, cwd=quick, env=run_env, capture_output=True, text=True, timeout=900,
+                              check=False)
+        assert proc.returncode == 0, (line, proc.stderr[-4000:])
+    return {"work": work, "quick": quick, "env": env, "results": results}
 
 
 @pytest.mark.slow
@@ -149,7 +181,7 @@ def test_every_shipped_recipe_plans_builds_and_trains(journey, recipe):
     plan = json.loads(journey["results"][f"plan {recipe}"]["stdout"])
     assert plan["peak_bytes"] > 0 and plan["world"] >= 1
     cfg = load_recipe(os.path.join(ROOT, recipe))
-    out = journey["work"] / cfg.run.output_dir
+    out = journey["quick" if recipe == SHARDED else "work"] / cfg.run.output_dir
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for name, stream in cfg.streams.items():
@@ -169,12 +201,16 @@ def test_every_shipped_spec_builds(journey):
 
 
 @pytest.mark.slow
-def test_the_sharded_run_evaluates_and_its_checkpoint_is_read(journey):
-    """2-process FSDP2 with sequence parallelism: in-training evaluation logs the short-text gap; evaluate.py
-    reads the mid-run checkpoint (teacher by hub id); merge.py interpolates the export with the hub id."""
-    work, env = journey["work"], journey["env"]
+def test_readme_quickstart_runs_and_its_sharded_run_is_read(journey):
+    """The README's quickstart followed literally (tiny-model cache, local sources, shrunk scale): its launch
+    is FSDP2 on 2 processes with sequence parallelism; in-training evaluation logs the short-text gap;
+    evaluate.py reads a mid-run checkpoint (teacher by hub id); merge.py interpolates the export with the hub
+    id."""
+    work, env = journey["quick"], journey["env"]
     cfg = load_recipe(os.path.join(ROOT, SHARDED))
     out = work / cfg.run.output_dir
+    # The quickstart's own evaluate.py line read the export with the teacher named by its hub id.
+    assert math.isfinite(json.loads((out / "eval" / "eval.json").read_text())["figures"]["short_nll_gap"])
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
     gaps = [r["eval/short_nll_gap"] for r in records if "eval/short_nll_gap" in r]
