@@ -135,3 +135,39 @@ def test_the_checks_catch_what_they_should():
                                                           "recipes/llama3-8b/mix_cpt-32k-abf.yaml",
                                                           "docs/method.md"]
     assert COMMAND.findall("    python scripts/plan.py R.yaml --gpus 8 --json\n")[0][0] == "scripts/plan.py"
+    assert _names_something("distill.strategies.zero3.ds_config") and not _names_something("distill.parallel")
+
+
+COMMENTED = sorted(os.path.relpath(p, ROOT) for pattern in ("recipes/**/*.yaml", "data/*.yaml")
+                   for p in __import__("glob").glob(os.path.join(ROOT, pattern), recursive=True))
+MODULE = re.compile(r"(?<![\w/.])(distill(?:\.\w+)+)")
+
+
+def _names_something(dotted: str) -> bool:
+    """`distill.strategies.zero3.ds_config`: a module of ours, or an attribute of one."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        obj = module
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES + COMMENTED)
+def test_every_named_module_and_test_exists(page):
+    """Recipes, data specs and pages name real modules (`distill.strategies.fsdp2`) and real test files."""
+    text = _text(page)
+    modules = {m.rstrip(".") for m in MODULE.findall(text)}
+    wrong = [m for m in modules if m.rsplit(".", 1)[-1] not in FILE_SUFFIXES and not _names_something(m)]
+    wrong += [p for p in PATH.findall(text) if p.startswith("tests/") and not any(c in p for c in "*<>{")
+              and not os.path.exists(os.path.join(ROOT, p))]
+    assert not wrong, f"{page} names modules or tests that do not exist: {sorted(set(wrong))}"
