@@ -163,8 +163,8 @@ def journey(tmp_path_factory, tokenizer_dir):
         elif cmd[:2] == ["python", "scripts/evaluate.py"]:
             cmd += ["--max-rows", "2", "--long-rows", "1", "--passkey-samples", "0"]
         cmd = [sys.executable if c == "python" else c for c in cmd]
-        if cmd[0] == "accelerate":
-            cmd[:1] = [sys.executable, "-m", "accelerate.commands.launch"]
+        if cmd[:2] == ["accelerate", "launch"]:
+            cmd[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
         cmd = [os.path.join(ROOT, c) if c.startswith(("scripts/", "recipes/", "data/")) and os.path.isfile(
             os.path.join(ROOT, c)) else c for c in cmd]
         proc = subprocess.run(cmd, cwd=quick, env=run_env, capture_output=True, text=True, timeout=900,
