@@ -110,9 +110,12 @@ class RingParallel(sequence.SequenceParallel):
         return received, dist.batch_isend_irecv(ops)
 
 
-def _wait(works) -> None:
+def _wait(works: list) -> None:
+    """Wait on each pending transfer, then drop it: a finished send's work still holds the tensor it sent,
+    which would keep the sent block alive until the list is rebound (three blocks in flight, not two)."""
     for work in works:
         work.wait()
+    works.clear()
 
 
 def _pairs(ring: RingParallel, rank: int, source: int, n: int, cuts: list[int]) -> list[tuple[slice, slice]]:

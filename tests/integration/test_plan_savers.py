@@ -109,8 +109,8 @@ def _llama3(tmp_path, name, *overrides):
 def test_savers_lower_the_llama3_8b_peak(tmp_path):
     """At 512K with S = 8 on 8 x H100: each saver lowers the long stream's activations, offload by the
     checkpointed residual (32 layers x 64K tokens x 4096 x 2 bytes = 16 GiB, which the host then holds),
-    tiled MLP by the recomputed layer's intermediates; ring attention costs its K/V blocks on top of
-    Ulysses."""
+    tiled MLP by the recomputed layer's intermediates; ring attention costs its K/V blocks (and its dK/dV
+    accumulators) on top of Ulysses."""
     _, cfg, _ = _llama3(tmp_path, "longred-512k-abf-sp8")
     shape = Shape.from_config(AutoConfig.for_model(**LLAMA3_8B))
     seq = recipe_seq_lens(cfg)
@@ -127,7 +127,7 @@ def test_savers_lower_the_llama3_8b_peak(tmp_path):
     assert long[(False, 14)] == pytest.approx(long[(False, 1)] - tiled)
     assert long[(True, 14)] < long[(True, 1)] < long[(False, 1)]
     ring = plan(cfg, shape, "fsdp2", 8, int(79.1 * GiB), seq, None, 8, sp_mode="ring")
-    blocks = 2 * tokens * 8 * 128 * 2 * 2
+    blocks = 2 * (2 * tokens * 8 * 128) * 2 + 2 * (2 * tokens * 8 * 128) * 4  # bf16 K/V, fp32 dK/dV: pairs
     assert ring["streams"]["long"]["activations"] == long[(False, 1)] + blocks
     assert student_activation_bytes(shape, tokens, "bf16", True) == long[(False, 1)]
 
