@@ -90,7 +90,8 @@ def test_plan_follows_the_sequence_parallel_mode(tmp_path):
     for mode in ("ulysses", "ring"):
         command = [sys.executable, os.path.join(ROOT, "scripts", "plan.py"),
                    "recipes/smollm2-135m/long_cpt-32k-abf.yaml", f"model.path={model}",
-                   "streams.long.seq_len=262144", "parallel.sequence_parallel=2",
+                   "streams.long.seq_len=262144", f"streams.long.data={tmp_path / 'not-built'}",
+                   "parallel.sequence_parallel=2",
                    f"parallel.sequence_parallel_mode={mode}", "--accelerate-config",
                    "recipes/accelerate/fsdp2.yaml", "--gpu", "16GiB", "--json"]
         proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
