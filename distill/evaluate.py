@@ -221,6 +221,20 @@ def doc_ids(position_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def _short_figures(totals: DocTotals, t_totals: DocTotals | None) -> dict:
+    """The short-text figures from per-document totals (and the teacher's on the same documents): NLL with its
+    standard error over documents, perplexity, counts, and the paired standard error of the gap."""
+    n_targets = sum(totals.counts.values())
+    out = {"short_nll": totals.mean(), "short_nll_se": totals.se(), "short_tokens": n_targets,
+           "short_documents": sum(1 for n in totals.counts.values() if n)}
+    out["short_ppl"] = math.exp(out["short_nll"]) if n_targets else float("nan")
+    if t_totals is not None:
+        out["teacher_short_nll"] = t_totals.mean()
+        out["teacher_short_nll_se"] = t_totals.se()
+        out["short_nll_gap_se"] = totals.minus(t_totals).se()  # paired over the same documents
+    return out
+
+
 def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size: int = 4,
                     attention_rows: int = 2, attention_tokens: int = 512, chunk_size: int = 4096) -> dict:
     """Short-text retention of the student against the teacher on held-out short rows.
@@ -288,15 +302,9 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
                     cos_sums[i] += cos[real].sum().item()
             n_real += int(real.sum().item())
             del s_states, t_states, s_final, t_final
-    n_targets = sum(totals.counts.values())
-    out = {"short_nll": totals.mean(), "short_nll_se": totals.se(), "short_tokens": n_targets,
-           "short_documents": sum(1 for n in totals.counts.values() if n)}
-    out["short_ppl"] = math.exp(out["short_nll"]) if n_targets else float("nan")
+    out = _short_figures(totals, t_totals if teacher is not None else None)
     if teacher is None:
         return out
-    out["teacher_short_nll"] = t_totals.mean()
-    out["teacher_short_nll_se"] = t_totals.se()
-    out["short_nll_gap_se"] = totals.minus(t_totals).se()  # paired over the same documents
     out["kl_teacher_student"] = _mean(kl_sum, n_kl)
     same_shape = model.config.hidden_size == teacher.config.hidden_size
     out["hidden_cosine"] = [_mean(c, n_real) for c in cos_sums] if same_shape and cos_sums else []
@@ -395,15 +403,9 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
         totals.counts.update(counts)
         t_totals.sums.update(t_sums)
         t_totals.counts.update({d: counts[d] for d in t_sums})
-    n_targets = sum(totals.counts.values())
-    out = {"short_nll": totals.mean(), "short_nll_se": totals.se(), "short_tokens": n_targets,
-           "short_documents": sum(1 for n in totals.counts.values() if n)}
-    out["short_ppl"] = math.exp(out["short_nll"]) if n_targets else float("nan")
+    out = _short_figures(totals, t_totals if teacher is not None else None)
     if teacher is None:
         return out
-    out["teacher_short_nll"] = t_totals.mean()
-    out["teacher_short_nll_se"] = t_totals.se()
-    out["short_nll_gap_se"] = totals.minus(t_totals).se()
     out["kl_teacher_student"] = _mean(sum(g[3] for g in gathered), sum(g[4] for g in gathered))
     return out
 
