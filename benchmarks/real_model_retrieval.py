@@ -128,8 +128,8 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated RoPE settings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", help="also write the table to this file")
-    parser.add_argument("--out", help="also write the JSON here, rewritten after every setting (an interrupted "
-                                      "run keeps what it measured)")
+    parser.add_argument("--out", help="also write the JSON here, rewritten after every setting (an "
+                                      "interrupted run keeps what it measured)")
     args = parser.parse_args()
     common.quiet()
     common.set_threads(args.threads)
