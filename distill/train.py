@@ -226,8 +226,10 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path,
                                                   trust_remote_code=cfg.model.trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any load failure is the user's path
+        from distill.hub import hub_reason
+
         raise ConfigError(f"model.path: cannot load a tokenizer from '{cfg.model.path}': "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                          f"{hub_reason(err)}") from None
     streams = open_streams(cfg, tokenizer)
     seq_lens = {n: s.seq_len for n, s in streams.items()}
     # Rank 0's view of the checkpoints decides (nodes may list a shared directory differently for a while).
