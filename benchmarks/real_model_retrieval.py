@@ -99,9 +99,11 @@ def evaluate(model, tokenizer, filler, long_stream, args) -> dict:
 
 
 def markdown(settings: dict, setup: dict) -> str:
-    beyond = setup.get("prompts_beyond") or setup["prompts"]
+    measured = next((r for r in settings.values() if "passkey_within_prompts" in r), {})
+    within = measured.get("passkey_within_prompts", setup["prompts"])  # rounded up to whole depth rows
+    beyond = measured.get("passkey_beyond_prompts", setup.get("prompts_beyond") or setup["prompts"])
     lines = [f"SmolLM2-135M-Instruct, {setup['within']} and {setup['length']} tokens "
-             f"({setup['prompts']} and {beyond} passkey prompts, {setup['rows']} rows of {setup['length']} "
+             f"({within} and {beyond} passkey prompts, {setup['rows']} rows of {setup['length']} "
              f"for NLL), bf16 on a CPU; ± one standard error.", "",
              f"| RoPE | passkey at {setup['within']} | passkey at {setup['length']} | NLL < {WINDOW} | "
              f"NLL ≥ {WINDOW} |", "|---|---|---|---|---|"]

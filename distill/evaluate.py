@@ -220,7 +220,18 @@ def doc_ids(position_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
 # Short-text retention
 # ------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
+def _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size: int,
+                device) -> tuple[float, int]:
+    """Summed KL(teacher ‖ student) of next-token distributions and its count. Position t predicts token t+1:
+    only positions whose next token has a target count."""
+    predicting = torch.zeros_like(has_target)
+    predicting[:, :-1] = has_target[:, 1:]
+    with _exact(device):
+        kl, count = kl_loss(s_final, s_weight, t_final, t_weight, predicting, kind="forward",
+                            chunk_size=chunk_size)
+    return kl.item(), int(count.item())
+
+
 def _short_figures(totals: DocTotals, t_totals: DocTotals | None) -> dict:
     """The short-text figures from per-document totals (and the teacher's on the same documents): NLL with its
     standard error over documents, perplexity, counts, and the paired standard error of the gap."""
@@ -235,6 +246,7 @@ def _short_figures(totals: DocTotals, t_totals: DocTotals | None) -> dict:
     return out
 
 
+@torch.no_grad()
 def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size: int = 4,
                     attention_rows: int = 2, attention_tokens: int = 512, chunk_size: int = 4096) -> dict:
     """Short-text retention of the student against the teacher on held-out short rows.
@@ -286,14 +298,8 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
             t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
             totals.add(nll, has_target, doc)
             t_totals.add(t_nll, has_target, doc)
-            # KL at position t compares the distributions over token t+1: only where that token has a target.
-            predicting = torch.zeros_like(has_target)
-            predicting[:, :-1] = has_target[:, 1:]
-            with _exact(device):
-                kl, count = kl_loss(s_final, s_weight, t_final, t_weight, predicting, kind="forward",
-                                    chunk_size=chunk_size)
-            kl_sum += kl.item()
-            n_kl += int(count.item())
+            kl, count = _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size, device)
+            kl_sum, n_kl = kl_sum + kl, n_kl + count
             if cos_sums is None:
                 cos_sums = [0.0] * len(s_states)
             if len(s_states) == len(t_states) and s_states[0].shape == t_states[0].shape:
@@ -386,13 +392,8 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
                     continue
                 t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
                 t_totals.add(t_nll, has_target, doc)
-                predicting = torch.zeros_like(has_target)  # position t predicts token t+1
-                predicting[:, :-1] = has_target[:, 1:]
-                with _exact(device):
-                    kl, count = kl_loss(s_final, s_weight, t_final, t_weight, predicting, kind="forward",
-                                        chunk_size=chunk_size)
-                kl_sum += kl.item()
-                n_kl += int(count.item())
+                kl, count = _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size, device)
+                kl_sum, n_kl = kl_sum + kl, n_kl + count
     finally:
         hook.remove()
         final.clear()

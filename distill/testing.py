@@ -152,3 +152,18 @@ def fill_hub_cache(cache_dir: str, repo_id: str, model_dir: str, commit: str | N
     with open(os.path.join(repo, "refs", "main"), "w", encoding="utf-8") as f:
         f.write(commit)
     return snapshot
+
+
+def states_loss_grads(model, inputs: dict, targets: torch.Tensor):
+    """One forward and backward of `model` on `inputs` with the chunked LM loss on already shifted `targets`:
+    (every hidden state, the summed loss, every parameter's gradient), detached: what the sequence-parallel
+    workers compare between one process and a split row."""
+    from distill.objectives import lm_loss
+
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    loss = lm_loss(out.hidden_states[-1], model.get_output_embeddings().weight, targets, chunk_size=16,
+                   shifted=True)[0]
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return [h.detach() for h in out.hidden_states], loss.detach(), grads

@@ -699,7 +699,8 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
     if "nll" in plots:
         lines += ["![NLL by position](nll_by_position.png)", ""]
     if real:
-        lines += real_model_lines(real)
+        with open(os.path.join(out, "real_model.md"), encoding="utf-8") as f:
+            lines += real_model_lines(real, f.read())
     lines += ["Per-model details (per-layer hidden cosine and attention KL, passkey grids): "
               "`eval/<model>/eval.json`; the sweeps: `sweep/<method>/`. "
               f"Total time {seconds / 60:.1f} min.", ""]
@@ -708,9 +709,10 @@ def write_report(out: str, results: dict, seconds: float, seeds: int = 1, format
     return report
 
 
-def real_model_lines(real: dict) -> list[str]:
+def real_model_lines(real: dict, table: str) -> list[str]:
     """The report's section on SmolLM2-135M: the original's retrieval within and beyond its window (the
-    proof that the passkey measure separates on a model that can copy) and the zero-shot RoPE table."""
+    proof that the passkey measure separates on a model that can copy) and the zero-shot RoPE table the
+    benchmark wrote (`table`, its markdown)."""
     setup, settings = real["setup"], real["settings"]
     within = settings.get("original", {}).get("passkey_within", math.nan)
     lines = ["## A real pretrained model: SmolLM2-135M-Instruct", "",
@@ -722,18 +724,8 @@ def real_model_lines(real: dict) -> list[str]:
              f"at {setup['length']} tokens, past its window, the original finds "
              f"{_f(settings.get('original', {}).get('passkey_beyond', math.nan), '.2f')}. Zero-shot (no "
              "training) each RoPE scaling the trainer ships is applied as the trainer builds a student; "
-             "NLL on held-out standard-library code by position, ± one standard error:", "",
-             f"| RoPE | passkey at {setup['within']} | passkey at {setup['length']} | "
-             f"NLL < {setup['window']} | NLL ≥ {setup['window']} |", "|---|---|---|---|---|"]
-    for name, r in settings.items():
-        if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | |")
-            continue
-        lines.append(f"| {name} | {r['passkey_within']:.2f} ± {r['passkey_within_se']:.2f} "
-                     f"(n={r['passkey_within_prompts']}) | {r['passkey_beyond']:.2f} ± "
-                     f"{r['passkey_beyond_se']:.2f} (n={r['passkey_beyond_prompts']}) | "
-                     f"{_f(r['long_nll_within'], '.3f')} ± {_f(r['long_nll_within_se'], '.3f')} | "
-                     f"{_f(r['long_nll_beyond'], '.3f')} ± {_f(r['long_nll_beyond_se'], '.3f')} |")
+             "NLL on held-out standard-library code by position, ± one standard error "
+             "(benchmarks/real_model_retrieval.py's table):", "", *table.strip().splitlines()]
     lines += ["", "Extending it (training) is a GPU job: recipes/smollm2-135m/ and `benchmarks/gpu_check.py "
               "--part 7`.", ""]
     return lines

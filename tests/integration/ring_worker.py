@@ -78,7 +78,7 @@ def model_checks(model_dir, ring, rank, world) -> dict:
 
     from distill import attention
     from distill import ring as ring_module
-    from distill.objectives import lm_loss
+    from distill.testing import states_loss_grads
 
     attention.register()
     torch.manual_seed(0)
@@ -97,13 +97,7 @@ def model_checks(model_dir, ring, rank, world) -> dict:
     targets[:, :-1] = labels[:, 1:]  # shifted before slicing
 
     def run(inputs, tgt):
-        model.zero_grad(set_to_none=True)
-        out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        loss = lm_loss(out.hidden_states[-1], model.get_output_embeddings().weight, tgt, chunk_size=16,
-                       shifted=True)[0]
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        return [h.detach() for h in out.hidden_states], loss.detach(), grads
+        return states_loss_grads(model, inputs, tgt)
 
     ref_states, ref_loss, ref_grads = run({"input_ids": ids, "position_ids": positions}, targets)
     model.set_attn_implementation(ring_module.register("sdpa_varlen"))

@@ -23,7 +23,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from distill import attention, sequence
-    from distill.objectives import lm_loss
+    from distill.testing import states_loss_grads
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -45,13 +45,7 @@ def main() -> None:
     targets[:, :-1] = labels[:, 1:]
 
     def run(inputs, tgt):
-        model.zero_grad(set_to_none=True)
-        out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        loss = lm_loss(out.hidden_states[-1], model.get_output_embeddings().weight, tgt, chunk_size=16,
-                       shifted=True)[0]
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        return [h.detach() for h in out.hidden_states], loss.detach(), grads
+        return states_loss_grads(model, inputs, tgt)
 
     ref_states, ref_loss, ref_grads = run({"input_ids": ids, "position_ids": positions}, targets)
     sp = sequence.SequenceParallel(world, rank, world)
