@@ -629,8 +629,6 @@ def check_restoration(device, steps: int, attention: str, peak_tflops: float | N
     return result
 
 
-if __name__ == "__main__":
-    import contextlib
 def check_long_context_memory(device, layers: int) -> dict:
     """Part 8: the activation memory of the long-context savers against the planner, per length."""
     import torch
@@ -639,7 +637,7 @@ def check_long_context_memory(device, layers: int) -> dict:
 
     from distill import memory
     from distill.attention import document_offsets
-    from distill.models import resolve_attention
+    from distill.models import enable_checkpointing, resolve_attention
     from distill.plan import Shape, auto_chunks, student_activation_bytes
     from distill.testing import tiny_config
 
@@ -656,7 +654,7 @@ def check_long_context_memory(device, layers: int) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype).to(device)
     model.config.use_cache = False
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     memory.install(model, offload=True, tiled=True)
     for p in model.parameters():  # gradients exist before any measurement and accumulate in place

@@ -128,7 +128,7 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
 
     from distill import memory, sequence
     from distill.attention import document_offsets
-    from distill.models import resolve_attention
+    from distill.models import enable_checkpointing, resolve_attention
     from distill.objectives import lm_loss
     from distill.plan import Shape, auto_chunks, student_activation_bytes
 
@@ -138,7 +138,7 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
     inner = resolve_attention("auto", torch.device("cpu"), "llama")
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=inner, dtype=torch.float32)
     model.config.use_cache = False
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     memory.install(model, offload=True, tiled=True)  # both act only inside memory.scope
     chunks = auto_chunks(model.config.hidden_size, model.config.intermediate_size)

@@ -163,9 +163,13 @@ def refresh_inv_freq(model: nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _enable_checkpointing(model) -> None:
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing under either of transformers' names:
+    `activation_checkpointing_enable` (5.2x on, where the old name is a deprecated alias) or
+    `gradient_checkpointing_enable` (5.0 to 5.1x, what the GPU images ship). Every caller goes through here,
+    so the whole range pyproject.toml allows runs."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name is deprecated
+    if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -183,7 +187,7 @@ def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | tor
     model.to(device)
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     for line in refresh_inv_freq(model):
         logger.info(line)
     model.train()

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distill import memory
+from distill.models import enable_checkpointing
 from distill.testing import tiny_config
 
 
@@ -36,7 +37,7 @@ def test_tiled_mlp_gradients_equal_the_whole_mlp(arch, autocast):
     for checkpointing in (False, True):
         model = _model(arch)
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         reference = _loss_and_grads(model, ids, torch.autocast("cpu", enabled=autocast))
         assert memory.install(model, offload=False, tiled=True) == 2
         calls = []
@@ -70,7 +71,7 @@ def test_offloaded_checkpoints_are_bit_identical_and_hold_the_layer_inputs():
     checkpointed layer's input (layers x B x T x H fp32) during the forward and nothing after backward."""
     ids = torch.randint(0, 300, (2, 37))
     model = _model("llama")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     reference = _loss_and_grads(model, ids, torch.autocast("cpu", enabled=False))
     memory.install(model, offload=True, tiled=False)
     memory.OFFLOAD.peak_host_bytes = 0
@@ -91,3 +92,36 @@ def test_offloaded_checkpoints_are_bit_identical_and_hold_the_layer_inputs():
 def test_install_refuses_an_uncheckpointed_model_for_offload():
     with pytest.raises(ValueError, match="not checkpointed"):
         memory.install(_model("llama"), offload=True, tiled=False)
+
+
+def test_checkpointing_under_both_transformers_names(monkeypatch):
+    """transformers 5.0 to 5.1x (the GPU images ship 5.17) has only `gradient_checkpointing_enable`; 5.2x
+    renamed it `activation_checkpointing_enable`. enable_checkpointing turns checkpointing on under either,
+    and nothing else in the project calls one of the names itself (gpu_check part 8 and
+    benchmarks/long_context_memory.py did, and died on transformers 5.17)."""
+    import pathlib
+    import re
+
+    from transformers import PreTrainedModel
+
+    model = _model("llama")
+    enable_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    new = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
+    if new is not None:  # 5.2x here: give it 5.1x's API (the old name and its keyword, no new name)
+        def old(self, gradient_checkpointing_kwargs=None):
+            new(self, activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+        monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", old)
+        monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable")
+    model = _model("llama")
+    assert not hasattr(model, "activation_checkpointing_enable")
+    enable_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    root = pathlib.Path(__file__).resolve().parents[2]
+    direct = [f"{p.relative_to(root)}:{i}" for folder in ("distill", "benchmarks", "scripts", "tests")
+              for p in sorted((root / folder).rglob("*.py")) if p.name != "test_memory.py"
+              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+              if re.search(r"\.(activation|gradient)_checkpointing_enable\(", line)
+              and p.relative_to(root).as_posix() != "distill/models.py"]
+    assert direct == []
