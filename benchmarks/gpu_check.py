@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -344,6 +345,9 @@ def check_zero3_precision(device) -> dict:
     from distill.strategies import zero3
     from distill.testing import tiny_config
 
+    if importlib.util.find_spec("deepspeed") is None:
+        raise Skipped("DeepSpeed is not installed "
+                      "(DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)")
     if not dist.is_initialized():
         for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29631"), ("RANK", "0"),
                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -423,7 +427,9 @@ def main() -> dict:
         "5": lambda: check_zero3_precision(device),
         "6": lambda: check_sequence_parallel(device, steps, args.attention),
         "7": lambda: check_restoration(device, args.restoration_steps or (16 if gpu else 2), args.attention,
-                                       args.peak_tflops, args.smollm2, args.smollm2_data),
+                                       args.peak_tflops, args.smollm2, args.smollm2_data,
+                                       progress=lambda partial: _write(args.out, {
+                                           **result, "restoration": {"status": "running", **partial}})),
         "8": lambda: check_long_context_memory(device, args.memory_layers),
     }
     for part, name in PARTS.items():
@@ -531,9 +537,10 @@ RESTORATION_METHODS = ("long_cpt", "longred")
 
 
 def check_restoration(device, steps: int, attention: str, peak_tflops: float | None, model_dir: str | None,
-                      data_dir: str | None) -> dict:
+                      data_dir: str | None, progress=None) -> dict:
     """Part 7: Long CPT against LongReD on SmolLM2-135M, 8K -> 32K, the same budget, through the shipped
-    recipes, spec and scripts/evaluate.py."""
+    recipes, spec and scripts/evaluate.py. `progress(result so far)` after each method, so a run stopped
+    during the second keeps the first's figures."""
     import subprocess
 
     from distill.config import load_recipe
@@ -622,6 +629,8 @@ def check_restoration(device, steps: int, attention: str, peak_tflops: float | N
                 if key in got:
                     entry[key] = round(float(got[key]), 4)
             result[method] = entry
+            if progress is not None:
+                progress(result)
         cpt, longred = (figures[m]["short_nll_gap"] for m in RESTORATION_METHODS)
         # The paper's measure: the share of the short-text loss Long CPT gives up that LongReD keeps.
         result["short_gap_recovered"] = round((cpt - longred) / cpt, 3) if cpt > 0 else None
