@@ -15,7 +15,8 @@ RoPE settings, each extending 8192 -> --length by its own rule: "original" (none
 8192), "dynamic" (NTK-aware, transformers' `dynamic` rope_type), "yarn", "llama3", "abf" (θ 1e5 raised
 NTK-style: θ·s^(d/(d-2)), s the factor, d the head dimension).
 
-Prints one JSON line {"settings": {name: {...}}, "setup": {...}}; --markdown FILE also writes the table.
+Prints one JSON line {"settings": {name: {...}}, "setup": {...}}; --markdown FILE also writes the table
+(`--render JSON --markdown FILE` writes it again from an earlier run's JSON, measuring nothing).
 
     python benchmarks/real_model_retrieval.py                     # ~25 minutes on 2 cores
     python benchmarks/real_model_retrieval.py --prompts 8 --rows 1    # a quick look
@@ -93,28 +94,38 @@ def evaluate(model, tokenizer, filler, long_stream, args) -> dict:
         out[f"passkey_{name}_prompts"] = n
     curve = nll_by_position(model, long_stream, max_rows=args.rows, buckets=8, original_length=WINDOW)
     for key in ("long_nll_within", "long_nll_within_se", "long_nll_beyond", "long_nll_beyond_se"):
-        out[key] = round(float(curve[key]), 4)
+        value = float(curve[key])
+        out[key] = round(value, 4) if math.isfinite(value) else None  # one row has no standard error
     out["nll_by_position"] = {str(int(c)): round(float(v), 3) for c, v in zip(curve["centers"], curve["nll"])}
     return out
+
+
+def _pm(value: float, se: float | None, digits: int) -> str:
+    """`value ± se`, or the value alone where there is no standard error (NLL from one row)."""
+    if se is None or not math.isfinite(se):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {se:.{digits}f}"
 
 
 def markdown(settings: dict, setup: dict) -> str:
     measured = next((r for r in settings.values() if "passkey_within_prompts" in r), {})
     within = measured.get("passkey_within_prompts", setup["prompts"])  # rounded up to whole depth rows
     beyond = measured.get("passkey_beyond_prompts", setup.get("prompts_beyond") or setup["prompts"])
+    rows = setup["rows"]
+    nll = (f"{rows} rows of {setup['length']} tokens for NLL" if rows > 1 else
+           f"one row of {setup['length']} tokens for NLL, which has no standard error")
     lines = [f"SmolLM2-135M-Instruct, {setup['within']} and {setup['length']} tokens "
-             f"({within} and {beyond} passkey prompts, {setup['rows']} rows of {setup['length']} "
-             f"for NLL), bf16 on a CPU; ± one standard error.", "",
+             f"({within} and {beyond} passkey prompts, {nll}), bf16 on a CPU; ± one standard error.", "",
              f"| RoPE | passkey at {setup['within']} | passkey at {setup['length']} | NLL < {WINDOW} | "
              f"NLL ≥ {WINDOW} |", "|---|---|---|---|---|"]
     for name, r in settings.items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} | | | |")
             continue
-        lines.append(f"| {name} | {r['passkey_within']:.2f} ± {r['passkey_within_se']:.2f} | "
-                     f"{r['passkey_beyond']:.2f} ± {r['passkey_beyond_se']:.2f} | "
-                     f"{r['long_nll_within']:.3f} ± {r['long_nll_within_se']:.3f} | "
-                     f"{r['long_nll_beyond']:.3f} ± {r['long_nll_beyond_se']:.3f} |")
+        lines.append(f"| {name} | {_pm(r['passkey_within'], r['passkey_within_se'], 2)} | "
+                     f"{_pm(r['passkey_beyond'], r['passkey_beyond_se'], 2)} | "
+                     f"{_pm(r['long_nll_within'], r['long_nll_within_se'], 3)} | "
+                     f"{_pm(r['long_nll_beyond'], r['long_nll_beyond_se'], 3)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +143,17 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--out", help="also write the JSON here, rewritten after every setting (an "
                                       "interrupted run keeps what it measured)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="measure nothing: write --markdown's table from this script's earlier JSON")
     args = parser.parse_args()
+    if args.render:
+        if not args.markdown:
+            parser.error("--render needs --markdown FILE")
+        with open(args.render, encoding="utf-8") as f:
+            report = json.load(f)
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown(report["settings"], report["setup"]))
+        return
     common.quiet()
     common.set_threads(args.threads)
     from transformers import AutoTokenizer
