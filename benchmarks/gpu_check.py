@@ -107,16 +107,18 @@ def _timed(fn, device, repeats: int = 5) -> float:
     return common.median(times)
 
 
-def packed_positions(seq: int, rows: int, seed: int):
-    """(rows, seq) position_ids restarting at 0 per document, documents of 64..seq/2 tokens."""
+def packed_positions(seq: int, rows: int, seed: int, shortest: int = 64, longest: int | None = None):
+    """(rows, seq) position_ids restarting at 0 per document, documents of `shortest` to `longest` tokens
+    (default 64 to seq/2; the last of a row is cut to fit)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    high = max(shortest, longest if longest is not None else seq // 2 - 1) + 1
     out = []
     for _ in range(rows):
         lengths, left = [], seq
         while left > 0:
-            n = min(left, int(torch.randint(64, max(65, seq // 2), (1,), generator=gen)))
+            n = min(left, int(torch.randint(shortest, high, (1,), generator=gen)))
             lengths.append(n)
             left -= n
         out.append(torch.cat([torch.arange(n) for n in lengths]))
@@ -677,13 +679,8 @@ def check_long_context_memory(device, layers: int) -> dict:
     out = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "attention": attention,
            "regime": regime, "tiled_mlp_chunks": chunks, "sizes": {}}
     for tokens in sizes:
-        lengths, left = [], tokens
-        while left > 0:
-            n = min(left, int(torch.randint(longest_doc // 4, longest_doc + 1, (1,), generator=gen)))
-            lengths.append(n)
-            left -= n
+        positions = packed_positions(tokens, 1, 7, shortest=longest_doc // 4, longest=longest_doc)
         ids = torch.randint(0, config.vocab_size, (1, tokens), generator=gen).to(device)
-        positions = torch.cat([torch.arange(n) for n in lengths])[None]
         offsets = {k: v.to(device) if torch.is_tensor(v) else v
                    for k, v in document_offsets(positions).items()}
         inputs = {"input_ids": ids, "position_ids": positions.to(device), **offsets}

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 import weakref
@@ -229,23 +228,18 @@ def main() -> None:
         return
     import common
 
-    from distill.testing import make_tiny_model
+    from distill.testing import make_tiny_model, run_workers
 
     common.quiet()
     with common.workspace() as ws:
         ws.model = make_tiny_model(ws.path("model"), "llama", **MODEL)
         out = ws.path("result.json")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", "29623", os.path.abspath(__file__), "--tokens", str(args.tokens), "--worker",
-               ws.model, out]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"the 2-process run failed (exit {proc.returncode})")
-        with open(out, encoding="utf-8") as f:
-            print(json.dumps(json.load(f)))
+        try:
+            result = run_workers(os.path.abspath(__file__), 2, 29623,
+                                 ["--tokens", str(args.tokens), "--worker", ws.model, out], out)
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -166,22 +165,20 @@ def main() -> None:
         return
     import common
 
+    from distill.testing import run_workers
+
     common.quiet()
     with common.workspace() as ws:
         common.prepare_model(ws)
         out = ws.path("result.json")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
-               "--master_port", "29620", os.path.abspath(__file__), "--tokens", str(args.tokens),
-               "--repeats", str(args.repeats), "--device", args.device, "--attention", args.attention,
-               "--dtype", dtype, "--worker", ws.model, out] + (["--ring"] if args.ring else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"the {args.processes}-process run failed (exit {proc.returncode})")
-        with open(out, encoding="utf-8") as f:
-            print(json.dumps(json.load(f)))
+        flags = ["--tokens", str(args.tokens), "--repeats", str(args.repeats), "--device", args.device,
+                 "--attention", args.attention, "--dtype", dtype, "--worker", ws.model, out]
+        try:
+            result = run_workers(os.path.abspath(__file__), args.processes, 29620,
+                                 flags + (["--ring"] if args.ring else []), out)
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from None
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

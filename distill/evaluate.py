@@ -242,6 +242,7 @@ def _short_figures(totals: DocTotals, t_totals: DocTotals | None) -> dict:
     if t_totals is not None:
         out["teacher_short_nll"] = t_totals.mean()
         out["teacher_short_nll_se"] = t_totals.se()
+        out["short_nll_gap"] = out["short_nll"] - out["teacher_short_nll"]
         out["short_nll_gap_se"] = totals.minus(t_totals).se()  # paired over the same documents
     return out
 
@@ -263,8 +264,9 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
     Returns:
         {"short_nll": mean NLL per predicted token (labels), "short_nll_se" (its standard error over
          documents, `mean_se`), "short_ppl", "short_tokens", "short_documents",
-         and with a teacher: "teacher_short_nll", "teacher_short_nll_se", "short_nll_gap_se" (of the paired
-         difference student − teacher), "kl_teacher_student" (mean KL(teacher ‖ student) of the
+         and with a teacher: "teacher_short_nll", "teacher_short_nll_se", "short_nll_gap" and
+         "short_nll_gap_se" (student − teacher, its standard error paired over documents),
+         "kl_teacher_student" (mean KL(teacher ‖ student) of the
          next-token distributions per predicting token, i.e. real tokens whose next token is in the same
          document), "hidden_cosine" (list over hidden_states indices 0..L of the mean cosine per real token),
          "attention_kl" (list over decoder layers 0..L-1, KL(teacher ‖ student) of attention distributions)}.
@@ -345,6 +347,7 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
         {"short_nll", "short_nll_se", "short_ppl", "short_tokens", "short_documents", and with a teacher
          "teacher_short_nll", "teacher_short_nll_se", "short_nll_gap_se", "kl_teacher_student"}.
     """
+    from distill.memory import FinalState
     from distill.models import TruncatedTeacher
 
     procs = strategy.procs
@@ -356,47 +359,40 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
     device = procs.device
     runner = TruncatedTeacher(teacher) if teacher is not None else None
     t_weight, t_bias = _lm_head(teacher) if teacher is not None else (None, None)
-    final: list[torch.Tensor] = []
-    # The root forward keeps logits for one token: the final-norm states come from the decoder's output.
-    hook = decoder_of(student).register_forward_hook(lambda m, a, out: final.append(out.last_hidden_state))
     totals, t_totals = DocTotals(), DocTotals()
     kl_sum, n_kl = 0.0, 0
-    try:
-        with eval_mode(student, teacher), autocast():
-            for b in range(batches):
-                rows = mine[b * batch_size: (b + 1) * batch_size]
-                counted = bool(rows)
-                rows = rows or indices[:1]  # a rank out of rows still takes part in the collectives
-                batch = stream.batch(rows)
-                ids = batch["input_ids"].to(device)  # (B, T)
-                pos = batch["position_ids"].to(device)  # (B, T)
-                labels = batch["labels"].to(device)  # (B, T)
-                B, T = ids.shape
-                flat_ids, flat_pos, extra, unflatten = packed_layout(student, ids, pos, flatten=flatten)
-                final.clear()
-                strategy.forward(input_ids=flat_ids, position_ids=flat_pos, attention_mask=None,
-                                 use_cache=False, logits_to_keep=1, **extra)
-                s_final = unflatten(final[-1])  # (B, T, H)
-                s_weight = strategy.output_weight()
-                s_bias = getattr(student.get_output_embeddings(), "bias", None)
-                t_final = None
-                if runner is not None:
-                    t_final = unflatten(runner(flat_ids, flat_pos, None, [], True, **extra)[runner.n_layers])
-                if not counted:
-                    continue
-                # Document ids unique over the whole stream: a row's documents offset by its row index.
-                doc = (pos == 0).long().cumsum(1) - 1 + torch.tensor(rows, device=device)[:, None] * T
-                nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
-                totals.add(nll, has_target, doc)
-                if t_final is None:
-                    continue
-                t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
-                t_totals.add(t_nll, has_target, doc)
-                kl, count = _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size, device)
-                kl_sum, n_kl = kl_sum + kl, n_kl + count
-    finally:
-        hook.remove()
-        final.clear()
+    # The root forward keeps logits for one token: the final-norm states come from a hook (as in training).
+    with FinalState(student) as final, eval_mode(student, teacher), autocast():
+        for b in range(batches):
+            rows = mine[b * batch_size: (b + 1) * batch_size]
+            counted = bool(rows)
+            rows = rows or indices[:1]  # a rank out of rows still takes part in the collectives
+            batch = stream.batch(rows)
+            ids = batch["input_ids"].to(device)  # (B, T)
+            pos = batch["position_ids"].to(device)  # (B, T)
+            labels = batch["labels"].to(device)  # (B, T)
+            B, T = ids.shape
+            flat_ids, flat_pos, extra, unflatten = packed_layout(student, ids, pos, flatten=flatten)
+            strategy.forward(input_ids=flat_ids, position_ids=flat_pos, attention_mask=None,
+                             use_cache=False, logits_to_keep=1, **extra)
+            s_final = unflatten(final.value)  # (B, T, H)
+            s_weight = strategy.output_weight()
+            s_bias = getattr(student.get_output_embeddings(), "bias", None)
+            t_final = None
+            if runner is not None:
+                t_final = unflatten(runner(flat_ids, flat_pos, None, [], True, **extra)[runner.n_layers])
+            if not counted:
+                continue
+            # Document ids unique over the whole stream: a row's documents offset by its row index.
+            doc = (pos == 0).long().cumsum(1) - 1 + torch.tensor(rows, device=device)[:, None] * T
+            nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
+            totals.add(nll, has_target, doc)
+            if t_final is None:
+                continue
+            t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
+            t_totals.add(t_nll, has_target, doc)
+            kl, count = _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size, device)
+            kl_sum, n_kl = kl_sum + kl, n_kl + count
     gathered = procs.gather_objects((totals.sums, totals.counts, t_totals.sums, kl_sum, n_kl))
     totals, t_totals = DocTotals(), DocTotals()
     for sums, counts, t_sums, _, _ in gathered:  # documents are disjoint between ranks
@@ -954,11 +950,9 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
                                 attention_tokens)
         details["short"] = short
         for key in ("short_nll", "short_nll_se", "short_ppl", "teacher_short_nll", "teacher_short_nll_se",
-                    "kl_teacher_student", "short_nll_gap_se"):
+                    "kl_teacher_student", "short_nll_gap", "short_nll_gap_se"):
             if key in short:
                 figures[key] = short[key]
-        if "teacher_short_nll" in short:
-            figures["short_nll_gap"] = short["short_nll"] - short["teacher_short_nll"]
         cos = short.get("hidden_cosine") or []
         if cos:
             figures["hidden_cosine_mean"] = float(np.mean(cos[1:] if len(cos) > 1 else cos))

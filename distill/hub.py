@@ -9,7 +9,7 @@ import os
 from distill.config import ConfigError
 
 
-def _short_reason(err: BaseException) -> str:
+def short_reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     reason = text[0] if text else type(err).__name__
     return reason[:200]
@@ -21,13 +21,13 @@ GATED_HINT = ("it is a gated repository: accept its licence on its Hugging Face 
 
 
 def hub_reason(err: BaseException) -> str:
-    """`_short_reason`, or `GATED_HINT` when the hub refused a gated repository (transformers wraps
+    """`short_reason`, or `GATED_HINT` when the hub refused a gated repository (transformers wraps
     huggingface_hub's GatedRepoError in an OSError saying "gated repo"; datasets says "gated dataset")."""
     from huggingface_hub.errors import GatedRepoError
 
     if isinstance(err, GatedRepoError) or "gated" in str(err).lower():
         return GATED_HINT
-    return _short_reason(err)
+    return short_reason(err)
 
 
 def looks_local(path: str) -> bool:

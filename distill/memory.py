@@ -33,7 +33,7 @@ import logging
 
 import torch
 
-from distill.plan import auto_chunks
+from distill.plan import resolve_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,6 @@ def scope(offload: bool, chunks: int):
         yield
     finally:
         _ACTIVE = previous
-
-
-def resolve_chunks(setting, config) -> int:
-    """parallel.tiled_mlp for a model config: a number of chunks (1: off)."""
-    if setting == "auto":
-        return auto_chunks(config.hidden_size, config.intermediate_size)
-    return int(setting)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,7 +243,7 @@ def _partial(fn, first):
 def install_savers(model, parallel) -> tuple[bool, int] | None:
     """The recipe's savers (`parallel.offload_activations`, `parallel.tiled_mlp`) on the student: installs the
     wrappers and returns the `scope` arguments for the long stream, or None when both are off."""
-    chunks = resolve_chunks(parallel.tiled_mlp, model.config)
+    chunks = resolve_chunks(parallel.tiled_mlp, model.config.hidden_size, model.config.intermediate_size)
     if not parallel.offload_activations and chunks <= 1:
         return None
     layers = install(model, parallel.offload_activations, chunks > 1)

@@ -26,7 +26,7 @@ from torch import nn
 
 from distill import attention
 from distill.config import ConfigError, ModelConfig, RopeConfig
-from distill.hub import hub_reason, looks_local
+from distill.hub import hub_reason, looks_local, short_reason
 from distill.rope import apply_extension, base_inv_freq, extended_rope_parameters, head_dim, our_inv_freq
 
 logger = logging.getLogger(__name__)
@@ -65,12 +65,6 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"model.dtype: {name!r} is not allowed; allowed: {', '.join(DTYPES)}") from None
 
 
-def _short_reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    reason = text[0] if text else type(err).__name__
-    return reason[:200]
-
-
 def _load_config(path: str, trust_remote_code: bool):
     """The checkpoint's config, or a one-line ConfigError naming model.path."""
     from transformers import AutoConfig
@@ -100,7 +94,7 @@ def _from_pretrained(path: str, config, model_cfg: ModelConfig, device, key: str
     except ConfigError:
         raise
     except ImportError as err:  # e.g. flash_attention_2 without the package
-        raise ConfigError(f"model.attention: cannot use '{implementation}': {_short_reason(err)}") from None
+        raise ConfigError(f"model.attention: cannot use '{implementation}': {short_reason(err)}") from None
     except Exception as err:  # noqa: BLE001 -- any load failure is a one-line user error
         raise ConfigError(f"{key}: cannot load '{path}': {hub_reason(err)}") from None
 

@@ -215,6 +215,12 @@ def auto_chunks(hidden: int, intermediate: int) -> int:
     return max(1, math.ceil(4 * intermediate / hidden))
 
 
+def resolve_chunks(setting, hidden: int, intermediate: int) -> int:
+    """parallel.tiled_mlp as a number of MLP chunks (1: off): "auto" is `auto_chunks`. The trainer
+    (`distill.memory.install_savers`) and the planner resolve it here alike."""
+    return auto_chunks(hidden, intermediate) if setting == "auto" else int(setting)
+
+
 def long_streams(seq_lens: dict[str, int]) -> set[str]:
     """The streams the memory savers act on (`distill.memory`): those with the longest rows."""
     longest = max(seq_lens.values())
@@ -223,9 +229,8 @@ def long_streams(seq_lens: dict[str, int]) -> set[str]:
 
 def savers(cfg, shape: Shape) -> tuple[bool, int]:
     """The recipe's (offload, MLP chunks) for its long stream (`distill.memory`; tiled_mlp auto resolved)."""
-    setting = cfg.parallel.tiled_mlp
-    chunks = auto_chunks(shape.hidden, shape.intermediate) if setting == "auto" else int(setting)
-    return bool(cfg.parallel.offload_activations), chunks
+    return (bool(cfg.parallel.offload_activations),
+            resolve_chunks(cfg.parallel.tiled_mlp, shape.hidden, shape.intermediate))
 
 
 def sequence_parallel_mode(cfg) -> str:
@@ -505,15 +510,17 @@ def max_context(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_le
                                              **savers_)
         return result if result["min_sequence_parallel"] is not None else None
 
-    low, high = 0, step
-    while fits(high * 1) is not None and high < 2**30:
-        low, high = high, high * 2
+    low, high, best = 0, step, None
+    while (found := fits(high)) is not None and high < 2**30:
+        low, high, best = high, high * 2, found
     while high - low > step:
         mid = (low + high) // 2 // step * step
         if mid <= low:
             break
-        low, high = (mid, high) if fits(mid) is not None else (low, mid)
-    best = fits(low) if low else None
+        if (found := fits(mid)) is not None:
+            low, best = mid, found
+        else:
+            high = mid
     return {"max_context": low, "stream": name,
             "sequence_parallel": best["min_sequence_parallel"] if best else None,
             "peak_bytes": best["peak_bytes_at_min_sequence_parallel"] if best else None}

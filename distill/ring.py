@@ -270,6 +270,19 @@ def document_ids(offsets: torch.Tensor | None, total: int, device) -> torch.Tens
     return torch.searchsorted(cuts, torch.arange(total, device=device), right=True) - 1
 
 
+def _documents(ring: RingParallel, offsets: torch.Tensor | None, total: int, device):
+    """(docs (total,), cuts: the offsets as ints) of a micro-batch's offsets. Every layer, and every
+    recompute, of a micro-batch gets the same offsets tensor: computed for the first and kept on `ring` for
+    the others, so the host read of the offsets (a device sync on a GPU) happens once per micro-batch."""
+    cached = getattr(ring, "_documents", None)
+    if cached is not None and cached[0] is offsets and cached[1] == total and cached[2].device == device:
+        return cached[2], cached[3]
+    docs = document_ids(offsets, total, device)
+    cuts = [int(x) for x in offsets.tolist()] if offsets is not None else [0, total]
+    ring._documents = (offsets, total, docs, cuts)
+    return docs, cuts
+
+
 def ring_attention(ring: RingParallel, query, key, value, offsets=None, positions=None, scaling=None):
     """Exact causal, per-document attention of this rank's zigzag slice against the whole row.
 
@@ -289,8 +302,7 @@ def ring_attention(ring: RingParallel, query, key, value, offsets=None, position
         from distill.attention import document_offsets
 
         offsets = document_offsets(ring.gather_positions(positions))["cu_seq_lens_q"]
-    docs = document_ids(offsets, total, query.device)
-    cuts = [int(x) for x in offsets.tolist()] if offsets is not None else [0, total]  # one host read a layer
+    docs, cuts = _documents(ring, offsets, total, query.device)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
     q = query[0].reshape(kv_heads, heads // kv_heads, n, d)  # query heads grouped by their key/value head
     out = RingAttention.apply(q, key[0], value[0], docs, cuts, scale, ring)  # (Hkv, g, n, D)

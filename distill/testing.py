@@ -167,3 +167,37 @@ def states_loss_grads(model, inputs: dict, targets: torch.Tensor):
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return [h.detach() for h in out.hidden_states], loss.detach(), grads
+
+
+def run_workers(script: str, world: int, port: int | str, args: list[str], out: str,
+                timeout: float | None = None) -> dict:
+    """`python -m torch.distributed.run` of `script` on `world` CPU processes (the repository on PYTHONPATH,
+    one thread each, wandb off), then the JSON its rank 0 wrote to `out` (`finish_workers`). A failed run
+    raises RuntimeError with the tail of its output."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+           str(port), script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=root,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {world}-process run of {os.path.basename(script)} failed (exit "
+                           f"{proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    with open(out, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def finish_workers(out: str, result: dict) -> None:
+    """The end of a `run_workers` script: rank 0 writes `result` to `out`; every rank leaves the group."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()

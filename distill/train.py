@@ -547,11 +547,8 @@ def _in_training_evaluation(session: Session):
     flatten = any(s.flatten for s in session.ctx.streams.values()) if session.ctx is not None else None
 
     def evaluate() -> dict:
-        figures = sharded_short_retention(strategy, session.teacher, arguments["short_stream"],
-                                          arguments["max_rows"], autocast=session.autocast, flatten=flatten)
-        if "teacher_short_nll" in figures:
-            figures["short_nll_gap"] = figures["short_nll"] - figures["teacher_short_nll"]
-        return figures
+        return sharded_short_retention(strategy, session.teacher, arguments["short_stream"],
+                                       arguments["max_rows"], autocast=session.autocast, flatten=flatten)
 
     return evaluate
 

@@ -429,15 +429,15 @@ def real_model_part(out: str, size: dict) -> dict:
         paths = (os.environ.get("PYTHONPATH"), ROOT)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         proc = subprocess.run([sys.executable, "benchmarks/real_model_retrieval.py", "--model", model,
-                               "--markdown", os.path.join(out, "real_model.md"), *size["real_model"]],
+                               *size["real_model"]],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"error: benchmarks/real_model_retrieval.py exited {proc.returncode}")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(proc.stdout.strip().splitlines()[-1])
         os.replace(path + ".tmp", path)
-    # The table from the JSON, by the benchmark itself: also when the measurement is reused from a run of an
-    # earlier version, whose table may read differently.
+    # The table from the JSON, by the benchmark itself (the one writer of real_model.md): also when the
+    # measurement is reused from a run of an earlier version, whose table may read differently.
     run([sys.executable, "benchmarks/real_model_retrieval.py", "--render", path, "--markdown",
          os.path.join(out, "real_model.md")])
     return read_json(path)

@@ -300,7 +300,8 @@ def evaluate(args) -> dict:
         raise UsageError("--extra-data is not scored by --sweep; evaluate those models with --model")
     # A directory, or a hub id resolved through the Hugging Face cache as training resolves model.path.
     names = {"model": args.model, "teacher": args.teacher}  # as given, for eval.json
-    for flag in ("model", "teacher", "tokenizer"):
+    # --tokenizer stays as given: AutoTokenizer resolves a hub id itself and fetches no weights.
+    for flag in ("model", "teacher"):
         if getattr(args, flag) is not None:
             setattr(args, flag, model_directory(getattr(args, flag), f"--{flag}"))
     short_path = stream_dir(args.short_data, "short", "--short-data")

@@ -92,7 +92,7 @@ def make_plan(args) -> dict:
     seq_lens = recipe_seq_lens(cfg)
     result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher, variants=True)
     result.update({"recipe": args.recipe, "gpu": args.gpu, "parameters": shape.params})
-    result["budget"] = make_budget(args, cfg, shape, teacher, world)
+    result["budget"] = make_budget(args, cfg, shape, teacher, world, seq_lens)
     if args.max_context:
         longest = max_context(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher)
         result.update({"max_context": longest["max_context"], "max_context_stream": longest["stream"],
@@ -101,15 +101,14 @@ def make_plan(args) -> dict:
     return result
 
 
-def make_budget(args, cfg, shape, teacher, world: int) -> dict:
+def make_budget(args, cfg, shape, teacher, world: int, seq_lens: dict[str, int]) -> dict:
     """Tokens, time at --mfu, checkpoints on disk and the stop grace (distill.plan.run_budget)."""
-    from distill.plan import PEAK_TFLOPS, recipe_seq_lens, run_budget
+    from distill.plan import PEAK_TFLOPS, run_budget
 
     if args.mfu > 1:
         raise UsageError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
     peak = args.peak_tflops or cfg.log.peak_tflops or PEAK_TFLOPS.get(args.gpu.strip().lower())
-    return run_budget(cfg, shape, teacher if cfg.teacher.path else None, world, recipe_seq_lens(cfg),
-                      args.mfu, peak)
+    return run_budget(cfg, shape, teacher if cfg.teacher.path else None, world, seq_lens, args.mfu, peak)
 
 
 def format_budget(result: dict) -> list[str]:

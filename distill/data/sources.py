@@ -81,6 +81,12 @@ def _has_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 
+def _saved_to_disk(name: str) -> bool:
+    """Whether `name` is a directory `datasets.save_to_disk` wrote (a Dataset or a DatasetDict)."""
+    return os.path.isdir(name) and (os.path.isfile(os.path.join(name, "state.json"))
+                                    or os.path.isfile(os.path.join(name, "dataset_dict.json")))
+
+
 class SourceReader:
     """Documents of one source, with counts of skipped records per reason.
 
@@ -377,8 +383,7 @@ class SourceReader:
         src = self.source
         name = src.dataset
         try:
-            if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "state.json"))
-                                        or os.path.isfile(os.path.join(name, "dataset_dict.json"))):
+            if _saved_to_disk(name):
                 ds = datasets.load_from_disk(name)
                 if isinstance(ds, datasets.DatasetDict):
                     if src.split not in ds:
@@ -431,8 +436,7 @@ class SourceReader:
 
         name = src.dataset
         try:
-            if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "state.json"))
-                                        or os.path.isfile(os.path.join(name, "dataset_dict.json"))):
+            if _saved_to_disk(name):
                 splits = None
                 if os.path.isfile(os.path.join(name, "dataset_dict.json")):
                     with open(os.path.join(name, "dataset_dict.json"), encoding="utf-8") as f:

@@ -39,9 +39,9 @@ def load_tokenizer(name: str) -> Any:
         if len(text) > 300:
             text = text[:300] + "…"
         where = "directory" if os.path.isdir(name) else "hub id or directory"
-        if "gated" in text.lower():  # Llama: the hub wants a login with access to the repository
-            from distill.hub import GATED_HINT
+        from distill.hub import GATED_HINT, hub_reason
 
+        if hub_reason(err) is GATED_HINT:  # Llama: the hub wants a login with access to the repository
             text = GATED_HINT
         else:
             text = f"{type(err).__name__}: {text}"

@@ -16,7 +16,6 @@ With 4 processes, the same checks again for Ulysses x ring (HybridParallel, 2 x 
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -123,6 +122,7 @@ def model_checks(model_dir, ring, rank, world) -> dict:
 
 def main() -> None:
     from distill.ring import HybridParallel, RingParallel
+    from distill.testing import finish_workers
 
     out = sys.argv[1]
     torch.set_num_threads(1)
@@ -138,10 +138,7 @@ def main() -> None:
         result["hybrid_attention"] = attention_checks(hybrid, world)
         if len(sys.argv) > 2:
             result["hybrid_model"] = model_checks(sys.argv[2], hybrid, rank, world)
-    if rank == 0:
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(result, f)
-    dist.destroy_process_group()
+    finish_workers(out, result)
 
 
 if __name__ == "__main__":

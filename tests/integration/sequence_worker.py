@@ -11,7 +11,6 @@ loss summed over the ranks and the gradients summed over the ranks must equal th
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -23,7 +22,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from distill import attention, sequence
-    from distill.testing import states_loss_grads
+    from distill.testing import finish_workers, states_loss_grads
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -68,10 +67,7 @@ def main() -> None:
         "grad_scale": max(g.abs().max().item() for g in ref_grads.values()),
         "calls": dict(sp.calls), "calls_inside": calls_in, "layers": model.config.num_hidden_layers,
     }
-    if rank == 0:
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(result, f)
-    dist.destroy_process_group()
+    finish_workers(out, result)
 
 
 if __name__ == "__main__":

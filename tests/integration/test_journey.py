@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-from distill.config import load_recipe
+from distill.config import load_recipe, merge
 from distill.data.spec import load_spec
 from distill.metrics import read_metrics
 from distill.testing import fill_hub_cache, make_tiny_model, stdlib_files
@@ -55,13 +55,6 @@ def _nested(keys: list[str], value) -> dict:
     return {keys[0]: value} if len(keys) == 1 else {keys[0]: _nested(keys[1:], value)}
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def readme_quickstart() -> list[str]:
     """The command lines of the README's quickstart block, as a user copies them."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
@@ -83,7 +76,7 @@ def spec_swaps(spec_path: str, corpora: str, texts: list[str]) -> list[str]:
             for k, text in enumerate(texts[i::len(spec.sources)] or texts):
                 record = {source.text_field: text}
                 for key, want in source.match.items():
-                    record = _merge(record, _nested(key.split("."), want))
+                    record = merge(record, _nested(key.split("."), want))
                 f.write(json.dumps(record) + "\n")
         swaps.append(f"sources.{source.name}.path={path}")
     for name, stream in spec.streams.items():

@@ -1,8 +1,6 @@
 """Ring attention (distill.ring): 2 and 4 CPU processes (gloo) against 1 process; its settings."""
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,20 +8,14 @@ import torch
 
 from distill.config import ConfigError, load_recipe
 from distill.sequence import check_heads, split_streams
-from distill.testing import make_tiny_model, tiny_config
+from distill.testing import make_tiny_model, run_workers, tiny_config
 
 from .test_train import ROOT, recipe, train_cli, write
 
 
 def _launch(world: int, out: str, port: str, model_dir: str | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", port, os.path.join(ROOT, "tests", "integration", "ring_worker.py"), out]
-    cmd += [model_dir] if model_dir else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    with open(out, encoding="utf-8") as f:
-        return json.load(f)
+    return run_workers(os.path.join(ROOT, "tests", "integration", "ring_worker.py"), world, port,
+                       [out, *([model_dir] if model_dir else [])], out, timeout=300)
 
 
 @pytest.mark.slow
@@ -67,14 +59,12 @@ def test_hybrid_through_the_trainer_equals_one_process(tmp_path, tiny_llama, bui
     cfg["model"]["gradient_checkpointing"] = True
     path = write(cfg, tmp_path / "r.yaml")
     assert train.main([path]) == 0
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "ACCELERATE_USE_CPU": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"), "--num_processes", "4",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29671",
-           "-m", "distill.train", path, f"run.output_dir={tmp_path / 'hybrid'}",
-           "parallel.sequence_parallel=4", "parallel.sequence_parallel_mode=hybrid", "parallel.ring_degree=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT, check=False)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                os.path.join(ROOT, "recipes", "accelerate", "fsdp2.yaml"), "--num_processes", "4",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29671"]
+    proc = train_cli(path, f"run.output_dir={tmp_path / 'hybrid'}", "parallel.sequence_parallel=4",
+                     "parallel.sequence_parallel_mode=hybrid", "parallel.ring_degree=2", launcher=launcher,
+                     env_extra={"ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sequence parallel (hybrid) over groups of 4" in proc.stderr
     got, want = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("hybrid", "one"))

@@ -1,27 +1,19 @@
 """Ulysses sequence parallelism (distill.sequence): 2 CPU processes (gloo) against 1 process."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from distill.config import ConfigError, load_recipe
 from distill.sequence import check_heads, split_streams
-from distill.testing import make_tiny_model, tiny_config
+from distill.testing import make_tiny_model, run_workers, tiny_config
 
 from .test_train import ROOT, recipe, write
 
 
 def _launch(model_dir: str, out: str, port: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(ROOT, "tests", "integration", "sequence_worker.py"), model_dir, out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    with open(out, encoding="utf-8") as f:
-        return json.load(f)
+    return run_workers(os.path.join(ROOT, "tests", "integration", "sequence_worker.py"), 2, port,
+                       [model_dir, out], out, timeout=300)
 
 
 @pytest.mark.slow

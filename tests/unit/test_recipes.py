@@ -284,23 +284,60 @@ def test_docs_recipes_explain_every_key():
     assert not missing, missing
 
 
+def _expand(pattern: str) -> list[str]:
+    """`recipes/a-{x,y}.yaml` -> both paths (the tables' shorthand; one brace group at a time)."""
+    group = re.search(r"\{([^}]+)\}", pattern)
+    if not group:
+        return [pattern]
+    return [p for a in group.group(1).split(",") for p in _expand(pattern.replace(group.group(0), a, 1))]
+
+
+def _table(path: str) -> list[list[str]]:
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and "`recipes/" in line]
+
+
+def test_readme_recipe_table_and_quickstart_are_the_catalogue():
+    """The README's recipe table and quickstart repeat docs/recipes.md's catalogue (which the test below
+    checks against the planner): every 8B row's GiB, fit and hours are the catalogue's for its recipes."""
+    catalogue = {}
+    for cells in _table("docs/recipes.md"):
+        for path in _expand(re.search(r"`(recipes/[^`]+)`", cells[2]).group(1)):
+            catalogue[path] = cells
+    checked = set()
+    for cells in _table("README.md"):
+        paths = _expand(re.search(r"`(recipes/[^`]+)`", cells[2]).group(1))
+        if not all(p in catalogue for p in paths):  # SmolLM2: one GPU, not in the 8-GPU catalogue
+            continue
+        rows = [catalogue[p] for p in paths]
+        h100 = {r[3].split(",")[0] for r in rows if r[3].endswith("fits") and "not" not in r[3]}
+        if h100:
+            assert set(re.findall(r"\d+", cells[3])) == h100, (cells[2], cells[3])
+        else:
+            assert cells[3] in ("does not fit", "S = 2 needed"), (cells[2], cells[3])
+        h200 = {r[4].split(",")[0] for r in rows if r[4] != "fits"}
+        assert set(re.findall(r"\d+", cells[4])) == h200, (cells[2], cells[4])
+        assert set(re.findall(r"[\d.]+", cells[5])) == {r[6] for r in rows}, (cells[2], cells[5])
+        checked.update(paths)
+    assert checked == set(EIGHT_B)
+    sp2 = catalogue["recipes/llama3-8b/longred-128k-abf-sp2.yaml"]
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    quickstart = (f"**~{sp2[3].split(',')[0]} GiB per GPU**", f"**~{sp2[5]} s per step, ~{sp2[6]} h**",
+                  f"**{sp2[7]}**", f"stop grace of {sp2[8]}")
+    assert all(figure in " ".join(text.split()) for figure in quickstart), quickstart
+
+
 def test_docs_catalogue_is_what_the_planner_says():
     """Each row of docs/recipes.md's catalogue carries scripts/plan.py's figures for its recipes (8 x H100 and
     8 x H200, FSDP2, MFU 0.4): GiB per GPU, the fit, the sequence-parallel fallback, step time, hours, disk
     and the stop grace. No number there is typed by hand."""
     from distill.plan import GPUS, plan_with_sequence_parallel
 
-    text = open(os.path.join(ROOT, "docs", "recipes.md"), encoding="utf-8").read()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "`recipes/" in line]
     budgets = planner_budgets()
     seen = set()
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        pattern = re.search(r"`(recipes/[^`]+)`", cells[2]).group(1)
-        alternatives = re.search(r"\{([^}]+)\}", pattern)
-        paths = ([pattern.replace(alternatives.group(0), a) for a in alternatives.group(1).split(",")]
-                 if alternatives else [pattern])
-        for path in paths:
+    for cells in _table("docs/recipes.md"):
+        for path in _expand(re.search(r"`(recipes/[^`]+)`", cells[2]).group(1)):
             cfg = _load(path)
             shape, seq_lens = _shape(cfg.model.path), recipe_seq_lens(cfg)
             h100 = plan_with_sequence_parallel(cfg, shape, "fsdp2", 8, GPUS["h100-80gb"], seq_lens)
