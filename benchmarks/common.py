@@ -127,6 +127,23 @@ def prepare_model(ws: Workspace, vocab: int = VOCAB, seed: int = 0) -> Workspace
     return ws
 
 
+def packed_row(tokens: int, vocab_size: int, seed: int = 0, shortest: int = 300, longest: int = 1500):
+    """One packed row of `tokens` random ids (documents of shortest..longest-1 tokens, the last cut to fit):
+    (ids, positions restarting per document, targets shifted with -100 at the end), each (1, tokens), CPU."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths, left = [], tokens
+    while left > 0:
+        n = min(left, int(torch.randint(shortest, longest, (1,), generator=gen)))
+        lengths.append(n)
+        left -= n
+    ids = torch.randint(3, vocab_size, (1, tokens), generator=gen)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    return ids, positions, targets
+
+
 def copy_corpus(ws: Workspace, name: str, files: list[str]) -> str:
     """Copy stdlib files into <root>/corpus/<name>/ (one file = one document for a `files` source)."""
     out = ws.path("corpus", name)

@@ -121,6 +121,7 @@ class LiveBytes:
 
 
 def worker(model_dir: str, tokens: int, out: str) -> None:
+    import common
     import torch
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -141,15 +142,7 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
     model.train()
     memory.install(model, offload=True, tiled=True)  # both act only inside memory.scope
     chunks = auto_chunks(model.config.hidden_size, model.config.intermediate_size)
-    gen = torch.Generator().manual_seed(0)
-    lengths, left = [], tokens
-    while left > 0:
-        n = min(left, int(torch.randint(300, 1500, (1,), generator=gen)))
-        lengths.append(n)
-        left -= n
-    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=gen)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    ids, positions, targets = common.packed_row(tokens, model.config.vocab_size)
     offsets = document_offsets(positions)
     sp = sequence.SequenceParallel(world, rank, world)
     split_name = sequence.register(inner)
@@ -208,7 +201,8 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
             "max_loss_error": max(abs(v - losses["plain"]) / abs(losses["plain"]) for v in losses.values()),
             "reduction": round(peak["plain"] / peak[best], 2), "best": best,
             "reduction_offload_tiled": round(peak["plain"] / peak["offload+tiled"], 2),
-            "setup": {"tokens": tokens, "documents": len(lengths), "processes": world, "attention": inner,
+            "setup": {"tokens": tokens, "documents": int((positions == 0).sum()), "processes": world,
+                      "attention": inner,
                       "dtype": "bfloat16 autocast over fp32 weights", "tiled_mlp_chunks": chunks,
                       "model": MODEL, "loss_chunk": LOSS_CHUNK},
         }

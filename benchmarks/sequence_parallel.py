@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str = "cpu",
            attention_name: str = "auto", dtype_name: str = "float32", with_ring: bool = False) -> None:
+    import common
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -60,15 +61,7 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=inner,
                                                  dtype=torch.float32).to(device)
     low = getattr(torch, dtype_name)
-    gen = torch.Generator().manual_seed(0)
-    lengths, left = [], tokens
-    while left > 0:
-        n = min(left, int(torch.randint(300, 1500, (1,), generator=gen)))
-        lengths.append(n)
-        left -= n
-    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=gen).to(device)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
-    targets = torch.cat([ids[:, 1:], torch.full((1, 1), -100, device=device)], dim=1)
+    ids, positions, targets = (t.to(device) for t in common.packed_row(tokens, model.config.vocab_size))
     offsets = {k: v.to(device) if hasattr(v, "to") else v
                for k, v in document_offsets(positions.cpu()).items()}
     sp = sequence.SequenceParallel(world, rank, world)
@@ -130,7 +123,8 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str
             "max_state_error": float(error[0].item()),
             "saved_bytes_per_rank": {str(k): int(statistics.median(v)) for k, v in saved.items()},
             "seconds": {str(k): round(v, 4) for k, v in med.items()},
-            "setup": {"tokens": tokens, "documents": len(lengths), "repeats": repeats, "processes": world,
+            "setup": {"tokens": tokens, "documents": int((positions == 0).sum()), "repeats": repeats,
+                      "processes": world,
                       "device": device_type, "attention": inner, "dtype": dtype_name,
                       "model": "4 layers x 256, 8 heads"},
         }
