@@ -6,10 +6,12 @@ Everything is offline and built through the library's own entry points, as a use
   - a tiny random-init Llama saved to disk (`distill.testing.make_tiny_model`; 4 layers x 256 hidden,
     8 heads, vocab 5000: about 6.8M parameters) and loaded back by path,
   - packed streams built from standard-library files by `distill.data.build`,
-  - recipes as dicts turned into `RecipeConfig`s by `distill.config.from_dict` and run by `distill.train.run`.
+  - recipes as dicts turned into `RecipeConfig`s by `distill.config.from_dict` and run by
+  `distill.train.loop.run`.
 
 `StepProfiler` times the parts of the real training loop through the spans the step itself exposes
-(`distill.step.Spans`, passed to `distill.train.run(cfg, spans=...)`): data fetch, student forward, teacher
+(`distill.train.spans.Spans`, passed to `distill.train.loop.run(cfg, spans=...)`): data fetch, student
+forward, teacher
 forward, objectives, backward, gradient reduction and clipping, optimiser step; it closes a step when the
 loop hands it the step's metrics record. Nothing of the library is patched. CPU work is synchronous, so
 wall-clock timers around a span measure that span.
@@ -38,7 +40,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from distill.step import Spans  # noqa: E402  (after the environment above: it imports torch)
+from distill.train.spans import Spans  # noqa: E402  (after the environment above: it imports torch)
 
 # The tiny model every benchmark trains (about 6.8M parameters with the 5000-token vocabulary).
 VOCAB = 5000
@@ -216,7 +218,7 @@ FORWARD = ("student_forward", "teacher_forward", "loss")  # a micro-batch's forw
 
 
 class StepProfiler(Spans):
-    """Records the step's spans (`distill.step.Spans`) per step.
+    """Records the step's spans (`distill.train.spans.Spans`) per step.
 
     Per step: wall time between consecutive metrics records (the whole step, logging included), the loop's
     own `tokens_per_s`, seconds in each of PARTS (`other` = the rest: planning, counting, metrics), and per
@@ -270,14 +272,15 @@ class StepProfiler(Spans):
 
 
 def run_profiled(cfg, warmup: int) -> StepProfiler:
-    """`distill.train.run(cfg)` with a StepProfiler as its spans; returns it (steps after `warmup` are the
+    """`distill.train.loop.run(cfg)` with a StepProfiler as its spans; returns it (steps after `warmup` are
+    the
     measured ones)."""
-    from distill.train import run
+    from distill.train.loop import run
 
     profiler = StepProfiler()
     code = run(cfg, spans=profiler)
     if code != 0:
-        raise RuntimeError(f"distill.train.run returned {code}")
+        raise RuntimeError(f"distill.train.loop.run returned {code}")
     if len(profiler.steps) <= warmup:
         raise RuntimeError(f"only {len(profiler.steps)} steps recorded, {warmup} of them warm-up")
     return profiler

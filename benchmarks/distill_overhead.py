@@ -1,6 +1,6 @@
 """Wall time per token of a LongReD step against a Long CPT step, same model, same token slots per step.
 
-Both methods run through `distill.train.run` (the real loop, one process) on the tiny Llama of
+Both methods run through `distill.train.loop.run` (the real loop, one process) on the tiny Llama of
 benchmarks/common.py (4 layers x 256 hidden, 8 heads, vocab 5000, ~6.8M parameters), student RoPE abf
 extended from 256 to 1024 tokens, bf16 autocast on the CPU with fp32 master weights (--dtype float32 for
 plain fp32), the trainer's default attention (sdpa_varlen on the CPU), 8192 token slots per optimiser step:

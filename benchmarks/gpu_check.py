@@ -15,7 +15,7 @@ What each part proves:
     ‖g - g_ref‖ / ‖g_ref‖, the median time and (CUDA) the peak memory.
 (2) loss: the chunked `lm_loss` equals full-logits cross-entropy (value, both gradients) with less memory;
     liger-kernel's fused loss the same way when installed (CUDA only).
-(3) train: `distill.train.run`, LongReD (long : short : s2l = 4 : 3 : 1, long rows 4x the short window,
+(3) train: `distill.train.loop.run`, LongReD (long : short : s2l = 4 : 3 : 1, long rows 4x the short window,
     8192 token slots) for --steps steps with --attention (auto: flash-attn on CUDA when installed) in bf16:
     the whole start-up (its checks run through the laid-out models) and the step run; tokens/s, TFLOP/s and
     MFU as logged, the peak memory against the planner's estimate for the same run.
@@ -41,7 +41,7 @@ What each part proves:
     --memory-layers of them (default 4), random bf16 weights: FSDP2's mixed-precision regime) with gradient
     checkpointing on one packed row (documents of up to 64K tokens, the trainer's attention layout) at 128K,
     256K, 512K and 1M tokens: forward + backward with plain checkpointing, offloaded checkpoints, a tiled MLP
-    and both (distill.memory): torch.cuda.max_memory_allocated over the step against the planner's
+    and both (distill.parallel.memory): torch.cuda.max_memory_allocated over the step against the planner's
     `student_activation_bytes`, and the pinned host bytes offloaded. A size the planner puts beyond the
     device's free memory is reported as such, not run. On a CPU: an 8-layer 64-wide model at 2K and 8K
     tokens, peaks from benchmarks/long_context_memory.py's storage tracker.
@@ -140,7 +140,8 @@ def check_attention(device, seq: int, rows: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.models import packed_layout, resolve_attention
+    from distill.model.decoder import packed_layout
+    from distill.model.load import resolve_attention
     from distill.testing import tiny_config
 
     config = tiny_config("llama", vocab_size=5000, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
@@ -159,7 +160,7 @@ def check_attention(device, seq: int, rows: int) -> dict:
         return model.to(device).train()
 
     def run(model, autocast: bool):
-        # The layout the trainer gives this attention (distill.models.packed_layout: one row with the
+        # The layout the trainer gives this attention (distill.model.decoder.packed_layout: one row with the
         # documents' offsets for flash, the B rows otherwise).
         flat_ids, flat_pos, offsets, back = packed_layout(model, ids, positions)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -207,7 +208,7 @@ def check_loss(device, tokens: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from distill.objectives import IGNORE_INDEX, liger_available, lm_loss
+    from distill.model.objectives import IGNORE_INDEX, liger_available, lm_loss
 
     V, H = 32000, 512
     gen = torch.Generator().manual_seed(2)
@@ -257,8 +258,8 @@ def _longred_recipe(ws, out: str, steps: int, attention: str, peak_tflops: float
 
 
 def check_train(device, steps: int, peak_tflops: float | None, attention: str) -> dict:
-    from distill.metrics import read_metrics
-    from distill.train import run
+    from distill.train.loop import run
+    from distill.train.metrics import read_metrics
 
     with common.workspace() as ws:
         common.prepare_model(ws)
@@ -269,7 +270,7 @@ def check_train(device, steps: int, peak_tflops: float | None, attention: str) -
         code = run(cfg)
         wall = time.perf_counter() - t0
         if code != 0:
-            raise RuntimeError(f"distill.train.run exited {code}")
+            raise RuntimeError(f"distill.train.loop.run exited {code}")
         planned = _planned_peak(ws, cfg)
         records = read_metrics(os.path.join(out, "metrics.jsonl"))[1:]  # the first step warms up
         result = {"steps": steps, "wall_s": round(wall, 1), "peak_mb": _peak_mb(device),
@@ -301,11 +302,11 @@ def check_layout(device, attention: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from distill.attention import document_offsets, flattens
     from distill.config import StreamConfig, from_dict
-    from distill.models import resolve_attention
-    from distill.step import StreamObjectives
+    from distill.model.attention import document_offsets, flattens
+    from distill.model.load import resolve_attention
     from distill.testing import tiny_config
+    from distill.train.step import StreamObjectives
 
     name = resolve_attention(attention, device, "llama")
     config = tiny_config("llama", vocab_size=5000, hidden_size=256, num_layers=2, num_heads=8,
@@ -343,8 +344,8 @@ def check_zero3_precision(device) -> dict:
     from transformers import AutoModelForCausalLM
 
     from distill.config import OptimConfig
-    from distill.optim import make_optimizer
-    from distill.strategies import zero3
+    from distill.optim.optimizer import make_optimizer
+    from distill.parallel import zero3
     from distill.testing import tiny_config
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -469,8 +470,8 @@ def check_sequence_parallel(device, steps: int, attention: str) -> dict:
     import torch
 
     from distill.config import save_yaml
-    from distill.metrics import read_metrics
-    from distill.train import run
+    from distill.train.loop import run
+    from distill.train.metrics import read_metrics
 
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and gpus < 2:
@@ -548,9 +549,9 @@ def check_restoration(device, steps: int, attention: str, peak_tflops: float | N
     from distill.config import load_recipe
     from distill.data.build import build
     from distill.data.spec import load_spec
-    from distill.importing import import_smollm2, smollm2_gguf
-    from distill.metrics import read_metrics
-    from distill.train import run
+    from distill.model.importing import import_smollm2, smollm2_gguf
+    from distill.train.loop import run
+    from distill.train.metrics import read_metrics
 
     gpu = device.type == "cuda"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -596,7 +597,7 @@ def check_restoration(device, steps: int, attention: str, peak_tflops: float | N
             _peak_reset(device)
             t0 = time.perf_counter()
             if run(cfg) != 0:
-                raise RuntimeError(f"{method}: distill.train.run failed")
+                raise RuntimeError(f"{method}: distill.train.loop.run failed")
             wall = time.perf_counter() - t0
             records = read_metrics(os.path.join(out, "metrics.jsonl"))
             steady = records[1:] or records  # the first step warms up
@@ -646,10 +647,11 @@ def check_long_context_memory(device, layers: int) -> dict:
     from long_context_memory import LiveBytes  # benchmarks/: the CPU's stand-in for max_memory_allocated
     from transformers import AutoModelForCausalLM
 
-    from distill import memory
-    from distill.attention import document_offsets
-    from distill.models import enable_checkpointing, resolve_attention
-    from distill.plan import Shape, auto_chunks, student_activation_bytes
+    from distill.model.attention import document_offsets
+    from distill.model.load import enable_checkpointing, resolve_attention
+    from distill.parallel import memory
+    from distill.parallel.memory import auto_chunks
+    from distill.plan import Shape, student_activation_bytes
     from distill.testing import tiny_config
 
     gpu = device.type == "cuda"

@@ -8,10 +8,10 @@ trainer's forward as its long stream runs it (gradient checkpointing, bf16 autoc
 sdpa_varlen, only the final hidden state kept), the chunked LM loss (chunks of 512 tokens) and backward, on 2
 gloo processes (one thread each):
   plain            checkpointing; each rank runs the whole row
-  offload          + parallel.offload_activations (distill.memory)
+  offload          + parallel.offload_activations (distill.parallel.memory)
   tiled_mlp        + parallel.tiled_mlp: auto (14 chunks here, as for Llama-3-8B)
   offload+tiled    both
-  sp2              Ulysses over the 2 ranks (distill.sequence), checkpointing only
+  sp2              Ulysses over the 2 ranks (distill.parallel.ulysses), checkpointing only
   sp2+offload+tiled
 Peak activation bytes per rank: every storage the forward, loss and backward allocate, live at once at its
 most (a dispatch mode tracks each new storage until it is freed), leaving out the parameters' gradients
@@ -96,8 +96,9 @@ class LiveBytes:
             self.now -= n
 
     def __enter__(self):
-        """Track, with the offloaded host buffers (`distill.memory.HostOffload.pack`) counted as host."""
-        from distill import memory
+        """Track, with the offloaded host buffers (`distill.parallel.memory.HostOffload.pack`) counted as
+        host."""
+        from distill.parallel import memory
 
         self._pack = memory.HostOffload.pack
         tracker, pack = self, self._pack
@@ -114,7 +115,7 @@ class LiveBytes:
         return self
 
     def __exit__(self, *exc):
-        from distill import memory
+        from distill.parallel import memory
 
         memory.HostOffload.pack = self._pack
         return self.mode.__exit__(*exc)
@@ -126,11 +127,13 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distill import memory, sequence
-    from distill.attention import document_offsets
-    from distill.models import enable_checkpointing, resolve_attention
-    from distill.objectives import lm_loss
-    from distill.plan import Shape, auto_chunks, student_activation_bytes
+    from distill.model.attention import document_offsets
+    from distill.model.load import enable_checkpointing, resolve_attention
+    from distill.model.objectives import lm_loss
+    from distill.parallel import memory
+    from distill.parallel import ulysses as sequence
+    from distill.parallel.memory import auto_chunks
+    from distill.plan import Shape, student_activation_bytes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -75,7 +75,7 @@ def _inputs(tokens: int, seed: int = 0):
 
 
 def _ours(s_hidden, s_weight, t_hidden, t_weight, labels, mask):
-    from distill.objectives import kl_loss, lm_loss
+    from distill.model.objectives import kl_loss, lm_loss
 
     ce, _ = lm_loss(s_hidden, s_weight, labels)  # default chunk_size 4096
     kl, _ = kl_loss(s_hidden, s_weight, t_hidden, t_weight, mask, kind="forward")  # default chunk_size 2048

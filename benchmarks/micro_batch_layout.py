@@ -1,9 +1,10 @@
 """Micro-batch layout per attention backend: LM-only tokens/s at micro_batch 4 against micro_batch 1.
 
 The trainer flattens a micro-batch of packed rows to one row only for flash_attention_2, which separates
-packed documents only in a one-row batch (`distill.attention.flattens`). transformers' sdpa builds a dense
+packed documents only in a one-row batch (`distill.model.attention.flattens`). transformers' sdpa builds a
+dense
 document mask per row: flattened, 4 rows of 1024 become one (4096)² mask instead of four (1024)² ones. This
-measures it through `distill.train.run` on the benchmarks' tiny Llama (common.py: 4 layers x 256, bf16
+measures it through `distill.train.loop.run` on the benchmarks' tiny Llama (common.py: 4 layers x 256, bf16
 autocast, one thread), Long CPT on rows of 1024 tokens, 4096 token slots per step:
   sdpa mb1        micro_batch 1 (4 micro-batches of one row per step): the reference;
   sdpa mb4        micro_batch 4, rows kept (the trainer's layout for sdpa);
@@ -35,8 +36,8 @@ SIDES = {"sdpa mb1": ("sdpa", 1, False), "sdpa mb4": ("sdpa", 4, False), "sdpa m
 
 
 def run_side(ws, data: str, name: str, steps: int, repeat: int) -> list[float]:
-    from distill import train
-    from distill.metrics import read_metrics
+    from distill.train import loop as train
+    from distill.train.metrics import read_metrics
 
     attention, micro_batch, flat = SIDES[name]
     out = ws.path("runs", f"{name.replace(' ', '_')}_{repeat}")

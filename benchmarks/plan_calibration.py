@@ -2,11 +2,12 @@
 
 For the benchmarks' tiny Llama (4 layers x 256, ~6.8M parameters) and the LongReD step of
 distill_overhead.py (long 1 x 1024 LM, short 4 x 256 hidden-state distillation, s2l 4 x 256 at CREAM
-positions), one optimiser step through `distill.train.run` per regime (fp32; bf16 autocast over fp32
+positions), one optimiser step through `distill.train.loop.run` per regime (fp32; bf16 autocast over fp32
 weights; fp32 with gradient checkpointing; and the long-context savers on the long stream, bf16 autocast:
 `tiled_mlp` 4 chunks without checkpointing, `offload` with checkpointing). Activations:
 `distill.plan.saved_forward_bytes` against the bytes the trainer's own student forward saves for backward
-(`distill.plan.SavedTensorBytes`, saved-tensor hooks through the step's spans); offload also: the planner's
+(`distill.train.spans.SavedTensorBytes`, saved-tensor hooks through the step's spans); offload also: the
+planner's
 host bytes against the offloaded buffers' peak (`host`). State: the planner's weights + gradients + AdamW
 moments against the live tensors after the step.
 
@@ -37,10 +38,11 @@ REGIMES = {"fp32": ("float32", False, {}), "autocast": ("bfloat16", False, {}),
 def main() -> None:
     from transformers import AutoConfig
 
-    from distill import memory
     from distill.config import from_dict, to_dict
-    from distill.plan import SavedTensorBytes, Shape, offloaded_host_bytes, plan, saved_forward_bytes
-    from distill.train import run
+    from distill.parallel import memory
+    from distill.plan import Shape, offloaded_host_bytes, plan, saved_forward_bytes
+    from distill.train.loop import run
+    from distill.train.spans import SavedTensorBytes
 
     common.quiet()
     common.set_threads(1)

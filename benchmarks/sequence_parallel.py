@@ -5,9 +5,11 @@ auto: flash-attn on CUDA when installed, else sdpa_varlen) and precision (--dtyp
 of --tokens tokens (documents of 300-1500 tokens, one of them crossing the shard edge), forward + LM loss +
 backward, both ranks at once (gloo, one thread each):
   S = 1: each rank runs the whole row (what a rank holds without sequence parallelism);
-  S = 2: the two ranks split the row (distill.sequence), all-to-all around attention (Ulysses);
-  ring (with --ring): the two ranks hold zigzag slices of the row, K/V blocks round the ring (distill.ring).
-Activation memory per rank: the bytes the forward saves for backward (distill.plan.SavedTensorBytes, the
+  S = 2: the two ranks split the row (distill.parallel.ulysses), all-to-all around attention (Ulysses);
+  ring (with --ring): the two ranks hold zigzag slices of the row, K/V blocks round the ring
+  (distill.parallel.ring).
+Activation memory per rank: the bytes the forward saves for backward (distill.train.spans.SavedTensorBytes,
+the
 planner's calibration instrument), the peak a rank holds for the row. Time per token: rank-seconds per token
 of the row (S x wall time / tokens), median over --repeats interleaved repeats after a warm-up.
 
@@ -42,9 +44,10 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from distill import ring, sequence
-    from distill.objectives import lm_loss
-    from distill.plan import SavedTensorBytes
+    from distill.model.objectives import lm_loss
+    from distill.parallel import ring
+    from distill.parallel import ulysses as sequence
+    from distill.train.spans import SavedTensorBytes
 
     torch.set_num_threads(1)
     cuda = device_type == "cuda"
@@ -53,8 +56,8 @@ def worker(model_dir: str, tokens: int, repeats: int, out: str, device_type: str
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    from distill.attention import document_offsets
-    from distill.models import resolve_attention
+    from distill.model.attention import document_offsets
+    from distill.model.load import resolve_attention
 
     inner = resolve_attention(attention_name, device, "llama")
     sequence.check_attention(inner, world)
@@ -149,7 +152,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="autocast dtype over fp32 weights, as the trainer (default: bfloat16 on CUDA, "
                              "float32 on a CPU)")
-    parser.add_argument("--ring", action="store_true", help="also ring attention at S (distill.ring)")
+    parser.add_argument("--ring", action="store_true",
+                        help="also ring attention at S (distill.parallel.ring)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")

@@ -8,7 +8,7 @@ clip 1.0, constant LR, one intra-op thread (see common.set_threads). Data: stdli
 `distill.data.build`.
 
 (a) Long CPT, LM only, rows of 1024 tokens (concat packing), 4 micro-batches of 1 row per optimiser step:
-    ours = `distill.train.run` on the built `long` stream with its defaults (`attention: auto`, i.e.
+    ours = `distill.train.loop.run` on the built `long` stream with its defaults (`attention: auto`, i.e.
            sdpa_varlen on the CPU: documents isolated by position_ids, one causal SDPA per document;
            chunked cross-entropy);
     HF   = `transformers.Trainer` on the same rows as a `datasets.Dataset` of input_ids/labels (labels
@@ -25,7 +25,7 @@ clip 1.0, constant LR, one intra-op thread (see common.set_threads). Data: stdli
     padded = the documents of those rows in a seeded random order, one per row, padded on the right to the
              longest in the batch, attention_mask marking the padding (transformers' masked sdpa); as many
              documents per step as make the same number of steps.
-    Both use the decoder + `distill.objectives.lm_loss`; real tokens/s counts document tokens only.
+    Both use the decoder + `distill.model.objectives.lm_loss`; real tokens/s counts document tokens only.
 
 Prints one JSON line:
     {"ours_tokens_per_s", "hf_trainer_tokens_per_s", "ratio" (ours / HF, target >= 1.0), "cpu_ratio" (the
@@ -195,9 +195,9 @@ def train_batches(ws, batches: list[dict], dtype: str) -> list[tuple[float, floa
     from transformers import AutoModelForCausalLM
 
     from distill.config import OptimConfig
-    from distill.models import resolve_attention
-    from distill.objectives import lm_loss
-    from distill.optim import make_optimizer
+    from distill.model.load import resolve_attention
+    from distill.model.objectives import lm_loss
+    from distill.optim.optimizer import make_optimizer
 
     # The trainer's default (`attention: auto` = sdpa_varlen on the CPU): packed rows run one causal SDPA per
     # document; padded rows carry a mask, which sdpa_varlen hands to transformers' sdpa unchanged.
@@ -248,15 +248,16 @@ def diagnostics(ws, dtype: str) -> dict:
     positions restarting at document boundaries (isolated documents, as our packed rows need) through
     transformers' sdpa (a dense T x T document mask) and through sdpa_varlen (one causal SDPA per
     document, our default), for two documents (1/3 + 2/3 of the row) and for six of 49-291 tokens; and the
-    LM loss forward+backward as `distill.objectives.lm_loss` computes it (logits in chunks, matmuls in the
+    LM loss forward+backward as `distill.model.objectives.lm_loss` computes it (logits in chunks, matmuls in
+    the
     autocast dtype, reductions fp32, recomputed in backward) vs bf16 logits under autocast +
     F.cross_entropy (what the HF model runs)."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from distill.models import resolve_attention
-    from distill.objectives import lm_loss
+    from distill.model.load import resolve_attention
+    from distill.model.objectives import lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(ws.model, dtype=torch.float32, attn_implementation="sdpa")
     decoder, weight = model.get_decoder(), model.get_output_embeddings().weight

@@ -347,7 +347,7 @@ class ExpansionConfig:
     """k: every (L/k)-th decoder block (the last of each run of L/k), as Control LLM; or a list of block
     indices 0..L−1."""
     interpolation: Literal["lerp", "dlerp", "dlerp_in", "progressive", "moe"] = "lerp"
-    """How a block's frozen output h_p and its trainable copy's h_e combine (distill.expansion)."""
+    """How a block's frozen output h_p and its trainable copy's h_e combine (distill.model.expansion)."""
     alignment: AlignmentConfig | None = None
     """An alignment loss keeping h_e near h_p; null: none."""
     fold_rows: int = 16
@@ -373,7 +373,8 @@ class ModelConfig:
     dtype: DTypeName = "bfloat16"
     """Parameter dtype of the student; the teacher runs in the same dtype."""
     attention: Literal["auto", "sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
-    """auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa_varlen (`distill.attention`:
+    """auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa_varlen
+    (`distill.model.attention`:
     one causal SDPA per packed document, no T×T mask; transformers' sdpa for everything else)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (needed at 32K+ tokens)."""
@@ -705,7 +706,8 @@ class ParallelConfig:
     sequence_parallel_mode: Literal["ulysses", "ring", "hybrid"] = "ulysses"
     """How a split row's attention communicates. ulysses: an all-to-all trades the sequence split for a head
     split around the model's own kernel (S divides the heads; fastest within a node). ring: key/value blocks
-    travel round the group over zigzag slices (distill.ring): any S, more ranks than heads, groups across
+    travel round the group over zigzag slices (distill.parallel.ring): any S, more ranks than heads, groups
+    across
     nodes. hybrid: Ulysses inside subgroups of S / ring_degree consecutive ranks, a ring across them."""
     ring_degree: int = 1
     """hybrid only: R, the ranks of each ring; S / R (the Ulysses degree) must divide the attention heads."""
@@ -722,7 +724,8 @@ class ParallelConfig:
     offload_activations: bool = False
     """Long stream: each decoder layer's checkpointed input (what gradient checkpointing keeps per layer,
     tokens x hidden) is copied to pinned host memory on a side CUDA stream during the forward and brought
-    back for the layer's recompute in backward (`distill.memory`). Needs model.gradient_checkpointing; costs
+    back for the layer's recompute in backward (`distill.parallel.memory`). Needs
+    model.gradient_checkpointing; costs
     host memory (scripts/plan.py prints it) and PCIe traffic; saves layers x tokens x hidden x 2-4 bytes per
     GPU."""
     tiled_mlp: int | Literal["auto"] = 1
@@ -764,7 +767,7 @@ class LogConfig:
     progress_bar: bool = True
     peak_tflops: float | None = None
     """Per-device peak TFLOP/s for the logged MFU; None looks it up from the GPU's name (dense bf16:
-    H100/H200 989, A100 312, ...; see distill.metrics.PEAK_TFLOPS). No MFU on a CPU unless set."""
+    H100/H200 989, A100 312, ...; see distill.model.flops.PEAK_TFLOPS). No MFU on a CPU unless set."""
     layer_grad_every: int = 0
     """Every N steps, log each decoder layer's attention and MLP gradient norm (plus embeddings and head),
     for the step and per stream (`grad_norm/layers.<i>.attn`, `grad_norm/<stream>/layers.<i>.mlp`), and
@@ -808,7 +811,6 @@ class RecipeConfig:
         fixed = [s.share for s in self.streams.values() if isinstance(s.share, float)]
         if len(fixed) == len(self.streams):
             check(sum(fixed) > 0, "streams", "stream shares sum to 0; at least one share must be positive")
-        from distill.schedules import check_lr_schedule  # schedules imports this module
 
         problem = check_lr_schedule(self.optim.schedule, self.train.max_steps)
         if problem is not None:
@@ -836,3 +838,18 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 def save_yaml(obj: Any, path: str | os.PathLike) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(obj), f, sort_keys=False)
+
+
+def check_lr_schedule(cfg: ScheduleConfig, max_steps: int) -> str | None:
+    """Why a WSD schedule cannot reach its floor by the end of its horizon (a one-line reason naming the
+    key), or None: it needs steps after the warm-up, and its decay must fit in them."""
+    total = cfg.total_steps if cfg.total_steps is not None else max_steps
+    horizon = "optim.schedule.total_steps" if cfg.total_steps is not None else "train.max_steps"
+    if cfg.name == "wsd" and cfg.warmup_steps >= total:
+        return (f"optim.schedule.warmup_steps: {cfg.warmup_steps} leaves no step to decay in ({horizon} is "
+                f"{total}); allowed: fewer than {total}")
+    if cfg.name == "wsd" and cfg.decay_steps is not None and cfg.decay_steps > total - cfg.warmup_steps:
+        return (f"optim.schedule.decay_steps: {cfg.decay_steps} does not fit after the warm-up "
+                f"({horizon} {total} − warmup_steps {cfg.warmup_steps} = {total - cfg.warmup_steps}); the LR "
+                f"would not reach its floor; allowed: 1..{total - cfg.warmup_steps}")
+    return None

@@ -16,3 +16,7 @@ def replace_dir(tmp: str, final: str) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read (one line for the user)."""

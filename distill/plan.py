@@ -28,6 +28,12 @@ import dataclasses
 import math
 import os
 
+from distill.config import ConfigError
+from distill.data.dataset import STREAM_INFO
+from distill.model.flops import flop_rates
+from distill.parallel.memory import auto_chunks, long_streams, resolve_chunks
+from distill.schedules import share_at
+
 GiB = 1024**3
 GPUS = {"h100-80gb": int(79.1 * GiB), "h200-141gb": int(139.8 * GiB), "a100-80gb": int(79.2 * GiB)}
 """Memory torch reports as usable on each device (total_memory), bytes."""
@@ -200,7 +206,8 @@ def loss_bytes(shape: Shape, tokens: int, objectives, compute_bytes: int) -> int
 def teacher_activation_bytes(shape: Shape, tokens: int, depth: int, weight_bytes: int,
                              kept: int | None = None) -> int:
     """The teacher's forward (no grad) to `depth`: the `kept` hidden states a loss asked for (the teacher
-    keeps only those, `distill.models.TruncatedTeacher`; None: all depth + 1), the state flowing through
+    keeps only those, `distill.model.decoder.TruncatedTeacher`; None: all depth + 1), the state flowing
+    through
     the layers, and one layer's intermediates in flight."""
     if depth <= 0:
         return tokens * shape.hidden * weight_bytes
@@ -209,26 +216,9 @@ def teacher_activation_bytes(shape: Shape, tokens: int, depth: int, weight_bytes
     return tokens * (kept * shape.hidden + in_flight) * weight_bytes
 
 
-def auto_chunks(hidden: int, intermediate: int) -> int:
-    """`parallel.tiled_mlp: auto`: the chunks that bring a chunk's MLP intermediates (four tensors of
-    `intermediate` per token: gate, up, their activation and product) down to one residual's size."""
-    return max(1, math.ceil(4 * intermediate / hidden))
-
-
-def resolve_chunks(setting, hidden: int, intermediate: int) -> int:
-    """parallel.tiled_mlp as a number of MLP chunks (1: off): "auto" is `auto_chunks`. The trainer
-    (`distill.memory.install_savers`) and the planner resolve it here alike."""
-    return auto_chunks(hidden, intermediate) if setting == "auto" else int(setting)
-
-
-def long_streams(seq_lens: dict[str, int]) -> set[str]:
-    """The streams the memory savers act on (`distill.memory`): those with the longest rows."""
-    longest = max(seq_lens.values())
-    return {name for name, n in seq_lens.items() if n == longest}
-
-
 def savers(cfg, shape: Shape) -> tuple[bool, int]:
-    """The recipe's (offload, MLP chunks) for its long stream (`distill.memory`; tiled_mlp auto resolved)."""
+    """The recipe's (offload, MLP chunks) for its long stream (`distill.parallel.memory`; tiled_mlp auto
+    resolved)."""
     return (bool(cfg.parallel.offload_activations),
             resolve_chunks(cfg.parallel.tiled_mlp, shape.hidden, shape.intermediate))
 
@@ -410,7 +400,8 @@ def setup_bytes(shape: Shape, teacher_shape: Shape | None, mode: str, world: int
 
 
 def _split_streams(cfg, seq_lens: dict[str, int]) -> set[str]:
-    """The streams sequence parallelism would split (as distill.sequence.split_streams picks them, without its
+    """The streams sequence parallelism would split (as distill.parallel.ulysses.split_streams picks them,
+    without its
     checks: the planner also answers for degrees the recipe does not ask for)."""
     native = {n: seq_lens[n] for n, s in cfg.streams.items() if s.positions == "native"}
     longest = max(native.values()) if native else 0
@@ -430,7 +421,7 @@ def _distilled_depth(objectives, num_layers: int) -> int:
 def sequence_parallel_problem(shape: Shape, world: int, size: int, sp_mode: str = "ulysses") -> str | None:
     """Why the trainer would refuse sequence parallelism over `size` ranks of `world` for this model (the
     degree must divide the processes and, for Ulysses, the attention heads, and divide or be divided by the
-    key/value heads: distill.sequence.check_heads; ring attention has no head limit), or None."""
+    key/value heads: distill.parallel.ulysses.check_heads; ring attention has no head limit), or None."""
     if size == 1:
         return None
     if world % size:
@@ -542,7 +533,6 @@ def accelerate_launch(path: str | None) -> tuple[str, int]:
     """(mode, number of processes) an accelerate config file launches."""
     import yaml
 
-    from distill.config import ConfigError
 
     if path is None:
         return "fsdp2", 8
@@ -568,8 +558,6 @@ def recipe_seq_lens(cfg) -> dict[str, int]:
     """
     import json
 
-    from distill.config import ConfigError
-    from distill.data.dataset import STREAM_INFO
 
     lens = {}
     for name, stream in cfg.streams.items():
@@ -604,72 +592,18 @@ def memory_problem(cfg, shape: Shape, teacher_shape: Shape | None, mode: str, wo
             f"model.gradient_checkpointing, or set parallel.skip_memory_check: true to try anyway")
 
 
-def _is_weight(t) -> bool:
-    """A parameter, a view of one (linear layers save `weight.t()`), or autocast's cast of one: state."""
-    import torch
-
-    base = t._base if t._is_view() else t
-    if isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad):
-        return True
-    fn = base.grad_fn
-    return fn is not None and type(fn).__name__ == "ToCopyBackward0" and \
-        type(fn.next_functions[0][0]).__name__ == "AccumulateGrad"
-
-
-class SavedTensorBytes:
-    """A `distill.step.Spans` recorder for calibrating the planner: per stream, the bytes each student
-    forward of the trainer's own step saves for backward (saved-tensor hooks; weights, views of them and
-    autocast's copies of them are state, not activations, and are left out; a tensor saved twice counts
-    once)."""
-
-    def __init__(self):
-        from distill.step import NO_SPANS
-
-        self.bytes: dict[str, list[int]] = {}
-        self.loss_bytes: dict[str, list[int]] = {}
-        """Per stream, what each objective span ("loss") saves for backward beyond the forward's tensors."""
-        self._quiet = NO_SPANS
-        self._forward_keys: set = set()
-
-    def __call__(self, name: str, stream: str | None = None):
-        import torch
-
-        if name not in ("student_forward", "loss"):
-            return self._quiet(name, stream)
-        forward = name == "student_forward"
-        if forward:
-            self._forward_keys = set()
-        seen = self._forward_keys if forward else set(self._forward_keys)
-        table = self.bytes if forward else self.loss_bytes
-        table.setdefault(stream, []).append(0)
-        slot = len(table[stream]) - 1
-
-        def pack(t):
-            if _is_weight(t):
-                return t
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
-            if key not in seen:
-                seen.add(key)
-                table[stream][slot] += t.numel() * t.element_size()
-            return t
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-    def step_done(self, record: dict) -> None:
-        """Nothing per step."""
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run's budget: tokens, time at a stated MFU, checkpoints on disk, the stop grace a cluster must give
 # ---------------------------------------------------------------------------------------------------
 PEAK_TFLOPS = {"h100-80gb": 989.0, "h200-141gb": 989.0, "a100-80gb": 312.0}
-"""Dense bf16 peak TFLOP/s of the named GPUs (as distill.metrics.PEAK_TFLOPS gives the trainer's MFU)."""
+"""Dense bf16 peak TFLOP/s of the named GPUs (as distill.model.flops.PEAK_TFLOPS gives the trainer's MFU)."""
 STOP_GRACE_MARGIN = 1.25
 """The suggested stop grace: (one step + one checkpoint write) times this, rounded up to a minute."""
 
 
 def flop_counts_of(shape: Shape) -> dict[str, float]:
-    """distill.metrics.flop_counts from a config's shape (no model built): N counts every matmul operand, i.e.
+    """distill.model.flops.flop_counts from a config's shape (no model built): N counts every matmul operand,
+    i.e.
     all parameters but the input embedding (a lookup), with the lm_head counted even when tied."""
     head = shape.vocab * shape.hidden
     return {"L": float(shape.layers), "d": float(shape.hidden), "V": float(shape.vocab),
@@ -680,9 +614,7 @@ def flop_counts_of(shape: Shape) -> dict[str, float]:
 def stream_tokens_per_step(cfg) -> dict[str, float]:
     """Each stream's token slots per optimiser step (all ranks), averaged over the run's steps: its share of
     `mix.tokens_per_step` (a share schedule is followed step by step; micro-batch counts are rounded
-    stochastically around exactly this, distill.mixture)."""
-    from distill.schedules import share_at
-
+    stochastically around exactly this, distill.data.mixture)."""
     steps = cfg.train.max_steps
     if all(isinstance(s.share, float) for s in cfg.streams.values()):  # fixed shares: no walk needed
         whole = sum(s.share for s in cfg.streams.values())
@@ -698,7 +630,8 @@ def stream_tokens_per_step(cfg) -> dict[str, float]:
 
 def checkpoints_on_disk(max_steps: int, save_every: int, keep_last: int, keep_every: int) -> tuple[int, int]:
     """(the most checkpoints on disk at once, those left at the end) for saves at every `save_every` steps and
-    at the last step, pruned as distill.checkpoint.prune does after each save (the newest `keep_last` plus
+    at the last step, pruned as distill.train.checkpoint.prune does after each save (the newest `keep_last`
+    plus
     multiples of `keep_every`). The most is counted while a new one is written, before the prune."""
     saves = sorted({*(range(save_every, max_steps + 1, save_every) if save_every else ()), max_steps})
     kept: list[int] = []
@@ -717,7 +650,8 @@ def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_l
     stated MFU, checkpoints on disk, and the stop grace a scheduler must leave between its signal and the
     kill.
 
-    Time: FLOPs per step are the trainer's own (distill.metrics.flop_rates: 6N + 12·L·d·T per trained token,
+    Time: FLOPs per step are the trainer's own (distill.model.flops.flop_rates: 6N + 12·L·d·T per trained
+    token,
     plus the teacher's forward 2·N·depth/L + 4·depth·d·T), at `mfu` of `peak_tflops` on each of `world` GPUs.
     The attention term counts the whole row as one document (an upper bound for packed rows) and gradient
     checkpointing's recomputation is not counted, as the MFU convention has it: MFU 0.4 with recomputation
@@ -734,8 +668,6 @@ def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_l
          "checkpoints_on_disk_max", "checkpoints_at_end", "checkpoint_disk_bytes_max",
          "checkpoint_hours", "total_hours", "stop_grace_s"} (time figures None without a peak).
     """
-    from distill.metrics import flop_rates
-
     teacher_shape = teacher_shape or shape
     per_step = stream_tokens_per_step(cfg)
     layers = {}

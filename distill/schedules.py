@@ -52,21 +52,6 @@ def wsd_decay_steps(cfg: ScheduleConfig, total: int) -> int:
     return max(1, min(round(0.2 * total), total - cfg.warmup_steps))
 
 
-def check_lr_schedule(cfg: ScheduleConfig, max_steps: int) -> str | None:
-    """Why a WSD schedule cannot reach its floor by the end of its horizon (a one-line reason naming the
-    key), or None: it needs steps after the warm-up, and its decay must fit in them."""
-    total = cfg.total_steps if cfg.total_steps is not None else max_steps
-    horizon = "optim.schedule.total_steps" if cfg.total_steps is not None else "train.max_steps"
-    if cfg.name == "wsd" and cfg.warmup_steps >= total:
-        return (f"optim.schedule.warmup_steps: {cfg.warmup_steps} leaves no step to decay in ({horizon} is "
-                f"{total}); allowed: fewer than {total}")
-    if cfg.name == "wsd" and cfg.decay_steps is not None and cfg.decay_steps > total - cfg.warmup_steps:
-        return (f"optim.schedule.decay_steps: {cfg.decay_steps} does not fit after the warm-up "
-                f"({horizon} {total} − warmup_steps {cfg.warmup_steps} = {total - cfg.warmup_steps}); the LR "
-                f"would not reach its floor; allowed: 1..{total - cfg.warmup_steps}")
-    return None
-
-
 def _wsd_lr(step: int, base_lr: float, cfg: ScheduleConfig, total: int) -> float:
     # Warm-up, stable at the peak, then a cooldown over the last `decay_steps` steps of the horizon
     # (Hu et al. 2024, MiniCPM; cooldown shapes as in Hägele et al. 2024 / Dremov et al. 2025).

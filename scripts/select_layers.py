@@ -4,7 +4,8 @@
         --target-length 32768 [--factor F] --data data/built/<name>/holdout/short --top-k 6 [--rows 4] \\
         [--tokens 1024] [--out layers.yaml]
 
-Builds the extended student exactly as training will (`distill.models.load_student` with the RoPE flags) and
+Builds the extended student exactly as training will (`distill.model.load.load_student` with the RoPE flags)
+and
 the teacher with its native RoPE (`load_teacher`; default: the same checkpoint), runs both with eager
 attention on sample short documents, and ranks decoder layers by KL(teacher ‖ student) of their attention
 distributions. Prints the ranking and a YAML snippet for a recipe's `hidden.layers`: the top-k layers plus
@@ -54,8 +55,8 @@ def select(args) -> dict:
     import torch
 
     from distill.config import ModelConfig, RopeConfig
-    from distill.layers import sample_documents, select_layers
-    from distill.models import load_student, load_teacher
+    from distill.model.layers import sample_documents, select_layers
+    from distill.model.load import load_student, load_teacher
 
     if not os.path.isfile(os.path.join(args.data, STREAM_INFO)):
         raise DataError(f"--data {args.data}: not a built stream (no {STREAM_INFO}); build it with "

@@ -25,7 +25,7 @@ from distill.config import to_dict
 from distill.data.dataset import MANIFEST, STREAM_INFO, DataError, tokenizer_identity
 from distill.data.pack import Packed, gather_pieces, pack
 from distill.data.sources import SourceReader, check_sources
-from distill.data.spec import DataSpec, DataStreamConfig, SourceConfig
+from distill.data.spec import DataSpec, DataStreamConfig, SourceConfig, load_spec
 from distill.data.tokenize import TokenizedSource, load_tokenizer, tokenize_documents
 from distill.files import replace_dir
 
@@ -425,6 +425,4 @@ def verify(output_dir: str, progress: bool = True) -> tuple[int, list[str]]:
 
 def build_from_yaml(path: str, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False,
                     progress: bool = True) -> dict:
-    from distill.data.spec import load_spec
-
     return build(load_spec(path, overrides), overwrite=overwrite, progress=progress)

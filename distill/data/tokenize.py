@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from distill.data.dataset import DataError
+from distill.hub import GATED_HINT, hub_reason
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ def load_tokenizer(name: str) -> Any:
         if len(text) > 300:
             text = text[:300] + "…"
         where = "directory" if os.path.isdir(name) else "hub id or directory"
-        from distill.hub import GATED_HINT, hub_reason
 
         if hub_reason(err) is GATED_HINT:  # Llama: the hub wants a login with access to the repository
             text = GATED_HINT

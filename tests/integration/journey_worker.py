@@ -36,7 +36,7 @@ def main() -> None:
     import distill.train
 
     entry = {"prepare_data": _script("prepare_data").main, "plan": _script("plan").main,
-             "train": distill.train.main}
+             "train": distill.train.loop.main}
     results = {}
     for item in commands:
         t0 = time.perf_counter()

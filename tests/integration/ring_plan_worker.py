@@ -4,8 +4,9 @@ tests/integration/test_plan_ring.py:
     accelerate launch --config_file recipes/accelerate/cpu2.yaml --num_processes 2 \
         tests/integration/ring_plan_worker.py RECIPE OUT_DIR
 
-Runs `distill.train.run` on RECIPE (parallel.sequence_parallel: 2, sequence_parallel_mode: ring) with
-`distill.plan.SavedTensorBytes` (what each student forward saves for backward, per stream) and, inside every
+Runs `distill.train.loop.run` on RECIPE (parallel.sequence_parallel: 2, sequence_parallel_mode: ring) with
+`distill.train.spans.SavedTensorBytes` (what each student forward saves for backward, per stream) and, inside
+every
 ring attention call, the peak of the blocks the ring holds in flight: every tensor `RingParallel.shift` sends
 or receives (key/value blocks in the compute dtype, dK/dV accumulators in fp32) counted while its storage
 lives (the pending transfers keep theirs alive too). Writes OUT_DIR/rank<r>.json: {"saved": {stream: [bytes
@@ -23,10 +24,10 @@ import sys
 def main() -> None:
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    from distill import ring
     from distill.config import load_recipe
-    from distill.plan import SavedTensorBytes
-    from distill.train import run
+    from distill.parallel import ring
+    from distill.train.loop import run
+    from distill.train.spans import SavedTensorBytes
 
     recipe_path, out = sys.argv[1], sys.argv[2]
     live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage address → (weak ref, bytes)

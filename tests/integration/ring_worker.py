@@ -1,4 +1,4 @@
-"""Ring attention (distill.ring) on S CPU processes (gloo) against one process, for test_ring.py.
+"""Ring attention (distill.parallel.ring) on S CPU processes (gloo) against one process, for test_ring.py.
 
     torchrun --nproc_per_node S tests/integration/ring_worker.py OUT.json [MODEL_DIR]
 
@@ -36,9 +36,9 @@ def reference(q, k, v, lengths):
 def attention_checks(ring, world) -> dict:
     import functools
 
-    from distill import ring as ring_module
-    from distill.attention import document_offsets
-    from distill.ring import HybridParallel, ring_attention
+    from distill.model.attention import document_offsets
+    from distill.parallel import ring as ring_module
+    from distill.parallel.ring import HybridParallel, ring_attention
 
     attend = ring.attention if isinstance(ring, HybridParallel) else functools.partial(ring_attention, ring)
 
@@ -75,8 +75,8 @@ def attention_checks(ring, world) -> dict:
 def model_checks(model_dir, ring, rank, world) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from distill import attention
-    from distill import ring as ring_module
+    from distill.model import attention
+    from distill.parallel import ring as ring_module
     from distill.testing import states_loss_grads
 
     attention.register()
@@ -121,7 +121,7 @@ def model_checks(model_dir, ring, rank, world) -> dict:
 
 
 def main() -> None:
-    from distill.ring import HybridParallel, RingParallel
+    from distill.parallel.ring import HybridParallel, RingParallel
     from distill.testing import finish_workers
 
     out = sys.argv[1]

@@ -1,4 +1,5 @@
-"""Ulysses attention (distill.sequence) on 2 CPU processes (gloo) against one process, for test_sequence.py.
+"""Ulysses attention (distill.parallel.ulysses) on 2 CPU processes (gloo) against one process, for
+test_sequence.py.
 
     torchrun --nproc_per_node 2 tests/integration/sequence_worker.py MODEL_DIR OUT.json
 
@@ -21,7 +22,8 @@ def main() -> None:
     model_dir, out = sys.argv[1], sys.argv[2]
     from transformers import AutoModelForCausalLM
 
-    from distill import attention, sequence
+    from distill.model import attention
+    from distill.parallel import ulysses as sequence
     from distill.testing import finish_workers, states_loss_grads
 
     torch.set_num_threads(1)

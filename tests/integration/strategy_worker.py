@@ -1,4 +1,5 @@
-"""The shipped trainer (`distill.train.main`, hence `distill.step.train_step` through the launcher's strategy)
+"""The shipped trainer (`distill.train.loop.main`, hence `distill.train.step.train_step` through the
+launcher's strategy)
 run several times in one multi-process launch, for tests/integration/test_strategies.py:
 
     accelerate launch --config_file recipes/accelerate/<cpu2|fsdp2|zero3>.yaml --num_processes 2 \
@@ -57,12 +58,12 @@ BF16 = ("model.attention=sdpa_varlen", "model.dtype=bfloat16", "model.gradient_c
 
 
 def flash_run(recipe: str, out: str, *overrides: str) -> int:
-    """`distill.train.main` with FLASH; the stand-in's calls of this run on this rank go to
+    """`distill.train.loop.main` with FLASH; the stand-in's calls of this run on this rank go to
     OUT/flash_calls.json (rank 0: a list per rank)."""
     import torch.distributed as dist
     from flash_attn import standin
 
-    from distill import train
+    from distill.train import loop as train
 
     standin.reset()
     code = train.main([recipe, f"run.output_dir={out}", *FLASH, *overrides])
@@ -79,11 +80,13 @@ def flash_run(recipe: str, out: str, *overrides: str) -> int:
 
 
 def failing_startup_run(recipe: str, out: str) -> int:
-    """`distill.train.main` where rank 0's packing-isolation check raises (as flash-attn did on fp32 inputs):
+    """`distill.train.loop.main` where rank 0's packing-isolation check raises (as flash-attn did on fp32
+    inputs):
     every rank must stop with the same one-line error, none left waiting in a collective."""
     import torch.distributed as dist
 
-    from distill import models, train
+    from distill.model import load as models
+    from distill.train import loop as train
 
     real = models.packing_isolation
 
@@ -100,9 +103,9 @@ def failing_startup_run(recipe: str, out: str) -> int:
 
 
 def poisoned_run(recipe: str, out: str, *overrides: str) -> int:
-    """`distill.train.main` with every LM loss of step 1 (index 0) multiplied by NaN on every rank."""
-    from distill import step as step_module
-    from distill import train
+    """`distill.train.loop.main` with every LM loss of step 1 (index 0) multiplied by NaN on every rank."""
+    from distill.train import loop as train
+    from distill.train import step as step_module
 
     real_step, real_lm = train.train_step, step_module.lm_loss
     poison = {"on": False}
@@ -127,8 +130,9 @@ def teacher_diffs(model_dir: str, mode: str) -> dict[str, float]:
     plain, per requested list of hidden-state indices (one runner per side, reused across the lists as the
     trainer reuses it)."""
     from distill.config import ModelConfig
-    from distill.models import TruncatedTeacher, load_teacher
-    from distill.strategies import fsdp2, zero3
+    from distill.model.decoder import TruncatedTeacher
+    from distill.model.load import load_teacher
+    from distill.parallel import fsdp2, zero3
 
     model_cfg = ModelConfig(path=model_dir, dtype="float32", attention="auto")
     plain = load_teacher(model_dir, model_cfg)
@@ -160,8 +164,9 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from distill import train
-    from distill.strategies import Processes, choose
+    from distill.parallel.base import Processes
+    from distill.parallel.launcher import choose
+    from distill.train import loop as train
 
     torch.set_num_threads(1)
     codes = {}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from distill.data.dataset import PackedStream
-from distill.metrics import read_metrics
+from distill.train.metrics import read_metrics
 
 from .test_train import ROOT, recipe, train_cli, write
 
@@ -74,7 +74,7 @@ def test_verify_passes_intact_data_and_names_each_damaged_file(data_copy):
 
 
 def test_startup_refuses_a_stream_whose_files_changed_size(tmp_path, tiny_llama, data_copy, capsys):
-    from distill import train
+    from distill.train import loop as train
 
     with open(_arrow_file(data_copy["short"]), "ab") as f:
         f.write(b"\0" * 64)
@@ -111,7 +111,7 @@ def test_out_of_vocabulary_row_stops_with_a_checkpoint_and_one_line(tmp_path, ti
 
 
 def test_out_of_vocabulary_row_is_skipped_and_counted(tmp_path, tiny_llama, data_copy):
-    from distill.mixture import Mixture, StreamPlan
+    from distill.data.mixture import Mixture, StreamPlan
 
     cfg = _bad_row_recipe(tiny_llama, data_copy, tmp_path / "run", bad_rows="skip")
     cfg["streams"]["long"]["micro_batch"] = 2

@@ -114,16 +114,16 @@ def test_demo_corpus_look_ups_answer_their_statement(tmp_path):
     the evaluation's own templates; the instruction corpus wraps code in the fixed prompt."""
     import re
 
-    from distill import evaluate
+    from distill.eval import passkey
     from distill.testing import stdlib_files
 
     demo = _demo_module()
     files = stdlib_files(min_bytes=4000, limit=6)
     path = tmp_path / "corpus.jsonl"
     assert demo.write_passkey_documents(str(path), files) == 6
-    needle = re.compile("^" + re.escape(evaluate.PASSKEY_NEEDLE).replace(r"PASSKEY", "(?P<name>[A-Z]+)")
+    needle = re.compile("^" + re.escape(passkey.PASSKEY_NEEDLE).replace(r"PASSKEY", "(?P<name>[A-Z]+)")
                         .replace(r"\{key\}", "(?P<key>.+)") + "$")
-    lookup = re.compile("^" + re.escape(evaluate.PASSKEY_LOOKUP).replace(r"PASSKEY", "(?P<name>[A-Z]+)")
+    lookup = re.compile("^" + re.escape(passkey.PASSKEY_LOOKUP).replace(r"PASSKEY", "(?P<name>[A-Z]+)")
                         .replace(r"\{key\}", "(?P<key>.+)") + "$")
     asked = 0
     for line in path.read_text().splitlines():

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distill import train
-from distill.metrics import read_metrics
+from distill.train import loop as train
+from distill.train.metrics import read_metrics
 
 from .test_train import recipe, write
 
@@ -90,7 +90,7 @@ def test_resume_is_exact(expanded_run, tiny_llama, built_data):
 def test_exports_folded_and_unfolded(expanded_run):
     """final/ is a plain model holding the fold of the last checkpoint; expanded/ reloads into the unfolded
     model, whose logits equal the trained one's."""
-    from distill import expansion
+    from distill.model import expansion
 
     out = expanded_run["out"]
     weights = load_file(os.path.join(out, "checkpoints", "step-3", "model.safetensors"))
@@ -110,8 +110,8 @@ def test_exports_folded_and_unfolded(expanded_run):
 def test_evaluate_reports_the_fold(expanded_run, built_data):
     """scripts/evaluate.py on expanded/: the unfolded model's figures plus how far the folded model's logits
     are, checked against a recomputation with the plain export."""
-    from distill import expansion
     from distill.data.dataset import PackedStream
+    from distill.model import expansion
     from scripts import evaluate as evaluate_script
 
     out = expanded_run["out"]
@@ -164,7 +164,7 @@ def test_traced_layers(tmp_path, tiny_llama, built_data, select):
     layers above the mean (the others unchanged, without optimiser state, absent from the per-part norms,
     which for one stream are the step's); lr_scale scales each layer's LR (measured again every step here) and
     a resumed run equals the uninterrupted one."""
-    from distill.localise import diagnostic_norms, layer_plan
+    from distill.optim.localise import diagnostic_norms, layer_plan
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "traced", "long_cpt", steps=3)
     cfg["optim"]["layers"] = {"mode": "traced", "select": select, "rows": 2}
@@ -183,7 +183,7 @@ def test_traced_layers(tmp_path, tiny_llama, built_data, select):
         # The start-up measurement, recomputed here on the same diagnostic rows, decides.
         from distill.config import ModelConfig, RopeConfig
         from distill.data.dataset import PackedStream
-        from distill.models import load_student
+        from distill.model.load import load_student
 
         student = load_student(ModelConfig(path=tiny_llama, dtype="float32"),
                                RopeConfig(method="abf", theta=160000.0, target_length=1024))

@@ -20,7 +20,7 @@ CHECK = r"""
 import importlib.util, json, os, sys
 import torch
 from distill.config import ModelConfig, RopeConfig
-from distill.models import load_student, load_teacher
+from distill.model.load import load_student, load_teacher
 from transformers import AutoTokenizer
 
 repo, local, out, short = sys.argv[1:5]
@@ -109,7 +109,7 @@ def test_evaluate_attention_defaults_to_the_memory_safe_backend():
     else the per-document sdpa_varlen."""
     import importlib.util
 
-    from distill.models import resolve_attention
+    from distill.model.load import resolve_attention
 
     path = os.path.join(ROOT, "scripts", "evaluate.py")
     spec = importlib.util.spec_from_file_location("evaluate_script", path)

@@ -28,8 +28,8 @@ import pytest
 
 from distill.config import load_recipe, merge
 from distill.data.spec import load_spec
-from distill.metrics import read_metrics
 from distill.testing import fill_hub_cache, make_tiny_model, stdlib_files
+from distill.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "integration", "journey_worker.py")

@@ -18,15 +18,15 @@ from transformers.modeling_flash_attention_utils import (
 
 from distill.config import ModelConfig, RopeConfig, load_recipe
 from distill.data.dataset import PackedStream
-from distill.models import load_student, load_teacher
-from distill.step import StreamObjectives
+from distill.model.load import load_student, load_teacher
+from distill.train.step import StreamObjectives
 
 from .test_train import recipe, write
 
 
 def _objectives(cfg, name: str, data: str, attention: str = "flash_attention_2") -> StreamObjectives:
     """The stream's objectives as the trainer builds them for models running `attention`."""
-    from distill.step import build_objectives
+    from distill.train.step import build_objectives
 
     one = dataclasses.replace(cfg, streams={name: cfg.streams[name]})
     return build_objectives(one, {name: PackedStream(data)}, {name: [1]}, 2, attention=attention)[name]

@@ -1,4 +1,5 @@
-"""The memory savers through the trainer's real step (distill.train.run): offloaded checkpoints change nothing
+"""The memory savers through the trainer's real step (distill.train.loop.run): offloaded checkpoints change
+nothing
 bit for bit, the tiled MLP changes nothing beyond float tolerance, and both act on the long stream only."""
 
 import json
@@ -9,14 +10,14 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from distill import memory
 from distill.config import ConfigError, load_recipe
+from distill.parallel import memory
 
 from .test_train import ROOT, recipe, write
 
 
 def _run(tmp_path, tiny_llama, built_data, name, **parallel):
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = recipe(tiny_llama, built_data, tmp_path / name, "longred", steps=1)
     cfg["model"].update({"dtype": "bfloat16", "gradient_checkpointing": True})  # autocast: the GPU regime

@@ -12,7 +12,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from distill.config import ConfigError, load_recipe
 from distill.plan import (
     GiB,
-    SavedTensorBytes,
     Shape,
     cosine_loss_bytes,
     host_bytes,
@@ -22,8 +21,9 @@ from distill.plan import (
     recipe_seq_lens,
     saved_forward_bytes,
 )
-from distill.step import StreamObjectives
 from distill.testing import tiny_config
+from distill.train.spans import SavedTensorBytes
+from distill.train.step import StreamObjectives
 
 from .test_train import ROOT, recipe, write
 
@@ -54,7 +54,7 @@ def test_llama3_8b_counts():
 @pytest.mark.parametrize("dtype, checkpointing", [("float32", False), ("bfloat16", False), ("float32", True)])
 def test_activation_estimate_matches_saved_tensors(tmp_path, tiny_llama, built_data, dtype, checkpointing):
     """Predicted student activations per micro-batch within ±15% of what the trainer's forward saves."""
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=1)
     cfg["model"].update({"dtype": dtype, "gradient_checkpointing": checkpointing})
@@ -76,7 +76,7 @@ def test_activation_estimate_matches_saved_tensors(tmp_path, tiny_llama, built_d
 def test_cosine_loss_estimate_matches_saved_tensors(tmp_path, tiny_llama, built_data):
     """What the hidden-state cosine saves for backward (fp32 copies of both sides' states at the loss-bearing
     tokens) within ±15% of the planner's 8 bytes per token per hidden unit per state."""
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=1)
     cfg["model"]["dtype"] = "bfloat16"
@@ -110,7 +110,7 @@ def test_cosine_loss_estimate_matches_saved_tensors(tmp_path, tiny_llama, built_
 HOST_PROBE = """
 import gc, json, sys
 from distill.config import ModelConfig, RopeConfig
-from distill.models import load_student, load_teacher
+from distill.model.load import load_student, load_teacher
 
 def kib(key):
     for line in open("/proc/self/status"):
@@ -174,7 +174,7 @@ def test_set_up_fits_where_training_does(tmp_path):
 
 
 def test_state_bytes_match_the_live_objects(tmp_path, tiny_llama, built_data):
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "run", "long_cpt", steps=1)
     cfg["train"]["export"] = False

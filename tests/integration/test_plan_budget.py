@@ -22,7 +22,7 @@ from .test_train import ROOT
 @pytest.mark.parametrize("tied", [False, True])
 def test_flop_counts_from_the_config_equal_the_trainers(tied):
     """The planner counts FLOPs from config.json alone exactly as the trainer's MFU does from the model."""
-    from distill.metrics import flop_counts
+    from distill.model.flops import flop_counts
 
     config = tiny_config("llama", vocab_size=300, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
                          intermediate_size=100)
@@ -35,10 +35,11 @@ def test_flop_counts_from_the_config_equal_the_trainers(tied):
     (512, 32, 2, 0), (512, 32, 3, 128), (100, 7, 1, 0), (10, 0, 2, 0), (64, 8, 2, 16), (50, 10, 5, 0)])
 def test_checkpoints_on_disk_follow_the_real_retention(tmp_path, max_steps, save_every, keep_last,
                                                        keep_every):
-    """Saving complete checkpoints where the trainer saves them and pruning with distill.checkpoint.prune
+    """Saving complete checkpoints where the trainer saves them and pruning with
+    distill.train.checkpoint.prune
     leaves what the planner counts: the most at once (while a new one exists before the prune) and at the
     end."""
-    from distill.checkpoint import MARKER, prune
+    from distill.train.checkpoint import MARKER, prune
 
     root = tmp_path / "checkpoints"
     most = 0
@@ -105,8 +106,8 @@ def test_plan_takes_overrides_after_flags_and_prints_the_budget(tmp_path):
 
 def test_trainer_warns_when_a_run_reads_more_rows_than_were_built(tmp_path, tiny_llama, built_data, caplog):
     """A stream smaller than what max_steps reads starts a second epoch: the trainer says so at start-up."""
-    from distill.mixture import Mixture, StreamPlan
-    from distill.train import warn_repeated_data
+    from distill.data.mixture import Mixture, StreamPlan
+    from distill.train.loop import warn_repeated_data
 
     from .test_train import recipe, write
 

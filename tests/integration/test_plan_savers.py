@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from distill import memory
 from distill.config import load_recipe
+from distill.parallel import memory
 from distill.plan import (
     GiB,
-    SavedTensorBytes,
     Shape,
     mlp_bytes,
     offloaded_host_bytes,
@@ -24,13 +23,14 @@ from distill.plan import (
     saved_forward_bytes,
     student_activation_bytes,
 )
+from distill.train.spans import SavedTensorBytes
 
 from .test_plan import LLAMA3_8B
 from .test_train import ROOT, recipe, write
 
 
 def _run(tmp_path, tiny_llama, built_data, name, checkpointing, **parallel):
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = recipe(tiny_llama, built_data, tmp_path / name, "longred", steps=1)
     cfg["model"].update({"dtype": "bfloat16", "gradient_checkpointing": checkpointing})

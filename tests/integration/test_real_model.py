@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import ConfigError, load_recipe
 from distill.data.dataset import DataError, PackedStream
-from distill.importing import smollm2_gguf
-from distill.metrics import read_metrics
+from distill.model.importing import smollm2_gguf
 from distill.testing import stdlib_files
+from distill.train.metrics import read_metrics
 
 from .test_train import ROOT, write
 
@@ -131,7 +131,7 @@ def _recipe(model, data, out, **extra):
 def test_step_zero_identity(smollm2, data, tmp_path):
     """rope.method none: the student is the teacher, so on short text its hidden states equal the teacher's
     at step 0 (fp32)."""
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = _recipe(smollm2, data, tmp_path / "run", train__export=False)
     cfg["model"]["dtype"] = "float32"
@@ -146,7 +146,7 @@ def test_step_zero_identity(smollm2, data, tmp_path):
 @pytest.fixture(scope="module")
 def trained(smollm2, data, tmp_path_factory):
     """One LongReD step (θ 1e5 → 8e5, 8K → 16K, bf16, 1.8K token slots) and its bf16 export."""
-    from distill.train import run
+    from distill.train.loop import run
 
     root = tmp_path_factory.mktemp("longred")
     cfg = _recipe(smollm2, data, root / "run")
@@ -191,8 +191,8 @@ def test_the_original_model_retrieves_passkeys_within_its_window(smollm2, data):
     """The measure separates: the pretrained model finds a 5-digit key in 512-2048 tokens of held-out code
     (24 prompts, the classic passkey text), where a random model finds none (tests/unit/test_evaluate.py)."""
     from distill.config import ModelConfig
-    from distill.evaluate import PASSKEY_TEMPLATES, filler_from_stream, passkey_accuracy
-    from distill.models import load_teacher
+    from distill.eval.passkey import PASSKEY_TEMPLATES, filler_from_stream, passkey_accuracy
+    from distill.model.load import load_teacher
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     model = load_teacher(smollm2, ModelConfig(path=smollm2, dtype="bfloat16", attention="auto"))
@@ -208,7 +208,7 @@ def test_merge_and_the_planner(trained, smollm2, data, tmp_path):
     """merge.py interpolates the original and the export; the planner and the trainer refuse sequence
     parallelism over 2 ranks for 9 attention heads (before any model is loaded)."""
     from distill.plan import Shape, plan_with_sequence_parallel, recipe_seq_lens, sequence_parallel_problem
-    from distill.train import check_launch
+    from distill.train.loop import check_launch
 
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
     out = tmp_path / "merged"
@@ -232,12 +232,13 @@ def test_merge_and_the_planner(trained, smollm2, data, tmp_path):
 
 
 def test_ruler_tasks_separate_a_real_model_from_a_random_one(smollm2, data, tiny_llama, tokenizer_dir):
-    """The RULER-style tasks (distill/ruler.py) at 1024 tokens, scored by greedy generation: the pretrained
+    """The RULER-style tasks (distill/eval/ruler.py) at 1024 tokens, scored by greedy generation: the
+    pretrained
     model finds single and multi-key needles, where a random-init model of the same tools scores nothing."""
     from distill.config import ModelConfig
-    from distill.evaluate import filler_from_stream
-    from distill.models import load_teacher
-    from distill.ruler import ruler_suite
+    from distill.eval.passkey import filler_from_stream
+    from distill.eval.ruler import ruler_suite
+    from distill.model.load import load_teacher
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     model = load_teacher(smollm2, ModelConfig(path=smollm2, dtype="bfloat16", attention="auto"))
@@ -297,7 +298,7 @@ def test_the_shipped_spec_makes_package_long_documents(shipped_data, smollm2):
 def test_the_one_gpu_recipes_start_on_cpu(method, shipped_data, smollm2, tmp_path):
     """recipes/smollm2-135m/<method>-32k-abf.yaml as shipped (the real model, its selected layers, θ 4e6)
     with tiny lengths: one step trains, the RoPE is the recipe's and the losses are a pretrained model's."""
-    from distill.train import run
+    from distill.train.loop import run
 
     recipe = os.path.join(ROOT, "recipes", "smollm2-135m", f"{method}-32k-abf.yaml")
     overrides = [f"model.path={smollm2}", f"run.output_dir={tmp_path / 'run'}", "train.max_steps=1",

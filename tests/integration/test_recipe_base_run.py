@@ -7,7 +7,7 @@ import os
 import yaml
 
 from distill.config import load_recipe, to_dict
-from distill.metrics import read_metrics
+from distill.train.metrics import read_metrics
 
 from .test_train import recipe, train_cli, write
 

@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distill import checkpoint as ckpt
-from distill.metrics import read_metrics
+from distill.train import checkpoint as ckpt
+from distill.train.metrics import read_metrics
 
 from .test_train import ROOT, recipe, train_cli, write
 
@@ -123,7 +123,7 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path, tiny_llama, built_da
     cfg["train"]["max_steps"] = 4
     cfg["train"]["keep_last"] = 3
     path = write(cfg, tmp_path / "r.yaml")
-    from distill import train
+    from distill.train import loop as train
 
     assert train.main([path]) == 0
     step4 = out / "checkpoints" / "step-4"
@@ -142,7 +142,7 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path, tiny_llama, built_da
 
 
 def test_unwritable_output_dir_is_one_clear_line(tmp_path, tiny_llama, built_data, capsys):
-    from distill import train
+    from distill.train import loop as train
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -155,8 +155,8 @@ def test_unwritable_output_dir_is_one_clear_line(tmp_path, tiny_llama, built_dat
 
 def test_full_disk_during_checkpoint_keeps_existing_ones(tmp_path, tiny_llama, built_data, monkeypatch):
     """A save that fails mid-way (ENOSPC) raises one clear error; complete checkpoints stay intact."""
-    from distill import train
     from distill.config import load_recipe
+    from distill.train import loop as train
 
     out = tmp_path / "run"
     cfg = resume_recipe(tiny_llama, built_data, out)
@@ -184,7 +184,7 @@ def test_full_disk_during_checkpoint_keeps_existing_ones(tmp_path, tiny_llama, b
 
 
 def test_init_from_starts_a_new_stage(tmp_path, tiny_llama, built_data, caplog):
-    from distill import train
+    from distill.train import loop as train
 
     first = tmp_path / "first"
     cfg = resume_recipe(tiny_llama, built_data, first)
@@ -310,7 +310,7 @@ def test_stop_on_the_last_step_finishes_the_run(tmp_path, tiny_llama, built_data
 def test_a_run_killed_during_its_export_exports_on_the_rerun(tmp_path, tiny_llama, built_data, caplog):
     """The last checkpoint is written before the export: a kill in between used to leave a run that had
     "nothing to do" and no final/. The export is also atomic (a temporary directory renamed at the end)."""
-    from distill import train
+    from distill.train import loop as train
 
     out = tmp_path / "run"
     cfg = resume_recipe(tiny_llama, built_data, out)

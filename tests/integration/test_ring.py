@@ -1,4 +1,4 @@
-"""Ring attention (distill.ring): 2 and 4 CPU processes (gloo) against 1 process; its settings."""
+"""Ring attention (distill.parallel.ring): 2 and 4 CPU processes (gloo) against 1 process; its settings."""
 
 import os
 import sys
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError, load_recipe
-from distill.sequence import check_heads, split_streams
+from distill.parallel.ulysses import check_heads, split_streams
 from distill.testing import make_tiny_model, run_workers, tiny_config
 
 from .test_train import ROOT, recipe, train_cli, write
@@ -52,8 +52,8 @@ def test_ring_equals_one_process_on_a_document_crossing_shard_edges(tmp_path, to
 def test_hybrid_through_the_trainer_equals_one_process(tmp_path, tiny_llama, built_data):
     """FSDP2 on 4 processes with Ulysses x ring (2 x 2) on the long stream, gradient checkpointing (the
     recompute splits again): every logged loss and the gradient norm equal one process, step by step."""
-    from distill import train
-    from distill.metrics import read_metrics
+    from distill.train import loop as train
+    from distill.train.metrics import read_metrics
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "one", "longred", steps=2)
     cfg["model"]["gradient_checkpointing"] = True
@@ -78,7 +78,7 @@ def test_hybrid_through_the_trainer_equals_one_process(tmp_path, tiny_llama, bui
 
 def test_zigzag_slices_cover_the_row_once(tmp_path):
     """piece/whole/token_index without a process group: rank i holds chunks i and 2S-1-i, whole() inverts."""
-    from distill.ring import RingParallel
+    from distill.parallel.ring import RingParallel
 
     row = torch.arange(24)[None]  # (1, 24): 2S = 6 chunks of 4 with S = 3
     rings = []

@@ -1,11 +1,11 @@
-"""Ulysses sequence parallelism (distill.sequence): 2 CPU processes (gloo) against 1 process."""
+"""Ulysses sequence parallelism (distill.parallel.ulysses): 2 CPU processes (gloo) against 1 process."""
 
 import os
 
 import pytest
 
 from distill.config import ConfigError, load_recipe
-from distill.sequence import check_heads, split_streams
+from distill.parallel.ulysses import check_heads, split_streams
 from distill.testing import make_tiny_model, run_workers, tiny_config
 
 from .test_train import ROOT, recipe, write

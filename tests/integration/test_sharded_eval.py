@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from distill.metrics import read_metrics
+from distill.train.metrics import read_metrics
 
 from .test_train import ROOT, recipe, write
 
@@ -52,7 +52,7 @@ def test_sharded_run_evaluates_in_training_and_its_checkpoint_evaluates(mode, tm
     records = {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
     assert "eval/short_nll" not in records[1]
     # Evaluating leaves training as it was: the steps equal one process's without evaluation.
-    from distill.train import main
+    from distill.train.loop import main
 
     reference = tmp_path / "reference"
     assert main([str(tmp_path / "r.yaml"), f"run.output_dir={reference}", "train.eval_every=0"]) == 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.metrics import read_metrics
+from distill.train.metrics import read_metrics
 
 from .test_train import ROOT, recipe, write
 

@@ -1,7 +1,8 @@
 """Every parallel mode through the shipped loop: 2 CPU processes (gloo) launched with `accelerate launch` and
 the repository's launcher configs, against 1 process on the same recipe and data.
 
-One launch per mode runs tests/integration/strategy_worker.py: `distill.train.main` (the real set-up, step
+One launch per mode runs tests/integration/strategy_worker.py: `distill.train.loop.main` (the real set-up,
+step
 and checkpoints) several times. For each mode (replicated data parallel, FSDP2, ZeRO-3):
 - 2 processes equal 1 process per step (losses, grad norms) and in the final weights;
 - a run stopped after step 2 and resumed is bit-identical to the uninterrupted run (weights, optimiser);
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from distill.metrics import read_metrics
+from distill.train.metrics import read_metrics
 
 from ..conftest import FLASH_STANDIN
 from .test_train import ROOT, recipe, write
@@ -73,7 +74,7 @@ def single(tmp_path_factory, tiny_llama, built_data, flash_standin):
     transformers derived document offsets itself: flash/derived.json)."""
     import transformers.modeling_flash_attention_utils as fa_utils
 
-    from distill import train
+    from distill.train import loop as train
     from tests.integration.strategy_worker import BF16, EXPANDED, LOCALISED, SPARSE, flash_run, poisoned_run
 
     root = tmp_path_factory.mktemp("single")
@@ -216,7 +217,7 @@ def test_skipped_step_leaves_no_trace(two, single, tiny_llama):
 
 @pytest.mark.slow
 def test_two_process_checkpoint_resumes_on_one_process(two, single, tmp_path, caplog):
-    from distill import train
+    from distill.train import loop as train
 
     out = tmp_path / "run"
     shutil.copytree(two["root"] / "full", out)
@@ -236,7 +237,7 @@ def test_fsdp2_with_sequence_parallelism_matches_one_process(two, single, tmp_pa
     resumes on one process."""
     if two["mode"] != "fsdp2":
         return
-    from distill import train
+    from distill.train import loop as train
 
     run = two["root"] / "sequence"
     _assert_steps_close(read_metrics(run / "metrics.jsonl"), read_metrics(single["full"] / "metrics.jsonl"))

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.config import load_recipe
-from distill.metrics import read_metrics
+from distill.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,7 +86,7 @@ def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, 
     from transformers import AutoModelForCausalLM
 
     from distill.data.dataset import PackedStream
-    from distill.metrics import flop_counts, train_flops_per_token
+    from distill.model.flops import flop_counts, train_flops_per_token
 
     counts = flop_counts(AutoModelForCausalLM.from_pretrained(tiny_llama))
     for r in records:
@@ -106,7 +106,7 @@ def test_methods_run_through_the_command_line(tmp_path, tiny_llama, built_data, 
 def test_no_extension_means_zero_short_distillation_loss(tmp_path, tiny_models, built_data_for, arch):
     """rope.method none: student == teacher, so the short hidden/kl losses are 0; the s2l loss is not
     (the student sees skipped positions, the teacher 0..T-1)."""
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = recipe(tiny_models[arch], built_data_for(tiny_models[arch]), tmp_path / "run", "longred", steps=1)
     cfg["rope"] = {"method": "none", "target_length": 1024}
@@ -120,7 +120,7 @@ def test_no_extension_means_zero_short_distillation_loss(tmp_path, tiny_models, 
 
 
 def test_teacher_is_frozen_and_outside_optimiser_and_export(tmp_path, tiny_llama, built_data):
-    from distill.train import run
+    from distill.train.loop import run
 
     cfg = load_recipe(write(recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=2),
                             tmp_path / "r.yaml"))
@@ -164,7 +164,7 @@ def _assert_refused(tmp_path, cfg, message, capsys=None):
     Through the real command line in a subprocess, or in-process through the same `main` when `capsys`
     is given (the CLI is `sys.exit(main())`; in-process saves the interpreter start-up per case).
     """
-    from distill import train
+    from distill.train import loop as train
 
     out = tmp_path / "run"
     out.mkdir(exist_ok=True)
@@ -211,7 +211,9 @@ def test_bad_recipes_structural(tmp_path, tiny_llama, tiny_models, built_data, t
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_llama, built_data, monkeypatch):
     """A NaN loss skips the optimiser step (weights unchanged) and is counted; N in a row stop the run."""
-    from distill import objectives, step, train
+    from distill.model import objectives
+    from distill.train import loop as train
+    from distill.train import step
 
     real = objectives.lm_loss
     calls = {"n": 0}
@@ -238,8 +240,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_llama, bu
 
 
 def test_wandb_offline_run_resumes_the_same_run_id(tmp_path, tiny_llama, built_data, monkeypatch):
-    from distill.metrics import wandb_mode
-    from distill.train import run
+    from distill.train.loop import run
+    from distill.train.metrics import wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -284,8 +286,8 @@ def test_short_to_long_streams_are_checked_at_start_up(tmp_path, tiny_llama, bui
 def test_sparse_streams_are_announced_and_keep_their_weight(tmp_path, tiny_llama, built_data, caplog):
     """4096 token slots at 4 : 1 : 1 with micro-batches of 4 × 256: short and s2l expect 0.67 micro-batches
     per step. The start-up says so with the numbers, and their losses carry 1 / 0.67 where present."""
-    from distill import step as step_module
-    from distill.train import run
+    from distill.train import step as step_module
+    from distill.train.loop import run
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "run", "longred", steps=2)
     cfg["streams"]["long"]["share"] = 4
@@ -314,9 +316,9 @@ def test_sparse_streams_are_announced_and_keep_their_weight(tmp_path, tiny_llama
 def test_auto_layers_are_ranked_on_single_documents(tmp_path, tiny_llama, built_data, monkeypatch):
     """layers: auto compares attention on documents run alone (positions 0..T-1), not on packed rows whose
     documents would attend to each other."""
-    from distill import layers as layers_module
     from distill.data.dataset import PackedStream
-    from distill.train import run
+    from distill.model import layers as layers_module
+    from distill.train.loop import run
 
     seen = []
     real = layers_module.attention_kl
@@ -347,7 +349,7 @@ def test_auto_layers_are_ranked_on_single_documents(tmp_path, tiny_llama, built_
 def test_flash_attention_in_float32_is_refused_before_loading(tmp_path, tiny_llama, built_data, capsys):
     """flash-attn computes in fp16/bf16 only: a float32 recipe with flash_attention_2 stops with one line
     (exit 2) before any model is loaded, instead of dying in the first forward."""
-    from distill import train
+    from distill.train import loop as train
 
     cfg = recipe(tiny_llama, built_data, tmp_path / "run", "long_cpt", steps=1)
     cfg["model"]["attention"] = "flash_attention_2"
@@ -360,7 +362,7 @@ def test_flash_attention_run_with_auto_layers_and_evaluation(tmp_path, tiny_llam
     """One process on flash_attention_2 (the CPU stand-in) in bf16: `layers: auto` ranks layers through the
     laid-out models (eager attention, then flash again) and picks what sdpa_varlen picks; in-training
     evaluation runs under the same precision; the losses are sdpa_varlen's within bf16 noise."""
-    from distill.train import run
+    from distill.train.loop import run
 
     picked, records = {}, {}
     for attention in ("sdpa_varlen", "flash_attention_2"):

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from distill.config import OptimConfig
-from distill.optim import make_optimizer
-from distill.strategies import zero3
+from distill.optim.optimizer import make_optimizer
+from distill.parallel import zero3
 from distill.testing import tiny_config
 
 dist.init_process_group("gloo", rank=0, world_size=1)
@@ -72,7 +72,7 @@ def test_zero3_student_computes_in_the_recipe_dtype():
 def test_ds_config_carries_the_compute_dtype():
     import torch
 
-    from distill.strategies.zero3 import ds_config
+    from distill.parallel.zero3 import ds_config
 
     assert "torch_autocast" not in ds_config(1.0)
     assert "torch_autocast" not in ds_config(1.0, autocast=torch.float32)

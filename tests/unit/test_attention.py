@@ -1,4 +1,4 @@
-"""`sdpa_varlen` (distill.attention) against transformers' own sdpa with its dense document mask: values
+"""`sdpa_varlen` (distill.model.attention) against transformers' own sdpa with its dense document mask: values
 and gradients on packed rows (several documents, GQA, a batch of rows with different boundaries), padding
 and cache paths handed over unchanged, skipped positions kept as one document, bf16 autocast."""
 
@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from distill import attention
 from distill.config import ConfigError
-from distill.models import check_packing_isolation, resolve_attention
+from distill.model import attention
+from distill.model.load import check_packing_isolation, resolve_attention
 from distill.testing import ARCHITECTURES, tiny_config
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill import checkpoint as ckpt
 from distill.config import OptimConfig
-from distill.mixture import Mixture, StreamPlan
-from distill.strategies.replicated import Replicated
+from distill.data.mixture import Mixture, StreamPlan
+from distill.parallel.replicated import Replicated
 from distill.testing import tiny_config
+from distill.train import checkpoint as ckpt
 
 
 class _OneProcess:

@@ -135,7 +135,7 @@ def test_the_checks_catch_what_they_should():
                                                           "recipes/llama3-8b/mix_cpt-32k-abf.yaml",
                                                           "docs/method.md"]
     assert COMMAND.findall("    python scripts/plan.py R.yaml --gpus 8 --json\n")[0][0] == "scripts/plan.py"
-    assert _names_something("distill.strategies.zero3.ds_config") and not _names_something("distill.parallel")
+    assert _names_something("distill.parallel.zero3.ds_config") and not _names_something("distill.strategies")
 
 
 COMMENTED = sorted(os.path.relpath(p, ROOT) for pattern in ("recipes/**/*.yaml", "data/*.yaml")
@@ -144,7 +144,7 @@ MODULE = re.compile(r"(?<![\w/.])(distill(?:\.\w+)+)")
 
 
 def _names_something(dotted: str) -> bool:
-    """`distill.strategies.zero3.ds_config`: a module of ours, or an attribute of one."""
+    """`distill.parallel.zero3.ds_config`: a module of ours, or an attribute of one."""
     import importlib
 
     parts = dotted.split(".")
@@ -164,7 +164,7 @@ def _names_something(dotted: str) -> bool:
 
 @pytest.mark.parametrize("page", PAGES + COMMENTED)
 def test_every_named_module_and_test_exists(page):
-    """Recipes, data specs and pages name real modules (`distill.strategies.fsdp2`) and real test files."""
+    """Recipes, data specs and pages name real modules (`distill.parallel.fsdp2`) and real test files."""
     text = _text(page)
     modules = {m.rstrip(".") for m in MODULE.findall(text)}
     wrong = [m for m in modules if m.rsplit(".", 1)[-1] not in FILE_SUFFIXES and not _names_something(m)]

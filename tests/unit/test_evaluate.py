@@ -16,26 +16,22 @@ import torch
 
 from distill.config import ModelConfig, RopeConfig
 from distill.data.dataset import STREAM_INFO, PackedStream, tokenizer_fingerprint
-from distill.evaluate import (
+from distill.eval.common import DocTotals, mean_se, token_nll
+from distill.eval.passkey import (
     PASSKEY_LOOKUP,
     PASSKEY_NEEDLE,
-    DocTotals,
     _score_answers,
-    bucket_edges,
-    evaluate_suite,
     filler_from_stream,
     greedy_decode,
-    mean_se,
     needle_grid,
-    nll_by_position,
     passkey_accuracy,
     passkey_prompts,
-    plot_nll_by_position,
-    short_retention,
-    token_nll,
 )
-from distill.models import load_student, load_teacher
-from distill.objectives import lm_loss
+from distill.eval.position import bucket_edges, nll_by_position, plot_nll_by_position
+from distill.eval.retention import short_retention
+from distill.eval.suite import evaluate_suite
+from distill.model.load import load_student, load_teacher
+from distill.model.objectives import lm_loss
 from distill.testing import stdlib_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -582,7 +578,7 @@ def test_sweep_interpolates_in_memory_as_merge_writes_to_disk(tiny_llama, extend
     itself, which is left as it was; the RoPE buffers stay the extended model's."""
     from transformers import AutoModelForCausalLM
 
-    from distill.sweep import interpolate_into, run_sweep, weights_of
+    from distill.eval.sweep import interpolate_into, run_sweep, weights_of
 
     original = load_teacher(tiny_llama, ModelConfig(path=tiny_llama, dtype="float32", attention="sdpa"))
     extended = load_teacher(extended_dir, ModelConfig(path=extended_dir, dtype="float32", attention="sdpa"))
@@ -661,7 +657,7 @@ def test_ruler_prompts_hold_their_answers(tokenizer, built, task):
     holds what it asks for; scoring is the fraction of expected strings generated."""
     import random
 
-    from distill.ruler import make_prompt, score
+    from distill.eval.ruler import make_prompt, score
 
     filler = filler_from_stream(built["long"])
     prompt, answers = make_prompt(task, tokenizer, filler, 400, random.Random(3))

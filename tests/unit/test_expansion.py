@@ -1,6 +1,6 @@
-"""Hybrid expansion (distill.expansion) on tiny random-init models of every supported architecture:
+"""Hybrid expansion (distill.model.expansion) on tiny random-init models of every supported architecture:
 identity at step 0, the hidden states transformers records, the interpolations, folding, the alignment loss,
-and per-part gradient grouping (distill.localise)."""
+and per-part gradient grouping (distill.optim.localise)."""
 
 import copy
 
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from distill import expansion
 from distill.config import AlignmentConfig, ConfigError, ExpansionConfig
-from distill.localise import grad_groups, layer_norms, layer_plan, part_of
-from distill.objectives import alignment_loss
+from distill.model import expansion
+from distill.model.objectives import alignment_loss
+from distill.optim.localise import grad_groups, layer_norms, layer_plan, part_of
 from distill.testing import ARCHITECTURES, tiny_config
 
 

@@ -102,7 +102,7 @@ def test_padding_helpers_round_trip(fa):
 def _models(*implementations):
     from transformers import AutoModelForCausalLM
 
-    from distill.models import resolve_attention
+    from distill.model.load import resolve_attention
 
     config = tiny_config("llama", vocab_size=500, num_heads=4, num_kv_heads=2)
     torch.manual_seed(0)

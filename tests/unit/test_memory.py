@@ -1,12 +1,13 @@
-"""distill.memory: the tiled MLP against the whole MLP (Llama, Qwen2, Mistral), and offloaded checkpoints
+"""distill.parallel.memory: the tiled MLP against the whole MLP (Llama, Qwen2, Mistral), and offloaded
+checkpoints
 against plain ones, through the real decoder layers of tiny random-init models."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill import memory
-from distill.models import enable_checkpointing
+from distill.model.load import enable_checkpointing
+from distill.parallel import memory
 from distill.testing import tiny_config
 
 
@@ -123,5 +124,5 @@ def test_checkpointing_under_both_transformers_names(monkeypatch):
               for p in sorted((root / folder).rglob("*.py")) if p.name != "test_memory.py"
               for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
               if re.search(r"\.(activation|gradient)_checkpointing_enable\(", line)
-              and p.relative_to(root).as_posix() != "distill/models.py"]
+              and p.relative_to(root).as_posix() != "distill/model/load.py"]
     assert direct == []

@@ -4,14 +4,9 @@ architecture, the formulas, the peak lookup; and the console line."""
 import pytest
 import torch
 
-from distill.metrics import (
-    console_line,
-    flop_counts,
-    peak_tflops,
-    teacher_flops_per_token,
-    train_flops_per_token,
-)
+from distill.model.flops import flop_counts, peak_tflops, teacher_flops_per_token, train_flops_per_token
 from distill.testing import tiny_config
+from distill.train.metrics import console_line
 
 
 def _model(tied=False):

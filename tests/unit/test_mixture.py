@@ -3,7 +3,7 @@
 import pytest
 
 from distill.config import ShareScheduleConfig
-from distill.mixture import MicroBatch, Mixture, StreamPlan, shard, shard_aligned
+from distill.data.mixture import MicroBatch, Mixture, StreamPlan, shard, shard_aligned
 
 
 def _mixture(seed=0, shares=(4, 3, 1)):

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from distill.config import ConfigError, ModelConfig, RopeConfig
-from distill.models import (
-    TruncatedTeacher,
+from distill.model.decoder import TruncatedTeacher, forward_hidden
+from distill.model.export import export
+from distill.model.load import (
     causal_mask_kwargs,
     check_extension,
     check_packing_isolation,
     check_teacher_frozen,
-    export,
-    forward_hidden,
     load_student,
     load_teacher,
     refresh_inv_freq,
@@ -22,7 +21,7 @@ from distill.models import (
     resolve_dtype,
     rotary_embedding,
 )
-from distill.rope import head_dim, our_inv_freq, skipped_positions
+from distill.model.rope import head_dim, our_inv_freq, skipped_positions
 from distill.testing import ARCHITECTURES, make_tiny_model
 
 RECIPES = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.objectives import hidden_cosine_loss, kl_loss, liger_available, lm_loss
+from distill.model.objectives import hidden_cosine_loss, kl_loss, liger_available, lm_loss
 
 B, T, H, V = 2, 37, 16, 97
 

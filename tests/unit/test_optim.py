@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.config import OptimConfig
-from distill.optim import keep_kernel, make_optimizer, param_groups
+from distill.optim.optimizer import keep_kernel, make_optimizer, param_groups
 
 
 def _model():

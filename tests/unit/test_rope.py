@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError, RopeConfig
-from distill.rope import (
+from distill.model.rope import (
     apply_extension,
     cream_stretch,
     extended_rope_parameters,

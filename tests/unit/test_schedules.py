@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from distill.config import ConfigError, ScheduleConfig, ShareScheduleConfig, from_dict
-from distill.schedules import check_lr_schedule, lr_at, share_at, wsd_decay_steps
+from distill.config import ConfigError, ScheduleConfig, ShareScheduleConfig, check_lr_schedule, from_dict
+from distill.schedules import lr_at, share_at, wsd_decay_steps
 
 BASE = 1e-3
 

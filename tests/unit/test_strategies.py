@@ -2,8 +2,8 @@
 
 import pytest
 
-from distill.strategies.fsdp2 import fsdp_requested, reshard_after_forward_requested
-from distill.strategies.zero3 import ds_config, zero3_requested
+from distill.parallel.fsdp2 import fsdp_requested, reshard_after_forward_requested
+from distill.parallel.zero3 import ds_config, zero3_requested
 
 
 def test_fsdp_requested_reads_the_launcher_environment(monkeypatch):
@@ -67,7 +67,7 @@ class _Procs:
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, 2, "zero3"),
 ])
 def test_choose_picks_one_strategy_from_the_launcher(monkeypatch, env, world, name):
-    from distill.strategies import choose
+    from distill.parallel.launcher import choose
 
     for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED",
                 "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
@@ -81,7 +81,7 @@ def test_choose_picks_one_strategy_from_the_launcher(monkeypatch, env, world, na
 
 def test_choose_refuses_an_unsupported_launch_in_one_line(monkeypatch):
     from distill.config import ConfigError
-    from distill.strategies import choose
+    from distill.parallel.launcher import choose
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
@@ -92,10 +92,10 @@ def test_choose_refuses_an_unsupported_launch_in_one_line(monkeypatch):
 def test_every_mode_defines_the_whole_interface():
     import inspect
 
-    from distill.strategies.base import Strategy
-    from distill.strategies.fsdp2 import FSDP2
-    from distill.strategies.replicated import Replicated
-    from distill.strategies.zero3 import ZeRO3
+    from distill.parallel.base import Strategy
+    from distill.parallel.fsdp2 import FSDP2
+    from distill.parallel.replicated import Replicated
+    from distill.parallel.zero3 import ZeRO3
 
     assert inspect.isabstract(Strategy)
     for mode in (Replicated, FSDP2, ZeRO3):

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
-
-from distill.plan import resolve_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +271,21 @@ class FinalState:
     def __exit__(self, *exc):
         self._handle.remove()
         return False
+
+
+def auto_chunks(hidden: int, intermediate: int) -> int:
+    """`parallel.tiled_mlp: auto`: the chunks that bring a chunk's MLP intermediates (four tensors of
+    `intermediate` per token: gate, up, their activation and product) down to one residual's size."""
+    return max(1, math.ceil(4 * intermediate / hidden))
+
+
+def resolve_chunks(setting, hidden: int, intermediate: int) -> int:
+    """parallel.tiled_mlp as a number of MLP chunks (1: off): "auto" is `auto_chunks`. The trainer
+    (`distill.parallel.memory.install_savers`) and the planner resolve it here alike."""
+    return auto_chunks(hidden, intermediate) if setting == "auto" else int(setting)
+
+
+def long_streams(seq_lens: dict[str, int]) -> set[str]:
+    """The streams the memory savers act on (`distill.parallel.memory`): those with the longest rows."""
+    longest = max(seq_lens.values())
+    return {name for name, n in seq_lens.items() if n == longest}

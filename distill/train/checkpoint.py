@@ -32,17 +32,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.files import replace_dir
+from distill.config import ConfigError
+from distill.files import CheckpointError, replace_dir
 
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal after a checkpoint; run the same command again"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read (one line for the user)."""
 
 
 def step_dirs(root: str) -> list[tuple[int, str]]:
@@ -97,7 +94,7 @@ def _rng_state() -> dict:
 class TrainState:
     """Everything besides the weights and the optimiser that a resumed run needs, saved and loaded as one
     object (state.json): the step reached, tokens trained on, counters, the LR of the last step, the wandb
-    run id and the data plan's cursors (`mixture`, a distill.mixture.Mixture)."""
+    run id and the data plan's cursors (`mixture`, a distill.data.mixture.Mixture)."""
 
     mixture: object
     step: int = 0
@@ -107,7 +104,7 @@ class TrainState:
     wandb_id: str | None = None
     lr: float = 0.0
     layer_trace: dict | None = None
-    """optim.layers: traced: the last measurement (`distill.localise.layer_plan`), reused on resume."""
+    """optim.layers: traced: the last measurement (`distill.optim.localise.layer_plan`), reused on resume."""
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
@@ -147,7 +144,8 @@ def save(root: str, step: int, strategy, state: TrainState, procs,
 
     Args:
         model_files: called on rank 0 with the checkpoint's directory to write what makes model.safetensors
-            a Hugging Face model directory (config.json, tokenizer: `distill.models.write_model_files`)."""
+            a Hugging Face model directory (config.json, tokenizer:
+            `distill.model.export.write_model_files`)."""
     rank = procs.rank
     model_state = strategy.model_state_dict()  # full, on rank 0 ({} elsewhere)
     optim_state = strategy.optimizer_state_dict()
@@ -236,8 +234,6 @@ def restore(path: str, strategy, state: TrainState, rank: int) -> None:
 def resume_point(mode: str, output_dir: str) -> str | None:
     """The checkpoint a run resumes from (`train.resume`): auto = the newest complete one in output_dir,
     never = none, else the given path (which must be a complete checkpoint)."""
-    from distill.config import ConfigError
-
     if mode == "never":
         return None
     if mode == "auto":

@@ -3,7 +3,7 @@
 The data-parallel loop replicates the student and sums gradients after a step. Sharded, every forward and
 backward issues collectives (all-gathers of each layer's parameters, reduce-scatters of its gradients, and
 the teacher's all-gathers too), so every rank must run the SAME sequence of micro-batch kinds in a step:
-`distill.mixture.shard_aligned` deals each stream's micro-batches round-robin and pads with dummies.
+`distill.data.mixture.shard_aligned` deals each stream's micro-batches round-robin and pads with dummies.
 
 Gradient semantics match the DDP loop: losses are already divided by GLOBAL token counts, so gradients are
 SUMMED over ranks (FSDP2 averages by default; `shard_student` sets a divide factor of 1 with sum-only
@@ -12,8 +12,9 @@ reductions). Gradients are reduce-scattered after every backward and accumulated
 trading memory (unsharded gradients) for fewer collectives).
 
 Checkpoints stay plain full state dicts (model.safetensors + the `optimizer.state_dict()` of an unsharded
-AdamW over `distill.optim.param_groups(model)`): a run can resume on another number of processes, sharded
-or not. `FSDP2` is the strategy (distill.strategies.base) built from these pieces.
+AdamW over `distill.optim.optimizer.param_groups(model)`): a run can resume on another number of processes,
+sharded
+or not. `FSDP2` is the strategy (distill.parallel.base) built from these pieces.
 
 Layout of the sharding (Llama / Mistral / Qwen2: `model.model.layers`):
 - student: each decoder layer is one FSDP unit, the root (embeddings, final norm, lm_head) another. The
@@ -32,9 +33,11 @@ import os
 import torch
 from torch import nn
 
-from distill.models import decoder_layers
-from distill.optim import keep_kernel, make_optimizer
-from distill.strategies.base import Strategy, global_rank, move_plain_tensors
+from distill.model.decoder import decoder_layers
+from distill.optim.optimizer import keep_kernel, make_optimizer
+from distill.parallel import ring
+from distill.parallel import ulysses as sequence
+from distill.parallel.base import Strategy, global_rank, move_plain_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,8 @@ def shard_teacher(teacher: nn.Module, mesh=None, mp_dtype: torch.dtype | None = 
     Each layer gathers its parameters in its forward and frees them right after (reshard_after_forward
     True, explicitly: each layer is its own FSDP root, and a root left on the default would keep its
     parameters gathered). The decoder shell (embeddings, final norm) and the lm_head stay replicated plain
-    tensors, so `distill.models.TruncatedTeacher` works unchanged: its shallow copy of the decoder keeps
+    tensors, so `distill.model.decoder.TruncatedTeacher` works unchanged: its shallow copy of the decoder
+    keeps
     the sharded layers it needs, and the layers past the cut are never gathered. (Sharding the decoder
     itself would make it an FSDPModule, whose class cannot be shallow-copied; the replicated embedding and
     lm_head cost 2·V·H values per rank, e.g. 2 GB in bf16 for Llama-3-8B.)
@@ -254,7 +258,6 @@ class FSDP2(Strategy):
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
         if self.sequence_parallel > 1:  # Ulysses around the student's own attention kernel, or ring
-            from distill import ring, sequence
 
             sequence.check_heads(student.config, self.sequence_parallel, self.sequence_mode, self.ring_degree)
             args = (self.sequence_parallel, self.procs.rank, self.procs.world)

@@ -13,7 +13,8 @@ parallelism needs no DeepSpeed).
   the teacher and the short streams run as they always do. `calls` counts entries per stream.
 The loss rule is unchanged: each rank counts the loss-bearing tokens of its slice, so the global counts and
 the summed gradients are exactly those of the unsplit row.
-The other mode, ring attention over zigzag slices (`parallel.sequence_parallel_mode: ring`), is distill.ring.
+The other mode, ring attention over zigzag slices (`parallel.sequence_parallel_mode: ring`), is
+distill.parallel.ring.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import contextlib
 from collections import Counter
 
 import torch
+
+from distill.config import ConfigError
 
 PREFIX = "ulysses_"
 _ACTIVE: SequenceParallel | None = None
@@ -105,8 +108,6 @@ def split_streams(cfg, seq_lens: dict[str, int]) -> dict[str, int]:
     Raises:
         ConfigError: one line naming the stream and what does not fit.
     """
-    from distill.config import ConfigError
-
     size = cfg.parallel.sequence_parallel
     if size == 1:
         return {}
@@ -134,8 +135,6 @@ def split_streams(cfg, seq_lens: dict[str, int]) -> dict[str, int]:
 def check_heads(config, size: int, mode: str = "ulysses", ring_degree: int = 1) -> None:
     """Ulysses: S must divide the attention heads, and the key/value heads divide S or S them (one line
     otherwise). Ring keeps every head on every rank: any S. Hybrid: the Ulysses degree S / ring_degree."""
-    from distill.config import ConfigError
-
     if mode == "ring":
         return
     key = "parallel.sequence_parallel"
@@ -161,8 +160,6 @@ route to its hub-kernel loader (it maps only the exact name flash_attention_2 to
 
 def check_attention(implementation: str, size: int) -> None:
     """Ulysses wraps only `INNER` implementations: one line otherwise (before any model is loaded)."""
-    from distill.config import ConfigError
-
     if size > 1 and implementation not in INNER:
         raise ConfigError(f"parallel.sequence_parallel: {size} needs model.attention auto, sdpa_varlen or "
                           f"flash_attention_2 (the attention sees the whole row, while '{implementation}' "

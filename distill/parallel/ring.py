@@ -1,6 +1,7 @@
 """Ring attention: the second sequence-parallel mode for the long stream (`sequence_parallel_mode: ring`).
 
-Each rank of a group of S (the groups of distill.sequence.SequenceParallel) holds a zigzag slice of the
+Each rank of a group of S (the groups of distill.parallel.ulysses.SequenceParallel) holds a zigzag slice of
+the
 flattened packed row: the row is cut into 2S equal chunks and rank i holds chunks i and 2S-1-i, so that under
 the causal mask every rank has the same work (an early chunk attends to little, its late partner to much).
 Queries stay where they are; key/value blocks travel round the ring (rank i sends to i+1 and receives from
@@ -10,7 +11,8 @@ Blockwise Transformers"; the zigzag layout as in zhuzilin/ring-flash-attention).
 
 Masks: causal by global token index AND within one packed document. Documents come from the WHOLE row's
 offsets (`cu_seq_lens_q`, which the step computes once per micro-batch, or the positions all-gathered and read
-as distill.attention reads them: a document starts where a position does not increase), so a document that
+as distill.model.attention reads them: a document starts where a position does not increase), so a document
+that
 crosses a shard edge (or a zigzag chunk edge) stays whole. In the zigzag layout a block from a lower rank is
 seen only through its early chunk (by all of this rank's queries), a block from a higher rank only by this
 rank's late chunk: each foreign step computes half a block, every rank the same amount (the balance).
@@ -44,7 +46,8 @@ from collections import Counter
 
 import torch
 
-from distill import sequence
+from distill.model.attention import document_offsets
+from distill.parallel import ulysses as sequence
 
 PREFIX = "ring_"
 
@@ -299,8 +302,6 @@ def ring_attention(ring: RingParallel, query, key, value, offsets=None, position
     kv_heads = key.shape[1]
     total = n * ring.size
     if offsets is None and positions is not None:
-        from distill.attention import document_offsets
-
         offsets = document_offsets(ring.gather_positions(positions))["cu_seq_lens_q"]
     docs, cuts = _documents(ring, offsets, total, query.device)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
@@ -376,7 +377,6 @@ class HybridParallel(sequence.SequenceParallel):
             value = value.repeat_interleave(u.size // kv_heads, dim=1)
         q, k, v = (u.heads_to_sequence(t) for t in (query, key, value))  # (1, H/U, U·n, D): the ring piece
         if offsets is None and positions is not None:  # the whole row's documents, once, from every slice
-            from distill.attention import document_offsets
 
             offsets = document_offsets(self.gather_positions(positions))["cu_seq_lens_q"]
         out = ring_attention(self.ring, q, k, v, offsets=offsets, scaling=scaling)  # (1, U·n, H/U, D)
@@ -406,7 +406,7 @@ def _forward(inner):
 def register(inner_name: str) -> str:
     """Register "ring_<alias of inner>" with transformers (attention and mask functions): ring attention
     inside `SequenceParallel.on` blocks, the inner implementation elsewhere; returns the name (never
-    containing "flash", see distill.sequence.ALIASES)."""
+    containing "flash", see distill.parallel.ulysses.ALIASES)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -7,7 +7,7 @@ are divided by those global counts, weighted, and back-propagated, so gradient a
 parallelism are exact and gradients are summed over ranks. A stream expecting fewer than one micro-batch
 per step also carries `Mixture.presence`'s factor, which keeps its configured weight on average.
 
-Everything a parallel mode does differently sits behind `distill.strategies.Strategy`; everything a stream
+Everything a parallel mode does differently sits behind `distill.parallel.Strategy`; everything a stream
 does differently (its objectives, layers, positions and teacher) sits in its `StreamObjectives`, built once.
 """
 
@@ -23,31 +23,16 @@ import torch
 
 from distill.config import ConfigError, RecipeConfig, StreamConfig
 from distill.data.dataset import DataError, PackedStream
-from distill.memory import FinalState
-from distill.mixture import Mixture, stable_seed
-from distill.objectives import alignment_loss, hidden_cosine_loss, kl_loss, lm_loss
-from distill.rope import skipped_positions
+from distill.data.mixture import Mixture, stable_seed
+from distill.model.attention import document_offsets, flattens
+from distill.model.decoder import TruncatedTeacher
+from distill.model.expansion import take_pairs
+from distill.model.objectives import alignment_loss, hidden_cosine_loss, kl_loss, lm_loss
+from distill.model.rope import skipped_positions
+from distill.parallel.memory import FinalState, long_streams, scope
+from distill.train.spans import NO_SPANS, Spans
 
 logger = logging.getLogger(__name__)
-
-
-class Spans:
-    """Named spans of a step, for measuring where the time goes (benchmarks/common.py records them). This
-    base records nothing and costs one call per span; GPU work is asynchronous, so a recorder that wants
-    device time must synchronise itself."""
-
-    _NULL = contextlib.nullcontext()
-
-    def __call__(self, name: str, stream: str | None = None):
-        """A context manager around span `name` (e.g. "student_forward"), of `stream` when it is one's."""
-        del name, stream
-        return self._NULL
-
-    def step_done(self, record: dict) -> None:
-        """Called once per step with the step's metrics record, after the step."""
-
-
-NO_SPANS = Spans()
 
 
 class BadRowError(DataError):
@@ -104,7 +89,7 @@ class StreamObjectives:
         alignment: model.expansion.alignment when the student is expanded with a non-zero alignment weight
             (the objective `alignment` of every stream), else None.
         flatten: run packed micro-batches as ONE row of B·T tokens with their document offsets
-            (`distill.attention.flattens`: flash_attention_2), else as B rows.
+            (`distill.model.attention.flattens`: flash_attention_2), else as B rows.
     """
 
     name: str
@@ -119,7 +104,8 @@ class StreamObjectives:
     alignment: object = None
     flatten: bool = True
     savers: tuple[bool, int] | None = None
-    """`distill.memory.scope`'s (offload, MLP chunks) on the long stream when the recipe turns them on."""
+    """`distill.parallel.memory.scope`'s (offload, MLP chunks) on the long stream when the recipe turns them
+    on."""
 
     @property
     def objectives(self) -> list[str]:
@@ -140,10 +126,8 @@ class StreamObjectives:
         target of a slice's last token is the next slice's first) instead of "labels".
 
         Flattened (`flatten` or split): also "offsets", the whole flattened row's document offsets
-        (`distill.attention.document_offsets`, computed here on the host once per micro-batch).
+        (`distill.model.attention.document_offsets`, computed here on the host once per micro-batch).
         """
-        from distill.attention import document_offsets
-
         batch = {k: v for k, v in self.data.batch(rows).items() if torch.is_tensor(v)}
         bad, mask = self.data.bad_rows(rows, batch["input_ids"], vocab_size)
         batch["real"] = self.data.real_mask(rows)
@@ -212,9 +196,7 @@ class StreamObjectives:
     def split_attention(self):
         """The context in which this stream's forwards and backwards run: its attention split over its
         sequence-parallel group when the stream is split (the backward recomputes checkpointed layers, whose
-        attention must split again), and the memory savers on the long stream (`distill.memory`)."""
-        from distill.memory import scope
-
+        attention must split again), and the memory savers on the long stream (`distill.parallel.memory`)."""
         with contextlib.ExitStack() as stack:
             if self.sequence is not None:
                 stack.enter_context(self.sequence.on(self.name))
@@ -247,8 +229,6 @@ class StreamObjectives:
             head = strategy.output_weight()
             sums = {}
             if self.alignment is not None:
-                from distill.expansion import take_pairs
-
                 with spans("loss", self.name):
                     sums["alignment"] = alignment_loss(take_pairs(strategy.student), real,
                                                        self.alignment.kind)[0]
@@ -289,13 +269,11 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
 
     Args:
         attention: the models' attention implementation (before any sequence-parallel wrapper): whether
-            micro-batches are flattened (`distill.attention.flattens`).
-        savers: `distill.memory.install_savers`'s (offload, MLP chunks) for the streams with the longest rows,
+            micro-batches are flattened (`distill.model.attention.flattens`).
+        savers: `distill.parallel.memory.install_savers`'s (offload, MLP chunks) for the streams with the
+        longest rows,
             or None.
     """
-    from distill.attention import flattens
-    from distill.models import TruncatedTeacher
-    from distill.plan import long_streams
 
     longest = long_streams({n: s.seq_len for n, s in streams.items()}) if savers is not None else set()
 
@@ -320,7 +298,7 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
 # ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StepContext:
-    """What every step of a run shares (built once in distill.train.run)."""
+    """What every step of a run shares (built once in distill.train.loop.run)."""
 
     strategy: object
     streams: dict[str, StreamObjectives]
@@ -335,7 +313,8 @@ class StepContext:
     layer_grad_every: int = 0
     """log.layer_grad_every."""
     grad_groups: dict | None = None
-    """The student's trainable parameters by part (`distill.localise.grad_groups`) when layer_grad_every."""
+    """The student's trainable parameters by part (`distill.optim.localise.grad_groups`) when
+    layer_grad_every."""
 
     def __post_init__(self):
         self.keys = [(n, o) for n, s in self.streams.items() for o in s.objectives]  # (stream, objective)
@@ -358,7 +337,8 @@ class StepResult:
     skipped_rows: int = 0
     """Rows skipped for out-of-vocabulary token ids (train.bad_rows: skip), over all ranks."""
     part_norms: dict[str, float] = dataclasses.field(default_factory=dict)
-    """On a log.layer_grad_every step: the gradient norm of each part (`distill.localise.grad_groups`) before
+    """On a log.layer_grad_every step: the gradient norm of each part (`distill.optim.localise.grad_groups`)
+    before
     clipping, of the step ("layers.0.attn") and of each stream ("short/layers.0.attn"); else empty."""
 
     @property

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from distill.eval.common import autocast_for, eval_mode, model_device
+
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking",
          "common_words")
 
@@ -144,11 +146,9 @@ def score(text: str, answers: Sequence[str]) -> float:
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation of `prompt` with a KV cache, in the precision evaluation uses."""
-    from distill.evaluate import _autocast, _device, eval_mode
-
-    device = _device(model)
+    device = model_device(model)
     ids = torch.tensor([prompt], device=device)
-    with eval_mode(model), _autocast(device, model):
+    with eval_mode(model), autocast_for(device, model):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                              max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                              pad_token_id=model.config.eos_token_id or 0)

@@ -22,6 +22,9 @@ import re
 import torch
 from torch import nn
 
+from distill.model.decoder import decoder_layers
+from distill.model.objectives import lm_loss
+
 logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
@@ -85,8 +88,6 @@ def diagnostic_loss(forward, output_weight, batch: dict, autocast=None) -> torch
     """The per-token LM loss of the diagnostic `batch` ({"input_ids", "position_ids", "labels"}, (1, n)
     flattened packed rows) through `forward` (a model's, or a strategy's when sharded); `output_weight()`
     gives the lm_head weight after that forward. The one loss both measurements back-propagate."""
-    from distill.objectives import lm_loss
-
     with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
         out = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                       output_hidden_states=True, use_cache=False, logits_to_keep=1)
@@ -138,8 +139,6 @@ def layer_plan(norms: dict[int, float], select: str, max_scale: float) -> dict:
 
 def freeze_untraced(model: nn.Module, trained: list[int]) -> list[int]:
     """Freeze every decoder layer not in `trained`; returns the frozen layers."""
-    from distill.models import decoder_layers
-
     frozen = []
     for i, layer in enumerate(decoder_layers(model)):
         if i not in trained:
@@ -150,7 +149,7 @@ def freeze_untraced(model: nn.Module, trained: list[int]) -> list[int]:
 
 def lr_scales_by_param(model: nn.Module, scales: dict) -> dict[int, tuple[int, float]]:
     """{id(param): (layer, factor)} for the parameters of the decoder layers `scales` names (string or int
-    keys), for `distill.optim.param_groups`."""
+    keys), for `distill.optim.optimizer.param_groups`."""
     by_layer = {int(k): float(v) for k, v in scales.items()}
     out = {}
     for name, p in model.named_parameters():

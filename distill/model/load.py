@@ -15,7 +15,6 @@ attention mask is None):
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import logging
 import math
@@ -24,10 +23,16 @@ import os
 import torch
 from torch import nn
 
-from distill import attention
 from distill.config import ConfigError, ModelConfig, RopeConfig
 from distill.hub import hub_reason, looks_local, short_reason
-from distill.rope import apply_extension, base_inv_freq, extended_rope_parameters, head_dim, our_inv_freq
+from distill.model import attention
+from distill.model.rope import (
+    apply_extension,
+    base_inv_freq,
+    extended_rope_parameters,
+    head_dim,
+    our_inv_freq,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_attention(name: str, device: str | torch.device = "cpu", model_type: str | None = None) -> str:
     """The attention implementation to load: auto → flash_attention_2 on CUDA with flash-attn, else
     sdpa_varlen (per-document SDPA for packed rows, registered with transformers here) for the model
-    types it supports (`distill.attention.SUPPORTED`; any when `model_type` is None), else sdpa."""
+    types it supports (`distill.model.attention.SUPPORTED`; any when `model_type` is None), else sdpa."""
     supported = model_type is None or model_type in attention.SUPPORTED
     if name == "auto":
         is_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
@@ -225,7 +230,8 @@ def check_extension(student, teacher, rope_cfg: RopeConfig) -> list[str]:
     """Verify the student's and teacher's RoPE differ exactly as the recipe says.
 
     Checks the student's rope_parameters against the recipe, each model's live `inv_freq` buffer against our
-    independent RoPE math (`distill.rope.our_inv_freq`), the relation between the two (abf: θ_new^(−2i/d);
+    independent RoPE math (`distill.model.rope.our_inv_freq`), the relation between the two (abf:
+    θ_new^(−2i/d);
     pi: teacher / factor; yarn / llama3: each frequency between teacher / factor and teacher's; none:
     identical), and max_position_embeddings.
 
@@ -439,322 +445,8 @@ def causal_mask_kwargs(position_ids: torch.Tensor, packed: bool = False) -> dict
     return {"attention_mask": torch.ones(position_ids.shape, dtype=torch.long, device=position_ids.device)}
 
 
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (embeddings, layers, final norm; no lm_head) of a causal LM."""
-    if hasattr(model, "get_decoder"):
-        decoder = model.get_decoder()
-        if decoder is not None and decoder is not model:
-            return decoder
-    if hasattr(model, "model"):
-        return model.model
-    return model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (Llama / Mistral / Qwen2: `model.model.layers`): what FSDP2 wraps
-    one by one, what the FLOP count sums, what a truncated teacher cuts."""
-    layers = getattr(decoder_of(model), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder with a `layers` list")
-    return layers
-
-
-def _num_layers(decoder: nn.Module) -> int:
-    return int(decoder.config.num_hidden_layers)
-
-
-def _resolve_indices(layers, n_layers: int) -> list[int]:
-    out = []
-    for i in layers:
-        if i == "last":
-            i = n_layers
-        i = int(i)
-        if i < 0:
-            i += n_layers + 1
-        if not 0 <= i <= n_layers:
-            raise ValueError(f"hidden-state index {i} out of range 0..{n_layers}")
-        out.append(i)
-    return out
-
-
-def _decoder_states(decoder, input_ids, position_ids, attention_mask, depth: int, **attention_kwargs):
-    """The decoder's forward with every hidden state (no cache, no lm_head): `depth` + 1 entries checked."""
-    out = decoder(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        use_cache=False,
-        output_hidden_states=True,
-        **attention_kwargs,
-    )
-    if len(out.hidden_states) != depth + 1:
-        raise RuntimeError(f"expected {depth + 1} hidden states, got {len(out.hidden_states)}")
-    return out
-
-
-def forward_hidden(
-    model,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    layers=None,
-):
-    """Run the decoder (no lm_head) and return hidden states.
-
-    Args:
-        input_ids: (B, T).
-        position_ids: (B, T).
-        attention_mask: None for packed rows; all ones for single-document rows (see `causal_mask_kwargs`).
-        layers: None for the whole `hidden_states` tuple, else indices into it (0 = embeddings, L = after the
-            final norm; negative and "last" allowed).
-
-    Returns:
-        (hidden_states, last_hidden): the tuple of L+1 tensors (B, T, H) ([-1] after the final norm) or the
-        list of selected ones, and the final-norm output (B, T, H) (feed it to lm_head for the LM loss).
-    """
-    decoder = decoder_of(model)
-    n_layers = _num_layers(decoder)
-    wanted = None if layers is None else _resolve_indices(layers, n_layers)
-    ids, pos, extra, unflatten = packed_layout(model, input_ids, position_ids, attention_mask)
-    out = _decoder_states(decoder, ids, pos, attention_mask, n_layers, **extra)
-    hidden = tuple(unflatten(h) for h in out.hidden_states)
-    if wanted is None:
-        return hidden, unflatten(out.last_hidden_state)
-    return [hidden[i] for i in wanted], unflatten(out.last_hidden_state)
-
-
-def packed_layout(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
-                  flatten: bool | None = None):
-    """Packed rows (B, T) laid out for the model's attention, as the trainer's step lays them out: flattened
-    to (1, B·T) with the documents' offsets for flash_attention_2 (which separates packed documents only in a
-    one-row batch), else unchanged. `flatten` overrides what the model's attention name says (a
-    sequence-parallel wrapper's name hides the flash implementation under it).
-
-    Returns:
-        (input_ids, position_ids, attention kwargs, unflatten: (1, B·T, H) → (B, T, H)).
-    """
-    from distill.attention import document_offsets, flattens
-
-    B, T = input_ids.shape
-    if flatten is None:
-        flatten = flattens(model.config._attn_implementation)
-    if attention_mask is not None or B == 1 or not flatten:
-        return input_ids, position_ids, {}, lambda h: h
-    offsets = {k: v.to(input_ids.device) if torch.is_tensor(v) else v
-               for k, v in document_offsets(position_ids.cpu()).items()}
-    return (input_ids.reshape(1, B * T), position_ids.reshape(1, B * T), offsets,
-            lambda h: h.view(B, T, *h.shape[2:]))
-
-
-def truncated_decoder(decoder: nn.Module, depth: int) -> nn.Module:
-    """A shallow copy of `decoder` that runs only its first `depth` layers (weights shared) and returns the
-    raw output of layer `depth` (final norm swapped for identity). depth == L returns `decoder` itself.
-
-    `LlamaModel.forward` (and Mistral's, Qwen2's) runs `layers[:config.num_hidden_layers]`, so a shorter list
-    with a config copy stops early; its hidden_states[k] equals the full model's hidden_states[k], k ≤ depth.
-    """
-    from transformers.utils.output_capturing import maybe_install_capturing_hooks
-
-    n_layers = _num_layers(decoder)
-    if not 0 <= depth <= n_layers:
-        raise ValueError(f"depth {depth} out of range 0..{n_layers}")
-    if depth == n_layers:
-        return decoder
-    # Hidden-state capture hooks live on the (shared) layers: install them once on the full decoder, so the
-    # copy # (which inherits the "installed" flag) does not install a second set on the same layers.
-    maybe_install_capturing_hooks(decoder)
-    sub = copy.copy(decoder)
-    sub._modules = dict(decoder._modules)  # own module table: assignments below must not touch the original
-    sub.config = copy.copy(decoder.config)
-    sub.config.num_hidden_layers = depth
-    if isinstance(getattr(sub.config, "layer_types", None), list):
-        sub.config.layer_types = sub.config.layer_types[:depth]
-    sub.layers = nn.ModuleList(list(decoder.layers[:depth]))
-    sub.norm = nn.Identity()
-    return sub
-
-
-class TruncatedTeacher:
-    """The frozen teacher run only as deep as the deepest hidden state a loss needs.
-
-    Holds shallow copies of the teacher's decoder per depth (weights shared, nothing copied), so half the
-    layers cost about half the time. Not an nn.Module: it never enters a module tree or an optimiser.
-    """
-
-    def __init__(self, teacher: nn.Module):
-        self.teacher = teacher
-        self.decoder = decoder_of(teacher)
-        self.n_layers = _num_layers(self.decoder)
-        self._by_depth: dict[int, nn.Module] = {}
-
-    def _decoder(self, depth: int) -> nn.Module:
-        if depth not in self._by_depth:
-            self._by_depth[depth] = truncated_decoder(self.decoder, depth)
-        return self._by_depth[depth]
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        layers,
-        need_final: bool = False,
-        **attention_kwargs,
-    ) -> dict[int, torch.Tensor]:
-        """Teacher hidden states {index: (B, T, H)} for indices into the full `hidden_states` tuple; only
-        those are kept during the forward.
-
-        Args:
-            layers: indices (0..L, negative or "last" allowed); index L is the final-norm output.
-            need_final: also return index L (e.g. for a logits KL), which runs the full depth.
-            attention_kwargs: passed to every attention layer (the step's document offsets of a flattened
-                row: cu_seq_lens_q/k, max_length_q/k).
-        """
-        wanted = _resolve_indices(layers, self.n_layers)
-        if need_final:
-            wanted.append(self.n_layers)
-        wanted = sorted(set(wanted))
-        if not wanted:
-            return {}
-        depth = max(wanted)
-        if depth == 0:  # only the embeddings
-            return {0: self.decoder.embed_tokens(input_ids)}
-        return _selected_states(self._decoder(depth), input_ids, position_ids, attention_mask, wanted,
-                                **attention_kwargs)
-
-
-def _selected_states(decoder, input_ids, position_ids, attention_mask, wanted: list[int],
-                     **attention_kwargs) -> dict[int, torch.Tensor]:
-    """hidden_states[i] for i in `wanted` (sorted, the last one the decoder's depth), keeping only those:
-    output_hidden_states would hold every layer's state until the forward ends (depth + 1 of them, where a
-    recipe reads 3 or 4). hidden_states[i] < depth is the input of layer i (what transformers records),
-    taken by a pre-hook; the last one is the decoder's own output."""
-    depth = wanted[-1]
-    kept: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in wanted[:-1]:
-        def grab(module, args, kwargs, i=i):
-            kept[i] = args[0] if args else kwargs["hidden_states"]
-        handles.append(decoder.layers[i].register_forward_pre_hook(grab, with_kwargs=True))
-    try:
-        out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False, **attention_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(decoder.layers[: decoder.config.num_hidden_layers]) != depth:
-        raise RuntimeError(f"expected a decoder of {depth} layers, got {len(decoder.layers)}")
-    kept[depth] = out.last_hidden_state
-    return kept
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------------------
 
 
-def legacy_rope_fields(rope_parameters: dict) -> dict:
-    """The pre-5.0 spelling of a `rope_parameters` dict: {"rope_theta", "rope_scaling"}.
-
-    transformers 4.x (and the serving and conversion tools pinned to it) read only `rope_theta` and
-    `rope_scaling`; without them an exported model loads SILENTLY with the architecture's default θ and no
-    scaling. `rope_scaling` is None for a plain (ABF) RoPE, else every key but rope_theta ("rope_type"
-    included, which 4.x reads before its older name "type"; transformers 5 merges rope_scaling into
-    rope_parameters on load, so an extra "type" key would change the reloaded dict)."""
-    params = dict(rope_parameters)
-    theta = params.pop("rope_theta")
-    kind = params.get("rope_type", "default")
-    scaling = None if kind == "default" and len(params) <= 1 else params
-    return {"rope_theta": theta, "rope_scaling": scaling}
-
-
-def _cast_state(model, state: dict, dtype: torch.dtype) -> dict:
-    """`state` in `dtype`, tensors that shared storage still shared (a tied lm_head stays the embedding's
-    tensor, so save_pretrained writes it once), and a tied model's head tied even when a gathered (sharded)
-    state dict holds two copies."""
-    out, cast = {}, {}
-    for key, value in state.items():
-        if not value.is_floating_point():
-            out[key] = value
-            continue
-        ident = (value.data_ptr(), value.storage_offset(), tuple(value.shape), value.device)
-        if ident not in cast:
-            cast[ident] = value.detach().to(dtype)
-        out[key] = cast[ident]
-    if getattr(model.config, "tie_word_embeddings", False):
-        names = {id(m): n for n, m in model.named_modules()}
-        embed = names.get(id(model.get_input_embeddings()))
-        head = names.get(id(model.get_output_embeddings()))
-        if embed is not None and head is not None and f"{embed}.weight" in out and f"{head}.weight" in out:
-            out[f"{head}.weight"] = out[f"{embed}.weight"]
-    return out
-
-
-def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
-           dtype: torch.dtype | None = None, original_length: int | None = None) -> str:
-    """Save a Hugging Face model directory (safetensors, config with the extended RoPE, tokenizer).
-
-    The exported config has use_cache True (for generation); training code loads it with use_cache False.
-    It records the weights' dtype (a bf16 export loads as bf16 by default, not as fp32 at twice the memory)
-    and carries the legacy `rope_theta` / `rope_scaling` fields beside `rope_parameters`
-    (`legacy_rope_fields`), so readers that predate `rope_parameters` get the extended RoPE too.
-
-    Args:
-        state_dict: a full state dict gathered from a sharded model (FSDP2/ZeRO-3); None uses `model`'s own.
-        dtype: the dtype the weights are written in (cast here, tied weights kept one tensor); None keeps the
-            tensors' own.
-        original_length: the window the model was extended from, written as the config's top-level
-            `original_max_position_embeddings` (an abf extension's `rope_parameters` cannot say it), read by
-            scripts/evaluate.py.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    source = state_dict if state_dict is not None else model.state_dict()
-    if dtype is not None:
-        source = _cast_state(model, source, dtype)
-    floating = [v.dtype for v in source.values() if v.is_floating_point()]
-    saved_dtype = floating[0] if floating else torch.float32
-    previous = model.config.use_cache, model.config.dtype
-    model.config.use_cache = True
-    model.config.dtype = saved_dtype
-    try:
-        model.save_pretrained(out_dir, state_dict=source)
-    finally:
-        model.config.use_cache, model.config.dtype = previous
-    _complete_config(os.path.join(out_dir, "config.json"), saved_dtype, original_length)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def _complete_config(config_path: str, dtype: torch.dtype, original_length: int | None) -> None:
-    """Add to a saved config.json what `export` promises: legacy RoPE fields, the weights' dtype (under both
-    names), the original length."""
-    import json
-
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("rope_parameters"):
-        config.update(legacy_rope_fields(config["rope_parameters"]))
-    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")  # 4.x read torch_dtype
-    if original_length is not None:
-        config["original_max_position_embeddings"] = int(original_length)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def write_model_files(model, tokenizer, out_dir: str, dtype: torch.dtype = torch.float32,
-                      original_length: int | None = None) -> None:
-    """The config.json (as `export` writes it) and the tokenizer files beside weights saved elsewhere (a
-    training checkpoint's model.safetensors), so the directory loads with `from_pretrained` and
-    scripts/evaluate.py like an export."""
-    previous = model.config.use_cache, model.config.dtype
-    model.config.use_cache, model.config.dtype = True, dtype
-    try:
-        model.config.save_pretrained(out_dir)
-    finally:
-        model.config.use_cache, model.config.dtype = previous
-    _complete_config(os.path.join(out_dir, "config.json"), dtype, original_length)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)

@@ -72,7 +72,7 @@ def sample_documents(stream, count: int = 2, max_tokens: int = 512, scan_rows: i
 
     Scans the first `scan_rows` rows, takes the longest documents (any document of a packed row, whole), and
     truncates them to min(max_tokens, the shortest chosen). Each returned row is ONE document with positions
-    0..T-1, as `distill.layers.attention_kl` expects.
+    0..T-1, as `distill.model.layers.attention_kl` expects.
 
     Returns:
         (N, T) int64 token ids, N ≤ count.

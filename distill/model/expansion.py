@@ -42,7 +42,9 @@ import torch
 from torch import nn
 
 from distill.config import ConfigError, ExpansionConfig
-from distill.models import decoder_layers
+from distill.model.decoder import decoder_layers
+from distill.model.export import export
+from distill.model.load import refresh_inv_freq, resolve_attention
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +269,6 @@ def save_unfolded(model: nn.Module, tokenizer, out_dir: str, state: dict[str, to
     """The expanded model as a directory scripts/evaluate.py loads (`load_unfolded`): the plain config (with
     the extended RoPE), the expanded state dict as safetensors, the tokenizer, and expansion.json (the spec,
     the expanded indices and the ᾱ the folded export used)."""
-    from distill.models import export
-
     export(model, tokenizer, out_dir, state_dict=state, dtype=dtype)
     record = {"layers": [i for i, _ in blocks(model)], "interpolation": spec.interpolation,
               "alignment": None if spec.alignment is None else {"kind": spec.alignment.kind,
@@ -306,7 +306,6 @@ def load_unfolded(path: str, dtype: torch.dtype = torch.float32, attention: str 
     with. ConfigError when the directory does not hold one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from distill.models import refresh_inv_freq, resolve_attention
 
     spec = read_spec(path)
     config = AutoConfig.from_pretrained(path)
@@ -328,7 +327,6 @@ def folded_model(model: nn.Module, alphas: dict[int, float]) -> nn.Module:
     """A plain model of the same architecture holding `fold_state` of the expanded `model` (frozen, eval)."""
     from transformers import AutoModelForCausalLM
 
-    from distill.models import refresh_inv_freq
 
     plain = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
     plain.load_state_dict(fold_state(model.state_dict(), alphas), strict=True)

@@ -17,7 +17,8 @@ import os
 
 import torch
 
-from distill.evaluate import _finite, _pyplot, evaluate_suite
+from distill.eval.common import finite, pyplot
+from distill.eval.suite import evaluate_suite
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def write_sweep(record: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "sweep.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite(record), f, indent=1)
+        json.dump(finite(record), f, indent=1)
     os.replace(tmp, os.path.join(out_dir, "sweep.json"))
     lines = ["| model | short NLL gap | long NLL beyond window | passkey within | passkey beyond |",
              "|---|---|---|---|---|"]
@@ -158,7 +159,7 @@ def plot_pareto(sweeps: dict[str, dict], path: str,
     """Two panels sharing x = short NLL gap to the teacher: long NLL beyond the original window (lower is
     better) and passkey accuracy beyond it (higher is better). One line per sweep (α annotated), one marker
     per other model (the points of every sweep record, and the teacher)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     panels = (("long_nll_beyond", "long NLL beyond the original window (nats)"),
               ("passkey_accuracy_beyond_window", "passkey accuracy beyond the original window"))

@@ -1,18 +1,11 @@
-"""Parallel modes behind one interface (`Strategy`, distill.strategies.base), picked once from the launcher.
-
-| launch                                                      | strategy                          |
-|-------------------------------------------------------------|-----------------------------------|
-| `python -m distill.train`, or any launch of one process     | `Replicated` (one process)        |
-| `accelerate launch` (MULTI_GPU, e.g. recipes/accelerate/ddp.yaml) | `Replicated` (data parallel) |
-| `accelerate launch --config_file recipes/accelerate/fsdp2.yaml`   | `FSDP2`                      |
-| `accelerate launch --config_file recipes/accelerate/zero3.yaml`   | `ZeRO3` (DeepSpeed)          |
-"""
+"""TODO docstring."""
 
 from __future__ import annotations
 
-from distill.strategies.base import Processes, Strategy
-
-__all__ = ["Processes", "Strategy", "choose"]
+from distill.config import ConfigError
+from distill.parallel import fsdp2, zero3
+from distill.parallel.base import Processes, Strategy
+from distill.parallel.replicated import Replicated
 
 
 def choose(procs: Processes, gradient_sync: str = "micro_batch", sequence_parallel: int = 1) -> Strategy:
@@ -21,9 +14,6 @@ def choose(procs: Processes, gradient_sync: str = "micro_batch", sequence_parall
     Raises:
         ConfigError: the launcher asked for a mode or an option we do not support (one line).
     """
-    from distill.config import ConfigError
-    from distill.strategies import fsdp2, zero3
-    from distill.strategies.replicated import Replicated
 
     try:
         if procs.world == 1:

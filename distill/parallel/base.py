@@ -1,7 +1,8 @@
 """The processes of a run and the interface every parallel mode implements.
 
 A `Strategy` owns the student, the teacher and the optimiser once they are set up, and is the only place
-that knows how a mode moves tensors between ranks. The step (distill.step) and the run (distill.train) call
+that knows how a mode moves tensors between ranks. The step (distill.train.step) and the run (distill.train)
+call
 it the same way in every mode:
 
     strategy.setup(student, teacher, optim_cfg, dtype)        # shard / wrap, build the optimiser
@@ -28,8 +29,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from distill.mixture import MicroBatch, Slot, shard, shard_aligned
-from distill.optim import clip_grad_norm
+from distill.data.mixture import MicroBatch, Slot, shard, shard_aligned
+from distill.optim.localise import lr_scales_by_param
+from distill.optim.optimizer import clip_grad_norm
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ class Strategy(abc.ABC):
         self.procs = procs
         self.gradient_sync = gradient_sync
         self.sequence_parallel = sequence_parallel
-        self.sequence = None  # a distill.sequence.SequenceParallel once set up with S > 1
+        self.sequence = None  # a distill.parallel.ulysses.SequenceParallel once set up with S > 1
         self.sequence_mode = "ulysses"  # parallel.sequence_parallel_mode: ulysses | ring | hybrid
         self.ring_degree = 1  # parallel.ring_degree (hybrid)
         self.split: dict[str, int] = {}  # {stream: S} for the streams split along the sequence
@@ -133,7 +135,6 @@ class Strategy(abc.ABC):
         sharding, which replaces the parameter objects but keeps their names)."""
         if self.layer_scales is None:
             return None
-        from distill.localise import lr_scales_by_param
 
         return lr_scales_by_param(student, self.layer_scales)
 

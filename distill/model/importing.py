@@ -19,6 +19,7 @@ import os
 import torch
 
 from distill.config import ConfigError
+from distill.data.build import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def import_model(source: str, out_dir: str, gguf_file: str | None = None, dtype:
     record = {"source": os.path.abspath(where) if os.path.exists(where) else where, "dtype": dtype,
               "parameters": sum(p.numel() for p in model.parameters()), "tied": bool(tied)}
     if gguf_file:
-        from distill.data.build import file_sha256
-
         record["sha256"] = file_sha256(where)
     with open(os.path.join(out_dir, "import.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)

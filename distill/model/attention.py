@@ -8,7 +8,7 @@ module is the same idea with stock SDPA: each document of a row is its own causa
 Σ nᵢ² instead of T², and no mask is ever built.
 
 Registered with transformers as the attention implementation "sdpa_varlen" (and its mask function), so a
-model loads with `attn_implementation="sdpa_varlen"`; `distill.models.resolve_attention` picks it for
+model loads with `attn_implementation="sdpa_varlen"`; `distill.model.load.resolve_attention` picks it for
 `attention: auto` when flash-attn is not usable and the model type is one of `SUPPORTED`. It handles
 only the case it is for and hands every other call to transformers' own `sdpa` unchanged:
 - packed rows (`attention_mask` None, queries = keys, no cache offset): one causal SDPA per document,

@@ -4,7 +4,7 @@
 
 accelerate exports ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_DEEPSPEED_ZERO_STAGE from the config; the
 trainer never calls `accelerator.prepare`: it builds the DeepSpeed config itself (`ds_config`), so the
-recipe stays the one source of hyper-parameters. `ZeRO3` is the strategy (distill.strategies.base). Like
+recipe stays the one source of hyper-parameters. `ZeRO3` is the strategy (distill.parallel.base). Like
 FSDP2, ZeRO-3 all-gathers each module's parameters in every forward/backward and reduce-scatters gradients
 in every backward, so every rank must run the same sequence of micro-batch kinds (`shard_aligned`, with
 dummies whose losses are multiplied by 0).
@@ -33,7 +33,8 @@ Semantics kept identical to the one-process loop:
   `output_weight(model)` returns it (valid until the next forward; one full lm_head per rank, like FSDP2's
   root kept gathered).
 - The teacher's decoder is partitioned by a second, optimiser-less ZeRO-3 engine (`shard_teacher`);
-  its lm_head stays a plain replicated tensor (for a logits KL). `distill.models.TruncatedTeacher` works on
+  its lm_head stays a plain replicated tensor (for a logits KL). `distill.model.decoder.TruncatedTeacher`
+  works on
   it unchanged: the shallow decoder copy shares the decoder's hooks and the layers' hooks, and the layers past
   the cut are never gathered (tests/integration/test_zero3.py checks the hidden states exactly).
 
@@ -50,9 +51,10 @@ import os
 import torch
 from torch import nn
 
-from distill.models import decoder_of
-from distill.optim import make_optimizer
-from distill.strategies.base import Strategy, global_rank, move_plain_tensors
+from distill.files import CheckpointError
+from distill.model.decoder import decoder_of
+from distill.optim.optimizer import make_optimizer
+from distill.parallel.base import Strategy, global_rank, move_plain_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +184,8 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
 
     Args:
         model: the whole student, with its weights already loaded (checkpoint or init_from), on its device.
-        optimizer: torch AdamW over `distill.optim.param_groups(model, wd)`, built BEFORE this call and not
+        optimizer: torch AdamW over `distill.optim.optimizer.param_groups(model, wd)`, built BEFORE this call
+        and not
             stepped yet. Keep the reference: its `param_groups` stay the place to set the learning rate
             (ZeRO-3 swaps their "params" for flat partitions, nothing else). Never call its step() or
             zero_grad().
@@ -404,8 +407,6 @@ def load_full_optimizer_state_dict(engine, sd: dict | None) -> None:
     if not layout["ids"]:
         return  # a checkpoint before the first step: no state
     if len(layout["step"]) != 1 or layout["ids"] != list(range(len(order))):
-        from distill.checkpoint import CheckpointError
-
         raise CheckpointError(f"optimizer state: ZeRO-3 keeps one AdamW step for all parameters, but this "
                               f"checkpoint has {len(layout['ids'])} of {len(order)} parameters with state at "
                               f"steps {sorted(layout['step'])} (some parameters skipped steps in the run "

@@ -4,8 +4,8 @@
     python -m distill.train RECIPE.yaml            # one process
 
 `run` reads top to bottom: set-up (everything that can be wrong with the recipe or the data is checked
-before anything is written), the loop (one `distill.step.train_step` per optimiser step, then metrics,
-checkpoints and the stop check), and the export. The parallel mode is a `distill.strategies.Strategy`
+before anything is written), the loop (one `distill.train.step.train_step` per optimiser step, then metrics,
+checkpoints and the stop check), and the export. The parallel mode is a `distill.parallel.Strategy`
 picked once from the launcher; nothing below branches on it.
 """
 
@@ -21,12 +21,57 @@ import time
 
 import torch
 
-from distill import checkpoint as ckpt
 from distill.config import ConfigError, RecipeConfig, load_recipe, save_yaml, to_dict
-from distill.data.dataset import DataError
-from distill.memory import install_savers
+from distill.data.dataset import DataError, PackedStream
+from distill.data.mixture import Mixture, StreamPlan
+from distill.eval.retention import sharded_short_retention
+from distill.eval.suite import eval_streams, evaluate_suite
+from distill.files import replace_dir
+from distill.hub import hub_reason
+from distill.model import expansion
+from distill.model.expansion import expand
+from distill.model.export import export, write_model_files
+from distill.model.flops import flop_counts, flop_rates, peak_tflops
+from distill.model.layers import resolve_layers
+from distill.model.load import (
+    _load_config,
+    attention_override,
+    check_extension,
+    isolation_tolerance,
+    load_student,
+    load_teacher,
+    native_rope_reference,
+    packing_isolation,
+    resolve_attention,
+    resolve_dtype,
+)
+from distill.model.rope import original_length
+from distill.optim.localise import (
+    diagnostic_loss,
+    diagnostic_norms,
+    freeze_untraced,
+    grad_groups,
+    layer_norms,
+    layer_plan,
+    plot_layer_grads,
+)
+from distill.optim.optimizer import rescale
+from distill.parallel.base import Processes
+from distill.parallel.launcher import choose
+from distill.parallel.memory import install_savers
+from distill.parallel.ulysses import check_attention, check_heads, split_streams
+from distill.plan import (
+    MIN_COLLECTIVE_TIMEOUT_S,
+    Shape,
+    collective_timeout_s,
+    memory_problem,
+    stream_tokens_per_step,
+)
 from distill.schedules import lr_at
-from distill.step import NO_SPANS, BadRowError, Spans, StepContext, build_objectives, check_stream, train_step
+from distill.train import checkpoint as ckpt
+from distill.train.metrics import MetricsFile, Tracker, console_line
+from distill.train.spans import NO_SPANS, Spans
+from distill.train.step import BadRowError, StepContext, build_objectives, check_stream, train_step
 
 logger = logging.getLogger("distill.train")
 
@@ -50,8 +95,6 @@ def check_output_dir(path: str) -> None:
 
 def open_streams(cfg: RecipeConfig, tokenizer) -> dict:
     """Every stream's built data, checked against its manifest (row counts, file sizes) and the tokenizer."""
-    from distill.data.dataset import PackedStream
-
     streams = {}
     for name, s in cfg.streams.items():
         try:
@@ -77,8 +120,6 @@ def warn_sparse_streams(cfg: RecipeConfig, mixture) -> None:
 def warn_repeated_data(cfg: RecipeConfig, mixture) -> None:
     """A stream whose built rows are fewer than the run reads (train.max_steps × its token slots per step)
     starts another epoch: the same rows again. Say so once, at start-up."""
-    from distill.plan import stream_tokens_per_step
-
     for name, per_step in stream_tokens_per_step(cfg).items():
         plan = mixture.streams[name]
         needed = per_step * cfg.train.max_steps / plan.seq_len  # rows read over the run
@@ -97,7 +138,6 @@ def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dic
     """
     from transformers import AutoConfig
 
-    from distill.plan import Shape, memory_problem
 
     def shape(path):
         trust = cfg.model.trust_remote_code
@@ -119,7 +159,6 @@ def collective_timeout(cfg: RecipeConfig) -> float:
         return float(cfg.parallel.collective_timeout_s)
     from transformers import AutoConfig
 
-    from distill.plan import MIN_COLLECTIVE_TIMEOUT_S, Shape, collective_timeout_s
 
     try:
         config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
@@ -152,8 +191,6 @@ def run(cfg: RecipeConfig, return_state: bool = False, spans: Spans = NO_SPANS):
     Args:
         spans: a recorder of the step's named spans (benchmarks); the default records nothing.
     """
-    from distill.strategies import Processes
-
     procs = Processes(collective_timeout(cfg))
     check_output_dir(cfg.run.output_dir)
     lock = take_lock(procs, cfg.run.output_dir)
@@ -214,11 +251,6 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     step runs them."""
     from transformers import AutoTokenizer
 
-    from distill.metrics import flop_counts, peak_tflops
-    from distill.mixture import Mixture, StreamPlan
-    from distill.models import load_student, load_teacher, resolve_dtype
-    from distill.sequence import split_streams
-    from distill.strategies import choose
 
     torch.manual_seed(cfg.run.seed)
     out_dir, device = cfg.run.output_dir, procs.device
@@ -226,7 +258,6 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path,
                                                   trust_remote_code=cfg.model.trust_remote_code)
     except Exception as err:  # noqa: BLE001 - any load failure is the user's path
-        from distill.hub import hub_reason
 
         raise ConfigError(f"model.path: cannot load a tokenizer from '{cfg.model.path}': "
                           f"{hub_reason(err)}") from None
@@ -264,7 +295,6 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     logger.info("%s", strategy.describe())
     layers = startup_checks(cfg, strategy, student, teacher, streams, autocast)
 
-    from distill.metrics import flop_rates
 
     flops = flop_rates(cfg, seq_lens, layers, *counts)
     mixture = Mixture([StreamPlan(n, len(streams[n]), streams[n].seq_len, s.micro_batch, s.share)
@@ -279,7 +309,6 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
         logger.info("resumed from %s (step %d, %d tokens; saved on %d processes, now %d)",
                     resume_path, state.step, state.tokens, saved_world, procs.world)
 
-    from distill.localise import grad_groups
 
     # After sharding (the parameter objects change); for the logged norms and optim.layers' re-measurement.
     groups = grad_groups(student) if cfg.log.layer_grad_every or (trace and cfg.optim.layers.every) else None
@@ -299,9 +328,6 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
 def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[str, int]:
     """The recipe against the launch and the data, from the configs alone (no model loaded yet); one line on
     a problem. Returns the attention implementation the models will load with and the teacher's window."""
-    from distill.models import _load_config, resolve_attention
-    from distill.rope import original_length
-    from distill.sequence import check_attention
 
     if cfg.model.expansion is not None and strategy.name == "zero3":
         raise ConfigError("model.expansion: hybrid expansion runs on one process, data parallel or FSDP2, "
@@ -316,8 +342,6 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
                           "or bfloat16 only); set model.dtype: bfloat16 or model.attention: sdpa_varlen")
     check_attention(attention, cfg.parallel.sequence_parallel)
     if cfg.parallel.sequence_parallel > 1:
-        from distill.sequence import check_heads
-
         check_heads(config, cfg.parallel.sequence_parallel, cfg.parallel.sequence_parallel_mode,
                     cfg.parallel.ring_degree)
     # The teacher's native window, from its config (the student's own config before extension without one).
@@ -337,8 +361,6 @@ def startup_checks(cfg: RecipeConfig, strategy, student, teacher, streams: dict,
     Returns:
         {stream: distilled hidden-state indices}.
     """
-    from distill.layers import resolve_layers
-    from distill.models import check_extension, isolation_tolerance, native_rope_reference, packing_isolation
 
     procs, problem, layers = strategy.procs, None, {}
     try:
@@ -378,8 +400,6 @@ def _train(session: Session, spans: Spans) -> int:
     end the export. Returns the exit code."""
     cfg, procs, strategy, state = session.cfg, session.procs, session.strategy, session.state
     out_dir, trace = cfg.run.output_dir, session.trace
-    from distill.localise import plot_layer_grads
-    from distill.metrics import MetricsFile, Tracker, console_line
 
     metrics = tracker = None
     if procs.is_main:
@@ -391,7 +411,6 @@ def _train(session: Session, spans: Spans) -> int:
     evaluation = _in_training_evaluation(session)
 
     def model_files(directory: str) -> None:  # the checkpoint reads as a model directory (evaluate.py)
-        from distill.models import write_model_files
 
         write_model_files(session.student, session.tokenizer, directory, original_length=session.window)
 
@@ -483,8 +502,6 @@ def _train(session: Session, spans: Spans) -> int:
 
 def _finish(session: Session, stop_file: str | None) -> None:
     """After the last step: the gradient-norm plot, the export, the stop file's removal, a barrier."""
-    from distill.localise import plot_layer_grads
-
     cfg, procs, out_dir = session.cfg, session.procs, session.cfg.run.output_dir
     if procs.is_main and cfg.log.layer_grad_every:
         plot_layer_grads(os.path.join(out_dir, "metrics.jsonl"),
@@ -525,7 +542,6 @@ def _in_training_evaluation(session: Session):
     short rows through the strategy's forwards (`sharded_short_retention`: short_nll, teacher_short_nll,
     short_nll_gap, kl_teacher_student); the long-text and passkey figures need the whole model on one process:
     scripts/evaluate.py on a checkpoint gives them."""
-    from distill.evaluate import eval_streams, evaluate_suite, sharded_short_retention
 
     cfg, strategy = session.cfg, session.strategy
     if not cfg.train.eval_every or not (strategy.sharded or session.procs.is_main):
@@ -581,23 +597,19 @@ def _export(session: Session) -> None:
     complete (a kill mid-write leaves the previous export or none, never a partial one). fp32 master weights
     go out in the recipe's dtype (bf16 for real models).
 
-    An expanded student is folded into a plain model (`distill.expansion.fold_state`, ᾱ per block in
+    An expanded student is folded into a plain model (`distill.model.expansion.fold_state`, ᾱ per block in
     final/expansion_fold.json), and the unfolded one is saved as `<output_dir>/expanded` for
     scripts/evaluate.py, which also measures how far the folded logits are from it.
     """
     import json
     import shutil
 
-    from distill.files import replace_dir
-    from distill.models import export
 
     cfg, strategy, student, tokenizer = session.cfg, session.strategy, session.student, session.tokenizer
     dtype, out_dir, spec = session.dtype, session.cfg.run.output_dir, session.cfg.model.expansion
     full_state = strategy.model_state_dict()  # a collective when sharded
     alphas = None
     if spec is not None:
-        from distill import expansion
-
         rows = _fold_batches(cfg, session.streams, tokenizer, spec.fold_rows, strategy.procs.device)
         alphas = expansion.fold_alphas(student, full_state, rows, strategy.forward)  # every rank: forwards
     if not session.procs.is_main:
@@ -625,8 +637,6 @@ def _fold_batches(cfg: RecipeConfig, streams: dict, tokenizer, rows: int, device
     """The rows the export measures the dynamic interpolations' mean α on: held-out data (eval.short_data or
     eval.long_data, or the streams' holdout) when there is some, else the first stream's first rows; one row
     of inputs each (the same on every rank)."""
-    from distill.data.dataset import PackedStream
-    from distill.evaluate import eval_streams
 
     held_out = next((path for path in eval_streams(cfg) if path), None)
     data = PackedStream(held_out, tokenizer) if held_out else streams[next(iter(streams))]
@@ -659,8 +669,6 @@ def _load_weights(cfg: RecipeConfig, student, resume_path: str | None) -> None:
         logger.info("initialised the student from %s (fresh optimiser and data state)", init_from)
         init_from = None
     if spec is not None:
-        from distill.expansion import expand
-
         indices = expand(student, spec)
         trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
         logger.info("hybrid expansion (%s): blocks %s expanded; %d trainable parameters, everything else "
@@ -688,8 +696,6 @@ def _start_trace(cfg: RecipeConfig, student, streams: dict, resume_path: str | N
     diagnostic batch, then the layers frozen (above_mean) or the per-layer LR factors handed to the strategy
     (lr_scale). A resumed run reuses its checkpoint's measurement. flash-attn has no CPU kernels: on the host
     the measurement runs with sdpa_varlen (the same attention values; the relative norms are what is kept)."""
-    from distill.localise import diagnostic_norms, freeze_untraced, layer_plan
-    from distill.models import attention_override
 
     layers_cfg = cfg.optim.layers
     trace = ckpt.read_state(resume_path).get("layer_trace") if resume_path is not None else None
@@ -714,8 +720,6 @@ def _retrace(cfg: RecipeConfig, strategy, streams: dict, autocast, groups: dict)
     """optim.layers.every: measure the per-layer gradient norms again through the strategy (every rank runs
     the same diagnostic batch; the relative norms do not depend on the sum over ranks), rescale each layer's
     LR, and discard the diagnostic gradients."""
-    from distill.localise import diagnostic_loss, layer_norms, layer_plan
-    from distill.optim import rescale
 
     layers_cfg = cfg.optim.layers
     batch = _diagnostic_batch(cfg, streams, strategy.procs.device)
@@ -742,8 +746,6 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def _evaluation(cfg: RecipeConfig, tokenizer, native_model,
                 held_out: tuple[str | None, str | None]) -> dict | None:
     """The arguments of `evaluate_suite` for in-training evaluation, or None without held-out data."""
-    from distill.data.dataset import PackedStream
-    from distill.rope import original_length
 
     short_eval, long_eval = held_out
     if short_eval is None and long_eval is None:

@@ -1,6 +1,6 @@
 """One process, or data parallel with the student and the teacher replicated on every rank (DDP-like).
 
-Each rank runs its part of the step's plan (`distill.mixture.shard`, balanced by token cost; no alignment
+Each rank runs its part of the step's plan (`distill.data.mixture.shard`, balanced by token cost; no alignment
 needed, as forwards issue no collectives), back-propagates locally, and the gradients are summed over ranks
 once per step in flat buckets (`reduce_gradients`). Exact: the losses are divided by global token counts.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from distill.optim import keep_kernel, make_optimizer
-from distill.strategies.base import Strategy
+from distill.optim.optimizer import keep_kernel, make_optimizer
+from distill.parallel.base import Strategy
 
 
 class Replicated(Strategy):

@@ -1,0 +1,113 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def legacy_rope_fields(rope_parameters: dict) -> dict:
+    """The pre-5.0 spelling of a `rope_parameters` dict: {"rope_theta", "rope_scaling"}.
+
+    transformers 4.x (and the serving and conversion tools pinned to it) read only `rope_theta` and
+    `rope_scaling`; without them an exported model loads SILENTLY with the architecture's default θ and no
+    scaling. `rope_scaling` is None for a plain (ABF) RoPE, else every key but rope_theta ("rope_type"
+    included, which 4.x reads before its older name "type"; transformers 5 merges rope_scaling into
+    rope_parameters on load, so an extra "type" key would change the reloaded dict)."""
+    params = dict(rope_parameters)
+    theta = params.pop("rope_theta")
+    kind = params.get("rope_type", "default")
+    scaling = None if kind == "default" and len(params) <= 1 else params
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def _cast_state(model, state: dict, dtype: torch.dtype) -> dict:
+    """`state` in `dtype`, tensors that shared storage still shared (a tied lm_head stays the embedding's
+    tensor, so save_pretrained writes it once), and a tied model's head tied even when a gathered (sharded)
+    state dict holds two copies."""
+    out, cast = {}, {}
+    for key, value in state.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        ident = (value.data_ptr(), value.storage_offset(), tuple(value.shape), value.device)
+        if ident not in cast:
+            cast[ident] = value.detach().to(dtype)
+        out[key] = cast[ident]
+    if getattr(model.config, "tie_word_embeddings", False):
+        names = {id(m): n for n, m in model.named_modules()}
+        embed = names.get(id(model.get_input_embeddings()))
+        head = names.get(id(model.get_output_embeddings()))
+        if embed is not None and head is not None and f"{embed}.weight" in out and f"{head}.weight" in out:
+            out[f"{head}.weight"] = out[f"{embed}.weight"]
+    return out
+
+
+def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
+           dtype: torch.dtype | None = None, original_length: int | None = None) -> str:
+    """Save a Hugging Face model directory (safetensors, config with the extended RoPE, tokenizer).
+
+    The exported config has use_cache True (for generation); training code loads it with use_cache False.
+    It records the weights' dtype (a bf16 export loads as bf16 by default, not as fp32 at twice the memory)
+    and carries the legacy `rope_theta` / `rope_scaling` fields beside `rope_parameters`
+    (`legacy_rope_fields`), so readers that predate `rope_parameters` get the extended RoPE too.
+
+    Args:
+        state_dict: a full state dict gathered from a sharded model (FSDP2/ZeRO-3); None uses `model`'s own.
+        dtype: the dtype the weights are written in (cast here, tied weights kept one tensor); None keeps the
+            tensors' own.
+        original_length: the window the model was extended from, written as the config's top-level
+            `original_max_position_embeddings` (an abf extension's `rope_parameters` cannot say it), read by
+            scripts/evaluate.py.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    source = state_dict if state_dict is not None else model.state_dict()
+    if dtype is not None:
+        source = _cast_state(model, source, dtype)
+    floating = [v.dtype for v in source.values() if v.is_floating_point()]
+    saved_dtype = floating[0] if floating else torch.float32
+    previous = model.config.use_cache, model.config.dtype
+    model.config.use_cache = True
+    model.config.dtype = saved_dtype
+    try:
+        model.save_pretrained(out_dir, state_dict=source)
+    finally:
+        model.config.use_cache, model.config.dtype = previous
+    _complete_config(os.path.join(out_dir, "config.json"), saved_dtype, original_length)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _complete_config(config_path: str, dtype: torch.dtype, original_length: int | None) -> None:
+    """Add to a saved config.json what `export` promises: legacy RoPE fields, the weights' dtype (under both
+    names), the original length."""
+    import json
+
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("rope_parameters"):
+        config.update(legacy_rope_fields(config["rope_parameters"]))
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")  # 4.x read torch_dtype
+    if original_length is not None:
+        config["original_max_position_embeddings"] = int(original_length)
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_model_files(model, tokenizer, out_dir: str, dtype: torch.dtype = torch.float32,
+                      original_length: int | None = None) -> None:
+    """The config.json (as `export` writes it) and the tokenizer files beside weights saved elsewhere (a
+    training checkpoint's model.safetensors), so the directory loads with `from_pretrained` and
+    scripts/evaluate.py like an export."""
+    previous = model.config.use_cache, model.config.dtype
+    model.config.use_cache, model.config.dtype = True, dtype
+    try:
+        model.config.save_pretrained(out_dir)
+    finally:
+        model.config.use_cache, model.config.dtype = previous
+    _complete_config(os.path.join(out_dir, "config.json"), dtype, original_length)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
