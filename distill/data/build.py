@@ -241,19 +241,8 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dict:
-    """Build every stream of `spec`; returns the manifest. DataError on bad input (nothing destroyed)."""
-    import datasets
-
-    out = os.path.abspath(spec.output_dir)
-    if os.path.exists(out) and not overwrite:
-        raise DataError(f"{spec.output_dir}: output directory already exists; pass --overwrite to replace it")
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MANIFEST)) and os.listdir(out):
-        raise DataError(f"{spec.output_dir}: exists and is not a built data directory (no {MANIFEST}); "
-                        "refusing to replace it")
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(spec.tokenizer)
-    identity = tokenizer_identity(tokenizer)
+def _special_ids(spec: DataSpec, tokenizer) -> tuple[int | None, int]:
+    """(the separator between documents, the padding id): the spec's separator or the tokenizer's EOS."""
     eos_id = separator_id(tokenizer, spec) if spec.separator is not None else tokenizer.eos_token_id
     if spec.eos and eos_id is None:
         raise DataError(f"tokenizer {spec.tokenizer!r} has no EOS token; name a separator token (separator: "
@@ -261,7 +250,11 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0
+    return eos_id, pad_id
 
+
+def _read_sources(spec: DataSpec, tokenizer, eos_id, progress: bool) -> tuple[dict, dict]:
+    """Every source a stream uses, read and tokenized: ({index: TokenizedSource}, the per-source report)."""
     used = [(i, s) for i, s in enumerate(spec.sources)
             if any(s.name in st.sources for st in spec.streams.values())]
     check_sources(used)  # every source's paths and datasets, before the first is streamed
@@ -278,15 +271,99 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
         }
         log.info("source %s: %d documents, %d tokens, skipped: %s", source.name, len(tokenized.lengths),
                  int(tokenized.lengths.sum()), reader.summary())
+    return data, source_report
+
+
+def _pack_split(spec: DataSpec, stream_name: str, stream, split: str, data: dict, fraction: float,
+                pad_id: int):
+    """One stream's rows for one split (train or holdout), shuffled and cut to its token budget:
+    (packed rows, the per-source selection report)."""
+    held_out = split == "holdout"
     index_of = {s.name: i for i, s in enumerate(spec.sources)}
-    fingerprint = identity["sha256"]
+    budget = spec.holdout.max_tokens if held_out else stream.max_tokens
+    shares = _shares(spec, stream, budget)
+    per_source: dict[str, dict] = {}
+    parts = []
+    for name in stream.sources:
+        i = index_of[name]
+        per_source[name] = {}
+        idx = _select(spec, stream_name, stream, i, spec.sources[i], data[i], held_out, shares[name],
+                      per_source[name], fraction)
+        parts.append((i, idx))
+    tokens, lengths = _assemble(parts, data, spec.seed, stream_name, split)
+    packed = pack(stream.pack, tokens, lengths, stream.seq_len, pad_id,
+                  long_docs=stream.long_docs, stride=stream.stride, last_row=stream.last_row)
+    if packed.rows == 0 and not held_out:
+        reasons = {k: v for r in per_source.values() for k, v in r.get("skipped", {}).items()}
+        reasons.update(packed.skipped_docs)
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "no documents"
+        raise DataError(f"streams.{stream_name}: no rows of seq_len {stream.seq_len} "
+                        f"from sources {', '.join(stream.sources)} ({len(lengths)} documents, "
+                        f"{int(lengths.sum())} tokens; skipped: {detail})")
+    order = np.random.default_rng([spec.seed, _crc(stream_name), _crc(split), 1]).permutation(packed.rows)
+    packed = packed.permute(order)
+    if budget is not None and packed.real_tokens > budget:
+        # Whole documents overshoot the budget by up to one document per source: keep rows up to it.
+        per_row = np.add.reduceat(packed.lengths, packed.row_offsets[:-1]) if packed.rows else []
+        keep = int(np.searchsorted(np.cumsum(per_row), budget, side="right"))
+        dropped = packed.real_tokens
+        packed = packed.permute(np.arange(keep))
+        packed.skipped_tokens = {**packed.skipped_tokens, "over_max_tokens": dropped - packed.real_tokens}
+    return packed, per_source
+
+
+def _write_split(tmp: str, stream_name: str, stream, split: str, packed, per_source: dict,
+                 stream_info: dict) -> dict:
+    """Write one packed split under `tmp`; its report for the manifest."""
+    info = {"stream": stream_name, "split": split, "seq_len": stream.seq_len, "pack": stream.pack,
+            "rows": packed.rows, "real_tokens": packed.real_tokens, "padding_tokens": packed.padding_tokens,
+            **stream_info}
+    rel = stream_name if split == "train" else os.path.join("holdout", stream_name)
+    _write_stream(packed, os.path.join(tmp, rel), info)
+    fill = packed.real_tokens / max(1, packed.rows * stream.seq_len)
+    log.info("stream %s/%s: %d rows × %d, %d real tokens, fill %.4f", stream_name, split,
+             packed.rows, stream.seq_len, packed.real_tokens, fill)
+    return {**{k: info[k] for k in ("seq_len", "pack", "rows", "real_tokens", "padding_tokens")},
+            "fill": round(fill, 6), "path": rel, "sources": per_source,
+            "pack_skipped_docs": packed.skipped_docs, "pack_skipped_tokens": packed.skipped_tokens}
+
+
+def _arrow_files(tmp: str) -> tuple[dict, dict]:
+    """({relative path: sha256}, {relative path: bytes}) of every Arrow file under `tmp`."""
+    checksums, sizes = {}, {}
+    for root, _, names in sorted(os.walk(tmp)):
+        for name in sorted(names):
+            if name.endswith(".arrow"):
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+                checksums[rel], sizes[rel] = file_sha256(full), os.path.getsize(full)
+    return dict(sorted(checksums.items())), dict(sorted(sizes.items()))
+
+
+def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dict:
+    """Build every stream of `spec`; returns the manifest. DataError on bad input (nothing destroyed)."""
+    import datasets  # heavy (pyarrow, fsspec): only a build needs it
+
+    out = os.path.abspath(spec.output_dir)
+    if os.path.exists(out) and not overwrite:
+        raise DataError(f"{spec.output_dir}: output directory already exists; pass --overwrite to replace it")
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, MANIFEST)) and os.listdir(out):
+        raise DataError(f"{spec.output_dir}: exists and is not a built data directory (no {MANIFEST}); "
+                        "refusing to replace it")
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(spec.tokenizer)
+    identity = tokenizer_identity(tokenizer)
+    eos_id, pad_id = _special_ids(spec, tokenizer)
+    data, source_report = _read_sources(spec, tokenizer, eos_id, progress)
     fraction = holdout_fraction(spec, data)
     if fraction != spec.holdout.fraction:
         log.info("holdout: %.4f of the documents held out to meet min_documents %d / min_tokens %d",
                  fraction, spec.holdout.min_documents, spec.holdout.min_tokens)
+    stream_info = {"tokenizer_fingerprint": identity["sha256"], "eos_token_id": eos_id,
+                   "pad_token_id": pad_id,
+                   "separator": spec.separator if spec.separator is not None else tokenizer.eos_token}
 
-    parent = os.path.dirname(out) or "."
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     progress_bars = datasets.utils.logging.is_progress_bar_enabled()
@@ -294,76 +371,16 @@ def build(spec: DataSpec, overwrite: bool = False, progress: bool = True) -> dic
     try:
         os.makedirs(tmp)
         stream_report: dict[str, dict] = {}
-        splits = [("train", False)] + ([("holdout", True)] if fraction > 0 else [])
         for stream_name, stream in spec.streams.items():
             stream_report[stream_name] = {}
-            for split, held_out in splits:
-                budget = spec.holdout.max_tokens if held_out else stream.max_tokens
-                shares = _shares(spec, stream, budget)
-                per_source: dict[str, dict] = {}
-                parts = []
-                for name in stream.sources:
-                    i = index_of[name]
-                    per_source[name] = {}
-                    idx = _select(spec, stream_name, stream, i, spec.sources[i], data[i], held_out,
-                                  shares[name], per_source[name], fraction)
-                    parts.append((i, idx))
-                tokens, lengths = _assemble(parts, data, spec.seed, stream_name, split)
-                packed = pack(stream.pack, tokens, lengths, stream.seq_len, pad_id,
-                              long_docs=stream.long_docs, stride=stream.stride, last_row=stream.last_row)
-                if packed.rows == 0 and not held_out:
-                    reasons = {k: v for r in per_source.values() for k, v in r.get("skipped", {}).items()}
-                    reasons.update(packed.skipped_docs)
-                    detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "no documents"
-                    raise DataError(f"streams.{stream_name}: no rows of seq_len {stream.seq_len} "
-                                    f"from sources {', '.join(stream.sources)} ({len(lengths)} documents, "
-                                    f"{int(lengths.sum())} tokens; skipped: {detail})")
-                order = np.random.default_rng([spec.seed, _crc(stream_name), _crc(split), 1]).permutation(
-                    packed.rows)
-                packed = packed.permute(order)
-                if budget is not None and packed.real_tokens > budget:
-                    # Whole documents overshoot the budget by up to one document per source: keep rows up
-                    # to it.
-                    per_row = np.add.reduceat(packed.lengths, packed.row_offsets[:-1]) if packed.rows else []
-                    keep = int(np.searchsorted(np.cumsum(per_row), budget, side="right"))
-                    dropped = packed.real_tokens
-                    packed = packed.permute(np.arange(keep))
-                    packed.skipped_tokens = {**packed.skipped_tokens,
-                                             "over_max_tokens": dropped - packed.real_tokens}
-                info = {
-                    "stream": stream_name, "split": split, "seq_len": stream.seq_len, "pack": stream.pack,
-                    "rows": packed.rows, "real_tokens": packed.real_tokens,
-                    "padding_tokens": packed.padding_tokens,
-                    "tokenizer_fingerprint": fingerprint, "eos_token_id": eos_id, "pad_token_id": pad_id,
-                    "separator": spec.separator if spec.separator is not None else tokenizer.eos_token,
-                }
-                rel = stream_name if not held_out else os.path.join("holdout", stream_name)
-                _write_stream(packed, os.path.join(tmp, rel), info)
-                fill = packed.real_tokens / max(1, packed.rows * stream.seq_len)
-                stream_report[stream_name][split] = {
-                    **{k: info[k] for k in ("seq_len", "pack", "rows", "real_tokens", "padding_tokens")},
-                    "fill": round(fill, 6), "path": rel, "sources": per_source,
-                    "pack_skipped_docs": packed.skipped_docs, "pack_skipped_tokens": packed.skipped_tokens,
-                }
-                log.info("stream %s/%s: %d rows × %d, %d real tokens, fill %.4f", stream_name, split,
-                         packed.rows, stream.seq_len, packed.real_tokens, fill)
-        checksums, sizes = {}, {}
-        for root, _, names in sorted(os.walk(tmp)):
-            for name in sorted(names):
-                if name.endswith(".arrow"):
-                    full = os.path.join(root, name)
-                    rel = os.path.relpath(full, tmp).replace(os.sep, "/")
-                    checksums[rel], sizes[rel] = file_sha256(full), os.path.getsize(full)
-        manifest = {
-            "format": 1,
-            "spec": to_dict(spec),
-            "holdout_fraction": fraction,
-            "tokenizer": {"name": spec.tokenizer, **identity},
-            "streams": stream_report,
-            "sources": source_report,
-            "checksums": dict(sorted(checksums.items())),
-            "sizes": dict(sorted(sizes.items())),
-        }
+            for split in ["train"] + (["holdout"] if fraction > 0 else []):
+                packed, per_source = _pack_split(spec, stream_name, stream, split, data, fraction, pad_id)
+                stream_report[stream_name][split] = _write_split(tmp, stream_name, stream, split, packed,
+                                                                 per_source, stream_info)
+        checksums, sizes = _arrow_files(tmp)
+        manifest = {"format": 1, "spec": to_dict(spec), "holdout_fraction": fraction,
+                    "tokenizer": {"name": spec.tokenizer, **identity}, "streams": stream_report,
+                    "sources": source_report, "checksums": checksums, "sizes": sizes}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.write("\n")

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""What every measure of the evaluation shares: eval mode, the autocast rule, rows of a built stream,
+chunked token NLL from final hidden states, per-document totals and their standard errors, plots' pyplot."""
 
 from __future__ import annotations
 

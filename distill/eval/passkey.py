@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Passkey retrieval (needle in a haystack): prompts built from held-out filler, scored by the answer's
+likelihood or greedy decoding, accuracy by length and depth, and the heat-map plot."""
 
 from __future__ import annotations
 

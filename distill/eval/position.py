@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""NLL by position on held-out long rows (buckets of positions, sliding windows past the row length), the
+figure beyond the original window, and its plot."""
 
 from __future__ import annotations
 

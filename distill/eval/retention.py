@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Short-text retention: NLL on held-out short rows against the teacher, next-token KL, hidden-state cosine
+and attention KL, one process or sharded across the ranks of a run (in-training evaluation)."""
 
 from __future__ import annotations
 

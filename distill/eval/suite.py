@@ -36,31 +36,6 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Plumbing
-# ------------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Short-text retention
-# ------------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------------
-# NLL by position on long text
-# ------------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Passkey retrieval / needle in a haystack
-# ------------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Plots
-# ------------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------------
 # The suite
 # ------------------------------------------------------------------------------------------------------------
 
@@ -133,98 +108,120 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
         long_rows = max_rows
     plots: list[str] = []
     if short_stream is not None:
-        short = short_retention(model, teacher, short_stream, max_rows, batch_size, attention_rows,
-                                attention_tokens)
-        details["short"] = short
-        for key in ("short_nll", "short_nll_se", "short_ppl", "teacher_short_nll", "teacher_short_nll_se",
-                    "kl_teacher_student", "short_nll_gap", "short_nll_gap_se"):
-            if key in short:
-                figures[key] = short[key]
-        cos = short.get("hidden_cosine") or []
-        if cos:
-            figures["hidden_cosine_mean"] = float(np.mean(cos[1:] if len(cos) > 1 else cos))
-            figures["hidden_cosine_last"] = cos[-1]
-            figures.update({f"hidden_cosine/{i}": c for i, c in enumerate(cos)})
-        akl = short.get("attention_kl") or []
-        if akl:
-            figures["attention_kl_mean"] = float(np.mean(akl))
-            figures.update({f"attention_kl/{i}": v for i, v in enumerate(akl)})
+        details["short"] = _short_part(figures, model, teacher, short_stream, max_rows, batch_size,
+                                       attention_rows, attention_tokens)
+    rolling = teacher if teacher_rolling else None
     if long_stream is not None:
-        curves = {"student": nll_by_position(model, long_stream, long_rows, buckets, original_length,
-                                             long_batch_size)}
-        if teacher_baselines and teacher is not None:
-            curves["teacher"] = nll_by_position(teacher, long_stream, long_rows, buckets, original_length,
-                                                long_batch_size)
-        if teacher is not None and teacher_rolling:
-            curves["teacher_rolling"] = nll_by_position(teacher, long_stream, long_rows, buckets,
-                                                        original_length, batch_size,
-                                                        window=original_length)
-        details["long"] = curves
-        for name, res in curves.items():
-            prefix = {"student": "", "teacher": "teacher_", "teacher_rolling": "teacher_rolling_"}[name]
-            for key in ("long_nll", "long_ppl", "long_nll_within", "long_nll_beyond"):
-                figures[prefix + key] = res.get(key, float("nan"))
-                if key != "long_ppl":
-                    figures[prefix + key + "_se"] = res.get(key + "_se", float("nan"))
+        details["long"] = _long_part(figures, model, teacher if teacher_baselines else None, rolling,
+                                     long_stream, long_rows, buckets, original_length, long_batch_size,
+                                     batch_size)
         if out_dir is not None:
-            plots.append(plot_nll_by_position(curves, os.path.join(out_dir, "nll_by_position.png"),
+            plots.append(plot_nll_by_position(details["long"], os.path.join(out_dir, "nll_by_position.png"),
                                               original_length))
     if short_whole_stream is not None:
-        whole = {"student": nll_by_position(model, short_whole_stream, max_rows, buckets, original_length,
-                                            long_batch_size)}
-        if teacher is not None and teacher_rolling:
-            whole["teacher_rolling"] = nll_by_position(teacher, short_whole_stream, max_rows, buckets,
-                                                       original_length, batch_size, window=original_length)
-        details["short_whole"] = whole
-        for name, res in whole.items():
-            prefix = "" if name == "student" else "teacher_"
-            figures[prefix + "short_whole_nll"] = res["long_nll"]
-            figures[prefix + "short_whole_nll_se"] = res["long_nll_se"]
+        details["short_whole"] = _short_whole_part(figures, model, rolling, short_whole_stream, max_rows,
+                                                   buckets, original_length, long_batch_size, batch_size)
+    source = long_stream if long_stream is not None else short_stream
+    lengths = sorted({int(original_length), int(target_length)})
+    runs = {"": model, **({"teacher_": teacher} if teacher_baselines and teacher is not None else {})}
     if passkey_samples > 0:
         if tokenizer is None:
             raise ValueError("passkey evaluation needs a tokenizer")
-        source = long_stream if long_stream is not None else short_stream
         if source is None:
             raise ValueError("passkey evaluation needs held-out text (a long or short stream) for the filler")
         filler = filler_from_stream(source, tokenizer=tokenizer, mark=PASSKEY_TEMPLATES[passkey_template][2])
-        lengths = (list(passkey_lengths) if passkey_lengths
-                   else sorted({int(original_length), int(target_length)}))
-        runs = {"student": model}
-        if teacher_baselines and teacher is not None:
-            runs["teacher"] = teacher
         details["passkey"] = {}
-        for name, m in runs.items():
+        for prefix, m in runs.items():
+            name = prefix.rstrip("_") or "student"
             path = os.path.join(out_dir, f"needle_{name}.png") if out_dir is not None else None
-            grid = needle_grid(m, tokenizer, filler, lengths, passkey_depths, passkey_samples, seed, path,
-                               title=f"passkey retrieval: {name}", batch_size=batch_size,
-                               template=passkey_template)
-            details["passkey"][name] = grid
-            prefix = "" if name == "student" else "teacher_"
-            figures[prefix + "passkey_accuracy"] = grid["accuracy"]
-            figures[prefix + "passkey_logprob"] = grid["logprob"]
-            figures.update({f"{prefix}passkey_accuracy/{n}": a for n, a in grid["by_length"].items()})
-            for side, keep in (("within", lambda n: n <= original_length),
-                               ("beyond", lambda n: n > original_length)):
-                accs = [a for n, a in grid["by_length"].items() if keep(int(n))]
-                figures[f"{prefix}passkey_accuracy_{side}_window"] = (float(np.mean(accs)) if accs
-                                                                      else float("nan"))
-            if path is not None:
-                plots.append(path)
+            details["passkey"][name] = needle_grid(
+                m, tokenizer, filler, list(passkey_lengths) if passkey_lengths else lengths, passkey_depths,
+                passkey_samples, seed, path, title=f"passkey retrieval: {name}", batch_size=batch_size,
+                template=passkey_template)
+            _passkey_figures(figures, prefix, details["passkey"][name], original_length)
+            plots.extend([path] if path is not None else [])
     if ruler_samples > 0:
-        source = long_stream if long_stream is not None else short_stream
         if tokenizer is None or source is None:
             raise ValueError("RULER tasks need a tokenizer and held-out text for the haystack")
         haystack = filler_from_stream(source, tokenizer=tokenizer)
-        lengths = list(ruler_lengths or passkey_lengths or sorted({int(original_length), int(target_length)}))
-        runs = {"": model, **({"teacher_": teacher} if teacher_baselines and teacher is not None else {})}
         for prefix, m in runs.items():
-            result = ruler_suite(m, tokenizer, haystack, lengths, ruler_samples, ruler_tasks or TASKS, seed)
+            result = ruler_suite(m, tokenizer, haystack, list(ruler_lengths or passkey_lengths or lengths),
+                                 ruler_samples, ruler_tasks or TASKS, seed)
             figures.update({f"{prefix}ruler/{k}": v for k, v in result.items()})
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        record = {"figures": figures, "details": details, "plots": [os.path.basename(p) for p in plots]}
-        tmp = os.path.join(out_dir, "eval.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(finite(record), f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "eval.json"))
+        _write_record(out_dir, {"figures": figures, "details": details,
+                                "plots": [os.path.basename(p) for p in plots]})
     return figures
+
+
+SHORT_KEYS = ("short_nll", "short_nll_se", "short_ppl", "teacher_short_nll", "teacher_short_nll_se",
+              "kl_teacher_student", "short_nll_gap", "short_nll_gap_se")
+
+
+def _short_part(figures: dict, model, teacher, stream, max_rows, batch_size, attention_rows,
+                attention_tokens) -> dict:
+    """Short-text retention into `figures` (its flat keys, per-layer cosine and attention KL); its details."""
+    short = short_retention(model, teacher, stream, max_rows, batch_size, attention_rows, attention_tokens)
+    figures.update({key: short[key] for key in SHORT_KEYS if key in short})
+    cos = short.get("hidden_cosine") or []
+    if cos:
+        figures["hidden_cosine_mean"] = float(np.mean(cos[1:] if len(cos) > 1 else cos))
+        figures["hidden_cosine_last"] = cos[-1]
+        figures.update({f"hidden_cosine/{i}": c for i, c in enumerate(cos)})
+    akl = short.get("attention_kl") or []
+    if akl:
+        figures["attention_kl_mean"] = float(np.mean(akl))
+        figures.update({f"attention_kl/{i}": v for i, v in enumerate(akl)})
+    return short
+
+
+def _long_part(figures: dict, model, teacher, rolling, stream, rows, buckets, original_length: int,
+               long_batch_size: int, batch_size: int) -> dict:
+    """NLL by position of the student (and of `teacher` whole, and of `rolling` through its own window)
+    into `figures` with their standard errors; the curves."""
+    curves = {"student": nll_by_position(model, stream, rows, buckets, original_length, long_batch_size)}
+    if teacher is not None:
+        curves["teacher"] = nll_by_position(teacher, stream, rows, buckets, original_length, long_batch_size)
+    if rolling is not None:
+        curves["teacher_rolling"] = nll_by_position(rolling, stream, rows, buckets, original_length,
+                                                    batch_size, window=original_length)
+    for name, res in curves.items():
+        prefix = {"student": "", "teacher": "teacher_", "teacher_rolling": "teacher_rolling_"}[name]
+        for key in ("long_nll", "long_ppl", "long_nll_within", "long_nll_beyond"):
+            figures[prefix + key] = res.get(key, float("nan"))
+            if key != "long_ppl":
+                figures[prefix + key + "_se"] = res.get(key + "_se", float("nan"))
+    return curves
+
+
+def _short_whole_part(figures: dict, model, rolling, stream, max_rows, buckets, original_length: int,
+                      long_batch_size: int, batch_size: int) -> dict:
+    """Whole short documents: the student's NLL over them, the teacher's through its rolling window."""
+    whole = {"student": nll_by_position(model, stream, max_rows, buckets, original_length, long_batch_size)}
+    if rolling is not None:
+        whole["teacher_rolling"] = nll_by_position(rolling, stream, max_rows, buckets, original_length,
+                                                   batch_size, window=original_length)
+    for name, res in whole.items():
+        prefix = "" if name == "student" else "teacher_"
+        figures[prefix + "short_whole_nll"] = res["long_nll"]
+        figures[prefix + "short_whole_nll_se"] = res["long_nll_se"]
+    return whole
+
+
+def _passkey_figures(figures: dict, prefix: str, grid: dict, original_length: int) -> None:
+    """A needle grid's flat figures: accuracy, log-prob, by length, and within / beyond the window."""
+    figures[prefix + "passkey_accuracy"] = grid["accuracy"]
+    figures[prefix + "passkey_logprob"] = grid["logprob"]
+    figures.update({f"{prefix}passkey_accuracy/{n}": a for n, a in grid["by_length"].items()})
+    for side, keep in (("within", lambda n: n <= original_length), ("beyond", lambda n: n > original_length)):
+        accs = [a for n, a in grid["by_length"].items() if keep(int(n))]
+        figures[f"{prefix}passkey_accuracy_{side}_window"] = float(np.mean(accs)) if accs else float("nan")
+
+
+def _write_record(out_dir: str, record: dict) -> None:
+    """eval.json in `out_dir`, replaced whole (non-finite numbers as strings)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "eval.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(finite(record), f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "eval.json"))

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The decoder inside a causal LM: its layers, hidden-state forwards that stop at the deepest layer needed,
+the packed layout a forward reads, and the truncated frozen teacher (`TruncatedTeacher`)."""
 
 from __future__ import annotations
 
@@ -216,3 +217,22 @@ def _selected_states(decoder, input_ids, position_ids, attention_mask, wanted: l
         raise RuntimeError(f"expected a decoder of {depth} layers, got {len(decoder.layers)}")
     kept[depth] = out.last_hidden_state
     return kept
+
+
+def causal_mask_kwargs(position_ids: torch.Tensor, packed: bool = False) -> dict:
+    """The `attention_mask` argument for a batch of rows.
+
+    Args:
+        position_ids: (B, T).
+        packed: True for rows of several documents whose positions restart at 0: transformers builds the
+            per-document causal mask itself when attention_mask is None (and there is no cache).
+            False for rows that are ONE document, possibly with skipped positions (short-to-long rows):
+            an explicit all-ones mask disables packed detection, which would otherwise read every jump
+            in `position_ids` as a document boundary and cut attention into blocks.
+
+    Returns:
+        {"attention_mask": None} or {"attention_mask": ones (B, T) long}.
+    """
+    if packed:
+        return {"attention_mask": None}
+    return {"attention_mask": torch.ones(position_ids.shape, dtype=torch.long, device=position_ids.device)}

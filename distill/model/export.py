@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Export: a trained model written as a Hugging Face directory (safetensors in the chosen dtype, config.json
+with the extended RoPE in both the transformers 5 and 4.x spellings, the tokenizer)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Model FLOPs per token (from a loaded model or a config's shape) and the per-device peaks for MFU: the
+one source for the trainer's logged MFU and the planner's time estimates."""
 
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ def peak_tflops(device, configured: float | None = None) -> float | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device).upper()
+    return peak_by_name(torch.cuda.get_device_name(device))
+
+
+def peak_by_name(name: str) -> float | None:
+    """`PEAK_TFLOPS` of a device name ("NVIDIA H100 80GB HBM3", or the planner's "h100-80gb"), or None."""
+    name = name.upper()
     for fragment in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "GH200" before "H200"
         if fragment in name:
             return PEAK_TFLOPS[fragment]

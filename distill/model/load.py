@@ -1,4 +1,4 @@
-"""Student and teacher models: loading, attention backend, RoPE checks, hidden-state forwards, export.
+"""Student and teacher models: loading, the attention backend, RoPE and packing checks, checkpointing.
 
 The student is the checkpoint loaded with the extended `rope_parameters` (trainable); the teacher is the same
 (or the recipe's teacher) checkpoint with its native RoPE, frozen by construction and never attached to the
@@ -9,7 +9,7 @@ Attention masks (transformers 5.x reads any jump in `position_ids` as a packed-d
 attention mask is None):
 - packed rows (long / short streams): positions restart at 0 per document, `attention_mask=None`;
 - short-to-long rows (one document with skipped positions): an explicit all-ones `attention_mask`, which turns
-  packed detection off so attention stays causal across the jumps (`causal_mask_kwargs`).
+  packed detection off so attention stays causal across the jumps (`decoder.causal_mask_kwargs`).
 """
 
 from __future__ import annotations
@@ -419,34 +419,3 @@ def check_packing_isolation(
     """
     with attention_override(model, attention):
         return packing_isolation(model, model, lengths=lengths, seed=seed)[0]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Forwards that return hidden states (no lm_head)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def causal_mask_kwargs(position_ids: torch.Tensor, packed: bool = False) -> dict:
-    """The `attention_mask` argument for a batch of rows.
-
-    Args:
-        position_ids: (B, T).
-        packed: True for rows of several documents whose positions restart at 0: transformers builds the
-            per-document causal mask itself when attention_mask is None (and there is no cache).
-            False for rows that are ONE document, possibly with skipped positions (short-to-long rows):
-            an explicit all-ones mask disables packed detection, which would otherwise read every jump
-            in `position_ids` as a document boundary and cut attention into blocks.
-
-    Returns:
-        {"attention_mask": None} or {"attention_mask": ones (B, T) long}.
-    """
-    if packed:
-        return {"attention_mask": None}
-    return {"attention_mask": torch.ones(position_ids.shape, dtype=torch.long, device=position_ids.device)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Export
-# ----------------------------------------------------------------------------------------------------------
-
-

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The strategy the launcher asks for: one process, data parallel, FSDP2 or ZeRO-3 (the environment that
+`accelerate launch` sets up), with the sequence-parallel degree checked against it."""
 
 from __future__ import annotations
 

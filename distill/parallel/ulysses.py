@@ -132,20 +132,32 @@ def split_streams(cfg, seq_lens: dict[str, int]) -> dict[str, int]:
     return split
 
 
-def check_heads(config, size: int, mode: str = "ulysses", ring_degree: int = 1) -> None:
-    """Ulysses: S must divide the attention heads, and the key/value heads divide S or S them (one line
-    otherwise). Ring keeps every head on every rank: any S. Hybrid: the Ulysses degree S / ring_degree."""
+def heads_problem(heads: int, kv_heads: int, size: int, mode: str = "ulysses",
+                  ring_degree: int = 1) -> str | None:
+    """Why the attention heads do not suit sequence parallelism of degree `size`, or None (the one rule the
+    trainer and the planner apply). Ulysses: S must divide the attention heads, and the key/value heads
+    divide S or S them. Ring keeps every head on every rank: any S. Hybrid: the Ulysses degree is
+    S / ring_degree."""
     if mode == "ring":
-        return
-    key = "parallel.sequence_parallel"
+        return None
     if mode == "hybrid":
-        size, key = size // ring_degree, "parallel.sequence_parallel / parallel.ring_degree"
+        size //= ring_degree
+    kv_heads = kv_heads or heads
+    if heads % size or (kv_heads % size and size % kv_heads):
+        return (f"{size} must divide the {heads} attention heads and divide or be divided by the {kv_heads} "
+                f"key/value heads (Ulysses; parallel.sequence_parallel_mode: ring takes any degree)")
+    return None
+
+
+def check_heads(config, size: int, mode: str = "ulysses", ring_degree: int = 1) -> None:
+    """`heads_problem` for a model config, as a one-line ConfigError naming the key."""
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    if heads % size or (kv % size and size % kv):
-        raise ConfigError(f"{key}: {size} must divide the {heads} attention heads and "
-                          f"divide or be divided by the {kv} key/value heads (Ulysses; "
-                          f"parallel.sequence_parallel_mode: ring takes any degree)")
+    problem = heads_problem(heads, getattr(config, "num_key_value_heads", None) or heads, size, mode,
+                            ring_degree)
+    if problem is not None:
+        key = ("parallel.sequence_parallel / parallel.ring_degree" if mode == "hybrid"
+               else "parallel.sequence_parallel")
+        raise ConfigError(f"{key}: {problem}")
 
 
 INNER = ("sdpa_varlen", "flash_attention_2")

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Named spans of a training step (`Spans`, for benchmarks that measure where the time goes) and the
+planner's calibration recorder (`SavedTensorBytes`: the bytes each student forward saves for backward)."""
 
 from __future__ import annotations
 

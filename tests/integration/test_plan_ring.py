@@ -110,3 +110,30 @@ def test_plan_follows_the_sequence_parallel_mode(tmp_path):
     long = {m: r["streams"]["long"]["activations"] for m, r in results.items()}
     assert long["ring"] == long["ulysses"] + blocks
     assert ring["peak_by_savers"]["ulysses"] == ulysses["peak_bytes"]
+
+
+def test_the_planner_takes_a_hybrid_degree_by_the_trainers_rule(tmp_path):
+    """Hybrid S = 6 with ring_degree 2 on SmolLM2's 9 heads / 3 key/value heads: Ulysses splits the heads
+    3 ways, which the trainer accepts (`check_heads`), and so does the planner, by the same rule. Checking the
+    heads against S = 6 itself (the planner's rule before) refused it; ring_degree 3 leaves a Ulysses degree
+    of 2, which both refuse."""
+    from distill.parallel.ulysses import check_heads
+
+    config = AutoConfig.for_model(**SMOLLM2_135M)
+    shape = Shape.from_config(config)
+    check_heads(config, 6, "hybrid", 2)  # the trainer accepts it
+    assert sequence_parallel_problem(shape, 12, 6, "hybrid", 2) is None
+    assert "2 must divide the 9 attention heads" in sequence_parallel_problem(shape, 12, 6, "hybrid", 3)
+    model = tmp_path / "smollm2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    command = [sys.executable, os.path.join(ROOT, "scripts", "plan.py"),
+               "recipes/smollm2-135m/long_cpt-32k-abf.yaml", f"model.path={model}",
+               f"streams.long.data={tmp_path / 'not-built'}", "parallel.sequence_parallel=6",
+               "parallel.sequence_parallel_mode=hybrid", "parallel.ring_degree=2", "--accelerate-config",
+               "recipes/accelerate/fsdp2.yaml", "--gpus", "12", "--json"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sequence_parallel_problem"] is None

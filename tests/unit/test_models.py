@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from distill.config import ConfigError, ModelConfig, RopeConfig
-from distill.model.decoder import TruncatedTeacher, forward_hidden
+from distill.model.decoder import TruncatedTeacher, causal_mask_kwargs, forward_hidden
 from distill.model.export import export
 from distill.model.load import (
-    causal_mask_kwargs,
     check_extension,
     check_packing_isolation,
     check_teacher_frozen,
