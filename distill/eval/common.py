@@ -4,7 +4,9 @@ chunked token NLL from final hidden states, per-document totals and their standa
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -191,3 +193,11 @@ def finite(x):
     if isinstance(x, (list, tuple)):
         return [finite(v) for v in x]
     return x
+
+
+def write_json(path: str, record: dict, indent: int = 2) -> None:
+    """`record` as JSON at `path`, replaced whole (written beside it first; non-finite numbers as strings)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(finite(record), f, indent=indent)
+    os.replace(path + ".tmp", path)

@@ -11,16 +11,7 @@ import numpy as np
 import torch
 
 from distill.data.dataset import DataError
-from distill.eval.common import (
-    autocast_for,
-    eval_mode,
-    exact_fp32,
-    final_hidden,
-    lm_head_of,
-    model_device,
-    open_stream,
-    pyplot,
-)
+from distill.eval import common
 
 PASSKEY_DIGITS = 5
 
@@ -93,7 +84,7 @@ def filler_from_stream(stream, max_rows: int = 16, max_tokens: int = 1 << 20, to
     such lines would put other keys in a prompt beside its needle (the demo's held-out long rows hold about
     one per 900 tokens).
     """
-    stream = open_stream(stream)
+    stream = common.open_stream(stream)
     parts, total = [], 0
     for i in range(min(max_rows, len(stream))):
         for doc in stream.documents(i):
@@ -171,8 +162,8 @@ def _prompt_rng(seed: int, length: int, depth: float, sample: int) -> random.Ran
 def _score_answers(model, prompts: list[list[int]],
                    answers: list[list[int]]) -> tuple[list[bool], list[float]]:
     """Exact greedy match and mean answer log-prob for same-length prompts (one forward per batch)."""
-    device = model_device(model)
-    weight, bias = lm_head_of(model)
+    device = common.model_device(model)
+    weight, bias = common.lm_head_of(model)
     seqs = [p + a for p, a in zip(prompts, answers)]
     width = max(len(s) for s in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -180,9 +171,9 @@ def _score_answers(model, prompts: list[list[int]],
         ids[r, : len(s)] = torch.tensor(s)
     ids = ids.to(device)
     pos = torch.arange(width, device=device)[None].expand(len(seqs), -1)  # (B, T): one document per row
-    final = final_hidden(model, ids, pos)  # (B, T, H)
+    final = common.final_hidden(model, ids, pos)  # (B, T, H)
     hits, logps = [], []
-    with exact_fp32(device):
+    with common.exact_fp32(device):
         for r, (p, a) in enumerate(zip(prompts, answers)):
             h, l_ = _score_one(final[r], p, a, weight, bias)
             hits.append(h)
@@ -205,14 +196,14 @@ def _score_one(final: torch.Tensor, prompt: list[int], answer: list[int], weight
 @torch.no_grad()
 def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Plain greedy decoding with full forwards (no KV cache): the reference for `passkey_accuracy`."""
-    device = model_device(model)
-    weight, bias = lm_head_of(model)
+    device = common.model_device(model)
+    weight, bias = common.lm_head_of(model)
     seq = list(prompt_ids)
-    with eval_mode(model), autocast_for(device, model):
+    with common.eval_mode(model), common.autocast_for(device, model):
         for _ in range(max_new_tokens):
             ids = torch.tensor([seq], device=device)
             pos = torch.arange(len(seq), device=device)[None]
-            h = final_hidden(model, ids, pos)[0, -1].float()  # (H,)
+            h = common.final_hidden(model, ids, pos)[0, -1].float()  # (H,)
             logits = h @ weight.float().t() + (bias.float() if bias is not None else 0.0)  # (V,)
             seq.append(int(logits.argmax().item()))
     return seq[len(prompt_ids):]
@@ -234,10 +225,10 @@ def passkey_accuracy(model, tokenizer, filler_ids, lengths: Sequence[int] = (256
          "by_length": {str(length): accuracy}}.
     """
     lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
-    device = model_device(model)
+    device = common.model_device(model)
     acc = np.zeros((len(lengths), len(depths)))
     lp = np.zeros((len(lengths), len(depths)))
-    with eval_mode(model), autocast_for(device, model):
+    with common.eval_mode(model), common.autocast_for(device, model):
         for i, length in enumerate(lengths):
             for j, depth in enumerate(depths):
                 cases = [passkey_prompts(tokenizer, filler_ids, length, depth,
@@ -270,7 +261,7 @@ def needle_grid(model, tokenizer, filler_ids, lengths: Sequence[int], depths: Se
 
 def plot_needle_heatmap(grid: dict, path: str, title: str = "passkey retrieval") -> str:
     """Accuracy heatmap: depth (rows) × context length (columns), values annotated."""
-    plt = pyplot()
+    plt = common.pyplot()
     acc = np.asarray(grid["grid_accuracy"], dtype=float).T  # (depths, lengths)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * acc.shape[1], 1.2 + 0.6 * acc.shape[0]))
     im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")

@@ -12,20 +12,7 @@ import numpy as np
 import torch
 
 from distill.data.dataset import IGNORE_INDEX, PackedStream
-from distill.eval.common import (
-    DocTotals,
-    autocast_for,
-    doc_ids,
-    eval_mode,
-    final_hidden,
-    lm_head_of,
-    model_device,
-    open_stream,
-    pyplot,
-    row_indices,
-    safe_mean,
-    token_nll,
-)
+from distill.eval import common
 
 
 def bucket_edges(seq_len: int, buckets: int | Sequence[int] | str = 16) -> list[int]:
@@ -59,7 +46,8 @@ def _row_batches(stream: PackedStream, indices: list[int], batch_size: int):
     for start in range(0, len(indices), batch_size):
         batch = stream.batch(indices[start: start + batch_size])
         pos = batch["position_ids"]
-        yield batch["input_ids"], pos, batch["labels"], pos, doc_ids(pos, offset=start * stream.seq_len)
+        doc = common.doc_ids(pos, offset=start * stream.seq_len)
+        yield batch["input_ids"], pos, batch["labels"], pos, doc
 
 
 def _windows(stream: PackedStream, indices: list[int], window: int, stride: int):
@@ -136,10 +124,10 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
          "long_ppl", "long_tokens", "long_documents", "original_length", "window", "long_nll_within",
          "long_nll_beyond" and their "_se"}; standard errors treat documents as the units (`mean_se`).
     """
-    stream = open_stream(stream)
-    indices = row_indices(stream, max_rows)
-    device = model_device(model)
-    weight, bias = lm_head_of(model)
+    stream = common.open_stream(stream)
+    indices = common.row_indices(stream, max_rows)
+    device = common.model_device(model)
+    weight, bias = common.lm_head_of(model)
     if window is None:
         batches = _row_batches(stream, indices, batch_size)
     else:
@@ -152,11 +140,12 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
     t0 = int(original_length) if original_length is not None else None
     per_sum = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,) NLL sum per document position
     per_count = torch.zeros(stream.seq_len, dtype=torch.float64)  # (T,)
-    totals, within, beyond = DocTotals(), DocTotals(), DocTotals()
-    with eval_mode(model), autocast_for(device, model):
+    totals, within, beyond = common.DocTotals(), common.DocTotals(), common.DocTotals()
+    with common.eval_mode(model), common.autocast_for(device, model):
         for ids, pos, labels, doc_pos, doc in batches:
-            final = final_hidden(model, ids.to(device), pos.to(device))  # (B, T, H)
-            nll, has_target = token_nll(final, weight, labels.to(device), bias, chunk_size)  # (B, T) each
+            final = common.final_hidden(model, ids.to(device), pos.to(device))  # (B, T, H)
+            # (B, T) each
+            nll, has_target = common.token_nll(final, weight, labels.to(device), bias, chunk_size)
             del final
             nll, has_target = nll.cpu(), has_target.cpu()
             p = doc_pos[has_target]
@@ -171,7 +160,7 @@ def nll_by_position(model, stream, max_rows: int | None = 8, buckets: int | Sequ
     for lo, hi in itertools.pairwise(edges):
         s = per_sum[lo:hi].sum().item()
         c = int(per_count[lo:hi].sum().item())
-        nll_b.append(safe_mean(s, c))
+        nll_b.append(common.safe_mean(s, c))
         count_b.append(c)
         centers.append((lo + min(hi, stream.seq_len) - 1) / 2)
     n = int(per_count.sum().item())
@@ -197,7 +186,7 @@ def plot_nll_by_position(results: dict, path: str, original_length: int | None =
                          title: str = "NLL by position") -> str:
     """One line per model (`results`: {name: nll_by_position result}); a dashed line at the original
     window."""
-    plt = pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, res in results.items():
         ax.plot(res["centers"], res["nll"], marker="o", markersize=3, label=name)

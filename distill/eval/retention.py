@@ -9,20 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from distill.eval.common import (
-    DocTotals,
-    autocast_for,
-    doc_ids,
-    eval_mode,
-    exact_fp32,
-    final_hidden,
-    lm_head_of,
-    model_device,
-    open_stream,
-    row_indices,
-    safe_mean,
-    token_nll,
-)
+from distill.eval import common
 from distill.model.decoder import TruncatedTeacher, forward_hidden, packed_layout
 from distill.model.layers import attention_kl, sample_documents
 from distill.model.objectives import kl_loss
@@ -35,13 +22,13 @@ def _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size: in
     only positions whose next token has a target count."""
     predicting = torch.zeros_like(has_target)
     predicting[:, :-1] = has_target[:, 1:]
-    with exact_fp32(device):
+    with common.exact_fp32(device):
         kl, count = kl_loss(s_final, s_weight, t_final, t_weight, predicting, kind="forward",
                             chunk_size=chunk_size)
     return kl.item(), int(count.item())
 
 
-def _short_figures(totals: DocTotals, t_totals: DocTotals | None) -> dict:
+def _short_figures(totals: common.DocTotals, t_totals: common.DocTotals | None) -> dict:
     """The short-text figures from per-document totals (and the teacher's on the same documents): NLL with its
     standard error over documents, perplexity, counts, and the paired standard error of the gap."""
     n_targets = sum(totals.counts.values())
@@ -80,16 +67,16 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
          document), "hidden_cosine" (list over hidden_states indices 0..L of the mean cosine per real token),
          "attention_kl" (list over decoder layers 0..L-1, KL(teacher ‖ student) of attention distributions)}.
     """
-    stream = open_stream(stream)
-    indices = row_indices(stream, max_rows)
-    device = model_device(model)
-    s_weight, s_bias = lm_head_of(model)
-    t_weight, t_bias = lm_head_of(teacher) if teacher is not None else (None, None)
+    stream = common.open_stream(stream)
+    indices = common.row_indices(stream, max_rows)
+    device = common.model_device(model)
+    s_weight, s_bias = common.lm_head_of(model)
+    t_weight, t_bias = common.lm_head_of(teacher) if teacher is not None else (None, None)
     kl_sum = 0.0
     n_real = n_kl = 0
     cos_sums = None
-    totals, t_totals = DocTotals(), DocTotals()
-    with eval_mode(model, teacher), autocast_for(device, model, teacher):
+    totals, t_totals = common.DocTotals(), common.DocTotals()
+    with common.eval_mode(model, teacher), common.autocast_for(device, model, teacher):
         for start in range(0, len(indices), batch_size):
             chunk = indices[start: start + batch_size]
             batch = stream.batch(chunk)
@@ -97,16 +84,16 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
             pos = batch["position_ids"].to(device)  # (B, T)
             labels = batch["labels"].to(device)  # (B, T)
             real = stream.real_mask(chunk).to(device)  # (B, T)
-            doc = doc_ids(pos, offset=start * stream.seq_len)  # (B, T)
+            doc = common.doc_ids(pos, offset=start * stream.seq_len)  # (B, T)
             if teacher is None:
-                s_final = final_hidden(model, ids, pos)  # (B, T, H)
-                nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
+                s_final = common.final_hidden(model, ids, pos)  # (B, T, H)
+                nll, has_target = common.token_nll(s_final, s_weight, labels, s_bias, chunk_size)
                 totals.add(nll, has_target, doc)
                 continue
             s_states, s_final = forward_hidden(model, ids, pos, attention_mask=None)  # L+1 × (B, T, H)
             t_states, t_final = forward_hidden(teacher, ids, pos, attention_mask=None)
-            nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
-            t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
+            nll, has_target = common.token_nll(s_final, s_weight, labels, s_bias, chunk_size)
+            t_nll, _ = common.token_nll(t_final, t_weight, labels, t_bias, chunk_size)
             totals.add(nll, has_target, doc)
             t_totals.add(t_nll, has_target, doc)
             kl, count = _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size, device)
@@ -122,12 +109,12 @@ def short_retention(model, teacher, stream, max_rows: int | None = 8, batch_size
     out = _short_figures(totals, t_totals if teacher is not None else None)
     if teacher is None:
         return out
-    out["kl_teacher_student"] = safe_mean(kl_sum, n_kl)
+    out["kl_teacher_student"] = common.safe_mean(kl_sum, n_kl)
     same_shape = model.config.hidden_size == teacher.config.hidden_size
-    out["hidden_cosine"] = [safe_mean(c, n_real) for c in cos_sums] if same_shape and cos_sums else []
+    out["hidden_cosine"] = [common.safe_mean(c, n_real) for c in cos_sums] if same_shape and cos_sums else []
     if attention_rows > 0:
         docs = sample_documents(stream, attention_rows, attention_tokens)
-        with eval_mode(model, teacher), autocast_for(device, model, teacher):
+        with common.eval_mode(model, teacher), common.autocast_for(device, model, teacher):
             out["attention_kl"] = attention_kl(model, teacher, docs.to(device)).float().cpu().tolist()
     return out
 
@@ -158,18 +145,18 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
     """
 
     procs = strategy.procs
-    stream = open_stream(stream)
-    indices = row_indices(stream, max_rows)
+    stream = common.open_stream(stream)
+    indices = common.row_indices(stream, max_rows)
     mine = indices[procs.rank::procs.world]
     batches = math.ceil(math.ceil(len(indices) / procs.world) / batch_size)  # the same on every rank
     student = getattr(strategy.student, "module", strategy.student)
     device = procs.device
     runner = TruncatedTeacher(teacher) if teacher is not None else None
-    t_weight, t_bias = lm_head_of(teacher) if teacher is not None else (None, None)
-    totals, t_totals = DocTotals(), DocTotals()
+    t_weight, t_bias = common.lm_head_of(teacher) if teacher is not None else (None, None)
+    totals, t_totals = common.DocTotals(), common.DocTotals()
     kl_sum, n_kl = 0.0, 0
     # The root forward keeps logits for one token: the final-norm states come from a hook (as in training).
-    with FinalState(student) as final, eval_mode(student, teacher), autocast():
+    with FinalState(student) as final, common.eval_mode(student, teacher), autocast():
         for b in range(batches):
             rows = mine[b * batch_size: (b + 1) * batch_size]
             counted = bool(rows)
@@ -192,16 +179,16 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
                 continue
             # Document ids unique over the whole stream: a row's documents offset by its row index.
             doc = (pos == 0).long().cumsum(1) - 1 + torch.tensor(rows, device=device)[:, None] * T
-            nll, has_target = token_nll(s_final, s_weight, labels, s_bias, chunk_size)
+            nll, has_target = common.token_nll(s_final, s_weight, labels, s_bias, chunk_size)
             totals.add(nll, has_target, doc)
             if t_final is None:
                 continue
-            t_nll, _ = token_nll(t_final, t_weight, labels, t_bias, chunk_size)
+            t_nll, _ = common.token_nll(t_final, t_weight, labels, t_bias, chunk_size)
             t_totals.add(t_nll, has_target, doc)
             kl, count = _teacher_kl(s_final, s_weight, t_final, t_weight, has_target, chunk_size, device)
             kl_sum, n_kl = kl_sum + kl, n_kl + count
     gathered = procs.gather_objects((totals.sums, totals.counts, t_totals.sums, kl_sum, n_kl))
-    totals, t_totals = DocTotals(), DocTotals()
+    totals, t_totals = common.DocTotals(), common.DocTotals()
     for sums, counts, t_sums, _, _ in gathered:  # documents are disjoint between ranks
         totals.sums.update(sums)
         totals.counts.update(counts)
@@ -210,5 +197,5 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
     out = _short_figures(totals, t_totals if teacher is not None else None)
     if teacher is None:
         return out
-    out["kl_teacher_student"] = safe_mean(sum(g[3] for g in gathered), sum(g[4] for g in gathered))
+    out["kl_teacher_student"] = common.safe_mean(sum(g[3] for g in gathered), sum(g[4] for g in gathered))
     return out

@@ -18,7 +18,6 @@ autocast on CUDA. Logits are never materialised for a whole row: they are comput
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distill.data.dataset import holdout_of
-from distill.eval.common import finite
+from distill.eval.common import write_json
 from distill.eval.passkey import PASSKEY_TEMPLATES, filler_from_stream, needle_grid
 from distill.eval.position import nll_by_position, plot_nll_by_position
 from distill.eval.retention import short_retention
@@ -149,8 +148,8 @@ def evaluate_suite(model, teacher, short_stream, long_stream, original_length: i
                                  ruler_samples, ruler_tasks or TASKS, seed)
             figures.update({f"{prefix}ruler/{k}": v for k, v in result.items()})
     if out_dir is not None:
-        _write_record(out_dir, {"figures": figures, "details": details,
-                                "plots": [os.path.basename(p) for p in plots]})
+        write_json(os.path.join(out_dir, "eval.json"),
+                   {"figures": figures, "details": details, "plots": [os.path.basename(p) for p in plots]})
     return figures
 
 
@@ -216,12 +215,3 @@ def _passkey_figures(figures: dict, prefix: str, grid: dict, original_length: in
     for side, keep in (("within", lambda n: n <= original_length), ("beyond", lambda n: n > original_length)):
         accs = [a for n, a in grid["by_length"].items() if keep(int(n))]
         figures[f"{prefix}passkey_accuracy_{side}_window"] = float(np.mean(accs)) if accs else float("nan")
-
-
-def _write_record(out_dir: str, record: dict) -> None:
-    """eval.json in `out_dir`, replaced whole (non-finite numbers as strings)."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "eval.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(finite(record), f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "eval.json"))

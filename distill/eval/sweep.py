@@ -10,14 +10,13 @@ once, which is what evaluating them needs anyway.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 
 import torch
 
-from distill.eval.common import finite, pyplot
+from distill.eval.common import pyplot, write_json
 from distill.eval.suite import evaluate_suite
 
 logger = logging.getLogger(__name__)
@@ -130,11 +129,7 @@ def run_sweep(teacher, extended, alphas: list[float], short_stream, long_stream,
 
 def write_sweep(record: dict, out_dir: str) -> None:
     """sweep.json, sweep.md (one table row per α and per point) and pareto.png."""
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "sweep.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(finite(record), f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "sweep.json"))
+    write_json(os.path.join(out_dir, "sweep.json"), record, indent=1)
     lines = ["| model | short NLL gap | long NLL beyond window | passkey within | passkey beyond |",
              "|---|---|---|---|---|"]
 

@@ -3,6 +3,7 @@ with the extended RoPE in both the transformers 5 and 4.x spellings, the tokeniz
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -68,24 +69,28 @@ def export(model, tokenizer, out_dir: str, state_dict: dict | None = None,
         source = _cast_state(model, source, dtype)
     floating = [v.dtype for v in source.values() if v.is_floating_point()]
     saved_dtype = floating[0] if floating else torch.float32
+    _write(model, tokenizer, out_dir, saved_dtype, original_length,
+           lambda: model.save_pretrained(out_dir, state_dict=source))
+    return out_dir
+
+
+def _write(model, tokenizer, out_dir: str, dtype: torch.dtype, original_length: int | None, save) -> None:
+    """`save()` with the config as an export records it (use_cache on, the weights' dtype; restored after),
+    then the completed config.json and the tokenizer files."""
     previous = model.config.use_cache, model.config.dtype
-    model.config.use_cache = True
-    model.config.dtype = saved_dtype
+    model.config.use_cache, model.config.dtype = True, dtype
     try:
-        model.save_pretrained(out_dir, state_dict=source)
+        save()
     finally:
         model.config.use_cache, model.config.dtype = previous
-    _complete_config(os.path.join(out_dir, "config.json"), saved_dtype, original_length)
+    _complete_config(os.path.join(out_dir, "config.json"), dtype, original_length)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def _complete_config(config_path: str, dtype: torch.dtype, original_length: int | None) -> None:
     """Add to a saved config.json what `export` promises: legacy RoPE fields, the weights' dtype (under both
     names), the original length."""
-    import json
-
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("rope_parameters"):
@@ -103,12 +108,4 @@ def write_model_files(model, tokenizer, out_dir: str, dtype: torch.dtype = torch
     """The config.json (as `export` writes it) and the tokenizer files beside weights saved elsewhere (a
     training checkpoint's model.safetensors), so the directory loads with `from_pretrained` and
     scripts/evaluate.py like an export."""
-    previous = model.config.use_cache, model.config.dtype
-    model.config.use_cache, model.config.dtype = True, dtype
-    try:
-        model.config.save_pretrained(out_dir)
-    finally:
-        model.config.use_cache, model.config.dtype = previous
-    _complete_config(os.path.join(out_dir, "config.json"), dtype, original_length)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    _write(model, tokenizer, out_dir, dtype, original_length, lambda: model.config.save_pretrained(out_dir))

@@ -91,14 +91,6 @@ class RingParallel(sequence.SequenceParallel):
         ordered = [h[0] for h in halves] + [h[1] for h in reversed(halves)]
         return torch.cat(ordered, dim=dim)
 
-    def gather_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """(1, n) positions of this rank's zigzag slice → (1, S·n) of the whole row, in row order."""
-        import torch.distributed as dist
-
-        pieces = [torch.empty_like(positions) for _ in range(self.size)]
-        dist.all_gather(pieces, positions.contiguous(), group=self.group)
-        return self.whole(pieces)
-
     def shift(self, tensor: torch.Tensor):
         """Start sending `tensor` to the next rank of the ring and receiving the previous rank's.
 
@@ -371,10 +363,7 @@ class HybridParallel(sequence.SequenceParallel):
     def attention(self, query, key, value, offsets=None, positions=None, scaling=None):
         """query (1, H, n, D), key/value (1, Hkv, n, D) of this rank's slice → (1, n, H, D)."""
         u = self.ulysses
-        kv_heads = key.shape[1]
-        if kv_heads % u.size:  # fewer KV heads than the Ulysses degree: each rank's query heads get theirs
-            key = key.repeat_interleave(u.size // kv_heads, dim=1)
-            value = value.repeat_interleave(u.size // kv_heads, dim=1)
+        key, value = sequence.repeat_kv(key, value, u.size)
         q, k, v = (u.heads_to_sequence(t) for t in (query, key, value))  # (1, H/U, U·n, D): the ring piece
         if offsets is None and positions is not None:  # the whole row's documents, once, from every slice
 
@@ -404,16 +393,6 @@ def _forward(inner):
 
 
 def register(inner_name: str) -> str:
-    """Register "ring_<alias of inner>" with transformers (attention and mask functions): ring attention
-    inside `SequenceParallel.on` blocks, the inner implementation elsewhere; returns the name (never
-    containing "flash", see distill.parallel.ulysses.ALIASES)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    sequence.check_attention(inner_name, 2)
-    name = PREFIX + sequence.ALIASES[inner_name]
-    inner = (sequence.flash_attention_2 if inner_name == "flash_attention_2"
-             else AttentionInterface()[inner_name])
-    AttentionInterface.register(name, _forward(inner))
-    AttentionMaskInterface.register(name, AttentionMaskInterface()[inner_name])
-    return name
+    """Register "ring_<alias of inner>" with transformers: ring attention inside `SequenceParallel.on`
+    blocks, the inner implementation elsewhere (`distill.parallel.ulysses.register`); returns the name."""
+    return sequence.register(inner_name, PREFIX, _forward)

@@ -67,13 +67,17 @@ class SequenceParallel:
         """This rank's contiguous 1/S of `tensor` along `dim`."""
         return tensor.chunk(self.size, dim=dim)[self.index]
 
+    def whole(self, pieces: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """The row from every rank's slice (the inverse of `piece`), ranks in group order."""
+        return torch.cat(pieces, dim=dim)
+
     def gather_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """(1, n) positions of this rank's slice → (1, S·n) of the whole row (no gradient)."""
+        """(1, n) positions of this rank's slice → (1, S·n) of the whole row, in row order (no gradient)."""
         import torch.distributed as dist
 
         pieces = [torch.empty_like(positions) for _ in range(self.size)]
         dist.all_gather(pieces, positions.contiguous(), group=self.group)
-        return torch.cat(pieces, dim=1)
+        return self.whole(pieces)
 
     def _all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
         """Differentiable all-to-all over the group along dim 0 (one slice per rank)."""
@@ -197,16 +201,22 @@ def flash_attention_2(module, query, key, value, attention_mask, dropout: float 
     return out, None
 
 
+def repeat_kv(key: torch.Tensor, value: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, Hkv, n, D) keys and values with each head repeated when there are fewer than `size` of them, so
+    that the all-to-all gives each rank's query heads their key/value head."""
+    kv_heads = key.shape[1]
+    if kv_heads % size == 0:
+        return key, value
+    return key.repeat_interleave(size // kv_heads, dim=1), value.repeat_interleave(size // kv_heads, dim=1)
+
+
 def _forward(inner):
     def forward(module, query, key, value, attention_mask, **kwargs):
         sp = _ACTIVE
         if sp is None:
             return inner(module, query, key, value, attention_mask, **kwargs)
         sp.calls[sp.tag] += 1
-        kv_heads = key.shape[1]
-        if kv_heads % sp.size:  # fewer KV heads than ranks: each rank's query heads get their KV head
-            key = key.repeat_interleave(sp.size // kv_heads, dim=1)
-            value = value.repeat_interleave(sp.size // kv_heads, dim=1)
+        key, value = repeat_kv(key, value, sp.size)
         q, k, v = (sp.heads_to_sequence(t) for t in (query, key, value))  # (1, H/S, T, D)
         kwargs = dict(kwargs)
         # The step passes the whole row's document offsets (cu_seq_lens_q/k, computed once per micro-batch):
@@ -219,15 +229,17 @@ def _forward(inner):
     return forward
 
 
-def register(inner_name: str) -> str:
-    """Register "ulysses_<alias of inner>" with transformers (attention and mask functions): the inner
-    implementation, with the all-to-all around it inside `SequenceParallel.on` blocks; returns the name."""
+def register(inner_name: str, prefix: str = PREFIX, wrap=None) -> str:
+    """Register "<prefix><alias of inner>" with transformers (attention and mask functions): `wrap(inner)`
+    (default: the inner implementation with the all-to-all around it inside `SequenceParallel.on` blocks,
+    the inner one alone elsewhere), and the inner implementation's mask function; returns the name (never
+    containing "flash", see `ALIASES`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     check_attention(inner_name, 2)
-    name = PREFIX + ALIASES[inner_name]
+    name = prefix + ALIASES[inner_name]
     inner = flash_attention_2 if inner_name == "flash_attention_2" else AttentionInterface()[inner_name]
-    AttentionInterface.register(name, _forward(inner))
+    AttentionInterface.register(name, (wrap or _forward)(inner))
     AttentionMaskInterface.register(name, AttentionMaskInterface()[inner_name])
     return name
