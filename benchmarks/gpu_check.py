@@ -644,7 +644,9 @@ def check_restoration(device, steps: int, attention: str, peak_tflops: float | N
 def check_long_context_memory(device, layers: int) -> dict:
     """Part 8: the activation memory of the long-context savers against the planner, per length."""
     import torch
-    from long_context_memory import LiveBytes  # benchmarks/: the CPU's stand-in for max_memory_allocated
+
+    # benchmarks/: the CPU's stand-in for max_memory_allocated, and one measured step with the savers
+    from long_context_memory import LiveBytes, saver_step
     from transformers import AutoModelForCausalLM
 
     from distill.model.attention import document_offsets
@@ -703,16 +705,14 @@ def check_long_context_memory(device, layers: int) -> dict:
                 torch.cuda.empty_cache()
                 _peak_reset(device)
                 before = torch.cuda.memory_allocated(device)
-            t0 = time.perf_counter()
-            with tracker if tracker is not None else contextlib.nullcontext():
+            def forward(scoped):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not gpu):
-                    with memory.scope(offload, n):
+                    with scoped():
                         hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (1, T, H)
-                    loss = hidden.float().square().mean()
-                del hidden
-                with memory.scope(offload, n):
-                    loss.backward()
-                del loss
+                    return hidden.float().square().mean()
+
+            t0 = time.perf_counter()
+            saver_step(forward, offload, n, tracker=tracker)
             _sync(device)
             seconds = time.perf_counter() - t0
             measured = torch.cuda.max_memory_allocated(device) - before if gpu else tracker.peak

@@ -121,6 +121,28 @@ class LiveBytes:
         return self.mode.__exit__(*exc)
 
 
+def saver_step(forward, offload: bool, chunks: int, around=contextlib.nullcontext,
+               tracker: LiveBytes | None = None):
+    """One measured forward and backward with the savers on: `forward(scoped)` returns the loss and runs the
+    model inside `scoped()` (`memory.scope(offload, chunks)` and `around()`, e.g. sequence parallelism),
+    which the backward enters again (it recomputes the checkpointed layers). Returns the loss, detached."""
+    from distill.parallel import memory
+
+    def scoped():
+        stack = contextlib.ExitStack()
+        stack.enter_context(memory.scope(offload, chunks))
+        stack.enter_context(around())
+        return stack
+
+    with tracker if tracker is not None else contextlib.nullcontext():
+        loss = forward(scoped)
+        with scoped():
+            loss.backward()
+        value = loss.detach().clone()
+        del loss
+    return value
+
+
 def worker(model_dir: str, tokens: int, out: str) -> None:
     import common
     import torch
@@ -157,22 +179,19 @@ def worker(model_dir: str, tokens: int, out: str) -> None:
         inputs = {"input_ids": sp.piece(ids) if split else ids,
                   "position_ids": sp.piece(positions) if split else positions, **offsets}
         tgt = sp.piece(targets) if split else targets
-        def scope():  # entered for the forward and again for the backward (it recomputes the layers)
-            return memory.scope(offload, chunks if tiled else 1)
+
+        def forward(scoped):
+            with torch.autocast("cpu", dtype=torch.bfloat16), memory.FinalState(model) as final:
+                with scoped():
+                    model(**inputs, use_cache=False, logits_to_keep=1)
+                loss = lm_loss(final.value, head, tgt, chunk_size=LOSS_CHUNK, shifted=True)[0]
+                final.value = None
+            return loss
 
         def attention():
             return sp.on("long") if split else contextlib.nullcontext()
 
-        with tracker if tracker is not None else contextlib.nullcontext():
-            with torch.autocast("cpu", dtype=torch.bfloat16), memory.FinalState(model) as final:
-                with scope(), attention():
-                    model(**inputs, use_cache=False, logits_to_keep=1)
-                loss = lm_loss(final.value, head, tgt, chunk_size=LOSS_CHUNK, shifted=True)[0]
-                final.value = None
-            with scope(), attention():
-                loss.backward()
-            value = loss.detach().clone()
-            del loss
+        value = saver_step(forward, offload, chunks if tiled else 1, attention, tracker)
         if split:
             dist.all_reduce(value)
         return float(value)
