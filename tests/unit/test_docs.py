@@ -171,3 +171,104 @@ def test_every_named_module_and_test_exists(page):
     wrong += [p for p in PATH.findall(text) if p.startswith("tests/") and not any(c in p for c in "*<>{")
               and not os.path.exists(os.path.join(ROOT, p))]
     assert not wrong, f"{page} names modules or tests that do not exist: {sorted(set(wrong))}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The map of the wings (docs/development.md) against the tree and the imports
+# ----------------------------------------------------------------------------------------------------------
+def _wings() -> dict[str, tuple[set[str], set[str]]]:
+    """{wing: (its modules as paths under distill/, the wings it may import)} from the table."""
+    text = _text("docs/development.md")
+    table = text.split("<!-- wings: tests/unit/test_docs.py checks this table -->", 1)[1].strip()
+    wings = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        wing, modules, _, imports = (cell.strip() for cell in line.strip("|").split("|"))
+        wings[wing] = (set(re.findall(r"`distill/([\w/]+\.py)`", modules)),
+                       {w.strip() for w in imports.split(",") if w.strip()})
+    return wings
+
+
+def _distill_imports(path: str) -> list[tuple[str, bool, str]]:
+    """(the distill module imported, whether inside a function, the source line) for each import in `path`."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    lines = source.splitlines()
+    found = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("distill"):
+                for alias in child.names:
+                    name = f"{child.module}.{alias.name}"
+                    found.append((name if _module_file(name) else child.module, in_function,
+                                  lines[child.lineno - 1]))
+            elif isinstance(child, ast.Import):
+                found.extend((a.name, in_function, lines[child.lineno - 1]) for a in child.names
+                             if a.name.startswith("distill"))
+            visit(child, inner)
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def _module_file(dotted: str) -> str | None:
+    """distill/x/y.py (or the package's __init__.py) for `distill.x.y`, relative to distill/, or None."""
+    rel = dotted.split(".", 1)[1].replace(".", "/") if "." in dotted else ""
+    for candidate in (f"{rel}.py", f"{rel}/__init__.py"):
+        if os.path.isfile(os.path.join(ROOT, "distill", candidate)):
+            return candidate
+    return None
+
+
+def test_the_map_of_the_wings_matches_the_tree_and_the_imports():
+    """Every module under distill/ is in exactly one wing of the map and every wing's modules exist; each
+    module imports only its own wing and the wings the map allows it; no import of distill.* sits inside a
+    function without a comment saying why (at most 15); the modules import each other without a cycle."""
+    import graphlib
+
+    wings = _wings()
+    assert {"base", "data", "model", "parallel", "train", "eval"} <= set(wings)
+    listed = [m for modules, _ in wings.values() for m in modules]
+    assert len(listed) == len(set(listed)), "a module is in two wings"
+    tree = {os.path.relpath(os.path.join(d, n), os.path.join(ROOT, "distill")).replace(os.sep, "/")
+            for d, _, names in os.walk(os.path.join(ROOT, "distill")) for n in names
+            if n.endswith(".py") and n != "__init__.py"}
+    assert set(listed) == tree, (sorted(set(listed) - tree), sorted(tree - set(listed)))
+    assert sum(1 for m in tree if "/" not in m) <= 11  # with __init__.py, at most 12 directly in distill/
+    wing_of = {m: w for w, (modules, _) in wings.items() for m in modules}
+    graph, inner, wrong = {}, [], []
+    for module in sorted(tree):
+        graph[module] = set()
+        for dotted, in_function, line in _distill_imports(os.path.join(ROOT, "distill", module)):
+            target = _module_file(dotted)
+            assert target is not None, f"{module} imports {dotted}, which is no module of ours"
+            if target.endswith("__init__.py"):  # a wing's package: its wing is its folder's
+                wing = next(w for w, (ms, _) in wings.items() if any(m.startswith(target[:-11]) for m in ms))
+            else:
+                wing = wing_of[target]
+                graph[module].add(target)
+            if wing != wing_of[module] and wing not in wings[wing_of[module]][1]:
+                wrong.append(f"{module} ({wing_of[module]}) imports {dotted} ({wing})")
+            if in_function:
+                inner.append((module, line))
+    assert not wrong, wrong
+    assert len(inner) <= 15 and all("#" in line for _, line in inner), inner
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on an import cycle
+
+
+def test_the_wing_check_catches_a_forbidden_import(tmp_path):
+    """The map check is not vacuous: the base may not import the data wing, and a table row names modules."""
+    wings = _wings()
+    assert "data" not in wings["base"][1] and "config.py" in wings["base"][0]
+    assert "eval" in wings["train"][1] and "train" not in wings["eval"][1]
+    assert _module_file("distill.parallel.memory") == "parallel/memory.py"
+    assert _module_file("distill.nope") is None
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from distill.train.step import train_step  # why\n")
+    assert _distill_imports(str(probe)) == [("distill.train.step", True,
+                                             "    from distill.train.step import train_step  # why")]
