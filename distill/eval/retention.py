@@ -133,7 +133,7 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
     same figures, equal to `short_retention`'s on one process up to summation order.
 
     Args:
-        strategy: the run's `distill.parallel.Strategy` (its student, forward, output_weight, procs).
+        strategy: the run's `distill.parallel.base.Strategy` (its student, forward, output_weight, procs).
         teacher: the frozen teacher as the strategy laid it out, or None (then only NLL figures).
         autocast: the step's compute context (a callable returning a context manager).
         flatten: lay packed rows out as one row with document offsets (flash attention); None: from the

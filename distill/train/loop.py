@@ -5,7 +5,7 @@
 
 `run` reads top to bottom: set-up (everything that can be wrong with the recipe or the data is checked
 before anything is written), the loop (one `distill.train.step.train_step` per optimiser step, then metrics,
-checkpoints and the stop check), and the export. The parallel mode is a `distill.parallel.Strategy`
+checkpoints and the stop check), and the export. The parallel mode is a `distill.parallel.base.Strategy`
 picked once from the launcher; nothing below branches on it.
 """
 

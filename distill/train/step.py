@@ -7,7 +7,7 @@ are divided by those global counts, weighted, and back-propagated, so gradient a
 parallelism are exact and gradients are summed over ranks. A stream expecting fewer than one micro-batch
 per step also carries `Mixture.presence`'s factor, which keeps its configured weight on average.
 
-Everything a parallel mode does differently sits behind `distill.parallel.Strategy`; everything a stream
+Everything a parallel mode does differently sits behind `distill.parallel.base.Strategy`; everything a stream
 does differently (its objectives, layers, positions and teacher) sits in its `StreamObjectives`, built once.
 """
 
