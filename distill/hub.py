@@ -23,7 +23,7 @@ GATED_HINT = ("it is a gated repository: accept its licence on its Hugging Face 
 def hub_reason(err: BaseException) -> str:
     """`short_reason`, or `GATED_HINT` when the hub refused a gated repository (transformers wraps
     huggingface_hub's GatedRepoError in an OSError saying "gated repo"; datasets says "gated dataset")."""
-    from huggingface_hub.errors import GatedRepoError
+    from huggingface_hub.errors import GatedRepoError  # only resolving hub ids
 
     if isinstance(err, GatedRepoError) or "gated" in str(err).lower():
         return GATED_HINT
@@ -52,7 +52,7 @@ def model_directory(path: str, flag: str) -> str:
         if not os.path.isdir(os.path.expanduser(path)):
             raise ConfigError(f"{flag} {path}: no such directory")
         return os.path.expanduser(path)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only resolving hub ids
 
     try:
         return snapshot_download(path, allow_patterns=HUB_FILES, ignore_patterns=["original/*"])

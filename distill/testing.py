@@ -43,7 +43,7 @@ def train_tokenizer(out_dir: str, vocab_size: int = 1000, files: list[str] | Non
     """
     import random
 
-    import sentencepiece as spm
+    import sentencepiece as spm  # only training a tokenizer
     from transformers import AutoTokenizer
 
     os.makedirs(out_dir, exist_ok=True)

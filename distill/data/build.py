@@ -213,9 +213,9 @@ def _assemble(parts: list[tuple[int, np.ndarray]], data: list[TokenizedSource], 
 
 
 def _write_stream(packed: Packed, path: str, info: dict) -> None:
-    import datasets
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
+    import datasets  # heavy (pyarrow, fsspec): only reading or building data
+    import pyarrow as pa  # heavy: only reading or building data
+    from datasets.table import InMemoryTable  # heavy (pyarrow, fsspec): only reading or building data
 
     seq_len = info["seq_len"]
     ids = pa.FixedSizeListArray.from_arrays(pa.array(packed.input_ids.reshape(-1), type=pa.int32()), seq_len)

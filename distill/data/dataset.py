@@ -99,7 +99,7 @@ class PackedStream:
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: Any = None):
-        import datasets
+        import datasets  # heavy (pyarrow, fsspec): only reading or building data
 
         self.path = os.fspath(path)
         info_path = os.path.join(self.path, STREAM_INFO)

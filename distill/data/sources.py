@@ -222,7 +222,7 @@ class SourceReader:
                 return gzip.open(path, "rb")
             if path.endswith(".zst"):
                 try:
-                    import zstandard
+                    import zstandard  # optional: only .zst sources
                 except ImportError:
                     raise DataError(
                         f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
@@ -305,7 +305,7 @@ class SourceReader:
                 yield text
 
     def _parquet(self, path: str) -> Iterator[str]:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: only reading or building data
 
         field = self.source.text_field
         try:
@@ -378,7 +378,7 @@ class SourceReader:
                 yield text
 
     def _hf(self) -> Iterator[str]:
-        import datasets
+        import datasets  # heavy (pyarrow, fsspec): only reading or building data
 
         src = self.source
         name = src.dataset
@@ -432,7 +432,7 @@ class SourceReader:
                                 f"scripts/prepare_data.py, or leave the source out of every stream")
             self.paths()
             return
-        import datasets
+        import datasets  # heavy (pyarrow, fsspec): only reading or building data
 
         name = src.dataset
         try:

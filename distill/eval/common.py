@@ -176,7 +176,7 @@ def doc_ids(position_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
 
 
 def pyplot():
-    import matplotlib
+    import matplotlib  # heavy: only the plots need it
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -181,6 +181,7 @@ def lm_loss(
     count = valid.sum()
     if use_liger:
         if liger_available() and hidden.is_cuda:
+            # optional: only the fused-loss path
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")

@@ -176,7 +176,7 @@ def plot_layer_grads(metrics_path: str, out_png: str) -> str | None:
                     rows.append((rec["step"], parts))
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # heavy: only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -128,7 +128,7 @@ def ds_config(max_grad_norm: float = 0.0, persistence_threshold: int = 100_000,
 
 def _init_distributed() -> None:
     """Use the launcher's process group (gloo on CPU, NCCL on CUDA); DeepSpeed wraps the existing one."""
-    import deepspeed
+    import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
     import torch.distributed as tdist
 
     if not tdist.is_initialized():
@@ -140,7 +140,7 @@ def partition_in_place(module: nn.Module, config: dict) -> None:
     """Partition an instantiated module's parameters with `deepspeed.zero.Init(module=...)`: each parameter in
     turn goes to the device and keeps only this rank's partition. Without it `deepspeed.initialize` moves the
     WHOLE module to the device first (its `module.to(device)`), a full model per GPU before partitioning."""
-    import deepspeed
+    import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
 
     with torch.no_grad():
         deepspeed.zero.Init(module=module, config_dict_or_path=config)
@@ -162,6 +162,7 @@ class _FullWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # optional: only ZeRO-3 runs need DeepSpeed
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         param = ctx.param
@@ -196,7 +197,7 @@ def wrap_student(model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_no
         The engine. Call `engine(...)` (or `model(...)`: the hooks live on the modules) for forwards,
         `backward(engine, loss)`, `grad_norm(engine)`, then `engine.step()` or `skip_step(engine)`.
     """
-    import deepspeed
+    import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
 
     _init_distributed()
     # The original per-parameter order of the optimiser (the ids of its state_dict) before ZeRO flattens it.
@@ -251,7 +252,7 @@ def grad_norm(engine) -> float:
     all-reduced. `engine.get_global_grad_norm()` gives DeepSpeed's own value only after `engine.step()`.
     """
     import torch.distributed as tdist
-    from deepspeed.utils import safe_get_local_grad
+    from deepspeed.utils import safe_get_local_grad  # optional: only ZeRO-3 runs need DeepSpeed
 
     total = torch.zeros((), dtype=torch.float64)
     for p in unwrap(engine).parameters():
@@ -287,7 +288,7 @@ def shard_teacher(teacher: nn.Module, persistence_threshold: int = 100_000, buck
     `TruncatedTeacher` calls, and DeepSpeed's start-of-forward hook lives on the engine's root. lm_head stays
     a plain replicated tensor (for a logits KL). Keep the returned engine alive: `teacher._distill_engine`.
     """
-    import deepspeed
+    import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
 
     if any(p.requires_grad for p in teacher.parameters()) or teacher.training:
         raise ValueError("shard_teacher: the teacher must be frozen (eval(), requires_grad_(False)) first")
@@ -312,7 +313,7 @@ def full_model_state_dict(model) -> dict[str, torch.Tensor]:
     One all-gather per parameter (`deepspeed.zero.GatheredParameters`), so at most one full parameter is
     held at a time. Tied parameters appear under every key that `state_dict()` gives.
     """
-    import deepspeed
+    import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
 
     module = unwrap(model)
     rank0 = global_rank() == 0
@@ -345,7 +346,7 @@ def full_optimizer_state_dict(engine) -> dict:
     exp_avg_sq are gathered per parameter (`safe_get_full_optimizer_state`, a collective), `step` is the
     flat partitions' common step. Every rank must call it.
     """
-    from deepspeed.utils import safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_optimizer_state  # optional: only ZeRO-3 runs need DeepSpeed
 
     module = unwrap(engine)
     params = dict(module.named_parameters())
@@ -382,7 +383,7 @@ def full_optimizer_state_dict(engine) -> dict:
 def load_full_optimizer_state_dict(engine, sd: dict | None) -> None:
     """Load an unsharded AdamW state dict held by rank 0 into the ZeRO-3 partitions; every rank calls it."""
     import torch.distributed as tdist
-    from deepspeed.utils import safe_set_full_optimizer_state
+    from deepspeed.utils import safe_set_full_optimizer_state  # optional: only ZeRO-3 runs need DeepSpeed
 
     module = unwrap(engine)
     params = dict(module.named_parameters())
@@ -470,7 +471,7 @@ class ZeRO3(Strategy):
     can_stash = False  # the summed gradients live in DeepSpeed's partitions: per-part norms of the step only
 
     def _local_grad(self, param):
-        from deepspeed.utils import safe_get_local_grad
+        from deepspeed.utils import safe_get_local_grad  # optional: only ZeRO-3 runs need DeepSpeed
 
         return safe_get_local_grad(param)
 

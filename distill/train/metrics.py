@@ -93,7 +93,7 @@ class Tracker:
         mode = wandb_mode(mode)
         if mode == "disabled":
             return
-        import wandb
+        import wandb  # optional and slow to import: only a run that logs to wandb
 
         os.makedirs(output_dir, exist_ok=True)
         self.run_id = run_id or secrets.token_hex(4)  # kept in checkpoints: a resumed run logs to the same id
