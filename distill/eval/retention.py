@@ -143,7 +143,6 @@ def sharded_short_retention(strategy, teacher, stream, max_rows: int | None = 8,
         {"short_nll", "short_nll_se", "short_ppl", "short_tokens", "short_documents", and with a teacher
          "teacher_short_nll", "teacher_short_nll_se", "short_nll_gap_se", "kl_teacher_student"}.
     """
-
     procs = strategy.procs
     stream = common.open_stream(stream)
     indices = common.row_indices(stream, max_rows)

@@ -15,7 +15,6 @@ def choose(procs: Processes, gradient_sync: str = "micro_batch", sequence_parall
     Raises:
         ConfigError: the launcher asked for a mode or an option we do not support (one line).
     """
-
     try:
         if procs.world == 1:
             strategy = Replicated(procs, gradient_sync)

@@ -193,7 +193,6 @@ class TiledMLP(torch.autograd.Function):
 
 def _tiled_forward(mlp, plain_forward):
     """`mlp.forward` that tiles inside a scope with chunks > 1 (and when a graph is being built)."""
-
     def forward(x):
         chunks = _ACTIVE["chunks"] if _ACTIVE is not None else 1
         chunks = min(chunks, x.shape[-2])

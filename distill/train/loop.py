@@ -328,7 +328,6 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
 def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[str, int]:
     """The recipe against the launch and the data, from the configs alone (no model loaded yet); one line on
     a problem. Returns the attention implementation the models will load with and the teacher's window."""
-
     if cfg.model.expansion is not None and strategy.name == "zero3":
         raise ConfigError("model.expansion: hybrid expansion runs on one process, data parallel or FSDP2, "
                           "not under ZeRO-3 (launch with recipes/accelerate/fsdp2.yaml)")
@@ -361,7 +360,6 @@ def startup_checks(cfg: RecipeConfig, strategy, student, teacher, streams: dict,
     Returns:
         {stream: distilled hidden-state indices}.
     """
-
     procs, problem, layers = strategy.procs, None, {}
     try:
         # Without a teacher (Long CPT) the RoPE checks compare against the checkpoint's native rotary module.
@@ -411,7 +409,6 @@ def _train(session: Session, spans: Spans) -> int:
     evaluation = _in_training_evaluation(session)
 
     def model_files(directory: str) -> None:  # the checkpoint reads as a model directory (evaluate.py)
-
         write_model_files(session.student, session.tokenizer, directory, original_length=session.window)
 
     def save_checkpoint(step: int) -> str:
@@ -542,7 +539,6 @@ def _in_training_evaluation(session: Session):
     short rows through the strategy's forwards (`sharded_short_retention`: short_nll, teacher_short_nll,
     short_nll_gap, kl_teacher_student); the long-text and passkey figures need the whole model on one process:
     scripts/evaluate.py on a checkpoint gives them."""
-
     cfg, strategy = session.cfg, session.strategy
     if not cfg.train.eval_every or not (strategy.sharded or session.procs.is_main):
         return None
@@ -637,7 +633,6 @@ def _fold_batches(cfg: RecipeConfig, streams: dict, tokenizer, rows: int, device
     """The rows the export measures the dynamic interpolations' mean α on: held-out data (eval.short_data or
     eval.long_data, or the streams' holdout) when there is some, else the first stream's first rows; one row
     of inputs each (the same on every rank)."""
-
     held_out = next((path for path in eval_streams(cfg) if path), None)
     data = PackedStream(held_out, tokenizer) if held_out else streams[next(iter(streams))]
     if not held_out:
@@ -696,7 +691,6 @@ def _start_trace(cfg: RecipeConfig, student, streams: dict, resume_path: str | N
     diagnostic batch, then the layers frozen (above_mean) or the per-layer LR factors handed to the strategy
     (lr_scale). A resumed run reuses its checkpoint's measurement. flash-attn has no CPU kernels: on the host
     the measurement runs with sdpa_varlen (the same attention values; the relative norms are what is kept)."""
-
     layers_cfg = cfg.optim.layers
     trace = ckpt.read_state(resume_path).get("layer_trace") if resume_path is not None else None
     if trace is None:
@@ -720,7 +714,6 @@ def _retrace(cfg: RecipeConfig, strategy, streams: dict, autocast, groups: dict)
     """optim.layers.every: measure the per-layer gradient norms again through the strategy (every rank runs
     the same diagnostic batch; the relative norms do not depend on the sum over ranks), rescale each layer's
     LR, and discard the diagnostic gradients."""
-
     layers_cfg = cfg.optim.layers
     batch = _diagnostic_batch(cfg, streams, strategy.procs.device)
     loss = diagnostic_loss(strategy.forward, strategy.output_weight, batch, autocast)
@@ -746,7 +739,6 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def _evaluation(cfg: RecipeConfig, tokenizer, native_model,
                 held_out: tuple[str | None, str | None]) -> dict | None:
     """The arguments of `evaluate_suite` for in-training evaluation, or None without held-out data."""
-
     short_eval, long_eval = held_out
     if short_eval is None and long_eval is None:
         logger.warning("train.eval_every is set but no held-out data was found (eval.short_data / "

@@ -29,7 +29,6 @@ NO_SPANS = Spans()
 
 def _is_weight(t) -> bool:
     """A parameter, a view of one (linear layers save `weight.t()`), or autocast's cast of one: state."""
-
     base = t._base if t._is_view() else t
     if isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad):
         return True
@@ -52,7 +51,6 @@ class SavedTensorBytes:
         self._forward_keys: set = set()
 
     def __call__(self, name: str, stream: str | None = None):
-
         if name not in ("student_forward", "loss"):
             return self._quiet(name, stream)
         forward = name == "student_forward"

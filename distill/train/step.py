@@ -274,7 +274,6 @@ def build_objectives(cfg: RecipeConfig, streams: dict[str, PackedStream], layers
         longest rows,
             or None.
     """
-
     longest = long_streams({n: s.seq_len for n, s in streams.items()}) if savers is not None else set()
 
     runner = TruncatedTeacher(teacher) if teacher is not None else None  # shared: one copy per depth
