@@ -70,7 +70,7 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"model.dtype: {name!r} is not allowed; allowed: {', '.join(DTYPES)}") from None
 
 
-def _load_config(path: str, trust_remote_code: bool):
+def load_config(path: str, trust_remote_code: bool):
     """The checkpoint's config, or a one-line ConfigError naming model.path."""
     from transformers import AutoConfig
 
@@ -180,7 +180,7 @@ def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | tor
     Raises:
         ConfigError: `model.path` cannot be loaded, or the RoPE recipe does not fit the checkpoint.
     """
-    config = _load_config(model_cfg.path, model_cfg.trust_remote_code)
+    config = load_config(model_cfg.path, model_cfg.trust_remote_code)
     extended = apply_extension(config, rope_cfg)
     model = _from_pretrained(model_cfg.path, extended, model_cfg, device, "model.path")
     model.to(device)
@@ -203,7 +203,7 @@ def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.d
     path = path or model_cfg.path
     key = "teacher.path" if path != model_cfg.path else "model.path"
     try:
-        config = _load_config(path, model_cfg.trust_remote_code)
+        config = load_config(path, model_cfg.trust_remote_code)
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path:", f"{key}:", 1)) from None
     config.use_cache = False
@@ -316,7 +316,7 @@ def check_extension(student, teacher, rope_cfg: RopeConfig) -> list[str]:
 def native_rope_reference(student, model_cfg: ModelConfig) -> nn.Module:
     """A stand-in for the teacher in RoPE checks when there is none (Long CPT): the checkpoint's own config
     and its native rotary module, built without loading any weights."""
-    config = _load_config(model_cfg.path, model_cfg.trust_remote_code)
+    config = load_config(model_cfg.path, model_cfg.trust_remote_code)
     reference = nn.Module()
     reference.config = config
     reference.rotary_emb = type(rotary_embedding(student))(config=config)

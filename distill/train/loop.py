@@ -34,10 +34,10 @@ from distill.model.export import export, write_model_files
 from distill.model.flops import flop_counts, flop_rates, peak_tflops
 from distill.model.layers import resolve_layers
 from distill.model.load import (
-    _load_config,
     attention_override,
     check_extension,
     isolation_tolerance,
+    load_config,
     load_student,
     load_teacher,
     native_rope_reference,
@@ -334,7 +334,7 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
     if cfg.model.expansion is not None and cfg.parallel.sequence_parallel > 1:
         raise ConfigError("model.expansion: not with parallel.sequence_parallel > 1 (the alignment loss "
                           "reads whole rows); set parallel.sequence_parallel: 1")
-    config = _load_config(cfg.model.path, cfg.model.trust_remote_code)
+    config = load_config(cfg.model.path, cfg.model.trust_remote_code)
     attention = resolve_attention(cfg.model.attention, device, getattr(config, "model_type", None))
     if attention == "flash_attention_2" and cfg.model.dtype == "float32":
         raise ConfigError("model.dtype: float32 cannot run flash_attention_2 (flash-attn computes in float16 "
@@ -344,7 +344,7 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
         check_heads(config, cfg.parallel.sequence_parallel, cfg.parallel.sequence_parallel_mode,
                     cfg.parallel.ring_degree)
     # The teacher's native window, from its config (the student's own config before extension without one).
-    native = _load_config(cfg.teacher.path, cfg.model.trust_remote_code) if cfg.teacher.path else config
+    native = load_config(cfg.teacher.path, cfg.model.trust_remote_code) if cfg.teacher.path else config
     window = original_length(native, cfg.rope)
     for name, stream in streams.items():
         check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
