@@ -35,8 +35,7 @@ from torch import nn
 
 from distill.model.decoder import decoder_layers
 from distill.optim.optimizer import keep_kernel, make_optimizer
-from distill.parallel import ring
-from distill.parallel import ulysses as sequence
+from distill.parallel import ring, ulysses
 from distill.parallel.base import Strategy, global_rank, move_plain_tensors
 
 logger = logging.getLogger(__name__)
@@ -258,11 +257,10 @@ class FSDP2(Strategy):
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
         if self.sequence_parallel > 1:  # Ulysses around the student's own attention kernel, or ring
-
-            sequence.check_heads(student.config, self.sequence_parallel, self.sequence_mode, self.ring_degree)
+            ulysses.check_heads(student.config, self.sequence_parallel, self.sequence_mode, self.ring_degree)
             args = (self.sequence_parallel, self.procs.rank, self.procs.world)
             if self.sequence_mode == "ulysses":
-                self.sequence, module = sequence.SequenceParallel(*args), sequence
+                self.sequence, module = ulysses.SequenceParallel(*args), ulysses
             elif self.sequence_mode == "ring":
                 self.sequence, module = ring.RingParallel(*args), ring
             else:  # hybrid: Ulysses inside subgroups, a ring across them

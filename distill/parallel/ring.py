@@ -47,7 +47,7 @@ from collections import Counter
 import torch
 
 from distill.model.attention import document_offsets
-from distill.parallel import ulysses as sequence
+from distill.parallel import ulysses
 
 PREFIX = "ring_"
 
@@ -60,7 +60,7 @@ TILE_COLS = 4096
 TILE_COLS (32 heads: 256 MiB), whatever the slice or document length."""
 
 
-class RingParallel(sequence.SequenceParallel):
+class RingParallel(ulysses.SequenceParallel):
     """SequenceParallel with the zigzag layout and a key/value ring instead of Ulysses' all-to-all."""
 
     mode = "ring"
@@ -310,7 +310,7 @@ def _member(cls, size: int, index: int, group):
     return part
 
 
-class HybridParallel(sequence.SequenceParallel):
+class HybridParallel(ulysses.SequenceParallel):
     """Ulysses x ring (`sequence_parallel_mode: hybrid`): a group of S = U·R ranks, R = parallel.ring_degree.
 
     The row is cut into R zigzag ring pieces (2R chunks, ring rank r holding chunks r and 2R-1-r), and each
@@ -343,7 +343,7 @@ class HybridParallel(sequence.SequenceParallel):
                 group = dist.new_group([base + r * u_size + u for r in range(ring_degree)])
                 if g == self.group_index and u == u_index:
                     r_group = group
-        self.ulysses = _member(sequence.SequenceParallel, u_size, u_index, u_group)
+        self.ulysses = _member(ulysses.SequenceParallel, u_size, u_index, u_group)
         self.ring = _member(RingParallel, ring_degree, r_index, r_group)
 
     def piece(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -363,7 +363,7 @@ class HybridParallel(sequence.SequenceParallel):
     def attention(self, query, key, value, offsets=None, positions=None, scaling=None):
         """query (1, H, n, D), key/value (1, Hkv, n, D) of this rank's slice → (1, n, H, D)."""
         u = self.ulysses
-        key, value = sequence.repeat_kv(key, value, u.size)
+        key, value = ulysses.repeat_kv(key, value, u.size)
         q, k, v = (u.heads_to_sequence(t) for t in (query, key, value))  # (1, H/U, U·n, D): the ring piece
         if offsets is None and positions is not None:  # the whole row's documents, once, from every slice
 
@@ -374,7 +374,7 @@ class HybridParallel(sequence.SequenceParallel):
 
 def _forward(inner):
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-        ring = sequence._ACTIVE
+        ring = ulysses._ACTIVE
         if ring is None:  # the teacher, the short streams, any forward outside `SequenceParallel.on`
             return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          **kwargs)
@@ -395,4 +395,4 @@ def _forward(inner):
 def register(inner_name: str) -> str:
     """Register "ring_<alias of inner>" with transformers: ring attention inside `SequenceParallel.on`
     blocks, the inner implementation elsewhere (`distill.parallel.ulysses.register`); returns the name."""
-    return sequence.register(inner_name, PREFIX, _forward)
+    return ulysses.register(inner_name, PREFIX, _forward)
