@@ -28,6 +28,7 @@ def _run(tmp_path, *args):
 
 
 @pytest.mark.slow
+@pytest.mark.bf16  # the flash path computes in bf16 (flash-attn takes fp16/bf16 only)
 def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
     report = _run(tmp_path, "--attention", "flash_attention_2", "--seq", "512", "--loss-tokens", "1024",
                   "--steps", "2")

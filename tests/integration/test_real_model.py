@@ -128,6 +128,7 @@ def _recipe(model, data, out, **extra):
     return cfg
 
 
+@pytest.mark.bf16  # SmolLM2-135M in bf16
 def test_step_zero_identity(smollm2, data, tmp_path):
     """rope.method none: the student is the teacher, so on short text its hidden states equal the teacher's
     at step 0 (fp32)."""
@@ -154,6 +155,7 @@ def trained(smollm2, data, tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.bf16  # SmolLM2-135M in bf16
 def test_one_longred_step_and_its_export(trained, smollm2):
     record = read_metrics(trained / "metrics.jsonl")[0]
     for key in ("loss/long/lm", "loss/short/hidden", "loss/s2l/hidden"):
@@ -173,6 +175,7 @@ def test_one_longred_step_and_its_export(trained, smollm2):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.bf16  # SmolLM2-135M in bf16
 def test_evaluate_reads_the_export_alone(trained, data, tmp_path):
     """The export records its original window: scripts/evaluate.py needs neither --teacher nor
     --original-length."""
@@ -187,6 +190,7 @@ def test_evaluate_reads_the_export_alone(trained, data, tmp_path):
     assert 0 < record["figures"]["short_nll"] < 4
 
 
+@pytest.mark.bf16  # SmolLM2-135M in bf16
 def test_the_original_model_retrieves_passkeys_within_its_window(smollm2, data):
     """The measure separates: the pretrained model finds a 5-digit key in 512-2048 tokens of held-out code
     (24 prompts, the classic passkey text), where a random model finds none (tests/unit/test_evaluate.py)."""
@@ -204,6 +208,7 @@ def test_the_original_model_retrieves_passkeys_within_its_window(smollm2, data):
     assert result["accuracy"] >= 0.8, result["grid_accuracy"]
 
 
+@pytest.mark.bf16  # SmolLM2-135M in bf16
 def test_merge_and_the_planner(trained, smollm2, data, tmp_path):
     """merge.py interpolates the original and the export; the planner and the trainer refuse sequence
     parallelism over 2 ranks for 9 attention heads (before any model is loaded)."""
@@ -231,6 +236,7 @@ def test_merge_and_the_planner(trained, smollm2, data, tmp_path):
         check_launch(cfg, types.SimpleNamespace(name="fsdp2"), streams, torch.device("cpu"))
 
 
+@pytest.mark.bf16  # SmolLM2-135M in bf16
 def test_ruler_tasks_separate_a_real_model_from_a_random_one(smollm2, data, tiny_llama, tokenizer_dir):
     """The RULER-style tasks (distill/eval/ruler.py) at 1024 tokens, scored by greedy generation: the
     pretrained
@@ -294,6 +300,7 @@ def test_the_shipped_spec_makes_package_long_documents(shipped_data, smollm2):
     assert manifest["streams"]["long"]["holdout"]["rows"] >= 1
 
 
+@pytest.mark.bf16  # SmolLM2-135M in bf16
 @pytest.mark.parametrize("method", ["long_cpt", "mix_cpt", "longred"])
 def test_the_one_gpu_recipes_start_on_cpu(method, shipped_data, smollm2, tmp_path):
     """recipes/smollm2-135m/<method>-32k-abf.yaml as shipped (the real model, its selected layers, θ 4e6)
