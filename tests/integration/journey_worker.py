@@ -33,7 +33,7 @@ def main() -> None:
     commands_path, results_path = sys.argv[1:3]
     with open(commands_path, encoding="utf-8") as f:
         commands = json.load(f)
-    import distill.train
+    import distill.train.loop
 
     entry = {"prepare_data": _script("prepare_data").main, "plan": _script("plan").main,
              "train": distill.train.loop.main}
