@@ -85,21 +85,20 @@ def failing_startup_run(recipe: str, out: str) -> int:
     every rank must stop with the same one-line error, none left waiting in a collective."""
     import torch.distributed as dist
 
-    from distill.model import load as models
     from distill.train import loop as train
 
-    real = models.packing_isolation
+    real = train.packing_isolation  # the loop's own name for it (imported at the loop's top)
 
     def crash(*args, **kwargs):
         if not dist.is_initialized() or dist.get_rank() == 0:
             raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
         return real(*args, **kwargs)
 
-    models.packing_isolation = crash
+    train.packing_isolation = crash
     try:
         return train.main([recipe, f"run.output_dir={out}"])
     finally:
-        models.packing_isolation = real
+        train.packing_isolation = real
 
 
 def poisoned_run(recipe: str, out: str, *overrides: str) -> int:
