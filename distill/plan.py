@@ -448,7 +448,7 @@ def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_by
     sp_mode = savers_.get("sp_mode") or sequence_parallel_mode(cfg)
     result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu,
                   **savers_)
-    ring_degree = getattr(cfg.parallel, "ring_degree", 1)
+    ring_degree = cfg.parallel.ring_degree
     result["sequence_parallel_problem"] = sequence_parallel_problem(shape, world, configured, sp_mode,
                                                                     ring_degree)
     result["min_sequence_parallel"] = None

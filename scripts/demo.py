@@ -680,28 +680,26 @@ def _main_table(teacher: dict, methods: dict, residual: dict) -> list[str]:
 
 def _targets(teacher: dict, methods: dict, seeds: int) -> list[str]:
     lrd = methods["longred"]
-    lines = []
-    lines += ["", "LongReD against the targets:",
-              f"- recovered fraction of Long CPT's short-NLL gap: "
-              f"{_f(lrd['recovered_fraction_mean'], '.2f')} "
-              f"± {_f(lrd['recovered_fraction_sd'], '.2f')} over {seeds} seed(s) (target ≥ 0.90: "
-              f"{'met' if lrd['recovered_fraction_mean'] >= 0.9 else 'NOT met'})",
-              f"- long NLL vs Long CPT: {_f(lrd['long_nll_vs_long_cpt'], '+.1%')} (target within 2%: "
-              f"{'met' if lrd['long_nll_vs_long_cpt'] <= 0.02 else 'NOT met'})",
-              f"- passkey beyond 256: {_f(lrd['passkey_accuracy_beyond_window'], '.2f')} vs Long CPT "
-              f"{_f(methods['long_cpt']['passkey_accuracy_beyond_window'], '.2f')}",
-              f"- the teacher retrieves within its window: "
-              f"{_f(teacher['passkey_accuracy_within_window'], '.2f')} "
-              f"(target ≥ 0.8)", ""]
+    lines = ["", "LongReD against the targets:",
+             f"- recovered fraction of Long CPT's short-NLL gap: "
+             f"{_f(lrd['recovered_fraction_mean'], '.2f')} "
+             f"± {_f(lrd['recovered_fraction_sd'], '.2f')} over {seeds} seed(s) (target ≥ 0.90: "
+             f"{'met' if lrd['recovered_fraction_mean'] >= 0.9 else 'NOT met'})",
+             f"- long NLL vs Long CPT: {_f(lrd['long_nll_vs_long_cpt'], '+.1%')} (target within 2%: "
+             f"{'met' if lrd['long_nll_vs_long_cpt'] <= 0.02 else 'NOT met'})",
+             f"- passkey beyond 256: {_f(lrd['passkey_accuracy_beyond_window'], '.2f')} vs Long CPT "
+             f"{_f(methods['long_cpt']['passkey_accuracy_beyond_window'], '.2f')}",
+             f"- the teacher retrieves within its window: "
+             f"{_f(teacher['passkey_accuracy_within_window'], '.2f')} "
+             f"(target ≥ 0.8)", ""]
     return lines
 
 
 def _seeds_table(methods: dict, seeds: int) -> list[str]:
-    lines = []
-    lines += [f"Over {seeds} extension seeds (run.seed 0..{seeds - 1}; the teacher trained once), "
-              f"mean ± sd:", "",
-              "| method | short NLL | recovered | long NLL (pos ≥ 256) | vs Long CPT | passkey > 256 |",
-              "|---|---|---|---|---|---|"]
+    lines = [f"Over {seeds} extension seeds (run.seed 0..{seeds - 1}; the teacher trained once), "
+             f"mean ± sd:", "",
+             "| method | short NLL | recovered | long NLL (pos ≥ 256) | vs Long CPT | passkey > 256 |",
+             "|---|---|---|---|---|---|"]
     for method, label in METHODS.items():
         m = methods[method]
         lines.append(f"| {label} | {m['short_nll_mean']:.4f} ± {m['short_nll_sd']:.4f} | "
@@ -715,13 +713,12 @@ def _seeds_table(methods: dict, seeds: int) -> list[str]:
 
 
 def _others_table(methods: dict, others: dict, seeds: int) -> list[str]:
-    lines = []
-    lines += ["Other ways to keep what the model knew, against Long CPT and LongReD (the same long data "
-              "and budget; hybrid expansion and traced layers train on long text alone). Seed 0 ± "
-              f"standard errors, then the mean ± sd over {seeds} seed(s):", "",
-              "| method | short NLL | gap to teacher | recovered | long NLL (pos ≥ 256) | vs Long CPT | "
-              "recovered, seeds | vs Long CPT, seeds | folded − unfolded: KL, NLL |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Other ways to keep what the model knew, against Long CPT and LongReD (the same long data "
+             "and budget; hybrid expansion and traced layers train on long text alone). Seed 0 ± "
+             f"standard errors, then the mean ± sd over {seeds} seed(s):", "",
+             "| method | short NLL | gap to teacher | recovered | long NLL (pos ≥ 256) | vs Long CPT | "
+             "recovered, seeds | vs Long CPT, seeds | folded − unfolded: KL, NLL |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, m in [(METHODS[k], methods[k]) for k in ("long_cpt", "longred")] + \
             [(OTHERS[k], v) for k, v in others.items()]:
         fold = m.get("fold")
@@ -743,10 +740,9 @@ def _others_table(methods: dict, others: dict, seeds: int) -> list[str]:
 
 
 def _sweep_table(sweeps: dict, plots: dict) -> list[str]:
-    lines = []
-    lines += ["Weight interpolation θ(α) = (1 − α)·teacher + α·extended (the extended RoPE), seed 0:", "",
-              "| method | α | short NLL gap | long NLL (pos ≥ 256) | passkey ≤ 256 | passkey > 256 |",
-              "|---|---|---|---|---|---|"]
+    lines = ["Weight interpolation θ(α) = (1 − α)·teacher + α·extended (the extended RoPE), seed 0:", "",
+             "| method | α | short NLL gap | long NLL (pos ≥ 256) | passkey ≤ 256 | passkey > 256 |",
+             "|---|---|---|---|---|---|"]
     for method, record in sweeps.items():
         for r in record["rows"]:
             lines.append(f"| {METHODS[method]} | {r['alpha']:g} | {_f(r['short_nll_gap'], '+.4f')} ± "
@@ -761,11 +757,10 @@ def _sweep_table(sweeps: dict, plots: dict) -> list[str]:
 
 
 def _format_table(format_loss: dict) -> list[str]:
-    lines = []
-    lines += ["Instruction residual: the teacher instruction-tuned on a toy format (`### Instruction` … "
-              "every response line quoted with `> `), θ_instruct − θ_teacher added to the extended model "
-              "(`scripts/merge.py residual`). NLL on held-out documents of that format:", "",
-              "| model | instruction-format NLL |", "|---|---|"]
+    lines = ["Instruction residual: the teacher instruction-tuned on a toy format (`### Instruction` … "
+             "every response line quoted with `> `), θ_instruct − θ_teacher added to the extended model "
+             "(`scripts/merge.py residual`). NLL on held-out documents of that format:", "",
+             "| model | instruction-format NLL |", "|---|---|"]
     for name, v in format_loss.items():
         base = name.split("+")[0]
         label = {"teacher": "teacher", "instruct": "instruct teacher"}.get(base, METHODS.get(base, base))
