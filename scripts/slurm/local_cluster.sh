@@ -7,8 +7,8 @@
 #   scripts/slurm/local_cluster.sh stop [DIR]
 #
 # Needs root (apt-get, munge's key, the daemons). DIR defaults to /tmp/distill-slurm. Everything the daemons
-# keep (state, spool, logs) lives in DIR; the cluster has one node (this host, all its CPUs) and one
-# partition `debug`, with no accounting (no slurmdbd).
+# keep (state, spool, logs) lives in DIR, and `start` clears the saved state (no job survives a restart); the cluster has one
+# node (this host, all its CPUs) and one partition `debug`, with no accounting (no slurmdbd).
 set -euo pipefail
 action=${1:-start}
 dir=${2:-/tmp/distill-slurm}
@@ -19,6 +19,11 @@ stop() {
     for daemon in slurmd slurmctld; do
         pkill -f "$daemon -f $conf" 2>/dev/null || true
     done
+    for _ in $(seq 1 60); do  # slurmctld writes its state as it exits: wait for it before touching DIR
+        pgrep -f "slurm(ctld|d) -f $conf" >/dev/null || return 0
+        sleep 0.5
+    done
+    pkill -9 -f "slurm(ctld|d) -f $conf" 2>/dev/null || true
 }
 
 if [ "$action" = stop ]; then
@@ -47,6 +52,9 @@ if ! pgrep -x munged >/dev/null; then
 fi
 
 stop
+# A fresh cluster every start: jobs a killed run left in the saved state (their processes gone with the old
+# slurmd) would otherwise come back RUNNING and hold the node's CPUs for good.
+rm -rf "$dir/state" "$dir/spool"
 mkdir -p "$dir/state" "$dir/spool"
 cpus=$(nproc)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))

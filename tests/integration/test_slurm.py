@@ -88,6 +88,13 @@ def test_sbatch_preemption_requeues_and_resumes_bit_identically(slurm, tmp_path,
     spaced = "streams.short.objectives.hidden.layers=[1, last]"  # an override with a space stays one argument
     whole = _submit(slurm, tmp_path, "whole", recipes["whole"], spaced)
     job = _submit(slurm, tmp_path, "preempted", recipes["preempted"], spaced)
+    try:
+        _preempt_and_compare(slurm, tmp_path, whole, job)
+    finally:  # a failed check must not leave its jobs holding the node for the next run
+        subprocess.run(["scancel", whole, job], env=slurm, capture_output=True)
+
+
+def _preempt_and_compare(slurm, tmp_path, whole: str, job: str):
     metrics = tmp_path / "preempted" / "metrics.jsonl"
     _wait(lambda: metrics.exists() and len(read_metrics(metrics)) >= 2, 300, "the job never reached step 2")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=slurm)
@@ -146,6 +153,16 @@ def test_sbatch_derives_ranks_from_the_allocation_and_hard_codes_no_node_shape()
     assert not [d for d in directives if re.search(r"--(nodes|gpus|gres|cpus-per-task|ntasks=|partition)", d)]
     output = next(d for d in directives if "--output" in d)
     assert "/" not in output.split("=", 1)[1]  # no directory SLURM would have to find before the script runs
+
+
+def test_a_restarted_cluster_starts_empty(slurm):
+    """Jobs a killed run left behind (their processes gone with an old slurmd) must not hold the node."""
+    proc = subprocess.run(["sbatch", "--parsable", "--hold", "--output=/dev/null", "--wrap", "sleep 600"],
+                          capture_output=True, text=True, env=slurm, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    subprocess.run(["bash", CLUSTER, "start"], check=True, capture_output=True, timeout=600)
+    queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=slurm, check=True)
+    assert queue.stdout.strip() == ""
 
 
 def test_local_cluster_script_is_valid_bash():
