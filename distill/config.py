@@ -711,6 +711,12 @@ class ParallelConfig:
     nodes. hybrid: Ulysses inside subgroups of S / ring_degree consecutive ranks, a ring across them."""
     ring_degree: int = 1
     """hybrid only: R, the ranks of each ring; S / R (the Ulysses degree) must divide the attention heads."""
+    replicate: int = 1
+    """FSDP2 hybrid sharding (HSDP): R replicas of the sharded state. The ranks form an R x (world / R) mesh
+    (`dp_replicate`, `dp_shard`): parameters, gradients and optimiser states shard within each group of
+    world / R consecutive ranks (a node, where R is the number of nodes) and replicate across groups, so a
+    layer's all-gathers stay inside a node and only the gradient all-reduce crosses the network. The frozen
+    teacher shards within the group too; sequence-parallel groups must fit inside one. 1: one flat mesh."""
     skip_memory_check: bool = False
     """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
     prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""
@@ -744,6 +750,8 @@ class ParallelConfig:
         else:
             check(self.ring_degree == 1, join(path, "ring_degree"),
                   f"only with sequence_parallel_mode: hybrid, got {self.ring_degree}")
+        check(self.replicate >= 1, join(path, "replicate"),
+              f"must be a positive number of replicas, got {self.replicate}")
         check(self.collective_timeout_s is None or self.collective_timeout_s > 0,
               join(path, "collective_timeout_s"),
               f"must be positive seconds, got {self.collective_timeout_s}")
