@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from distill.model.export import consolidate
+
 logger = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
@@ -42,6 +44,7 @@ class Checkpoint:
     """A Hugging Face model directory read lazily: tensor name → shard file, config."""
 
     def __init__(self, path: str, role: str):
+        path = consolidate(path)  # a sharded training checkpoint: its safetensors written once beside it
         self.path, self.role = path, role
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):

@@ -201,3 +201,39 @@ def finish_workers(out: str, result: dict) -> None:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(result, f)
     dist.destroy_process_group()
+
+
+def checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+    """The full weights of a training checkpoint of either format (model.safetensors, or a sharded one's
+    DCP `model/`), read in this process."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(os.path.join(path, "model", ".metadata")):
+        return load_file(os.path.join(path, "model.safetensors"))
+    return _dcp_file(os.path.join(path, "model"))
+
+
+def checkpoint_optimizer(path: str) -> dict:
+    """A training checkpoint's optimiser state in the unsharded format (`optimizer.state_dict()`: state keyed
+    by parameter number in param_groups order), whichever format it was written in."""
+    if os.path.isfile(os.path.join(path, "model", ".metadata")) and not os.path.isdir(os.path.join(path,
+                                                                                                  "optimizer")):
+        return {"state": {}, "param_groups": []}  # a sharded checkpoint before the optimiser's first step
+    if not os.path.isfile(os.path.join(path, "optimizer", ".metadata")):
+        return torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
+    sharded = _dcp_file(os.path.join(path, "optimizer"))  # {"state": {fqn: ...}, "param_groups": [fqns]}
+    names = [n for group in sharded["param_groups"] for n in group["params"]]
+    order = {name: i for i, name in enumerate(names)}
+    groups = [{**group, "params": [order[n] for n in group["params"]]} for group in sharded["param_groups"]]
+    return {"state": {order[name]: entry for name, entry in sharded["state"].items()}, "param_groups": groups}
+
+
+def _dcp_file(directory: str) -> dict:
+    """A DCP directory's whole state as one nested dict (through the engine's own dcp_to_torch_save)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(directory, os.path.join(tmp, "state.pt"))
+        return torch.load(os.path.join(tmp, "state.pt"), weights_only=True)

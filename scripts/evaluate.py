@@ -301,16 +301,18 @@ def evaluate(args) -> dict:
     from distill.eval.suite import evaluate_suite
     from distill.hub import model_directory
     from distill.model import expansion
+    from distill.model.export import consolidate
     from distill.model.load import load_teacher, resolve_dtype
 
     check_args(args)
     points = read_points(args.point)
     # A directory, or a hub id resolved through the Hugging Face cache as training resolves model.path.
     names = {"model": args.model, "teacher": args.teacher}  # as given, for eval.json
-    # --tokenizer stays as given: AutoTokenizer resolves a hub id itself and fetches no weights.
+    # --tokenizer stays as given: AutoTokenizer resolves a hub id itself and fetches no weights. A sharded
+    # training checkpoint (FSDP2) is consolidated into safetensors beside its DCP files, once.
     for flag in ("model", "teacher"):
         if getattr(args, flag) is not None:
-            setattr(args, flag, model_directory(getattr(args, flag), f"--{flag}"))
+            setattr(args, flag, consolidate(model_directory(getattr(args, flag), f"--{flag}")))
     short_path = stream_dir(args.short_data, "short", "--short-data")
     long_path = stream_dir(args.long_data, "long", "--long-data") if args.long_data else None
     extra_paths = read_extra(args.extra_data)

@@ -109,3 +109,69 @@ def write_model_files(model, tokenizer, out_dir: str, dtype: torch.dtype = torch
     training checkpoint's model.safetensors), so the directory loads with `from_pretrained` and
     scripts/evaluate.py like an export."""
     _write(model, tokenizer, out_dir, dtype, original_length, lambda: model.config.save_pretrained(out_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing safetensors shard by shard
+# ----------------------------------------------------------------------------------------------------------
+SHARD_BYTES = 5 * 2**30
+"""The largest safetensors file an export or a consolidation writes (Hugging Face's own default size)."""
+INDEX = "model.safetensors.index.json"
+
+
+def shard_groups(sizes: dict[str, int], shard_bytes: int = SHARD_BYTES) -> list[list[str]]:
+    """Tensor names in order, cut into consecutive groups of at most `shard_bytes` (a larger tensor alone)."""
+    groups: list[list[str]] = [[]]
+    total = 0
+    for name, size in sizes.items():
+        if groups[-1] and total + size > shard_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return [g for g in groups if g]
+
+
+def shard_name(index: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_index(out_dir: str, weight_map: dict[str, str], total_bytes: int) -> None:
+    """The index of a sharded safetensors directory (written last: a directory with it is complete)."""
+    tmp = os.path.join(out_dir, INDEX + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, INDEX))
+
+
+def consolidate(path: str, shard_bytes: int = SHARD_BYTES) -> str:
+    """A sharded training checkpoint (DCP `model/`, `distill.parallel.state`) made a Hugging Face model
+    directory: its weights written once, as they were trained (fp32), into safetensors shards beside it, one
+    shard in memory at a time; its config.json and tokenizer are already there. Returns `path`; a directory
+    that already has safetensors weights (a full checkpoint, an export, a consolidated one) is left as it is.
+    One process, no process group needed (scripts/evaluate.py, scripts/merge.py)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    model_dir = os.path.join(path, "model")
+    has_weights = any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", INDEX))
+    if has_weights or not os.path.isfile(os.path.join(model_dir, ".metadata")):
+        return path
+    metadata = FileSystemReader(model_dir).read_metadata().state_dict_metadata
+    tensors = {k: v for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
+    sizes = {k: v.size.numel() * v.properties.dtype.itemsize for k, v in tensors.items()}
+    groups = shard_groups(sizes, shard_bytes)
+    weight_map = {}
+    for i, names in enumerate(groups):
+        state = {k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in names}
+        dcp.load(state, storage_reader=FileSystemReader(model_dir), no_dist=True)
+        name = shard_name(i, len(groups))
+        tmp = os.path.join(path, f"{name}.{os.getpid()}.tmp")  # two readers at once each write their own
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, name))
+        weight_map.update(dict.fromkeys(names, name))
+    if len(groups) > 1:
+        write_index(path, weight_map, sum(sizes.values()))
+    return path

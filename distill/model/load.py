@@ -82,20 +82,20 @@ def load_config(path: str, trust_remote_code: bool):
         raise ConfigError(f"model.path: cannot load '{path}': {hub_reason(err)}") from None
 
 
-def _from_pretrained(path: str, config, model_cfg: ModelConfig, device, key: str):
+def _from_pretrained(path: str, config, model_cfg: ModelConfig, device, key: str, meta: bool = False):
     """`path` with `config`, in the recipe's dtype and attention (resolved for `device` and the model
-    type)."""
+    type). `meta`: built from the config on the meta device, no weights read (the sharded load fills each
+    rank's part after sharding: `distill.parallel.state.load_model_files`)."""
     from transformers import AutoModelForCausalLM
 
     implementation = resolve_attention(model_cfg.attention, device, getattr(config, "model_type", None))
+    kwargs = {"dtype": resolve_dtype(model_cfg.dtype), "attn_implementation": implementation,
+              "trust_remote_code": model_cfg.trust_remote_code}
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path,
-            config=config,
-            dtype=resolve_dtype(model_cfg.dtype),
-            attn_implementation=implementation,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        if meta:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except ConfigError:
         raise
     except ImportError as err:  # e.g. flash_attention_2 without the package
@@ -174,31 +174,36 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | torch.device = "cpu"):
-    """The trainable student: `model_cfg.path` with the recipe's extended RoPE.
+def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | torch.device = "cpu",
+                 meta: bool = False):
+    """The trainable student: `model_cfg.path` with the recipe's extended RoPE (`meta`: its structure alone,
+    on the meta device, for the sharded load; `device` then only picks the attention).
 
     Raises:
         ConfigError: `model.path` cannot be loaded, or the RoPE recipe does not fit the checkpoint.
     """
     config = load_config(model_cfg.path, model_cfg.trust_remote_code)
     extended = apply_extension(config, rope_cfg)
-    model = _from_pretrained(model_cfg.path, extended, model_cfg, device, "model.path")
-    model.to(device)
+    model = _from_pretrained(model_cfg.path, extended, model_cfg, device, "model.path", meta)
+    if not meta:
+        model.to(device)
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    for line in refresh_inv_freq(model):
+    for line in [] if meta else refresh_inv_freq(model):
         logger.info(line)
     model.train()
     return model
 
 
-def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.device = "cpu"):
+def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.device = "cpu",
+                 meta: bool = False):
     """The frozen teacher with its native RoPE: eval(), every parameter requires_grad False, no cache.
 
     Args:
         path: the teacher checkpoint; None means `model_cfg.path`.
         model_cfg: dtype, attention and trust_remote_code are shared with the student.
+        meta: its structure alone, on the meta device (the sharded load).
     """
     path = path or model_cfg.path
     key = "teacher.path" if path != model_cfg.path else "model.path"
@@ -207,10 +212,11 @@ def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.d
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path:", f"{key}:", 1)) from None
     config.use_cache = False
-    model = _from_pretrained(path, config, model_cfg, device, key)
-    model.to(device)
+    model = _from_pretrained(path, config, model_cfg, device, key, meta)
+    if not meta:
+        model.to(device)
     model.config.use_cache = False
-    for line in refresh_inv_freq(model):
+    for line in [] if meta else refresh_inv_freq(model):
         logger.info(line)
     model.eval()
     model.requires_grad_(False)

@@ -15,6 +15,10 @@ it the same way in every mode:
     strategy.step() or strategy.skip_step(); strategy.zero_grad()
     strategy.model_state_dict() / optimizer_state_dict()       # full state dicts on rank 0 (all ranks call)
     strategy.load_optimizer_state(read)                        # read() on the ranks that need the file
+    strategy.save_state(dir) / load_state(dir)                 # sharded checkpoints: each rank its part
+
+A mode with `loads_sharded` takes models built on the meta device in `setup` and fills them with
+`load_weights(student_source, teacher_source)`, each rank reading only what it holds.
 
 Loss semantics are the same everywhere: every micro-batch's loss sums are divided by GLOBAL token counts
 (over micro-batches and ranks), so gradients are summed, never averaged, over ranks.
@@ -31,7 +35,8 @@ from torch import nn
 
 from distill.data.mixture import MicroBatch, Slot, shard, shard_aligned
 from distill.optim.localise import lr_scales_by_param
-from distill.optim.optimizer import clip_grad_norm
+from distill.optim.optimizer import clip_grad_norm, keep_kernel
+from distill.parallel.state import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +119,14 @@ class Strategy(abc.ABC):
     and backward issues collectives), padded with dummy micro-batches."""
     sharded = False
     """Whether the student's parameters are split over ranks (no whole model on any one process)."""
+    loads_sharded = False
+    """Whether `setup` takes models built on the meta device and `load_weights` then fills each rank's part
+    (else the models arrive whole, with their weights)."""
+    checkpoint_format = "full"
+    """full: rank 0 writes the gathered state (model.safetensors, optimizer.pt); sharded: every rank writes
+    its own part in parallel (`save_state`, DCP)."""
+    replicate = 1
+    """parallel.replicate: replicas of the sharded state (HSDP; FSDP2 only)."""
 
     def __init__(self, procs: Processes, gradient_sync: str = "micro_batch", sequence_parallel: int = 1):
         self.procs = procs
@@ -241,6 +254,19 @@ class Strategy(abc.ABC):
     def optimizer_state_dict(self) -> dict:
         """The optimiser state as an unsharded AdamW(param_groups(student)) gives it, on rank 0 ({}
         elsewhere). Every rank calls it."""
+
+    def load_weights(self, student_source: str, teacher_source: str | None) -> None:
+        """Fill models `setup` took on the meta device (strategies with `loads_sharded`)."""
+        raise NotImplementedError(f"{self.name} takes its models whole, with their weights")
+
+    def save_state(self, directory: str) -> None:
+        """Write the student and optimiser states as a sharded checkpoint's DCP directories (every rank)."""
+        save_checkpoint(self.student, self.optimizer, directory)
+
+    def load_state(self, directory: str) -> None:
+        """Read the optimiser state of a sharded checkpoint (the weights are already loaded); every rank."""
+        load_checkpoint(self.student, directory, self.optimizer, weights=False)
+        keep_kernel(self.optimizer)
 
     @abc.abstractmethod
     def load_optimizer_state(self, read: Callable[[], dict]) -> None:

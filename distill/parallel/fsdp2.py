@@ -11,10 +11,19 @@ reductions). Gradients are reduce-scattered after every backward and accumulated
 (exact accumulation; `parallel.gradient_sync: step` defers the reduction to the step's last micro-batch,
 trading memory (unsharded gradients) for fewer collectives).
 
-Checkpoints stay plain full state dicts (model.safetensors + the `optimizer.state_dict()` of an unsharded
-AdamW over `distill.optim.optimizer.param_groups(model)`): a run can resume on another number of processes,
-sharded
-or not. `FSDP2` is the strategy (distill.parallel.base) built from these pieces.
+Loading and checkpoints are sharded as the engine means them to be (torch.distributed.checkpoint, DCP):
+- the models are built on the meta device, sharded there, and `to_empty` allocates only this rank's shards;
+  each rank then reads only its rows of the safetensors files (`load_model_files`, DCP's Hugging Face
+  reader) or of a checkpoint (`load_checkpoint`), so no rank ever holds a whole model;
+- a checkpoint is `model/` and `optimizer/`, each a DCP directory (`.metadata` + one `__<rank>_0.distcp` a
+  rank, written in parallel); resuming on another number of processes reshards as it reads.
+The full state dicts (`full_model_state_dict`, `full_optimizer_state_dict`) remain for the export and for
+reading the checkpoints of the other modes. `FSDP2` is the strategy (distill.parallel.base) built from these
+pieces.
+
+HSDP (`parallel.replicate: R`): the mesh is 2-D, R replicas x world/R shards (`make_mesh`): the student's
+state is sharded within each group of world/R consecutive ranks and replicated across groups (FSDP2 then
+reduce-scatters inside a group and all-reduces across them); the teacher shards within the group alone.
 
 Layout of the sharding (Llama / Mistral / Qwen2: `model.model.layers`):
 - student: each decoder layer is one FSDP unit, the root (embeddings, final norm, lm_head) another. The
@@ -37,6 +46,7 @@ from distill.model.decoder import decoder_layers
 from distill.optim.optimizer import keep_kernel, make_optimizer
 from distill.parallel import ring, ulysses
 from distill.parallel.base import Strategy, global_rank, move_plain_tensors
+from distill.parallel.state import is_sharded_checkpoint, load_checkpoint, load_model_files, refill_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +75,14 @@ def reshard_after_forward_requested() -> bool:
     return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("0", "false", "no")
 
 
-def make_mesh(device: torch.device | str | None = None):
-    """A 1-D device mesh over all ranks: gloo on CPU, NCCL on CUDA (the default process group must exist)."""
+def make_mesh(device: torch.device | str | None = None, replicate: int = 1):
+    """The device mesh of the sharded state: 1-D over all ranks, or with `replicate` R > 1 the 2-D HSDP mesh
+    (`dp_replicate` R, `dp_shard` world/R; a shard group is world/R consecutive ranks, one node when R is
+    the number of nodes). gloo on CPU, NCCL on CUDA; the default process group must exist.
+
+    Raises:
+        ValueError: R does not divide the number of processes (parallel.replicate).
+    """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -74,7 +90,19 @@ def make_mesh(device: torch.device | str | None = None):
         raise RuntimeError("FSDP2 needs an initialised process group (launch with accelerate or torchrun)")
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
-    return init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    if replicate == 1:
+        return init_device_mesh(device.type, (world,))
+    if world % replicate:
+        raise ValueError(f"parallel.replicate: {replicate} does not divide the {world} processes")
+    return init_device_mesh(device.type, (replicate, world // replicate),
+                            mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def shard_group(mesh):
+    """The part of `mesh` the sharded state is split over: the `dp_shard` dimension of an HSDP mesh, else the
+    mesh itself (the teacher, frozen, needs no replicas of its shards)."""
+    return mesh["dp_shard"] if mesh.ndim == 2 else mesh
 
 
 def _mesh_for(model: nn.Module, mesh):
@@ -90,7 +118,7 @@ def shard_student(model: nn.Module, mesh=None, reshard_after_forward: bool = Tru
     chunked losses outside any module call); it is resharded at the end of backward.
 
     Args:
-        mesh: a 1-D DeviceMesh; None builds one over all ranks (`make_mesh`).
+        mesh: a 1-D DeviceMesh, or a 2-D one for HSDP (`make_mesh`); None builds a 1-D one over all ranks.
         reshard_after_forward: free each layer's gathered parameters after forward (re-gathered in backward).
         mp_dtype: GPU mixed precision (e.g. torch.bfloat16): parameters gathered in that dtype, gradients
             reduced in fp32; None keeps the parameters' dtype (use autocast for compute, as on CPU).
@@ -255,7 +283,13 @@ class FSDP2(Strategy):
     aligned = True
     sharded = True
 
+    loads_sharded = True
+    checkpoint_format = "sharded"
+
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
+        """The models arrive built on the meta device (the sharded load: `load_weights` fills them next) or
+        whole on the host with their weights; either way each rank keeps only its shards, one unit at a
+        time, so no whole model is ever on a GPU."""
         if self.sequence_parallel > 1:  # Ulysses around the student's own attention kernel, or ring
             ulysses.check_heads(student.config, self.sequence_parallel, self.sequence_mode, self.ring_degree)
             args = (self.sequence_parallel, self.procs.rank, self.procs.world)
@@ -266,25 +300,49 @@ class FSDP2(Strategy):
             else:  # hybrid: Ulysses inside subgroups, a ring across them
                 self.sequence, module = ring.HybridParallel(*args, ring_degree=self.ring_degree), ring
             student.set_attn_implementation(module.register(student.config._attn_implementation))
-        # The models arrive whole on the host; fully_shard moves each unit's parameters to the device and
-        # keeps this rank's shard, one unit at a time, so no whole model is ever on a GPU.
-        mesh = make_mesh(self.procs.device)
-        mp = dtype if self.procs.device.type == "cuda" and dtype != torch.float32 else None
+        device = self.procs.device
+        self.mesh = mesh = make_mesh(device, self.replicate)
+        mp = dtype if device.type == "cuda" and dtype != torch.float32 else None
         shard_student(student, mesh, reshard_after_forward_requested(), mp_dtype=mp)
-        move_unsharded(student, self.procs.device)  # buffers (RoPE) of modules outside any unit
+        self._place(student)
         if teacher is not None:
-            shard_teacher(teacher, mesh)
-            move_unsharded(teacher, self.procs.device)  # its replicated shell: embeddings, norm, lm_head
+            shard_teacher(teacher, shard_group(mesh))
+            self._place(teacher)  # its replicated shell: embeddings, norm, lm_head
         self.student, self.teacher = student, teacher
         # Over the sharded parameters.
         self.optimizer = make_optimizer(student, optim_cfg, sharded=True,
                                         lr_scales=self.param_scales(student))
         self.params = [p for p in student.parameters() if p.requires_grad]
 
+    def _place(self, model: nn.Module) -> None:
+        """This rank's shards and the plain tensors on the device: allocated (uninitialised, the sharded
+        load) when the model was built on the meta device, else moved there."""
+        if any(p.device.type == "meta" for p in model.parameters()):
+            model.to_empty(device=self.procs.device)
+        else:
+            move_unsharded(model, self.procs.device)
+
+    def load_weights(self, student_source: str, teacher_source: str | None) -> None:
+        """Fill the models `setup` built on the meta device: the student from a sharded checkpoint or a
+        directory of safetensors (a model, or a checkpoint of another mode), the teacher from its model
+        directory; then rebuild the buffers no file holds (RoPE's inv_freq, from the recipe's RoPE)."""
+        for model, source in ((self.student, student_source), (self.teacher, teacher_source)):
+            if model is None:
+                continue
+            if is_sharded_checkpoint(source):
+                load_checkpoint(model, source)
+            else:
+                load_model_files(model, source)
+            refill_buffers(model)
+
     def describe(self) -> str:
         size = self.sequence_parallel
         sp = f", sequence parallel ({self.sequence_mode}) over groups of {size}" if size > 1 else ""
-        return f"FSDP2: student and teacher sharded over {self.procs.world} processes{sp}"
+        world, replicas = self.procs.world, self.replicate
+        if replicas > 1:
+            return (f"FSDP2 hybrid (HSDP): student sharded over groups of {world // replicas} processes and "
+                    f"replicated {replicas} times, teacher sharded within each group{sp}")
+        return f"FSDP2: student and teacher sharded over {world} processes{sp}"
 
     def backward(self, loss, last: bool) -> None:
         if self.gradient_sync == "step":  # reduce-scatter once, after the step's last micro-batch

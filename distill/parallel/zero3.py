@@ -492,3 +492,8 @@ class ZeRO3(Strategy):
 
     def load_optimizer_state(self, read) -> None:
         load_full_optimizer_state_dict(self.engine, read() if self.procs.is_main else None)
+
+    def load_state(self, directory: str) -> None:
+        raise CheckpointError(f"{directory}: a sharded (FSDP2) checkpoint; ZeRO-3 resumes from its own or a "
+                              f"full checkpoint (resume it under recipes/accelerate/fsdp2.yaml, or start a "
+                              f"new stage from it with train.init_from)")

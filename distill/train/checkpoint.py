@@ -1,13 +1,21 @@
 """Atomic checkpoints, the training state, retention, automatic resume, the run lock and preemption signals.
 
-Layout: `<output_dir>/checkpoints/step-N/` with
-    model.safetensors   the student's full weights (every parallel mode writes the same format)
-    config.json, tokenizer files   the student's config (extended RoPE, fp32) and tokenizer: the directory
-                        loads with from_pretrained and scripts/evaluate.py --model like an export
+Layout: `<output_dir>/checkpoints/step-N/` with, in the sharded modes (FSDP2, HSDP):
+    model/, optimizer/  the student's weights and AdamW state, each a torch.distributed.checkpoint directory:
+                        `.metadata` and one `__<rank>_0.distcp` a rank, every rank writing its part at once
+                        (`distill.parallel.state`); a resume on another number of processes reshards
+and in the other modes (one process, data parallel, ZeRO-3), written by rank 0:
+    model.safetensors   the student's full weights
     optimizer.pt        the optimiser state of an unsharded AdamW (tensors only; weights_only=True loads it)
+and in both:
+    config.json, tokenizer files   the student's config (extended RoPE, fp32) and tokenizer: the directory
+                        loads with from_pretrained and scripts/evaluate.py --model like an export (a sharded
+                        one is first consolidated into model.safetensors beside it, once:
+                        `distill.model.export.consolidate`)
     state.json          `TrainState`: step, tokens, mixture cursors, LR, wandb id, counters
     rng-<rank>.pt       torch / numpy / python RNG states of each rank
-    COMPLETE            written last: the sizes of every file above (a checkpoint without it is incomplete)
+    COMPLETE            written last: the sizes of every file above, the DCP files included (a checkpoint
+                        without it is incomplete)
 A checkpoint is written into `step-N.tmp` and renamed once complete (`distill.files.replace_dir`), so a kill
 at any moment leaves either the previous checkpoints or a complete new one; older ones are deleted only
 after that.
@@ -34,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from distill.config import ConfigError
 from distill.files import CheckpointError, replace_dir
+from distill.parallel.state import is_sharded_checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +156,11 @@ def save(root: str, step: int, strategy, state: TrainState, procs,
             a Hugging Face model directory (config.json, tokenizer:
             `distill.model.export.write_model_files`)."""
     rank = procs.rank
-    model_state = strategy.model_state_dict()  # full, on rank 0 ({} elsewhere)
-    optim_state = strategy.optimizer_state_dict()
+    sharded = strategy.checkpoint_format == "sharded"
+    model_state = optim_state = None
+    if not sharded:
+        model_state = strategy.model_state_dict()  # full, on rank 0 ({} elsewhere)
+        optim_state = strategy.optimizer_state_dict()
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f"step-{step}.tmp")
     error: OSError | None = None
@@ -170,13 +182,21 @@ def save(root: str, step: int, strategy, state: TrainState, procs,
     except OSError as err:
         error = err
     stop_if_any_failed()
+    if sharded:  # every rank writes its own part, at once (collectives: a failure raises on every rank)
+        try:
+            strategy.save_state(tmp)
+        except Exception as err:  # noqa: BLE001 - DCP wraps a rank's OSError in a CheckpointException
+            error = err if isinstance(err, OSError) else OSError(str(err).strip().splitlines()[-1][:200])
+    stop_if_any_failed()
     try:
         torch.save(_rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
         if rank == 0:
-            save_file(_untied(model_state), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            if not sharded:
+                save_file(_untied(model_state), os.path.join(tmp, "model.safetensors"),
+                          metadata={"format": "pt"})
+                torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
             if model_files is not None:
                 model_files(tmp)
-            torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
             with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
                 json.dump({**state.state_dict(), "step": step, "world_size": procs.world}, f, indent=1)
     except OSError as err:
@@ -184,7 +204,7 @@ def save(root: str, step: int, strategy, state: TrainState, procs,
     stop_if_any_failed()
     if rank == 0:
         try:
-            files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+            files = _file_sizes(tmp)
             with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
                 json.dump({"files": files}, f)
                 f.flush()
@@ -194,6 +214,16 @@ def save(root: str, step: int, strategy, state: TrainState, procs,
             error = err
     stop_if_any_failed()
     return final
+
+
+def _file_sizes(directory: str) -> dict[str, int]:
+    """{path relative to `directory`: bytes} of every file under it (the DCP directories' files too)."""
+    sizes = {}
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(parent, name)
+            sizes[os.path.relpath(path, directory)] = os.path.getsize(path)
+    return dict(sorted(sizes.items()))
 
 
 def prune(root: str, keep_last: int, keep_every: int) -> None:
@@ -209,10 +239,14 @@ def prune(root: str, keep_last: int, keep_every: int) -> None:
 
 
 def load_weights(path: str, model: torch.nn.Module) -> dict:
-    """Load a complete checkpoint's weights into a whole (unsharded) model; returns its state.json."""
+    """Load a complete checkpoint's weights into a whole (unsharded) model; returns its state.json. Every
+    rank calls it (a sharded checkpoint is read through DCP: each rank reads the whole model here)."""
     reason = verify(path)
     if reason is not None:
         raise CheckpointError(f"{path}: not a usable checkpoint ({reason})")
+    if is_sharded_checkpoint(path):
+        load_checkpoint(model, path)
+        return read_state(path)
     try:
         model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
     except RuntimeError as err:  # missing / unexpected keys or other shapes: another model's checkpoint
@@ -224,9 +258,13 @@ def load_weights(path: str, model: torch.nn.Module) -> dict:
 
 
 def restore(path: str, strategy, state: TrainState, rank: int) -> None:
-    """Resume from `path` after `load_weights` and `strategy.setup`: the optimiser (through the strategy),
-    this rank's RNG states and the training state. Every rank calls it."""
-    strategy.load_optimizer_state(lambda: read_optimizer(path))
+    """Resume from `path` once the weights are in and the strategy is set up: the optimiser (through the
+    strategy: each rank its part of a sharded checkpoint), this rank's RNG states and the training state.
+    Every rank calls it."""
+    if is_sharded_checkpoint(path):
+        strategy.load_state(path)
+    else:
+        strategy.load_optimizer_state(lambda: read_optimizer(path))
     load_rng(path, rank)
     state.load_state_dict(read_state(path))
 

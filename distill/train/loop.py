@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from distill.data.mixture import Mixture, StreamPlan
 from distill.eval.retention import sharded_short_retention
 from distill.eval.suite import eval_streams, evaluate_suite
 from distill.files import replace_dir
-from distill.hub import hub_reason
+from distill.hub import hub_reason, model_directory
 from distill.model import expansion
 from distill.model.expansion import expand
 from distill.model.export import export, write_model_files
@@ -59,6 +60,7 @@ from distill.optim.optimizer import rescale
 from distill.parallel.base import Processes
 from distill.parallel.launcher import choose
 from distill.parallel.memory import install_savers
+from distill.parallel.state import checkpoint_keys, is_sharded_checkpoint
 from distill.parallel.ulysses import check_attention, check_heads, split_streams
 from distill.plan import (
     MIN_COLLECTIVE_TIMEOUT_S,
@@ -270,28 +272,38 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     strategy = choose(procs, cfg.parallel.gradient_sync, cfg.parallel.sequence_parallel)
     strategy.sequence_mode = cfg.parallel.sequence_parallel_mode
     strategy.ring_degree = cfg.parallel.ring_degree
+    strategy.replicate = cfg.parallel.replicate
     strategy.split = split_streams(cfg, seq_lens)
     attention, window = check_launch(cfg, strategy, streams, device)
     if device.type == "cuda" and not cfg.parallel.skip_memory_check:
         check_memory(cfg, strategy.name, procs.world, device, seq_lens)
 
-    # Sharded modes load on the host: nothing whole reaches a GPU; the strategy moves what each rank holds.
-    # The student keeps fp32 master weights and computes under autocast in the recipe's dtype.
+    # FSDP2 builds the models on the meta device, shards them there and has each rank read only its part
+    # (`strategy.load_weights` after `setup`); the other modes, and FSDP2 where the whole student must be
+    # rewritten or measured first (expansion, traced layers), load on the host (sharded modes: nothing whole
+    # reaches a GPU) or the device. The student keeps fp32 master weights and computes under autocast in the
+    # recipe's dtype.
+    sources = weight_sources(cfg, strategy, resume_path)
     host = torch.device("cpu") if strategy.sharded else device
-    student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, host)
+    where, meta = (device, True) if sources is not None else (host, False)
+    student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, where, meta)
     savers = install_savers(student, cfg.parallel)  # parallel.offload_activations / tiled_mlp: long stream
     teacher = None
     if cfg.needs_teacher:
         teacher_cfg = cfg.model if cfg.teacher.path is None else \
             dataclasses.replace(cfg.model, path=cfg.teacher.path)
-        teacher = load_teacher(teacher_cfg.path, teacher_cfg, host)
-    _load_weights(cfg, student, resume_path)
+        teacher = load_teacher(teacher_cfg.path, teacher_cfg, where, meta)
+    if sources is None:
+        _load_weights(cfg, student, resume_path)
     autocast = _autocast(device, dtype)
     trace = None
     if cfg.optim.layers.mode == "traced":
         trace = _start_trace(cfg, student, streams, resume_path, strategy, _autocast(host, dtype), host)
     counts = (flop_counts(student), flop_counts(teacher) if teacher is not None else None)  # unsharded
     strategy.setup(student, teacher, cfg.optim, dtype)
+    if sources is not None:
+        strategy.load_weights(*sources)
+        logger.info("sharded load: each rank read its part of %s", " and ".join(s for s in sources if s))
     logger.info("%s", strategy.describe())
     layers = startup_checks(cfg, strategy, student, teacher, streams, autocast)
 
@@ -340,6 +352,7 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
         raise ConfigError("model.dtype: float32 cannot run flash_attention_2 (flash-attn computes in float16 "
                           "or bfloat16 only); set model.dtype: bfloat16 or model.attention: sdpa_varlen")
     check_attention(attention, cfg.parallel.sequence_parallel)
+    check_replicas(cfg.parallel, strategy)
     if cfg.parallel.sequence_parallel > 1:
         check_heads(config, cfg.parallel.sequence_parallel, cfg.parallel.sequence_parallel_mode,
                     cfg.parallel.ring_degree)
@@ -349,6 +362,23 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
     for name, stream in streams.items():
         check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
     return attention, window
+
+
+def check_replicas(parallel, strategy) -> None:
+    """parallel.replicate against the launch: HSDP needs FSDP2, R dividing the processes, and each
+    sequence-parallel group inside one shard group (world / R consecutive ranks)."""
+    replicas, world, size = parallel.replicate, strategy.procs.world, parallel.sequence_parallel
+    if replicas == 1:
+        return
+    if strategy.name != "fsdp2":
+        raise ConfigError(f"parallel.replicate: {replicas} (hybrid sharding) needs the FSDP2 launch "
+                          f"(recipes/accelerate/fsdp2.yaml); this is {strategy.describe()}")
+    if world % replicas:
+        raise ConfigError(f"parallel.replicate: {replicas} does not divide the {world} processes")
+    if (world // replicas) % size:
+        raise ConfigError(f"parallel.sequence_parallel: {size} does not divide the shard group of "
+                          f"{world // replicas} processes (world {world} / parallel.replicate {replicas}); a "
+                          f"sequence-parallel group must sit inside one")
 
 
 def startup_checks(cfg: RecipeConfig, strategy, student, teacher, streams: dict, autocast) -> dict:
@@ -649,8 +679,31 @@ def _expanded_checkpoint(path: str) -> bool:
     """Whether a checkpoint's weights are an expanded model's (they hold `.original.` branch tensors)."""
     from safetensors import safe_open
 
+    if is_sharded_checkpoint(path):
+        return any(".original." in key for key in checkpoint_keys(path))
     with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
         return any(".original." in key for key in f.keys())
+
+
+def weight_sources(cfg: RecipeConfig, strategy, resume_path: str | None) -> tuple[str, str | None] | None:
+    """(student, teacher) directories for the sharded load, or None where the models load whole: a strategy
+    that takes them whole, a student that must be rewritten or measured whole before sharding (expansion,
+    traced layers), or weights that are not safetensors. The student's come from the checkpoint to resume,
+    else train.init_from, else model.path."""
+    if not strategy.loads_sharded or cfg.model.expansion is not None or cfg.optim.layers.mode == "traced":
+        return None
+    teacher = None
+    if cfg.needs_teacher:
+        key = "teacher.path" if cfg.teacher.path else "model.path"
+        teacher = model_directory(cfg.teacher.path or cfg.model.path, key)
+    student = resume_path or cfg.train.init_from or model_directory(cfg.model.path, "model.path")
+    if resume_path is None and cfg.train.init_from is not None:
+        logger.info("initialised the student from %s (fresh optimiser and data state)", student)
+    for path in (p for p in (student, teacher) if p is not None):
+        if not is_sharded_checkpoint(path) and not glob.glob(os.path.join(path, "*.safetensors")):
+            logger.warning("%s holds no safetensors: every rank loads the whole model", path)
+            return None
+    return student, teacher
 
 
 def _load_weights(cfg: RecipeConfig, student, resume_path: str | None) -> None:

@@ -161,7 +161,8 @@ def test_a_restarted_cluster_starts_empty(slurm):
                           capture_output=True, text=True, env=slurm, timeout=60)
     assert proc.returncode == 0, proc.stderr
     subprocess.run(["bash", CLUSTER, "start"], check=True, capture_output=True, timeout=600)
-    queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=slurm, check=True)
+    queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=slurm,
+                           check=True)
     assert queue.stdout.strip() == ""
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from distill.testing import checkpoint_optimizer, checkpoint_weights
 from distill.train.metrics import read_metrics
 
 from ..conftest import FLASH_STANDIN
@@ -125,12 +126,12 @@ def two(request, tmp_path_factory, tiny_llama, built_data):
     return {"mode": mode, "root": root, "recipe": path, "stderr": proc.stderr}
 
 
-def _weights(run, step):
-    return load_file(os.path.join(run, "checkpoints", f"step-{step}", "model.safetensors"))
+def _weights(run, step):  # either format: FSDP2 writes sharded checkpoints
+    return checkpoint_weights(os.path.join(run, "checkpoints", f"step-{step}"))
 
 
 def _optim(run, step):
-    return torch.load(os.path.join(run, "checkpoints", f"step-{step}", "optimizer.pt"), weights_only=True)
+    return checkpoint_optimizer(os.path.join(run, "checkpoints", f"step-{step}"))
 
 
 def _max_diff(a: dict, b: dict) -> float:
