@@ -170,3 +170,82 @@ def test_a_hung_rank_ends_the_other_node_within_the_timeout(tmp_path, tiny_llama
         _stop(launchers)
         for log in logs:
             log.close()
+
+
+# scripts/slurm/train.sbatch's node launch: srun --kill-on-bad-exit ends the job on any node's non-zero exit,
+# so a planned stop must leave every node's launcher at 0, and a failure must not.
+SCRIPT = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
+WORKER = """
+import os, signal, sys, time
+def on_term(signum, frame):  # what the trainer does on SIGTERM: finish the step, checkpoint, exit 0
+    time.sleep(1)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+open(sys.argv[1] + "." + os.environ["RANK"], "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _node_launch(tmp_path, *command: str, stop_grace: int = 30) -> subprocess.Popen:
+    """The script's node_launch function running `command`, in its own process group (as srun's task)."""
+    text = open(SCRIPT, encoding="utf-8").read()
+    body = text[text.index("# --- node launch (begin) ---"): text.index("# --- node launch (end) ---")]
+    env = {**os.environ, "DISTILL_STOP_FILE": str(tmp_path / "stop"), "STOP_GRACE": str(stop_grace),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(stop_grace), "ACCELERATE_USE_CPU": "1",
+           "OMP_NUM_THREADS": "1", "SLURM_NODEID": "1"}
+    return subprocess.Popen(["bash", "-c", body + '\nnode_launch "$@"', "node", *command], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _terminated_launch(tmp_path, note_after: float | None, stop_grace: int) -> tuple[int, str, float]:
+    """SIGTERM (as SLURM sends it to a step) a node running a real 2-rank `accelerate launch` whose ranks stop
+    cleanly; rank 0 (elsewhere) writes the note `note_after` seconds later (None: never)."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    node = _node_launch(tmp_path, launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                        str(29300 + os.getpid() % 90), str(tmp_path / "worker.py"), str(tmp_path / "started"),
+                        stop_grace=stop_grace)
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"started.{r}").exists() for r in (0, 1)):
+            assert node.poll() is None and time.time() < deadline, node.stdout.read()[-2000:]
+            time.sleep(0.1)
+        os.killpg(node.pid, signal.SIGTERM)
+        sent = time.time()
+        if note_after is not None:
+            time.sleep(note_after)
+            (tmp_path / "stop.checkpointed").write_text("3\n")
+        code = node.wait(timeout=120)
+        return code, node.stdout.read(), time.time() - sent
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+
+
+def test_a_terminated_node_that_checkpointed_exits_0(tmp_path):
+    """torchrun exits 143 after a SIGTERM even when its ranks checkpointed and exited 0; the node reports 0
+    once rank 0's note is there (written after this node's ranks ended), so srun kills no other node."""
+    code, log, _ = _terminated_launch(tmp_path, note_after=4, stop_grace=30)
+    assert code == 0, log[-2000:]
+    assert "node 1: launcher exited 143 on the stop; checkpoint written" in log
+
+
+def test_a_terminated_node_without_a_checkpoint_fails(tmp_path):
+    code, log, took = _terminated_launch(tmp_path, note_after=None, stop_grace=3)
+    assert code == 143, log[-2000:]
+    assert took >= 3  # it waited STOP_GRACE for the note
+
+
+def test_a_failed_node_fails_at_once_unless_a_stop_is_under_way(tmp_path):
+    started = time.time()
+    node = _node_launch(tmp_path, "bash", "-c", "exit 7", stop_grace=600)
+    assert node.wait(timeout=30) == 7 and time.time() - started < 10  # no stop under way: no wait
+    (tmp_path / "stop").write_text("")  # the batch shell's stop file (USR1, or a TERM it alone received)
+    node = _node_launch(tmp_path, "bash", "-c", "exit 1", stop_grace=600)
+    time.sleep(2)
+    assert node.poll() is None  # waiting for rank 0's note
+    (tmp_path / "stop.checkpointed").write_text("3\n")
+    assert node.wait(timeout=30) == 0
