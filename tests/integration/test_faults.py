@@ -133,6 +133,7 @@ def test_a_killed_rank_ends_its_peers_and_the_same_command_resumes(tmp_path, tin
         assert all(c != 0 for c in codes), codes
         text = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
         assert "exitcode" in text[0] and "exitcode" in text[1]  # the launchers name their failed ranks
+        assert f"collective timeout {TIMEOUT_S} s: parallel.collective_timeout_s" in text[0]
         metrics = out / "metrics.jsonl"
         assert max(r["step"] for r in read_metrics(metrics)) < STEPS
 
