@@ -721,12 +721,14 @@ class ParallelConfig:
     """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
     prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""
     collective_timeout_s: float | None = None
-    """Seconds a rank waits in a collective before the process group fails the run (NCCL's default is 10
-    minutes, shorter than rank 0 writing an 8B checkpoint to a slow filesystem while the others wait). null:
-    twice the time to write the planner's checkpoint size (fp32 weights and AdamW, 12 bytes per parameter)
-    at `checkpoint_write_gb_per_s`, at least 30 minutes."""
+    """Seconds a rank waits in a collective before the process group fails the run: how long a dead or hung
+    node (a rank that never joins) keeps the others waiting. null: 3 x the longer of the planner's step time
+    (at MFU 0.4 of this device's peak; not counted when the peak is unknown) and one rank's share of a
+    checkpoint (12 bytes per parameter over the ranks that write it) at `checkpoint_write_gb_per_s`, at
+    least 10 minutes (scripts/plan.py prints it and why)."""
     checkpoint_write_gb_per_s: float = 0.2
-    """The write speed the default collective timeout assumes (GB/s; 0.2: a busy shared filesystem)."""
+    """The write speed of one rank the default collective timeout assumes (GB/s per rank, every rank writing
+    its shard at once; 0.2: a busy shared filesystem)."""
     offload_activations: bool = False
     """Long stream: each decoder layer's checkpointed input (what gradient checkpointing keeps per layer,
     tokens x hidden) is copied to pinned host memory on a side CUDA stream during the forward and brought

@@ -337,8 +337,6 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
             "gpu_bytes": int(gpu_bytes), "fits": peak <= gpu_bytes,
             "setup_peak_bytes": int(setup + OVERHEAD_BYTES), "host_bytes_per_rank": int(host),
             "checkpoint_bytes": checkpoint_bytes(shape),
-            "collective_timeout_s": cfg.parallel.collective_timeout_s or
-            collective_timeout_s(shape, cfg.parallel.checkpoint_write_gb_per_s),
             "host_bytes_per_node": int(host * ranks_per_node), "ranks_per_node": ranks_per_node,
             "offloaded_host_bytes_per_rank": int(offloaded_host),
             "offloaded_host_bytes_per_node": int(offloaded_host * ranks_per_node),
@@ -350,17 +348,71 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
 
 CHECKPOINT_BYTES_PER_PARAM = 12
 """A checkpoint: fp32 weights (model.safetensors) and AdamW's two fp32 moments (optimizer.pt)."""
-MIN_COLLECTIVE_TIMEOUT_S = 1800.0
+MIN_COLLECTIVE_TIMEOUT_S = 600.0
+"""The default timeout's floor (NCCL's own default): it also covers what no figure here measures: the set-up
+(loading, start-up checks) and rank 0's work alone (a replicated run's evaluation, pruning checkpoints)."""
+COLLECTIVE_TIMEOUT_FACTOR = 3.0
+"""The default timeout over the longer of one step and one rank's checkpoint write: a step 3x slower than
+planned (MFU ~0.13), or a filesystem 3x slower than parallel.checkpoint_write_gb_per_s, still finishes."""
+COLLECTIVE_TIMEOUT_MFU = 0.4
+"""The MFU the default timeout's step time assumes (scripts/plan.py's default), whatever --mfu says: the
+figure it prints is the one the trainer uses."""
 
 
 def checkpoint_bytes(shape: Shape) -> int:
     return CHECKPOINT_BYTES_PER_PARAM * shape.params
 
 
-def collective_timeout_s(shape: Shape, write_gb_per_s: float) -> float:
-    """The default process-group timeout: twice the time rank 0 needs to write a checkpoint while the other
-    ranks wait in a collective, at least 30 minutes."""
-    return max(MIN_COLLECTIVE_TIMEOUT_S, 2 * checkpoint_bytes(shape) / (write_gb_per_s * 1e9))
+def checkpoint_writers(mode: str, world: int, replicate: int = 1) -> int:
+    """The ranks that write a checkpoint's bytes in parallel: each rank its shard (FSDP2 through
+    torch.distributed.checkpoint, over one replica's world / replicate ranks; ZeRO-3 through the engine's own
+    checkpoint), one rank for a replicated run."""
+    if mode == "fsdp2":
+        return max(1, world // max(1, replicate))
+    return world if mode == "zero3" else 1
+
+
+def collective_timeout_s(step_s: float | None, write_s: float) -> float:
+    """The default process-group timeout: `COLLECTIVE_TIMEOUT_FACTOR` times the longer of one step (None:
+    unknown, not counted) and one rank's checkpoint write, at least `MIN_COLLECTIVE_TIMEOUT_S`.
+
+    A rank waits in a collective for as long as a peer works without it, at most about a step (a peer behind
+    by its micro-batches) or a checkpoint write (a peer with a larger share); a dead or hung peer makes the
+    wait endless, and this is when the run ends instead. The model's size enters only through those two
+    times: sharded checkpoints are written by every rank at once, so a 70B run on 32 ranks writes in about
+    what an 8B run on 8 does."""
+    return max(MIN_COLLECTIVE_TIMEOUT_S, COLLECTIVE_TIMEOUT_FACTOR * max(step_s or 0.0, write_s))
+
+
+def collective_timeout(cfg, shape: Shape, teacher_shape: Shape | None, mode: str, world: int,
+                       seq_lens: dict[str, int], peak_tflops: float | None) -> dict:
+    """The collective timeout a run gets and why: `parallel.collective_timeout_s` when set, else
+    `collective_timeout_s` of the planner's step time (`run_budget` at `COLLECTIVE_TIMEOUT_MFU` of
+    `peak_tflops` on `world` GPUs; None: unknown) and one rank's checkpoint write at
+    `parallel.checkpoint_write_gb_per_s`.
+
+    Returns:
+        {"seconds", "reason", "step_s", "write_s"} (step_s None without a peak).
+    """
+    par = cfg.parallel
+    writers = checkpoint_writers(mode, world, par.replicate)
+    write_s = checkpoint_bytes(shape) / writers / (par.checkpoint_write_gb_per_s * 1e9)
+    step_s = None
+    if peak_tflops:
+        step_s = run_budget(cfg, shape, teacher_shape, world, seq_lens, COLLECTIVE_TIMEOUT_MFU,
+                            peak_tflops)["step_s"]
+    if par.collective_timeout_s is not None:
+        return {"seconds": float(par.collective_timeout_s), "reason": "parallel.collective_timeout_s",
+                "step_s": step_s, "write_s": write_s}
+    step = (f"one step ({step_s:.0f} s at MFU {COLLECTIVE_TIMEOUT_MFU} of {peak_tflops:.0f} TFLOP/s)"
+            if step_s is not None else "one step (unknown: no peak TFLOP/s for this device, log.peak_tflops)")
+    share = checkpoint_bytes(shape) / writers
+    write = (f"one rank's checkpoint write ({write_s:.0f} s: {share / 1e9:.1f} GB "
+             f"at {par.checkpoint_write_gb_per_s:g} GB/s, parallel.checkpoint_write_gb_per_s)")
+    reason = (f"{COLLECTIVE_TIMEOUT_FACTOR:g} x the longer of {step} and {write}, at least "
+              f"{MIN_COLLECTIVE_TIMEOUT_S:.0f} s; parallel.collective_timeout_s sets it")
+    return {"seconds": collective_timeout_s(step_s, write_s), "reason": reason, "step_s": step_s,
+            "write_s": write_s}
 
 
 def host_bytes(shape: Shape, teacher_shape: Shape | None, weight_bytes: int) -> float:

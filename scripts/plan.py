@@ -10,9 +10,10 @@ gradients and optimiser state, the teacher, each stream's activations (with and 
 checkpointing), loss buffers and overhead per GPU, the peak, whether it fits, the smallest
 sequence-parallel degree that fits, the peak with each long-context saver off and on (offloaded
 checkpoints, tiled MLP, ring vs Ulysses attention), the set-up's GPU peak, host memory per rank and node (and
-what offloaded checkpoints hold), the checkpoint size and the collective timeout it implies; then the budget:
-tokens per step and per run, step time and hours at `--mfu` (default 0.4), checkpoints on disk under
-train.keep_last / keep_every, and the stop grace a cluster must leave between its signal and the kill.
+what offloaded checkpoints hold), the checkpoint size and the collective timeout (from the step time and one
+rank's checkpoint write, as the trainer sizes it); then the budget: tokens per step and per run, step time
+and hours at `--mfu` (default 0.4), checkpoints on disk under train.keep_last / keep_every, and the stop grace
+a cluster must leave between its signal and the kill.
 `--max-context` adds the longest long-stream row that fits (a bisection over its length, the other streams as
 they are, at the smallest sequence-parallel degree that fits). `--json` prints the same as one JSON object
 (the budget under "budget"). Overrides may come before or after the flags. A user mistake prints one line
@@ -63,6 +64,7 @@ def make_plan(args) -> dict:
     from distill.plan import (
         Shape,
         accelerate_launch,
+        collective_timeout,
         gpu_memory,
         max_context,
         plan_with_sequence_parallel,
@@ -93,6 +95,9 @@ def make_plan(args) -> dict:
     result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher, variants=True)
     result.update({"recipe": args.recipe, "gpu": args.gpu, "parameters": shape.params})
     result["budget"] = make_budget(args, cfg, shape, teacher, world, seq_lens)
+    timeout = collective_timeout(cfg, shape, teacher if cfg.teacher.path else None, mode, world, seq_lens,
+                                 result["budget"]["peak_tflops"])
+    result.update(collective_timeout_s=timeout["seconds"], collective_timeout_reason=timeout["reason"])
     if args.max_context:
         longest = max_context(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher)
         result.update({"max_context": longest["max_context"], "max_context_stream": longest["stream"],
@@ -165,7 +170,7 @@ def format_plan(result: dict) -> str:
     chunks = result["tiled_mlp_chunks_compared"]
     lines.append(f"peak by long-stream saver (GiB; tiled MLP in {chunks} chunks): {peaks}")
     lines.append(f"checkpoint {result['checkpoint_bytes'] / 1e9:.1f} GB; collective timeout "
-                 f"{result['collective_timeout_s']:.0f} s (parallel.collective_timeout_s)")
+                 f"{result['collective_timeout_s']:.0f} s: {result['collective_timeout_reason']}")
     if result.get("sequence_parallel_problem"):
         lines.append(f"parallel.sequence_parallel {result['sequence_parallel']}: the trainer refuses it: "
                      f"{result['sequence_parallel_problem']}")

@@ -58,17 +58,20 @@ from distill.optim.localise import (
 )
 from distill.optim.optimizer import rescale
 from distill.parallel.base import Processes
+from distill.parallel.fsdp2 import fsdp_requested
 from distill.parallel.launcher import choose
 from distill.parallel.memory import install_savers
 from distill.parallel.state import checkpoint_keys, is_sharded_checkpoint
 from distill.parallel.ulysses import check_attention, check_heads, split_streams
+from distill.parallel.zero3 import zero3_requested
 from distill.plan import (
     MIN_COLLECTIVE_TIMEOUT_S,
     Shape,
-    collective_timeout_s,
     memory_problem,
+    recipe_seq_lens,
     stream_tokens_per_step,
 )
+from distill.plan import collective_timeout as plan_collective_timeout
 from distill.schedules import lr_at
 from distill.train import checkpoint as ckpt
 from distill.train.metrics import MetricsFile, Tracker, console_line
@@ -154,19 +157,32 @@ def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dic
         raise ConfigError(problem)
 
 
-def collective_timeout(cfg: RecipeConfig) -> float:
-    """parallel.collective_timeout_s, or the planner's default for the model's checkpoint size (the config
-    alone; 30 minutes when it cannot be read here: set-up then reports the path in one line)."""
-    if cfg.parallel.collective_timeout_s is not None:
-        return float(cfg.parallel.collective_timeout_s)
+def collective_timeout(cfg: RecipeConfig) -> dict:
+    """The process group's timeout, before it exists: parallel.collective_timeout_s, or the planner's default
+    from the configs alone (distill.plan.collective_timeout: one step at the launch's world size and this
+    device's peak, one rank's checkpoint write) -- what scripts/plan.py prints. The floor
+    (`MIN_COLLECTIVE_TIMEOUT_S`) when a config or the data cannot be read here: set-up then reports the
+    problem in one line."""
+    explicit = cfg.parallel.collective_timeout_s
+    if explicit is not None:
+        return {"seconds": float(explicit), "reason": "parallel.collective_timeout_s"}
     from transformers import AutoConfig
 
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    except Exception:  # noqa: BLE001 - the set-up's own load gives the one-line error
-        return MIN_COLLECTIVE_TIMEOUT_S
-    return collective_timeout_s(Shape.from_config(config), cfg.parallel.checkpoint_write_gb_per_s)
+        mode = "fsdp2" if world > 1 and fsdp_requested() else "zero3" if world > 1 and zero3_requested() \
+            else "replicated"
+        trust = cfg.model.trust_remote_code
+        shape = Shape.from_config(AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=trust))
+        teacher = (Shape.from_config(AutoConfig.from_pretrained(cfg.teacher.path, trust_remote_code=trust))
+                   if cfg.teacher.path else None)
+        seq_lens = recipe_seq_lens(cfg)
+    except Exception:  # noqa: BLE001 - the set-up's own checks give the one-line error
+        return {"seconds": MIN_COLLECTIVE_TIMEOUT_S, "reason": "the floor (the configs could not be read)"}
+    local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    return plan_collective_timeout(cfg, shape, teacher, mode, world, seq_lens,
+                                   peak_tflops(local, cfg.log.peak_tflops))
 
 
 def take_lock(procs, output_dir: str) -> ckpt.RunLock:
@@ -193,7 +209,10 @@ def run(cfg: RecipeConfig, return_state: bool = False, spans: Spans = NO_SPANS):
     Args:
         spans: a recorder of the step's named spans (benchmarks); the default records nothing.
     """
-    procs = Processes(collective_timeout(cfg))
+    timeout = collective_timeout(cfg)
+    procs = Processes(timeout["seconds"])
+    if procs.is_main:
+        logger.info("collective timeout %.0f s: %s", timeout["seconds"], timeout["reason"])
     check_output_dir(cfg.run.output_dir)
     lock = take_lock(procs, cfg.run.output_dir)
     try:

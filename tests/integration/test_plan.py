@@ -165,12 +165,33 @@ def test_set_up_fits_where_training_does(tmp_path):
             assert result["host_bytes_per_node"] == 8 * result["host_bytes_per_rank"]
             assert 44 * GiB < result["host_bytes_per_rank"] < 46 * GiB  # 4 + 2 bytes x 8.03B parameters
             assert result["checkpoint_bytes"] == 12 * shape.params  # fp32 weights + AdamW: ~96 GB
-            assert result["collective_timeout_s"] == 1800  # 2 x 482 s at 0.2 GB/s, raised to 30 min
+
+
+def test_collective_timeout_follows_the_step_and_one_ranks_write_not_the_model_size(tmp_path):
+    """3 x the longer of one step (the budget's, at MFU 0.4) and one rank's share of the checkpoint written at
+    parallel.checkpoint_write_gb_per_s, at least 10 minutes; parallel.collective_timeout_s wins."""
+    from distill.plan import collective_timeout, collective_timeout_s, run_budget
+
+    cfg, shape = _llama3_recipe(tmp_path, "longred-32k-abf")
+    seq = recipe_seq_lens(cfg)
+    sharded = collective_timeout(cfg, shape, None, "fsdp2", 8, seq, 989)
+    assert sharded["write_s"] == pytest.approx(12 * shape.params / 8 / 0.2e9)  # ~60 s: 12 GB a rank
+    assert sharded["step_s"] == pytest.approx(run_budget(cfg, shape, None, 8, seq, 0.4, 989)["step_s"])
+    assert sharded["seconds"] == 600 and "one step" in sharded["reason"]  # 3 x 60 s, raised to the floor
+    assert collective_timeout(cfg, shape, None, "replicated", 8, seq, 989)["write_s"] == pytest.approx(
+        8 * sharded["write_s"])  # rank 0 writes it all
+    assert collective_timeout(cfg, shape, None, "fsdp2", 8, seq, None)["step_s"] is None  # unknown peak
+    slow, _ = _llama3_recipe(tmp_path, "longred-32k-abf", **{"parallel.checkpoint_write_gb_per_s": 0.01})
+    assert collective_timeout(slow, shape, None, "zero3", 8, seq, 989)["seconds"] == pytest.approx(
+        3 * 12 * shape.params / 8 / 0.01e9)  # ~20 min
+    fixed, _ = _llama3_recipe(tmp_path, "longred-32k-abf", **{"parallel.collective_timeout_s": 90})
+    assert collective_timeout(fixed, shape, None, "fsdp2", 8, seq, 989)["seconds"] == 90
+    # 70B on 32 ranks: each writes 26 GB; the old rule (rank 0 writing 847 GB, twice) gave 8,466 s.
     seventy = Shape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, head_dim=128,
                     vocab=128256, tied=False)
-    from distill.plan import collective_timeout_s
-
-    assert collective_timeout_s(seventy, 0.2) == pytest.approx(2 * 12 * seventy.params / 0.2e9)  # ~2.3 h
+    big = collective_timeout(cfg, seventy, None, "fsdp2", 32, seq, 989)
+    assert big["seconds"] == 600 and 100 < big["write_s"] < 160 and 60 < big["step_s"] < 150
+    assert collective_timeout_s(None, 250.0) == 750 and collective_timeout_s(300.0, 10.0) == 900
 
 
 def test_state_bytes_match_the_live_objects(tmp_path, tiny_llama, built_data):
