@@ -286,7 +286,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
             dataclasses.replace(cfg.model, path=cfg.teacher.path)
         teacher = load_teacher(teacher_cfg.path, teacher_cfg, host)
     _load_weights(cfg, student, resume_path)
-    autocast = _autocast(device, dtype)
+    autocast = _autocast(device, dtype, strategy.name)  # ZeRO-3: no cast cache
     trace = None
     if cfg.optim.layers.mode == "traced":
         trace = _start_trace(cfg, student, streams, resume_path, strategy, _autocast(host, dtype), host)
@@ -729,11 +729,20 @@ def _retrace(cfg: RecipeConfig, strategy, streams: dict, autocast, groups: dict)
     return trace
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    """The step's compute: autocast to the recipe's dtype over fp32 master weights (none in fp32)."""
+def _autocast(device: torch.device, dtype: torch.dtype, mode: str = "replicated"):
+    """The step's compute: autocast to the recipe's dtype over fp32 master weights (none in fp32).
+
+    Autocast caches its cast of every fp32 weight until the region ends (the step's whole forward and
+    losses). Under ZeRO-3 (`mode` "zero3") that cast is of the gathered full weight, so the cache would hold a
+    bf16 copy of the whole model on every GPU (2 bytes per parameter, 15 GiB at 8B): it is off there, and each
+    use casts again. DeepSpeed's own autocast region (the engine's `torch_autocast` section) inherits the
+    setting. Elsewhere it stays on: FSDP2 on a GPU gathers bf16 parameters (nothing to cast), and a
+    replicated model's copies are its own (scripts/plan.py counts them); the cache spares recasting the
+    lm_head for every loss chunk."""
     if dtype == torch.float32:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    cache = mode != "zero3"
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def _evaluation(cfg: RecipeConfig, tokenizer, native_model,
