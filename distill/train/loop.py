@@ -59,12 +59,15 @@ from distill.optim.optimizer import rescale
 from distill.parallel.base import Processes
 from distill.parallel.launcher import choose
 from distill.parallel.memory import install_savers
-from distill.parallel.ulysses import check_attention, check_heads, split_streams
+from distill.parallel.ulysses import check_attention, check_groups, check_heads, split_streams
 from distill.plan import (
     MIN_COLLECTIVE_TIMEOUT_S,
     Shape,
     collective_timeout_s,
+    host_problem,
     memory_problem,
+    node_ram_bytes,
+    replicate_problem,
     stream_tokens_per_step,
 )
 from distill.schedules import lr_at
@@ -133,8 +136,10 @@ def warn_repeated_data(cfg: RecipeConfig, mixture) -> None:
 
 
 def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dict[str, int]) -> None:
-    """On a GPU, before any model is loaded: the planner's estimate from the configs (scripts/plan.py) against
-    the device's memory; one line when it will not fit (`parallel.skip_memory_check: true` goes on).
+    """Before any model is loaded: the planner's estimates from the configs (scripts/plan.py) against the
+    device's memory (on a GPU) and against this node's RAM (host memory per node, LOCAL_WORLD_SIZE ranks of
+    the launch here, on a CPU too); one line when either will not fit (`parallel.skip_memory_check: true`
+    goes on).
     """
     from transformers import AutoConfig
 
@@ -145,6 +150,13 @@ def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dic
 
     student = shape(cfg.model.path)
     teacher = shape(cfg.teacher.path) if cfg.teacher.path else None
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # unknown: every rank on this node
+    problem = host_problem(cfg, student, teacher, mode, world, ranks_here, node_ram_bytes(), seq_lens,
+                           on_gpu=device.type == "cuda")
+    if problem is not None:
+        raise ConfigError(problem)
+    if device.type != "cuda":
+        return
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory
     name = torch.cuda.get_device_name(device)
     problem = memory_problem(cfg, student, teacher, mode, world, gpu_bytes, seq_lens, name)
@@ -272,7 +284,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     strategy.ring_degree = cfg.parallel.ring_degree
     strategy.split = split_streams(cfg, seq_lens)
     attention, window = check_launch(cfg, strategy, streams, device)
-    if device.type == "cuda" and not cfg.parallel.skip_memory_check:
+    if not cfg.parallel.skip_memory_check:
         check_memory(cfg, strategy.name, procs.world, device, seq_lens)
 
     # Sharded modes load on the host: nothing whole reaches a GPU; the strategy moves what each rank holds.
@@ -340,6 +352,10 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
         raise ConfigError("model.dtype: float32 cannot run flash_attention_2 (flash-attn computes in float16 "
                           "or bfloat16 only); set model.dtype: bfloat16 or model.attention: sdpa_varlen")
     check_attention(attention, cfg.parallel.sequence_parallel)
+    problem = replicate_problem(strategy.name, strategy.procs.world, cfg.parallel.replicate)
+    if problem is not None:
+        raise ConfigError(problem)
+    check_groups(strategy.procs.world, cfg.parallel.sequence_parallel, cfg.parallel.replicate)
     if cfg.parallel.sequence_parallel > 1:
         check_heads(config, cfg.parallel.sequence_parallel, cfg.parallel.sequence_parallel_mode,
                     cfg.parallel.ring_degree)
