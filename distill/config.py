@@ -718,8 +718,9 @@ class ParallelConfig:
     layer's all-gathers stay inside a node and only the gradient all-reduce crosses the network. The frozen
     teacher shards within the group too; sequence-parallel groups must fit inside one. 1: one flat mesh."""
     skip_memory_check: bool = False
-    """On a GPU the trainer estimates the peak memory per GPU at start-up (distill.plan, as scripts/plan.py
-    prints it) and stops with one line when it will not fit; true goes on anyway (for experts)."""
+    """At start-up, before any model is loaded, the trainer estimates the peak memory per GPU (on a GPU) and
+    the host memory per node (the node's RAM against LOCAL_WORLD_SIZE ranks; distill.plan, as scripts/plan.py
+    prints them) and stops with one line when either will not fit; true goes on anyway (for experts)."""
     collective_timeout_s: float | None = None
     """Seconds a rank waits in a collective before the process group fails the run: how long a dead or hung
     node (a rank that never joins) keeps the others waiting. null: 3 x the longer of the planner's step time
@@ -727,8 +728,10 @@ class ParallelConfig:
     checkpoint (12 bytes per parameter over the ranks that write it) at `checkpoint_write_gb_per_s`, at
     least 10 minutes (scripts/plan.py prints it and why)."""
     checkpoint_write_gb_per_s: float = 0.2
-    """The write speed of one rank the default collective timeout assumes (GB/s per rank, every rank writing
-    its shard at once; 0.2: a busy shared filesystem)."""
+    """One rank's write speed to the checkpoint filesystem (GB/s; 0.2: a busy shared filesystem). Sharded
+    checkpoints (FSDP2, ZeRO-3) are written by every rank at once, each its part, so scripts/plan.py's
+    checkpoint time and the default collective timeout take one rank's share at this speed (the filesystem
+    sustaining ranks x this); one process or data parallel writes from rank 0 alone."""
     offload_activations: bool = False
     """Long stream: each decoder layer's checkpointed input (what gradient checkpointing keeps per layer,
     tokens x hidden) is copied to pinned host memory on a side CUDA stream during the forward and brought

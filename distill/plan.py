@@ -32,7 +32,7 @@ from distill.config import ConfigError
 from distill.data.dataset import STREAM_INFO
 from distill.model.flops import flop_rates
 from distill.parallel.memory import auto_chunks, long_streams, resolve_chunks
-from distill.parallel.ulysses import heads_problem
+from distill.parallel.ulysses import group_problem, heads_problem
 from distill.schedules import share_at
 
 GiB = 1024**3
@@ -41,6 +41,13 @@ GPUS = {"h100-80gb": int(79.1 * GiB), "h200-141gb": int(139.8 * GiB), "a100-80gb
 MODES = ("replicated", "fsdp2", "zero3")
 OVERHEAD_BYTES = int(1.5 * GiB)
 OVERHEAD_FRACTION = 0.05
+HOST_PROCESS_BYTES = 2 * GiB
+"""Host memory of one GPU rank before any model: Python, torch, the CUDA and NCCL libraries' host state, the
+tokenizer and the data's index (an estimate; the built data is memory-mapped, its pages are the OS's)."""
+CPU_PROCESS_BYTES = GiB // 2
+"""The same for a rank on a CPU (no CUDA libraries)."""
+EXPORT_SHARD_BYTES = 5 * 10**9
+"""The streamed export's output shard (bf16 safetensors): the most of the final model rank 0 holds at once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +239,7 @@ def sequence_parallel_mode(cfg) -> str:
 def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dict[str, int],
          teacher_shape: Shape | None = None, sequence_parallel: int = 1, on_gpu: bool = True,
          ranks_per_node: int = 8, offload: bool | None = None, mlp_chunks: int | None = None,
-         sp_mode: str | None = None) -> dict:
+         sp_mode: str | None = None, host_ram: int | None = None) -> dict:
     """Bytes per GPU of the recipe `cfg` on `world` GPUs in `mode`.
 
     Args:
@@ -244,17 +251,25 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
         ranks_per_node: processes per node (host memory per node).
         offload / mlp_chunks / sp_mode: the long stream's savers and the sequence-parallel kind ("ulysses",
             "ring"); None: the recipe's.
+        host_ram: a node's RAM in bytes, against which the host memory per node is checked (None: not
+            checked; `host["fits"]` is then None).
+
+    The sharded state is divided by the shard group: all `world` ranks, or under FSDP2 with
+    `parallel.replicate` R (HSDP) the world / R ranks of one replica (`shard_group_size`).
 
     Returns:
-        {"peak_bytes", "gpu_bytes", "fits", "setup_peak_bytes" (GPU, before the first step),
-         "host_bytes_per_rank", "host_bytes_per_node", "ranks_per_node", "breakdown": {...},
-         "streams": {name: {...}}, "mode", "world", "sequence_parallel"}.
+        {"peak_bytes", "gpu_bytes", "fits" (GPU memory), "setup_peak_bytes" (GPU, before the first step),
+         "host_bytes_per_rank", "host_bytes_per_node", "ranks_per_node", "host": {...} (`host_memory`),
+         "breakdown": {...}, "streams": {name: {...}}, "mode", "world", "replicate", "shard_group",
+         "replicate_problem", "sequence_parallel"}.
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}; allowed: {', '.join(MODES)}")
     low = cfg.model.dtype != "float32"
     weight_bytes = 2 if low else 4
-    shards = world if mode in ("fsdp2", "zero3") else 1
+    replicate = cfg.parallel.replicate
+    group = shard_group_size(mode, world, replicate)
+    shards = group if mode in ("fsdp2", "zero3") else 1
     n, layer = shape.params, shape.layer_params
     breakdown = {
         "student_weights": 4 * n / shards,  # fp32 masters
@@ -272,16 +287,19 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
     elif mode == "zero3":
         root = 0 if shape.tied else shape.vocab * shape.hidden  # the full lm_head copy the losses keep
         gathered = 2 * layer * 4 + 2 * layer * 4 + root * 4
+        if low:  # no cast cache (distill.train.loop._autocast): each use casts what is gathered, then frees
+            gathered += 2 * layer * 2 + root * 2
     breakdown["gathered_parameters"] = gathered
-    # Autocast keeps a bf16 copy of every weight it casts until the autocast region ends.
-    breakdown["autocast_weight_copies"] = 2 * n if low and not fsdp_mixed else 0.0
+    # Autocast keeps a bf16 copy of every weight it casts until the autocast region ends; ZeRO-3 runs with
+    # that cache off (its casts would be of gathered full weights, a whole bf16 model on every GPU).
+    breakdown["autocast_weight_copies"] = 2 * n if low and not fsdp_mixed and mode != "zero3" else 0.0
     teacher_shape = teacher_shape or shape
     needs_teacher = cfg.needs_teacher
     if needs_teacher:
         t_layers = teacher_shape.layers * teacher_shape.layer_params
         t_head = 0 if teacher_shape.tied else teacher_shape.vocab * teacher_shape.hidden
         t_edges = teacher_shape.embed_params + t_head
-        t_shards = world if mode in ("fsdp2", "zero3") else 1
+        t_shards = shards  # the teacher shards within the shard group too
         breakdown["teacher_weights"] = weight_bytes * (t_layers / t_shards + t_edges + teacher_shape.hidden)
         if mode in ("fsdp2", "zero3"):
             breakdown["teacher_weights"] += weight_bytes * teacher_shape.layer_params  # one layer gathered
@@ -330,14 +348,17 @@ def plan(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dic
     breakdown["largest_stream"] = largest
     breakdown["overhead"] = overhead
     peak = static + largest + overhead
-    setup = setup_bytes(shape, teacher_shape if needs_teacher else None, mode, world, weight_bytes)
-    host = host_bytes(shape, teacher_shape if needs_teacher else None, weight_bytes)
+    setup = setup_bytes(shape, teacher_shape if needs_teacher else None, mode, shards, weight_bytes)
     ranks_per_node = min(world, ranks_per_node)
-    return {"mode": mode, "world": world, "sequence_parallel": sequence_parallel, "peak_bytes": int(peak),
+    host = host_memory(shape, teacher_shape if needs_teacher else None, mode, shards, weight_bytes,
+                       offloaded_host, ranks_per_node, host_ram, None if on_gpu else static + largest)
+    return {"mode": mode, "world": world, "replicate": replicate, "shard_group": group,
+            "replicate_problem": replicate_problem(mode, world, replicate),
+            "sequence_parallel": sequence_parallel, "peak_bytes": int(peak),
             "gpu_bytes": int(gpu_bytes), "fits": peak <= gpu_bytes,
-            "setup_peak_bytes": int(setup + OVERHEAD_BYTES), "host_bytes_per_rank": int(host),
+            "setup_peak_bytes": int(setup + OVERHEAD_BYTES), "host_bytes_per_rank": host["per_rank_bytes"],
             "checkpoint_bytes": checkpoint_bytes(shape),
-            "host_bytes_per_node": int(host * ranks_per_node), "ranks_per_node": ranks_per_node,
+            "host_bytes_per_node": host["per_node_bytes"], "ranks_per_node": ranks_per_node, "host": host,
             "offloaded_host_bytes_per_rank": int(offloaded_host),
             "offloaded_host_bytes_per_node": int(offloaded_host * ranks_per_node),
             "savers": {"offload_activations": bool(offload), "tiled_mlp": int(mlp_chunks),
@@ -363,15 +384,6 @@ def checkpoint_bytes(shape: Shape) -> int:
     return CHECKPOINT_BYTES_PER_PARAM * shape.params
 
 
-def checkpoint_writers(mode: str, world: int, replicate: int = 1) -> int:
-    """The ranks that write a checkpoint's bytes in parallel: each rank its shard (FSDP2 through
-    torch.distributed.checkpoint, over one replica's world / replicate ranks; ZeRO-3 through the engine's own
-    checkpoint), one rank for a replicated run."""
-    if mode == "fsdp2":
-        return max(1, world // max(1, replicate))
-    return world if mode == "zero3" else 1
-
-
 def collective_timeout_s(step_s: float | None, write_s: float) -> float:
     """The default process-group timeout: `COLLECTIVE_TIMEOUT_FACTOR` times the longer of one step (None:
     unknown, not counted) and one rank's checkpoint write, at least `MIN_COLLECTIVE_TIMEOUT_S`.
@@ -395,7 +407,7 @@ def collective_timeout(cfg, shape: Shape, teacher_shape: Shape | None, mode: str
         {"seconds", "reason", "step_s", "write_s"} (step_s None without a peak).
     """
     par = cfg.parallel
-    writers = checkpoint_writers(mode, world, par.replicate)
+    writers = checkpoint_writers(mode, world)
     write_s = checkpoint_bytes(shape) / writers / (par.checkpoint_write_gb_per_s * 1e9)
     step_s = None
     if peak_tflops:
@@ -416,10 +428,82 @@ def collective_timeout(cfg, shape: Shape, teacher_shape: Shape | None, mode: str
 
 
 def host_bytes(shape: Shape, teacher_shape: Shape | None, weight_bytes: int) -> float:
-    """Host memory of one rank at set-up: the student's fp32 master weights and the teacher in the recipe's
-    dtype, whole, as every rank loads them before the strategy lays them out (measured as peak RSS on the
-    CPU, tests/integration/test_plan.py)."""
+    """Host memory of one rank loading whole models: the student's fp32 master weights and the teacher in the
+    recipe's dtype (one process or data parallel; measured as peak RSS on the CPU,
+    tests/integration/test_plan.py)."""
     return 4 * shape.params + (weight_bytes * teacher_shape.params if teacher_shape is not None else 0)
+
+
+def largest_tensor(shape: Shape) -> int:
+    """Elements of the model's largest weight (the embedding matrix, or an MLP projection)."""
+    return max(shape.embed_params, shape.hidden * shape.intermediate)
+
+
+def host_memory(shape: Shape, teacher_shape: Shape | None, mode: str, shards: int, weight_bytes: int,
+                offloaded: float = 0.0, ranks_per_node: int = 1, host_ram: int | None = None,
+                device_peak: float | None = None) -> dict:
+    """Host memory of a rank and a node, at the worst of the run's phases, each on top of the process itself
+    (`HOST_PROCESS_BYTES`):
+    - load: sharded modes build the models on the meta device and fill only this rank's part from the
+      checkpoint, so a rank holds at most its shard of the fp32 student and of the teacher (the shard group's
+      1/`shards`) plus a read buffer: under FSDP2 one slice of the largest tensor (a DCP read item), under
+      ZeRO-3 the largest tensor whole (`zero.Init` partitions after each full tensor is read); one process or
+      data parallel load both models whole (`host_bytes`);
+    - training: the pinned buffers of offloaded checkpoints (`offloaded`, parallel.offload_activations) plus
+      the checkpoint's copy-out: sharded, one tensor of this rank's part at a time (DCP: the largest slice;
+      ZeRO-3: a flat fp32 partition), unsharded, rank 0's whole state (weights + AdamW, 12 bytes a parameter);
+    - export (rank 0): the streamed export's one bf16 output shard (`EXPORT_SHARD_BYTES`) and the tensor
+      being cast into it, with the training buffers still held.
+    On a CPU (`device_peak` given) the device's memory is the host's: the training peak is added to the
+    training and export phases, and the process is `CPU_PROCESS_BYTES`. The node's figure counts every rank
+    at rank 0's (an upper bound by one export shard).
+
+    Returns:
+        {"per_rank": {"process", "load", "offload_buffers", "checkpoint", "export"}, "per_rank_bytes",
+         "per_node_bytes", "ranks_per_node", "ram_bytes", "fits" (None without `host_ram`)}.
+    """
+    n, big = shape.params, largest_tensor(shape)
+    teacher = weight_bytes * teacher_shape.params if teacher_shape is not None else 0
+    if mode == "replicated":
+        load = host_bytes(shape, teacher_shape, weight_bytes)
+        checkpoint = CHECKPOINT_BYTES_PER_PARAM * n
+    elif mode == "fsdp2":
+        load = (4 * n + teacher) / shards + 4 * big / shards
+        checkpoint = 4 * big / shards
+    else:
+        load = (4 * n + teacher) / shards + 4 * big
+        checkpoint = 4 * n / shards
+    export = min(EXPORT_SHARD_BYTES, 2 * n) + 2 * big
+    held = offloaded + (device_peak or 0)
+    process = HOST_PROCESS_BYTES if device_peak is None else CPU_PROCESS_BYTES
+    phases = {"process": process, "load": load, "offload_buffers": offloaded,
+              "checkpoint": checkpoint, "export": export}
+    per_rank = process + max(load, held + checkpoint, held + export)
+    per_node = per_rank * ranks_per_node
+    return {"per_rank": {k: int(v) for k, v in phases.items()}, "per_rank_bytes": int(per_rank),
+            "per_node_bytes": int(per_node), "ranks_per_node": ranks_per_node,
+            "ram_bytes": None if host_ram is None else int(host_ram),
+            "fits": None if host_ram is None else per_node <= host_ram}
+
+
+def shard_group_size(mode: str, world: int, replicate: int = 1) -> int:
+    """The ranks the sharded state is divided over: the world, or under FSDP2 with `parallel.replicate` R
+    (HSDP, when R divides the world) one replica's world / R."""
+    if mode == "fsdp2" and replicate > 1 and world % replicate == 0:
+        return world // replicate
+    return world
+
+
+def replicate_problem(mode: str, world: int, replicate: int) -> str | None:
+    """Why the trainer would refuse `parallel.replicate` for this launch, or None (one line)."""
+    if replicate == 1:
+        return None
+    if mode != "fsdp2":
+        return (f"parallel.replicate: {replicate} needs the FSDP2 launch (recipes/accelerate/fsdp2.yaml); "
+                f"this is {mode} on {world} processes")
+    if world % replicate:
+        return f"parallel.replicate: {replicate} does not divide the {world} processes"
+    return None
 
 
 def setup_bytes(shape: Shape, teacher_shape: Shape | None, mode: str, world: int, weight_bytes: int) -> float:
@@ -472,21 +556,22 @@ def _distilled_depth(objectives, num_layers: int) -> int:
 
 
 def sequence_parallel_problem(shape: Shape, world: int, size: int, sp_mode: str = "ulysses",
-                              ring_degree: int = 1) -> str | None:
+                              ring_degree: int = 1, replicate: int = 1) -> str | None:
     """Why the trainer would refuse sequence parallelism over `size` ranks of `world` for this model, or
-    None: the degree must divide the processes, and the heads must suit the Ulysses degree by the trainer's
+    None: the degree must divide the processes and, under HSDP (`replicate` > 1), one shard group
+    (`distill.parallel.ulysses.group_problem`), and the heads must suit the Ulysses degree by the trainer's
     own rule (`distill.parallel.ulysses.heads_problem`: S for ulysses, S / ring_degree for hybrid, none for
     ring)."""
     if size == 1:
         return None
-    if world % size:
-        return f"{size} does not divide the {world} processes"
-    return heads_problem(shape.heads, shape.kv_heads, size, sp_mode, ring_degree)
+    return group_problem(world, size, replicate) or \
+        heads_problem(shape.heads, shape.kv_heads, size, sp_mode, ring_degree)
 
 
 def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int,
                                 seq_lens: dict[str, int], teacher_shape: Shape | None = None,
-                                on_gpu: bool = True, variants: bool = False, **savers_) -> dict:
+                                on_gpu: bool = True, variants: bool = False, host_ram: int | None = None,
+                                need_host: bool = False, **savers_) -> dict:
     """`plan` at the recipe's `parallel.sequence_parallel` (with `sequence_parallel_problem` when the trainer
     would refuse it), plus `min_sequence_parallel`: the smallest degree the trainer accepts for this model
     and launch at which the peak fits, or None when none does.
@@ -494,24 +579,29 @@ def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_by
     Args:
         variants: also `peak_by_savers`: the peak at the recipe's degree with each saver off and on
             ({"plain", "offload", "tiled_mlp", "offload+tiled_mlp"} and, split, "ring" for the other kind).
+        host_ram: a node's RAM (`plan`'s host check).
+        need_host: the smallest degree must fit the node's RAM too (what `max_context` asks), not only the
+            GPU.
         savers_: `plan`'s offload / mlp_chunks / sp_mode overrides.
     """
     configured = cfg.parallel.sequence_parallel
     sp_mode = savers_.get("sp_mode") or sequence_parallel_mode(cfg)
     result = plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, configured, on_gpu,
-                  **savers_)
-    ring_degree = cfg.parallel.ring_degree
+                  host_ram=host_ram, **savers_)
+    ring_degree, replicate = cfg.parallel.ring_degree, cfg.parallel.replicate
     result["sequence_parallel_problem"] = sequence_parallel_problem(shape, world, configured, sp_mode,
-                                                                    ring_degree)
+                                                                    ring_degree, replicate)
     result["min_sequence_parallel"] = None
     for s in range(1, world + 1):
-        if sequence_parallel_problem(shape, world, s, sp_mode, ring_degree) is not None:
+        if sequence_parallel_problem(shape, world, s, sp_mode, ring_degree, replicate) is not None:
             continue
         trial = result if s == configured else \
-            plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu, **savers_)
-        if trial["fits"]:
+            plan(cfg, shape, mode, world, gpu_bytes, seq_lens, teacher_shape, s, on_gpu, host_ram=host_ram,
+                 **savers_)
+        if trial["fits"] and (not need_host or trial["host"]["fits"] is not False):
             result["min_sequence_parallel"] = s
             result["peak_bytes_at_min_sequence_parallel"] = trial["peak_bytes"]
+            result["host_bytes_per_node_at_min_sequence_parallel"] = trial["host_bytes_per_node"]
             break
     if variants:
         _, chunks = savers(cfg, shape)
@@ -536,21 +626,22 @@ def plan_with_sequence_parallel(cfg, shape: Shape, mode: str, world: int, gpu_by
 
 def max_context(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_lens: dict[str, int],
                 teacher_shape: Shape | None = None, on_gpu: bool = True, stream: str | None = None,
-                step: int = 1024, **savers_) -> dict:
+                step: int = 1024, host_ram: int | None = None, **savers_) -> dict:
     """The longest row of the long stream (`stream`, default: the recipe's longest) that fits for this model
     and launch at some sequence-parallel degree the trainer accepts, with the recipe's other streams as they
-    are: a bisection over multiples of `step` tokens (the peak grows with the length).
+    are: a bisection over multiples of `step` tokens (the peak grows with the length). With `host_ram` the
+    node's host memory must fit too (offloaded checkpoints grow with the row).
 
     Returns:
         {"max_context": tokens or 0, "stream", "sequence_parallel" (the smallest degree at that length),
-         "peak_bytes"}.
+         "peak_bytes", "host_bytes_per_node"}.
     """
     name = stream or sorted(long_streams(seq_lens))[0]
 
     def fits(length: int) -> dict | None:
         lens = {**seq_lens, name: length}
         result = plan_with_sequence_parallel(cfg, shape, mode, world, gpu_bytes, lens, teacher_shape, on_gpu,
-                                             **savers_)
+                                             host_ram=host_ram, need_host=host_ram is not None, **savers_)
         return result if result["min_sequence_parallel"] is not None else None
 
     low, high, best = 0, step, None
@@ -566,7 +657,8 @@ def max_context(cfg, shape: Shape, mode: str, world: int, gpu_bytes: int, seq_le
             high = mid
     return {"max_context": low, "stream": name,
             "sequence_parallel": best["min_sequence_parallel"] if best else None,
-            "peak_bytes": best["peak_bytes_at_min_sequence_parallel"] if best else None}
+            "peak_bytes": best["peak_bytes_at_min_sequence_parallel"] if best else None,
+            "host_bytes_per_node": best["host_bytes_per_node_at_min_sequence_parallel"] if best else None}
 
 
 def gpu_memory(name: str) -> int:
@@ -574,11 +666,31 @@ def gpu_memory(name: str) -> int:
     key = name.strip().lower()
     if key in GPUS:
         return GPUS[key]
-    text = key.replace("_", "")
-    for suffix, scale in (("gib", GiB), ("gb", 10**9)):
+    return byte_size(key)
+
+
+def byte_size(text: str) -> int:
+    """A size given as text: bytes ("85e9") or with a unit ("80GiB", "1TiB", "512GB", "2TB").
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    text = text.strip().lower().replace("_", "")
+    value = text
+    scale = 1
+    for suffix, unit in (("tib", 1024**4), ("gib", GiB), ("tb", 10**12), ("gb", 10**9)):
         if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * scale)
-    return int(float(text))
+            value, scale = text[: -len(suffix)], unit
+            break
+    size = int(float(value) * scale)
+    if size <= 0:
+        raise ValueError(text)
+    return size
+
+
+def node_ram_bytes() -> int:
+    """This machine's physical memory (bytes): the node a run or a plan is on."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def accelerate_launch(path: str | None) -> tuple[str, int]:
@@ -644,6 +756,25 @@ def memory_problem(cfg, shape: Shape, teacher_shape: Shape | None, mode: str, wo
             f"model.gradient_checkpointing, or set parallel.skip_memory_check: true to try anyway")
 
 
+def host_problem(cfg, shape: Shape, teacher_shape: Shape | None, mode: str, world: int, ranks_per_node: int,
+                 host_ram: int, seq_lens: dict[str, int], on_gpu: bool = True) -> str | None:
+    """The trainer's start-up check of the node's RAM: one line when the planner's host memory per node
+    (`host_memory`, `ranks_per_node` ranks of this launch) exceeds `host_ram`, else None."""
+    result = plan(cfg, shape, mode, world, GPUS["h100-80gb"], seq_lens, teacher_shape,
+                  cfg.parallel.sequence_parallel, on_gpu, ranks_per_node=ranks_per_node, host_ram=host_ram)
+    host = result["host"]
+    if host["fits"]:
+        return None
+    worst = max(("load", "checkpoint", "export"), key=lambda k: host["per_rank"][k])
+    ranks = host["ranks_per_node"]
+    return (f"the run needs ~{host['per_node_bytes'] / GiB:.1f} GiB of host memory on this node "
+            f"({ranks} rank{'s' if ranks > 1 else ''} x {host['per_rank_bytes'] / GiB:.1f} GiB, {mode} on "
+            f"{world} processes; the most at {worst}) but the node has {host_ram / GiB:.1f} GiB; see "
+            f"scripts/plan.py --host-ram for the breakdown, shard over more processes, run fewer ranks per "
+            f"node, turn off parallel.offload_activations, or set parallel.skip_memory_check: true to try "
+            f"anyway")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The run's budget: tokens, time at a stated MFU, checkpoints on disk, the stop grace a cluster must give
 # ---------------------------------------------------------------------------------------------------
@@ -694,8 +825,15 @@ STOP_GRACE_MARGIN = 1.25
 """The suggested stop grace: (one step + one checkpoint write) times this, rounded up to a minute."""
 
 
+def checkpoint_writers(mode: str, world: int) -> int:
+    """The ranks that write a checkpoint at the same time: every rank its own part when sharded (FSDP2's
+    DCP; under HSDP DCP's planner spreads the replicas' duplicate shards over their holders, so every rank
+    still writes ~1/world; ZeRO-3's engine checkpoint), rank 0 alone otherwise."""
+    return world if mode in ("fsdp2", "zero3") else 1
+
+
 def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_lens: dict[str, int],
-               mfu: float, peak_tflops: float | None) -> dict:
+               mfu: float, peak_tflops: float | None, mode: str = "fsdp2") -> dict:
     """What a run costs besides memory: tokens per step and per run (per stream), step time and hours at a
     stated MFU, checkpoints on disk, and the stop grace a scheduler must leave between its signal and the
     kill.
@@ -708,13 +846,20 @@ def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_l
     is about 0.53 of the hardware. The trainer logs `mfu` for the student alone and `teacher_tflops_per_s`
     apart; the planner's MFU is their sum over the peak.
 
+    Checkpoints: sharded modes write in parallel, each of the `checkpoint_writers` ranks its own
+    checkpoint_bytes / writers at `parallel.checkpoint_write_gb_per_s` (a per-rank bandwidth: the filesystem
+    is assumed to sustain writers x that in aggregate, as parallel filesystems do for a few dozen clients);
+    one process or data parallel writes everything from rank 0.
+
     Args:
         mfu: model FLOPs utilisation assumed (e.g. 0.4).
         peak_tflops: dense bf16 peak per GPU; None: no time figures.
+        mode: the launch's ("replicated", "fsdp2", "zero3"): who writes checkpoints.
 
     Returns:
         {"tokens_per_step", "tokens_per_run": {stream: tokens}, "step_flops", "mfu", "peak_tflops",
-         "step_s", "train_hours", "checkpoint_bytes", "checkpoint_write_s", "checkpoints_saved",
+         "step_s", "train_hours", "checkpoint_bytes", "checkpoint_writers", "checkpoint_write_s",
+         "checkpoint_write_gb_per_s", "checkpoints_saved",
          "checkpoints_on_disk_max", "checkpoints_at_end", "checkpoint_disk_bytes_max",
          "checkpoint_hours", "total_hours", "stop_grace_s"} (time figures None without a peak).
     """
@@ -730,7 +875,8 @@ def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_l
                        flop_counts_of(teacher_shape) if cfg.needs_teacher else None)
     step_flops = sum(per_step[n] * (student + teacher) for n, (student, teacher) in rates.items())
     size = checkpoint_bytes(shape)
-    write_s = size / (cfg.parallel.checkpoint_write_gb_per_s * 1e9)
+    writers = checkpoint_writers(mode, world)
+    write_s = size / writers / (cfg.parallel.checkpoint_write_gb_per_s * 1e9)
     train = cfg.train
     most, at_end = checkpoints_on_disk(train.max_steps, train.save_every, train.keep_last, train.keep_every)
     saves = len({*(range(train.save_every, train.max_steps + 1, train.save_every) if train.save_every
@@ -739,7 +885,8 @@ def run_budget(cfg, shape: Shape, teacher_shape: Shape | None, world: int, seq_l
               "tokens_per_step_by_stream": {n: int(round(t)) for n, t in per_step.items()},
               "tokens_per_run": {n: int(round(t * train.max_steps)) for n, t in per_step.items()},
               "step_flops": step_flops, "mfu": mfu, "peak_tflops": peak_tflops,
-              "checkpoint_bytes": size, "checkpoint_write_s": write_s, "checkpoints_saved": saves,
+              "checkpoint_bytes": size, "checkpoint_writers": writers, "checkpoint_write_s": write_s,
+              "checkpoint_write_gb_per_s": cfg.parallel.checkpoint_write_gb_per_s, "checkpoints_saved": saves,
               "checkpoints_on_disk_max": most, "checkpoints_at_end": at_end,
               "checkpoint_disk_bytes_max": most * size, "checkpoint_hours": saves * write_s / 3600,
               "step_s": None, "train_hours": None, "total_hours": None, "stop_grace_s": None}

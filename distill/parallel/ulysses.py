@@ -153,6 +153,25 @@ def heads_problem(heads: int, kv_heads: int, size: int, mode: str = "ulysses",
     return None
 
 
+def group_problem(world: int, size: int, replicate: int = 1) -> str | None:
+    """Why sequence-parallel groups of `size` ranks do not tile the launch, or None (the trainer's and the
+    planner's rule): S divides the processes and, under HSDP (`parallel.replicate` R), one shard group of
+    world / R ranks, so that a row's ranks hold the same shards and stay inside one node."""
+    if world % size:
+        return f"{size} does not divide the {world} processes"
+    if replicate > 1 and world % replicate == 0 and (world // replicate) % size:
+        return (f"{size} does not divide the shard group of {world // replicate} ranks ({world} processes / "
+                f"parallel.replicate {replicate}): sequence-parallel groups stay inside one")
+    return None
+
+
+def check_groups(world: int, size: int, replicate: int = 1) -> None:
+    """`group_problem` as a one-line ConfigError naming the key."""
+    problem = group_problem(world, size, replicate) if size > 1 else None
+    if problem is not None:
+        raise ConfigError(f"parallel.sequence_parallel: {problem}")
+
+
 def check_heads(config, size: int, mode: str = "ulysses", ring_degree: int = 1) -> None:
     """`heads_problem` for a model config, as a one-line ConfigError naming the key."""
     heads = config.num_attention_heads

@@ -62,13 +62,16 @@ from distill.parallel.fsdp2 import fsdp_requested
 from distill.parallel.launcher import choose
 from distill.parallel.memory import install_savers
 from distill.parallel.state import checkpoint_keys, is_sharded_checkpoint
-from distill.parallel.ulysses import check_attention, check_heads, split_streams
+from distill.parallel.ulysses import check_attention, check_groups, check_heads, split_streams
 from distill.parallel.zero3 import zero3_requested
 from distill.plan import (
     MIN_COLLECTIVE_TIMEOUT_S,
     Shape,
+    host_problem,
     memory_problem,
+    node_ram_bytes,
     recipe_seq_lens,
+    replicate_problem,
     stream_tokens_per_step,
 )
 from distill.plan import collective_timeout as plan_collective_timeout
@@ -138,8 +141,10 @@ def warn_repeated_data(cfg: RecipeConfig, mixture) -> None:
 
 
 def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dict[str, int]) -> None:
-    """On a GPU, before any model is loaded: the planner's estimate from the configs (scripts/plan.py) against
-    the device's memory; one line when it will not fit (`parallel.skip_memory_check: true` goes on).
+    """Before any model is loaded: the planner's estimates from the configs (scripts/plan.py) against the
+    device's memory (on a GPU) and against this node's RAM (host memory per node, LOCAL_WORLD_SIZE ranks of
+    the launch here, on a CPU too); one line when either will not fit (`parallel.skip_memory_check: true`
+    goes on).
     """
     from transformers import AutoConfig
 
@@ -150,6 +155,13 @@ def check_memory(cfg: RecipeConfig, mode: str, world: int, device, seq_lens: dic
 
     student = shape(cfg.model.path)
     teacher = shape(cfg.teacher.path) if cfg.teacher.path else None
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # unknown: every rank on this node
+    problem = host_problem(cfg, student, teacher, mode, world, ranks_here, node_ram_bytes(), seq_lens,
+                           on_gpu=device.type == "cuda")
+    if problem is not None:
+        raise ConfigError(problem)
+    if device.type != "cuda":
+        return
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory
     name = torch.cuda.get_device_name(device)
     problem = memory_problem(cfg, student, teacher, mode, world, gpu_bytes, seq_lens, name)
@@ -294,7 +306,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     strategy.replicate = cfg.parallel.replicate
     strategy.split = split_streams(cfg, seq_lens)
     attention, window = check_launch(cfg, strategy, streams, device)
-    if device.type == "cuda" and not cfg.parallel.skip_memory_check:
+    if not cfg.parallel.skip_memory_check:
         check_memory(cfg, strategy.name, procs.world, device, seq_lens)
 
     # FSDP2 builds the models on the meta device, shards them there and has each rank read only its part
@@ -314,7 +326,7 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
         teacher = load_teacher(teacher_cfg.path, teacher_cfg, where, meta)
     if sources is None:
         _load_weights(cfg, student, resume_path)
-    autocast = _autocast(device, dtype)
+    autocast = _autocast(device, dtype, strategy.name)  # ZeRO-3: no cast cache
     trace = None
     if cfg.optim.layers.mode == "traced":
         trace = _start_trace(cfg, student, streams, resume_path, strategy, _autocast(host, dtype), host)
@@ -371,7 +383,10 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
         raise ConfigError("model.dtype: float32 cannot run flash_attention_2 (flash-attn computes in float16 "
                           "or bfloat16 only); set model.dtype: bfloat16 or model.attention: sdpa_varlen")
     check_attention(attention, cfg.parallel.sequence_parallel)
-    check_replicas(cfg.parallel, strategy)
+    problem = replicate_problem(strategy.name, strategy.procs.world, cfg.parallel.replicate)
+    if problem is not None:
+        raise ConfigError(problem)
+    check_groups(strategy.procs.world, cfg.parallel.sequence_parallel, cfg.parallel.replicate)
     if cfg.parallel.sequence_parallel > 1:
         check_heads(config, cfg.parallel.sequence_parallel, cfg.parallel.sequence_parallel_mode,
                     cfg.parallel.ring_degree)
@@ -381,23 +396,6 @@ def check_launch(cfg: RecipeConfig, strategy, streams: dict, device) -> tuple[st
     for name, stream in streams.items():
         check_stream(name, cfg.streams[name], stream, window, cfg.rope.target_length)
     return attention, window
-
-
-def check_replicas(parallel, strategy) -> None:
-    """parallel.replicate against the launch: HSDP needs FSDP2, R dividing the processes, and each
-    sequence-parallel group inside one shard group (world / R consecutive ranks)."""
-    replicas, world, size = parallel.replicate, strategy.procs.world, parallel.sequence_parallel
-    if replicas == 1:
-        return
-    if strategy.name != "fsdp2":
-        raise ConfigError(f"parallel.replicate: {replicas} (hybrid sharding) needs the FSDP2 launch "
-                          f"(recipes/accelerate/fsdp2.yaml); this is {strategy.describe()}")
-    if world % replicas:
-        raise ConfigError(f"parallel.replicate: {replicas} does not divide the {world} processes")
-    if (world // replicas) % size:
-        raise ConfigError(f"parallel.sequence_parallel: {size} does not divide the shard group of "
-                          f"{world // replicas} processes (world {world} / parallel.replicate {replicas}); a "
-                          f"sequence-parallel group must sit inside one")
 
 
 def startup_checks(cfg: RecipeConfig, strategy, student, teacher, streams: dict, autocast) -> dict:
@@ -801,11 +799,20 @@ def _retrace(cfg: RecipeConfig, strategy, streams: dict, autocast, groups: dict)
     return trace
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    """The step's compute: autocast to the recipe's dtype over fp32 master weights (none in fp32)."""
+def _autocast(device: torch.device, dtype: torch.dtype, mode: str = "replicated"):
+    """The step's compute: autocast to the recipe's dtype over fp32 master weights (none in fp32).
+
+    Autocast caches its cast of every fp32 weight until the region ends (the step's whole forward and
+    losses). Under ZeRO-3 (`mode` "zero3") that cast is of the gathered full weight, so the cache would hold a
+    bf16 copy of the whole model on every GPU (2 bytes per parameter, 15 GiB at 8B): it is off there, and each
+    use casts again. DeepSpeed's own autocast region (the engine's `torch_autocast` section) inherits the
+    setting. Elsewhere it stays on: FSDP2 on a GPU gathers bf16 parameters (nothing to cast), and a
+    replicated model's copies are its own (scripts/plan.py counts them); the cache spares recasting the
+    lm_head for every loss chunk."""
     if dtype == torch.float32:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    cache = mode != "zero3"
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def _evaluation(cfg: RecipeConfig, tokenizer, native_model,

@@ -1,9 +1,12 @@
-"""The user's journey as shipped. Every shipped 8B recipe (recipes/llama3-8b/, recipes/mistral-7b-v0.3/) runs
-as written, on data built from the shipped data specs by scripts/prepare_data.py, with only these swaps:
-- the model: the recipes' and specs' hub ids (meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.3)
-  resolve, offline (HF_HUB_OFFLINE=1), through a Hugging Face cache this test fills with a tiny random-init
-  model of the same family and depth (32 layers, so the recipes' layer lists stay as shipped) and a 128-token
-  window;
+"""The user's journey as shipped. Every shipped 8B and 70B recipe (recipes/llama3-8b/,
+recipes/mistral-7b-v0.3/, recipes/llama3-70b/) runs as written, on data built from the shipped data specs by
+scripts/prepare_data.py, with only these swaps:
+- the model: the recipes' and specs' hub ids (meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.3,
+  meta-llama/Meta-Llama-3-70B) resolve, offline (HF_HUB_OFFLINE=1), through a Hugging Face cache this test
+  fills with a tiny random-init model of the same family and depth (32 layers, so the recipes' layer lists
+  stay as shipped; the 70B recipes name none but `last` and `auto`, so their stand-in has 32 too, at 40% of
+  an 80-layer one's time) and a 128-token window (the 70B stand-in shares the 8B's tokenizer, as the real
+  models do, so it reads the data the 8B specs build);
 - the sources: one override per source, `sources.<name>.path=<local JSON lines>` (docs/data.md);
 - the scale: lengths / 64 (target 512, original window 128, short rows 64), token budgets, 2 steps, one row
   per micro-batch; a sequence-parallel recipe other than the sharded run below runs on one process.
@@ -33,13 +36,14 @@ from distill.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "integration", "journey_worker.py")
-HUB = {"meta-llama/Meta-Llama-3-8B": "llama", "mistralai/Mistral-7B-v0.3": "mistral"}
+HUB = {"meta-llama/Meta-Llama-3-8B": "llama", "mistralai/Mistral-7B-v0.3": "mistral",
+       "meta-llama/Meta-Llama-3-70B": "llama"}
 WINDOW, TARGET = 128, 512
 LENGTHS = {"long": TARGET, "s2l": WINDOW, "short": 64}
 TOKENS_PER_STEP = 1024  # LongReD's 4 : 3 : 1 = one 512-token long row, 6 short rows, one s2l window
 SPECS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "data", "*.yaml"))
                if not os.path.basename(p).startswith(("demo", "smollm2")))
-RECIPES = sorted(os.path.relpath(p, ROOT) for d in ("llama3-8b", "mistral-7b-v0.3")
+RECIPES = sorted(os.path.relpath(p, ROOT) for d in ("llama3-8b", "mistral-7b-v0.3", "llama3-70b")
                  for p in glob.glob(os.path.join(ROOT, "recipes", d, "*.yaml")))
 SHARDED = "recipes/llama3-8b/longred-128k-abf-sp2.yaml"
 STEPS = 2
@@ -109,8 +113,8 @@ def journey(tmp_path_factory, tokenizer_dir):
     work = tmp_path_factory.mktemp("journey")
     hub_cache, hf_home = str(work / "hf" / "hub"), str(work / "hf")
     for repo, arch in HUB.items():
-        model = make_tiny_model(str(work / "models" / arch), arch, tokenizer_dir=tokenizer_dir, seed=1,
-                                hidden_size=64, num_layers=32, num_heads=4, num_kv_heads=2,
+        model = make_tiny_model(str(work / "models" / repo.split("/")[1]), arch, tokenizer_dir=tokenizer_dir,
+                                seed=1, hidden_size=64, num_layers=32, num_heads=4, num_kv_heads=2,
                                 intermediate_size=128, max_position_embeddings=WINDOW)
         fill_hub_cache(hub_cache, repo, model)
     env = _env(hub_cache, hf_home)

@@ -133,12 +133,13 @@ def test_savers_lower_the_llama3_8b_peak(tmp_path):
 
 
 def test_max_context_for_llama3_8b_reaches_2m(tmp_path):
-    """scripts/plan.py --max-context --json for Llama-3-8B LongReD on 8 x H100 (FSDP2): at least 2M tokens
-    with offloaded checkpoints and a tiled MLP (the 2M recipe), under 1M without them."""
+    """scripts/plan.py --max-context --json for Llama-3-8B LongReD on 8 x H100 (FSDP2) on nodes of 1 TiB: at
+    least 2M tokens with offloaded checkpoints and a tiled MLP (the 2M recipe), under 1M without them."""
     path, _, model = _llama3(tmp_path, "longred-2m-abf-sp8")
     env = {**os.environ, "PYTHONPATH": ROOT}
     command = [sys.executable, os.path.join(ROOT, "scripts", "plan.py"), path, f"model.path={model}"]
-    flags = ["--accelerate-config", "recipes/accelerate/fsdp2.yaml", "--max-context", "--json"]
+    flags = ["--accelerate-config", "recipes/accelerate/fsdp2.yaml", "--max-context", "--json", "--host-ram",
+             "1TiB"]
     proc = subprocess.run(command + flags, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
                           check=False)
     assert proc.returncode == 0, proc.stderr

@@ -380,6 +380,10 @@ def test_flash_attention_runs_match_sdpa_varlen(two, single, tiny_llama):
         assert set().union(*(_varlen_offsets(c) for c in per_rank)) == offsets, run
     for calls in [reference, *_flash_calls(runs[1])]:
         assert {c["dtype"] for c in calls} == {"bfloat16"} and all(c["causal"] for c in calls)
+    # ZeRO-3 computes with autocast's cast cache off (a cached cast of a gathered weight stays on every rank
+    # until the step's autocast region ends: a whole bf16 model per GPU); the other modes keep it.
+    assert {c["autocast_cache"] for c in reference} == {True}
+    assert {c["autocast_cache"] for calls in _flash_calls(runs[1]) for c in calls} == {two["mode"] != "zero3"}
 
 
 @pytest.mark.slow

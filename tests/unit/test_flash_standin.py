@@ -54,8 +54,8 @@ def test_varlen_is_exact_attention_per_document_with_gqa(fa):
         torch.testing.assert_close(out[start:start + n].double(), want, atol=2e-2, rtol=2e-2)
         start += n
     assert fa.standin.CALLS == [{"entry": "flash_attn_varlen_func", "dtype": "bfloat16", "causal": True,
-                                 "window": [-1, -1], "heads": 4, "cu_seqlens": [0, 5, 22, 23, 32],
-                                 "documents": 4}]
+                                 "window": [-1, -1], "heads": 4, "autocast_cache": True,
+                                 "cu_seqlens": [0, 5, 22, 23, 32], "documents": 4}]
 
 
 def test_causal_is_bottom_right_aligned_and_windows_hold(fa):

@@ -63,7 +63,7 @@ CHANGED = {
 }
 # Keys added to the recipe schema since the snapshot, at their defaults where a recipe does not set them.
 NEW_KEYS = {"parallel.offload_activations": False, "parallel.tiled_mlp": 1,
-            "parallel.sequence_parallel_mode": "ulysses", "parallel.ring_degree": 1}
+            "parallel.sequence_parallel_mode": "ulysses", "parallel.ring_degree": 1, "parallel.replicate": 1}
 # Recipes newer than the snapshot: (the recipe they extend, what they change).
 _LONG = "data/built/slimpajama-llama3-{}/{}"
 NEW_RECIPES = {

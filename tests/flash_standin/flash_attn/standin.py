@@ -17,15 +17,19 @@ import os
 import sys
 
 CALLS: list[dict] = []
-"""One entry per call of an entry point: {"entry", "dtype", "causal", "window", "heads", and "cu_seqlens" and
-"documents" (varlen) or "rows" and "seq_q" (flash_attn_func)}."""
+"""One entry per call of an entry point: {"entry", "dtype", "causal", "window", "heads", "autocast_cache"
+(whether autocast's weight-cast cache was on around the call), and "cu_seqlens" and "documents" (varlen) or
+"rows" and "seq_q" (flash_attn_func)}."""
 
 RECORD_DIR = os.environ.get("FLASH_STANDIN_RECORD_DIR")
 
 
 def record(entry: str, q, causal: bool, window_size, **fields) -> None:
+    import torch
+
     call = {"entry": entry, "dtype": str(q.dtype).removeprefix("torch."), "causal": bool(causal),
-            "window": [int(w) for w in window_size], "heads": int(q.shape[-2]), **fields}
+            "window": [int(w) for w in window_size], "heads": int(q.shape[-2]),
+            "autocast_cache": torch.is_autocast_cache_enabled(), **fields}
     if "cu_seqlens" in call:
         call["documents"] = len(call["cu_seqlens"]) - 1
     CALLS.append(call)
