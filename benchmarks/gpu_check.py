@@ -468,6 +468,10 @@ def check_sharded_state(device, size: str) -> dict:
     import gc
 
     import torch
+
+    # DCP imported before any measurement: no figure counts the modules a step imports on first use.
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
