@@ -45,6 +45,17 @@ What each part proves:
     `student_activation_bytes`, and the pinned host bytes offloaded. A size the planner puts beyond the
     device's free memory is reported as such, not run. On a CPU: an 8-layer 64-wide model at 2K and 8K
     tokens, peaks from benchmarks/long_context_memory.py's storage tracker.
+(9) sharded state: in a process group of one (NCCL; gloo on a CPU), a Llama of TinyLlama-1.1B's shape
+    (1.10e9 parameters; --sharded-size tiny: 4.9e6, the default on a CPU) random-init and saved once as bf16
+    safetensors, then (a) the trainer's sharded load (FSDP2: `load_student(meta=True)`, `shard_student`,
+    `to_empty` on the device, `load_model_files` through DCP's Hugging Face reader, `refill_buffers`) against
+    (b) the whole load (`load_student`: from_pretrained on the host, then .to(device)), both fp32 masters:
+    seconds, peak host RSS (this process's VmHWM, reset before each measurement through
+    /proc/self/clear_refs; a 5 ms RSS sampler where that is refused) and max_memory_allocated; (a) must equal
+    (b) bit for bit, RoPE's inv_freq included. Then (c) one AdamW step and `save_checkpoint` /
+    `load_checkpoint` (DCP `model/` + `optimizer/`) into a freshly built sharded model: seconds, bytes
+    written (12 a parameter: about 13 GB at 1.1B), and that weights and AdamW state reload bit-equal. Sized
+    for under 3 minutes on one H100 (not yet measured there; disk speed dominates (c)).
 Multi-GPU training of the 8B recipes needs `accelerate launch` with recipes/accelerate/*.yaml.
 
 Prints one JSON line at the end (also when a part failed), and writes the report to --out (default
@@ -338,9 +349,21 @@ def check_layout(device, attention: str) -> dict:
             "dtype": "bfloat16" if low else "float32", "ok": worst <= 0.05 * max(scale, 1.0)}
 
 
+def _one_process_group(device, port: int) -> None:
+    """A process group of world 1 (NCCL on CUDA, gloo on a CPU), so FSDP2, DCP and DeepSpeed run as they do
+    under a launcher; the one that exists already (an earlier part's) is kept."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
 def check_zero3_precision(device) -> dict:
     import torch
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from distill.config import OptimConfig
@@ -351,11 +374,7 @@ def check_zero3_precision(device) -> dict:
     if importlib.util.find_spec("deepspeed") is None:
         raise Skipped("DeepSpeed is not installed "
                       "(DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)")
-    if not dist.is_initialized():
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29631"), ("RANK", "0"),
-                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    _one_process_group(device, 29631)
     result = {}
     for label, dtype in (("with_torch_autocast", torch.bfloat16), ("without", None)):
         torch.manual_seed(0)
@@ -372,8 +391,205 @@ def check_zero3_precision(device) -> dict:
     return result
 
 
+class HostPeak:
+    """The peak host RSS over a `with` block, in MiB (`peak_mb`; `added_mb` above the RSS at its start).
+
+    The kernel's high-water mark (VmHWM in /proc/self/status) only ever grows within a process, so it is reset
+    to the current RSS at the start (writing 5 to /proc/self/clear_refs, Linux >= 4.0) and read at the end:
+    exact, in this process. Where that write is refused, a thread samples VmRSS every 5 ms instead (a spike
+    shorter than that can be missed); `method` says which."""
+
+    def __init__(self):
+        self.method, self.peak_mb, self.added_mb = None, None, None
+        self._stop, self._thread, self._sampled = None, None, 0
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {key}")
+
+    def __enter__(self):
+        import threading
+
+        self._start = self._status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")
+            self.method = "VmHWM reset through /proc/self/clear_refs"
+        except OSError:
+            self.method = "VmRSS sampled every 5 ms"
+            self._stop, self._sampled = threading.Event(), self._start
+
+            def sample():
+                while not self._stop.wait(0.005):
+                    self._sampled = max(self._sampled, self._status_kb("VmRSS"))
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._sampled, self._status_kb("VmRSS"))
+        else:
+            peak = self._status_kb("VmHWM")
+        self.peak_mb, self.added_mb = round(peak / 1024, 1), round((peak - self._start) / 1024, 1)
+        return False
+
+
+# Part 9's models: TinyLlama-1.1B's shape (1.10e9 parameters, untied embeddings as Llama-3's) on CUDA, a
+# small one for a CPU (the path, not the figures).
+SHARDED_SHAPES = {
+    "1b": {"vocab_size": 32000, "hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,
+           "intermediate_size": 5632, "max_position_embeddings": 2048},
+    "tiny": {"vocab_size": 4096, "hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 2,
+             "intermediate_size": 704, "max_position_embeddings": 512},
+}
+
+
+def _files_bytes(directory: str) -> dict[str, int]:
+    """{relative path: bytes} of the files under `directory`."""
+    out = {}
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(parent, name)
+            out[os.path.relpath(path, directory)] = os.path.getsize(path)
+    return dict(sorted(out.items()))
+
+
+def check_sharded_state(device, size: str) -> dict:
+    """Part 9: the trainer's sharded load against the whole load, and a DCP checkpoint of model + AdamW,
+    in a process group of one: seconds, peak host RSS (`HostPeak`) and max_memory_allocated of each."""
+    import gc
+
+    import torch
+
+    # DCP imported before any measurement: no figure counts the modules a step imports on first use.
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import ModelConfig, OptimConfig, RopeConfig
+    from distill.model.load import load_student
+    from distill.optim.optimizer import keep_kernel, make_optimizer
+    from distill.parallel.fsdp2 import make_mesh, shard_student
+    from distill.parallel.state import load_checkpoint, load_model_files, refill_buffers, save_checkpoint
+    from distill.testing import tiny_config
+
+    gpu = device.type == "cuda"
+    _one_process_group(device, 29632)
+    shape = SHARDED_SHAPES[size]
+    config = tiny_config("llama", **shape)
+    # The trainer's student: fp32 masters from bf16 files, the recipe's RoPE (abf, 4x the window) rebuilt
+    # after to_empty; bf16 gathers on CUDA (FSDP2.setup's mixed precision), fp32 throughout on a CPU.
+    rope = RopeConfig(method="abf", theta=5.0e5, target_length=4 * shape["max_position_embeddings"])
+    mp = torch.bfloat16 if gpu else None
+    mesh = make_mesh(device)
+
+    def sharded_build(model_cfg):
+        model = load_student(model_cfg, rope, device, meta=True)
+        shard_student(model, mesh, mp_dtype=mp)
+        model.to_empty(device=device)  # FSDP2._place: this rank's shards, uninitialised
+        return model
+
+    def measured(fn):
+        """(result, figures): seconds, peak host RSS, and on CUDA max_memory_allocated over the call beside
+        what was allocated before it (the models of the earlier steps)."""
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+        _peak_reset(device)
+        before = round(torch.cuda.memory_allocated(device) / 2**20, 1) if gpu else None
+        with HostPeak() as host:
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        return out, {"seconds": round(seconds, 2), "peak_host_rss_mb": host.peak_mb,
+                     "host_rss_added_mb": host.added_mb, "host_rss_method": host.method,
+                     "max_memory_allocated_mb": _peak_mb(device), "cuda_allocated_before_mb": before}
+
+    def local(t):
+        return (t.to_local() if isinstance(t, DTensor) else t).detach()
+
+    with common.workspace() as ws:
+        torch.manual_seed(0)
+        with torch.device(device):  # random init where it is fast, saved once in bf16
+            saved = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        saved.save_pretrained(ws.path("model"))
+        params = sum(p.numel() for p in saved.parameters())
+        del saved
+        model_cfg = ModelConfig(path=ws.path("model"), dtype="float32", attention="sdpa")
+        result = {"model": "TinyLlama-1.1B-shaped Llama" if size == "1b" else "small Llama (the path only)",
+                  "parameters": params, "files_bytes": sum(_files_bytes(ws.path("model")).values()),
+                  "world": 1, "backend": "nccl" if gpu else "gloo"}
+
+        # (a) the sharded load: built on meta, sharded, to_empty, each rank reading its rows (DCP's HF reader)
+        steps = {}
+
+        def sharded_load():
+            t0 = time.perf_counter()
+            model = sharded_build(model_cfg)
+            steps["build_shard_to_empty_s"] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            load_model_files(model, model_cfg.path)
+            refill_buffers(model)
+            _sync(device)
+            steps["read_s"] = round(time.perf_counter() - t0, 2)
+            return model
+
+        sharded, figures = measured(sharded_load)
+        result["sharded_load"] = {**figures, **steps}
+
+        # (b) the whole load: from_pretrained on the host, then .to(device) (load_student without meta)
+        whole, result["whole_load"] = measured(lambda: load_student(model_cfg, rope, device))
+        mine, theirs = sharded.state_dict(), whole.state_dict()
+        result["sharded_equals_whole"] = mine.keys() == theirs.keys() and all(
+            torch.equal(local(mine[k]), theirs[k].detach()) for k in theirs)
+        inv = [m.inv_freq for m in sharded.modules() if "inv_freq" in m._buffers]
+        inv_whole = [m.inv_freq for m in whole.modules() if "inv_freq" in m._buffers]
+        result["inv_freq_rebuilt"] = bool(inv) and all(torch.equal(a, b) for a, b in zip(inv, inv_whole))
+        del whole, mine, theirs
+
+        # (c) one optimiser step (AdamW state exists), then DCP save and load into a fresh sharded model
+        optimizer = make_optimizer(sharded, OptimConfig(), sharded=True)
+        ids = torch.randint(0, shape["vocab_size"], (1, 256), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+        sharded(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        checkpoint = ws.path("checkpoint")
+        _, figures = measured(lambda: save_checkpoint(sharded, optimizer, checkpoint))
+        written = _files_bytes(checkpoint)
+        result["dcp_save"] = {**figures, "bytes_written": sum(written.values()), "files": sorted(written)}
+        fresh = sharded_build(model_cfg)  # as a resume builds it: garbage until read
+        fresh_optimizer = make_optimizer(fresh, OptimConfig(), sharded=True)
+
+        def load():
+            load_checkpoint(fresh, checkpoint, fresh_optimizer)
+            keep_kernel(fresh_optimizer)
+
+        _, result["dcp_load"] = measured(load)
+        a, b = sharded.state_dict(), fresh.state_dict()
+        result["reloaded_weights_bit_equal"] = all(torch.equal(local(a[k]), local(b[k])) for k in a)
+        pairs = zip(*([p for g in o.param_groups for p in g["params"]] for o in (optimizer, fresh_optimizer)))
+        result["reloaded_adamw_bit_equal"] = all(
+            torch.equal(local(optimizer.state[p][key]), local(fresh_optimizer.state[q][key]))
+            for p, q in pairs for key in ("step", "exp_avg", "exp_avg_sq"))
+        result["ok"] = all(result[k] for k in ("sharded_equals_whole", "inv_freq_rebuilt",
+                                                "reloaded_weights_bit_equal", "reloaded_adamw_bit_equal"))
+    return result
+
+
 PARTS = {"1": "attention", "2": "loss", "3": "train", "4": "layout", "5": "zero3_precision",
-         "6": "sequence_parallel", "7": "restoration", "8": "long_context_memory"}
+         "6": "sequence_parallel", "7": "restoration", "8": "long_context_memory", "9": "sharded_state"}
 
 
 class Skipped(Exception):
@@ -404,7 +620,9 @@ def main() -> dict:
                                                "build it here, about a minute)")
     parser.add_argument("--memory-layers", type=int, default=4,
                         help="(8) Llama-3-8B-shaped decoder layers (cuda; a CPU runs a tiny model)")
-    parser.add_argument("--part", default="12345678", help="which checks to run, e.g. 12")
+    parser.add_argument("--sharded-size", choices=sorted(SHARDED_SHAPES), default=None,
+                        help="(9) the model: 1b (TinyLlama-1.1B's shape; cuda default) or tiny (cpu default)")
+    parser.add_argument("--part", default="123456789", help="which checks to run, e.g. 12")
     parser.add_argument("--out", default="gpu_check.json", help="the report, rewritten after every part")
     args = parser.parse_args()
     import torch
@@ -434,6 +652,7 @@ def main() -> dict:
                                        progress=lambda partial: _write(args.out, {
                                            **result, "restoration": {"status": "running", **partial}})),
         "8": lambda: check_long_context_memory(device, args.memory_layers),
+        "9": lambda: check_sharded_state(device, args.sharded_size or ("1b" if gpu else "tiny")),
     }
     for part, name in PARTS.items():
         if part not in args.part:

@@ -34,7 +34,7 @@ def test_every_part_runs_on_the_cpu_through_the_flash_path(tmp_path):
                   "--steps", "2")
     assert report["flash_attn"] is True
     for part in ("attention", "loss", "train", "layout", "zero3_precision", "sequence_parallel",
-                 "restoration", "long_context_memory"):
+                 "restoration", "long_context_memory", "sharded_state"):
         assert report[part]["status"] == "ok", (part, report[part])
     kernels = report["attention"]["implementations"]
     assert kernels["flash_attention_2"]["layout"] == "one row + offsets"
@@ -63,3 +63,22 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
     assert "\n" not in report["layout"]["error"]
     assert report["zero3_precision"]["status"] == "ok"
     assert "attention" not in report and "train" not in report
+
+
+def test_the_sharded_load_and_dcp_checkpoint_part_runs_on_the_cpu(tmp_path):
+    """Part 9 at --sharded-size tiny (a CPU's default): the same calls as on CUDA, gloo instead of NCCL."""
+    report = _run(tmp_path, "--part", "9")
+    part = report["sharded_state"]
+    assert part["status"] == "ok", part
+    assert part["backend"] == "gloo" and part["parameters"] > 1e6
+    assert part["sharded_equals_whole"] and part["inv_freq_rebuilt"]
+    assert part["reloaded_weights_bit_equal"] and part["reloaded_adamw_bit_equal"]
+    assert part["dcp_save"]["files"] == ["model/.metadata", "model/__0_0.distcp", "optimizer/.metadata",
+                                         "optimizer/__0_0.distcp"]
+    # fp32 weights + AdamW's two moments: 12 bytes a parameter (plus metadata and the 0-dim steps)
+    assert 12 * part["parameters"] <= part["dcp_save"]["bytes_written"] < 13 * part["parameters"]
+    for step in ("sharded_load", "whole_load", "dcp_save", "dcp_load"):
+        figures = part[step]
+        assert figures["seconds"] > 0 and figures["peak_host_rss_mb"] > 0, (step, figures)
+        assert figures["host_rss_added_mb"] >= 0 and figures["max_memory_allocated_mb"] is None
+    assert "attention" not in report and "zero3_precision" not in report
