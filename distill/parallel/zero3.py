@@ -45,6 +45,7 @@ processes with or without ZeRO-3.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -53,8 +54,10 @@ from torch import nn
 
 from distill.files import CheckpointError
 from distill.model.decoder import decoder_of
+from distill.model.zero_checkpoint import LAYOUT, TAG, ZERO_DIR, zero_optimizer, zero_world_size
 from distill.optim.optimizer import make_optimizer
 from distill.parallel.base import Strategy, global_rank, move_plain_tensors
+from distill.parallel.state import is_sharded_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +437,7 @@ class ZeRO3(Strategy):
     name = "zero3"
     aligned = True
     sharded = True
+    checkpoint_format = "sharded"
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
         # fp32 partitions; the compute dtype is autocast's, which the engine must be told (ds_config).
@@ -484,6 +488,17 @@ class ZeRO3(Strategy):
     def zero_grad(self) -> None:
         """Nothing to do: DeepSpeed resets its partitioned gradients in engine.step() / skip_step."""
 
+    def save_state(self, directory: str) -> None:
+        """The engine's own checkpoint under `directory`/zero: every rank writes its partition of the weights
+        and of AdamW's moments at once (`distill.model.zero_checkpoint` has the layout); rank 0 adds the
+        client optimiser's parameter order, which the conversion to the unsharded format needs."""
+        zero = os.path.join(directory, ZERO_DIR)
+        self.engine.save_checkpoint(zero, tag=TAG, save_latest=False, exclude_frozen_parameters=False)
+        if self.procs.is_main:
+            with open(os.path.join(zero, LAYOUT), "w", encoding="utf-8") as f:
+                json.dump({"order": self.engine._distill_order,
+                           "group_sizes": list(self.engine._distill_group_sizes)}, f)
+
     def model_state_dict(self):
         return full_model_state_dict(self.engine)
 
@@ -494,6 +509,17 @@ class ZeRO3(Strategy):
         load_full_optimizer_state_dict(self.engine, read() if self.procs.is_main else None)
 
     def load_state(self, directory: str) -> None:
-        raise CheckpointError(f"{directory}: a sharded (FSDP2) checkpoint; ZeRO-3 resumes from its own or a "
-                              f"full checkpoint (resume it under recipes/accelerate/fsdp2.yaml, or start a "
-                              f"new stage from it with train.init_from)")
+        """Resume from a ZeRO-3 checkpoint: written by as many processes, the engine reads each rank's own
+        files (weights and moments, exactly); by another number, the moments are converted to the unsharded
+        format on rank 0 and partitioned anew (`load_weights` has read the weights the same way)."""
+        if is_sharded_checkpoint(directory):
+            raise CheckpointError(f"{directory}: a sharded (FSDP2) checkpoint; ZeRO-3 resumes from its own "
+                                  f"or a full checkpoint (resume it under recipes/accelerate/fsdp2.yaml, or "
+                                  f"start a new stage from it with train.init_from)")
+        if zero_world_size(directory) != self.procs.world:
+            self.load_optimizer_state(lambda: zero_optimizer(directory))
+            return
+        loaded, _ = self.engine.load_checkpoint(os.path.join(directory, ZERO_DIR), tag=TAG,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"{directory}: the ZeRO-3 engine could not read its checkpoint")
