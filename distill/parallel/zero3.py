@@ -38,9 +38,12 @@ Semantics kept identical to the one-process loop:
   it unchanged: the shallow decoder copy shares the decoder's hooks and the layers' hooks, and the layers past
   the cut are never gathered (tests/integration/test_zero3.py checks the hidden states exactly).
 
-Checkpoints stay plain full state dicts (model.safetensors + the `state_dict()` of an unsharded AdamW over
-`param_groups(model)`), gathered parameter by parameter on rank 0, so a run resumes on any number of
-processes with or without ZeRO-3.
+Loading and checkpoints are sharded: `ZeRO3.building` keeps an HfDeepSpeedConfig alive while
+from_pretrained runs, so transformers builds each model inside `deepspeed.zero.Init` and scatters its
+weights from rank 0 (the teacher in the recipe's dtype, `build_config`); a resume or train.init_from is read
+into the partitions from rank 0 (`fill_partitioned`). A checkpoint is the engine's own (`save_state`: every
+rank its files under zero/, `distill.model.zero_checkpoint`), resumed exactly by the engine on as many
+processes, converted to the unsharded formats on any other number or mode.
 """
 
 from __future__ import annotations
