@@ -10,6 +10,7 @@ import sysconfig
 import torch
 
 from distill.model.objectives import lm_loss
+from distill.model.zero_checkpoint import is_zero_checkpoint, zero_optimizer, zero_weights
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 
@@ -204,10 +205,12 @@ def finish_workers(out: str, result: dict) -> None:
 
 
 def checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
-    """The full weights of a training checkpoint of either format (model.safetensors, or a sharded one's
-    DCP `model/`), read in this process."""
+    """The full weights of a training checkpoint of any format (model.safetensors, a sharded one's DCP
+    `model/`, or ZeRO-3's `zero/`, converted), read in this process."""
     from safetensors.torch import load_file
 
+    if is_zero_checkpoint(path):
+        return zero_weights(path)
     if not os.path.isfile(os.path.join(path, "model", ".metadata")):
         return load_file(os.path.join(path, "model.safetensors"))
     return _dcp_file(os.path.join(path, "model"))
@@ -216,6 +219,8 @@ def checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
 def checkpoint_optimizer(path: str) -> dict:
     """A training checkpoint's optimiser state in the unsharded format (`optimizer.state_dict()`: state keyed
     by parameter number in param_groups order), whichever format it was written in."""
+    if is_zero_checkpoint(path):
+        return zero_optimizer(path)
     if os.path.isfile(os.path.join(path, "model", ".metadata")) and not os.path.isdir(os.path.join(path,
                                                                                                   "optimizer")):
         return {"state": {}, "param_groups": []}  # a sharded checkpoint before the optimiser's first step

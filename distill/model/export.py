@@ -4,9 +4,12 @@ with the extended RoPE in both the transformers 5 and 4.x spellings, the tokeniz
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
+
+from distill.model.zero_checkpoint import is_zero_checkpoint, zero_weights
 
 
 def legacy_rope_fields(rope_parameters: dict) -> dict:
@@ -145,33 +148,61 @@ def write_index(out_dir: str, weight_map: dict[str, str], total_bytes: int) -> N
 
 
 def consolidate(path: str, shard_bytes: int = SHARD_BYTES) -> str:
-    """A sharded training checkpoint (DCP `model/`, `distill.parallel.state`) made a Hugging Face model
-    directory: its weights written once, as they were trained (fp32), into safetensors shards beside it, one
-    shard in memory at a time; its config.json and tokenizer are already there. Returns `path`; a directory
-    that already has safetensors weights (a full checkpoint, an export, a consolidated one) is left as it is.
-    One process, no process group needed (scripts/evaluate.py, scripts/merge.py)."""
+    """A sharded training checkpoint (DCP `model/`, `distill.parallel.state`, or ZeRO-3's `zero/`) made a
+    Hugging Face model directory: its weights written once, as they were trained (fp32), into safetensors
+    shards beside it, one shard in memory at a time; its config.json and tokenizer are already there.
+    Returns `path`; a directory that already has safetensors weights (a full checkpoint, an export, a
+    consolidated one) is left as it is. One process, no process group needed (scripts/evaluate.py,
+    scripts/merge.py)."""
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     model_dir = os.path.join(path, "model")
     has_weights = any(os.path.isfile(os.path.join(path, n)) for n in ("model.safetensors", INDEX))
+    if not has_weights and is_zero_checkpoint(path):
+        return _consolidate_zero(path, shard_bytes)
     if has_weights or not os.path.isfile(os.path.join(model_dir, ".metadata")):
         return path
     metadata = FileSystemReader(model_dir).read_metadata().state_dict_metadata
     tensors = {k: v for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
     sizes = {k: v.size.numel() * v.properties.dtype.itemsize for k, v in tensors.items()}
-    groups = shard_groups(sizes, shard_bytes)
-    weight_map = {}
-    for i, names in enumerate(groups):
+
+    def materialise(names):
         state = {k: torch.empty(tensors[k].size, dtype=tensors[k].properties.dtype) for k in names}
         dcp.load(state, storage_reader=FileSystemReader(model_dir), no_dist=True)
+        return state
+
+    _save_shards(path, sizes, materialise, shard_bytes)
+    return path
+
+
+def _save_shards(path: str, names: dict, materialise, shard_bytes: int) -> None:
+    """`names` ({tensor name: bytes}) written as safetensors shards into `path`, each shard's tensors
+    `materialise(names)` in memory only while it is written (a temporary file renamed: two readers at once
+    each write their own)."""
+    from safetensors.torch import save_file
+
+    groups = shard_groups(names, shard_bytes)
+    weight_map = {}
+    for i, group in enumerate(groups):
         name = shard_name(i, len(groups))
-        tmp = os.path.join(path, f"{name}.{os.getpid()}.tmp")  # two readers at once each write their own
-        save_file(state, tmp, metadata={"format": "pt"})
+        tmp = os.path.join(path, f"{name}.{os.getpid()}.tmp")
+        save_file(materialise(group), tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, name))
-        weight_map.update(dict.fromkeys(names, name))
+        weight_map.update(dict.fromkeys(group, name))
     if len(groups) > 1:
-        write_index(path, weight_map, sum(sizes.values()))
+        write_index(path, weight_map, sum(names.values()))
+
+
+def _consolidate_zero(path: str, shard_bytes: int) -> str:
+    """`consolidate` for a ZeRO-3 checkpoint: DeepSpeed's lazy fp32 state dict, each tensor merged from the
+    ranks' partitions only when its shard is written. A tied weight is written once, as its first name."""
+    state = zero_weights(path, lazy=True)
+    first: dict[int, str] = {}
+    for key, value in state.items():
+        first.setdefault(id(value), key)
+    keys = [k for k, v in state.items() if first[id(v)] == k]
+    sizes = {k: math.prod(state[k].shape) * state[k].dtype.itemsize for k in keys}
+    _save_shards(path, sizes, lambda group: {k: state[k].contiguous().clone() for k in group}, shard_bytes)
     return path

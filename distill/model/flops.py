@@ -40,14 +40,18 @@ def flop_counts(model) -> dict[str, float]:
     """What the FLOP formulas need from a causal LM: L layers, width d, vocabulary V, N_layers (the
     decoder layers' parameters) and N = every parameter that is a matmul operand (all but the input
     embedding, which is a lookup; lm_head counts, tied or not)."""
+    def numel(p):  # a ZeRO-3 partitioned parameter holds an empty tensor; ds_numel is its whole size
+        return getattr(p, "ds_numel", p.numel())
+
     config = model.config
-    layers = sum(p.numel() for p in decoder_layers(model).parameters())
+    layers = sum(numel(p) for p in decoder_layers(model).parameters())
     embed = model.get_input_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(numel(p) for p in model.parameters())
     head = model.get_output_embeddings().weight
     tied = head is embed
-    return {"L": float(config.num_hidden_layers), "d": float(config.hidden_size), "V": float(head.shape[0]),
-            "N_layers": float(layers), "N": float(total - embed.numel() + (head.numel() if tied else 0))}
+    rows = getattr(head, "ds_shape", head.shape)[0]
+    return {"L": float(config.num_hidden_layers), "d": float(config.hidden_size), "V": float(rows),
+            "N_layers": float(layers), "N": float(total - numel(embed) + (numel(head) if tied else 0))}
 
 
 def train_flops_per_token(counts: dict, seq_len: int, logits: bool = True) -> float:

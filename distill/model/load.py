@@ -174,6 +174,12 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _partitioned(model: nn.Module) -> bool:
+    """Whether from_pretrained built the model inside DeepSpeed's zero.Init (each parameter this rank's
+    partition, already on its device)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | torch.device = "cpu",
                  meta: bool = False):
     """The trainable student: `model_cfg.path` with the recipe's extended RoPE (`meta`: its structure alone,
@@ -185,7 +191,7 @@ def load_student(model_cfg: ModelConfig, rope_cfg: RopeConfig, device: str | tor
     config = load_config(model_cfg.path, model_cfg.trust_remote_code)
     extended = apply_extension(config, rope_cfg)
     model = _from_pretrained(model_cfg.path, extended, model_cfg, device, "model.path", meta)
-    if not meta:
+    if not meta and not _partitioned(model):
         model.to(device)
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:
@@ -213,7 +219,7 @@ def load_teacher(path: str | None, model_cfg: ModelConfig, device: str | torch.d
         raise ConfigError(str(err).replace("model.path:", f"{key}:", 1)) from None
     config.use_cache = False
     model = _from_pretrained(path, config, model_cfg, device, key, meta)
-    if not meta:
+    if not meta and not _partitioned(model):
         model.to(device)
     model.config.use_cache = False
     for line in [] if meta else refresh_inv_freq(model):

@@ -23,7 +23,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # A ZeRO-3 partitioned parameter is a flat empty tensor: its shape is ds_shape.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     if lr_scales is None:
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = []

@@ -27,6 +27,7 @@ Loss semantics are the same everywhere: every micro-batch's loss sums are divide
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -254,6 +255,16 @@ class Strategy(abc.ABC):
     def optimizer_state_dict(self) -> dict:
         """The optimiser state as an unsharded AdamW(param_groups(student)) gives it, on rank 0 ({}
         elsewhere). Every rank calls it."""
+
+    builds_on_meta = True
+    """With `loads_sharded`: whether the models arrive built on the meta device (FSDP2), or built already
+    partitioned inside `building` (ZeRO-3, which needs the weights of model.path read as it builds)."""
+
+    def building(self, trainable: bool, dtype: torch.dtype):
+        """The context the sharded load builds a model in (`trainable`: the student; `dtype`: its parameters'
+        dtype); nothing by default."""
+        del trainable, dtype
+        return contextlib.nullcontext()
 
     def load_weights(self, student_source: str, teacher_source: str | None) -> None:
         """Fill models `setup` took on the meta device (strategies with `loads_sharded`)."""

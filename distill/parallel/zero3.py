@@ -38,13 +38,19 @@ Semantics kept identical to the one-process loop:
   it unchanged: the shallow decoder copy shares the decoder's hooks and the layers' hooks, and the layers past
   the cut are never gathered (tests/integration/test_zero3.py checks the hidden states exactly).
 
-Checkpoints stay plain full state dicts (model.safetensors + the `state_dict()` of an unsharded AdamW over
-`param_groups(model)`), gathered parameter by parameter on rank 0, so a run resumes on any number of
-processes with or without ZeRO-3.
+Loading and checkpoints are sharded: `ZeRO3.building` keeps an HfDeepSpeedConfig alive while
+from_pretrained runs, so transformers builds each model inside `deepspeed.zero.Init` and scatters its
+weights from rank 0 (the teacher in the recipe's dtype, `build_config`); a resume or train.init_from is read
+into the partitions from rank 0 (`fill_partitioned`). A checkpoint is the engine's own (`save_state`: every
+rank its files under zero/, `distill.model.zero_checkpoint`), resumed exactly by the engine on as many
+processes, converted to the unsharded formats on any other number or mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
 import logging
 import os
 
@@ -52,9 +58,20 @@ import torch
 from torch import nn
 
 from distill.files import CheckpointError
+from distill.hub import model_directory
 from distill.model.decoder import decoder_of
+from distill.model.zero_checkpoint import (
+    LAYOUT,
+    TAG,
+    ZERO_DIR,
+    is_zero_checkpoint,
+    zero_optimizer,
+    zero_weights,
+    zero_world_size,
+)
 from distill.optim.optimizer import make_optimizer
 from distill.parallel.base import Strategy, global_rank, move_plain_tensors
+from distill.parallel.state import is_sharded_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +159,8 @@ def partition_in_place(module: nn.Module, config: dict) -> None:
     WHOLE module to the device first (its `module.to(device)`), a full model per GPU before partitioning."""
     import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
 
+    if all(hasattr(p, "ds_id") for p in module.parameters()):
+        return  # built inside zero.Init (the sharded load): partitioned already
     with torch.no_grad():
         deepspeed.zero.Init(module=module, config_dict_or_path=config)
 
@@ -295,6 +314,7 @@ def shard_teacher(teacher: nn.Module, persistence_threshold: int = 100_000, buck
     _init_distributed()
     decoder = decoder_of(teacher)
     config = ds_config(0.0, persistence_threshold, bucket_size, train=False)
+    _replicate_outside(teacher, decoder)
     partition_in_place(decoder, config)
     engine, _, _, _ = deepspeed.initialize(model=decoder, config=config)
     engine.eval()
@@ -302,6 +322,75 @@ def shard_teacher(teacher: nn.Module, persistence_threshold: int = 100_000, buck
     move_plain_tensors(teacher, engine.device, lambda param: hasattr(param, "ds_id"))
     teacher._distill_engine = engine
     return teacher
+
+
+def _replicate_outside(model: nn.Module, inner: nn.Module) -> None:
+    """Parameters of `model` outside `inner` that zero.Init partitioned (the teacher's lm_head, when it was
+    built partitioned) made plain replicated tensors again: no engine hook would gather them."""
+    import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
+
+    inside = {id(p) for p in inner.parameters()}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or id(param) in inside or not hasattr(param, "ds_id"):
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                full = param.data.detach().clone()
+            module._parameters[name] = nn.Parameter(full, requires_grad=param.requires_grad)
+
+
+def build_config(dtype: torch.dtype) -> dict:
+    """The DeepSpeed config `zero.Init` builds a model with (through transformers' HfDeepSpeedConfig): the
+    partitioning of `ds_config`, and parameters in `dtype` (zero.Init creates every floating tensor in the
+    config's dtype: fp32 unless bf16 / fp16 is enabled there)."""
+    config = ds_config(train=False)
+    config["bf16"] = {"enabled": dtype == torch.bfloat16}
+    config["fp16"] = {"enabled": dtype == torch.float16}
+    return config
+
+
+def _source_reader(path: str):
+    """{name: () -> tensor} of the weights in `path` (a ZeRO-3 checkpoint, or a directory of safetensors: a
+    model, an export, a full checkpoint), each read only when called (rank 0 alone calls them)."""
+    from safetensors import safe_open
+
+    if is_zero_checkpoint(path):
+        lazy = zero_weights(path, lazy=True)
+        return {name: (lambda t=t: t.contiguous()) for name, t in lazy.items()}
+    readers = {}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        handle = safe_open(file, framework="pt")
+        readers.update({name: (lambda h=handle, n=name: h.get_tensor(n)) for name in handle.keys()})
+    return readers
+
+
+def fill_partitioned(model: nn.Module, path: str) -> None:
+    """Read the weights of `path` into the partitioned `model`: rank 0 reads one tensor at a time and each
+    parameter is scattered from it (`GatheredParameters(modifier_rank=0)`), so no other rank reads the
+    files and no rank holds more than one whole parameter. Every rank calls it.
+
+    Raises:
+        CheckpointError: a FSDP2 checkpoint, or a parameter the files lack (on every rank).
+    """
+    import deepspeed  # optional: only ZeRO-3 runs need DeepSpeed
+    import torch.distributed as tdist
+
+    if is_sharded_checkpoint(path):
+        raise CheckpointError(f"{path}: a sharded (FSDP2) checkpoint; ZeRO-3 resumes from its own or a full "
+                              f"checkpoint (consolidate it with scripts/evaluate.py first)")
+    rank0 = global_rank() == 0
+    readers = _source_reader(path) if rank0 else {}
+    names = [n for n, _ in model.named_parameters()]
+    missing = [[n for n in names if n not in readers] if rank0 else None]
+    tdist.broadcast_object_list(missing, src=0)
+    if missing[0]:
+        raise CheckpointError(f"{path}: not this model's weights (no {missing[0][0]}); check train.resume / "
+                              f"train.init_from and model.path")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank0:
+                    param.data.copy_(readers[name]().reshape(param.shape))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,6 +523,37 @@ class ZeRO3(Strategy):
     name = "zero3"
     aligned = True
     sharded = True
+    checkpoint_format = "sharded"
+    loads_sharded = True
+    builds_on_meta = False
+
+    @contextlib.contextmanager
+    def building(self, trainable: bool, dtype: torch.dtype):
+        """transformers builds the model inside `deepspeed.zero.Init` while an HfDeepSpeedConfig lives (it
+        keeps only a weak reference: this context holds the strong one), and from_pretrained scatters the
+        weights from rank 0 module by module: each rank ends with its partitions alone."""
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        del trainable
+        _init_distributed()
+        config = HfDeepSpeedConfig(build_config(dtype))
+        try:
+            yield config
+        finally:
+            del config
+            unset_hf_deepspeed_config()
+
+    def load_weights(self, student_source: str, teacher_source: str | None) -> None:
+        """The models arrive partitioned with the weights of model.path and the teacher's (`building`); a
+        student from elsewhere (the checkpoint to resume, train.init_from) is read into its partitions, rank 0
+        reading (`fill_partitioned`), and the engine's fp32 masters refreshed from them. (A ZeRO-3 checkpoint
+        of as many processes is read again, exactly, with the optimiser by `load_state`.)"""
+        del teacher_source
+        built = model_directory(self.student.name_or_path, "model.path")
+        if os.path.realpath(student_source) == os.path.realpath(built):
+            return
+        fill_partitioned(self.student, student_source)
+        self.engine.optimizer.refresh_fp32_params()
 
     def setup(self, student, teacher, optim_cfg, dtype) -> None:
         # fp32 partitions; the compute dtype is autocast's, which the engine must be told (ds_config).
@@ -484,6 +604,17 @@ class ZeRO3(Strategy):
     def zero_grad(self) -> None:
         """Nothing to do: DeepSpeed resets its partitioned gradients in engine.step() / skip_step."""
 
+    def save_state(self, directory: str) -> None:
+        """The engine's own checkpoint under `directory`/zero: every rank writes its partition of the weights
+        and of AdamW's moments at once (`distill.model.zero_checkpoint` has the layout); rank 0 adds the
+        client optimiser's parameter order, which the conversion to the unsharded format needs."""
+        zero = os.path.join(directory, ZERO_DIR)
+        self.engine.save_checkpoint(zero, tag=TAG, save_latest=False, exclude_frozen_parameters=False)
+        if self.procs.is_main:
+            with open(os.path.join(zero, LAYOUT), "w", encoding="utf-8") as f:
+                json.dump({"order": self.engine._distill_order,
+                           "group_sizes": list(self.engine._distill_group_sizes)}, f)
+
     def model_state_dict(self):
         return full_model_state_dict(self.engine)
 
@@ -494,6 +625,17 @@ class ZeRO3(Strategy):
         load_full_optimizer_state_dict(self.engine, read() if self.procs.is_main else None)
 
     def load_state(self, directory: str) -> None:
-        raise CheckpointError(f"{directory}: a sharded (FSDP2) checkpoint; ZeRO-3 resumes from its own or a "
-                              f"full checkpoint (resume it under recipes/accelerate/fsdp2.yaml, or start a "
-                              f"new stage from it with train.init_from)")
+        """Resume from a ZeRO-3 checkpoint: written by as many processes, the engine reads each rank's own
+        files (weights and moments, exactly); by another number, the moments are converted to the unsharded
+        format on rank 0 and partitioned anew (`load_weights` has read the weights the same way)."""
+        if is_sharded_checkpoint(directory):
+            raise CheckpointError(f"{directory}: a sharded (FSDP2) checkpoint; ZeRO-3 resumes from its own "
+                                  f"or a full checkpoint (resume it under recipes/accelerate/fsdp2.yaml, or "
+                                  f"start a new stage from it with train.init_from)")
+        if zero_world_size(directory) != self.procs.world:
+            self.load_optimizer_state(lambda: zero_optimizer(directory))
+            return
+        loaded, _ = self.engine.load_checkpoint(os.path.join(directory, ZERO_DIR), tag=TAG,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"{directory}: the ZeRO-3 engine could not read its checkpoint")

@@ -4,14 +4,18 @@ Layout: `<output_dir>/checkpoints/step-N/` with, in the sharded modes (FSDP2, HS
     model/, optimizer/  the student's weights and AdamW state, each a torch.distributed.checkpoint directory:
                         `.metadata` and one `__<rank>_0.distcp` a rank, every rank writing its part at once
                         (`distill.parallel.state`); a resume on another number of processes reshards
-and in the other modes (one process, data parallel, ZeRO-3), written by rank 0:
+in ZeRO-3, the engine's own checkpoint (`distill.model.zero_checkpoint`), every rank writing its part at once:
+    zero/state/, zero/layout.json   each rank's partition of the weights and AdamW's moments; the
+                        same number of processes resumes through the engine, another number (or another
+                        mode) reads it converted to the full formats on rank 0
+and in the other modes (one process, data parallel), written by rank 0:
     model.safetensors   the student's full weights
     optimizer.pt        the optimiser state of an unsharded AdamW (tensors only; weights_only=True loads it)
 and in both:
     config.json, tokenizer files   the student's config (extended RoPE, fp32) and tokenizer: the directory
                         loads with from_pretrained and scripts/evaluate.py --model like an export (a sharded
                         one is first consolidated into model.safetensors beside it, once:
-                        `distill.model.export.consolidate`)
+                        `distill.model.export.consolidate`, a ZeRO-3 one too)
     state.json          `TrainState`: step, tokens, mixture cursors, LR, wandb id, counters
     rng-<rank>.pt       torch / numpy / python RNG states of each rank
     COMPLETE            written last: the sizes of every file above, the DCP files included (a checkpoint
@@ -42,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from distill.config import ConfigError
 from distill.files import CheckpointError, replace_dir
+from distill.model.zero_checkpoint import is_zero_checkpoint, zero_optimizer, zero_weights
 from distill.parallel.state import is_sharded_checkpoint, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -248,7 +253,9 @@ def load_weights(path: str, model: torch.nn.Module) -> dict:
         load_checkpoint(model, path)
         return read_state(path)
     try:
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+        weights = zero_weights(path) if is_zero_checkpoint(path) else \
+            load_file(os.path.join(path, "model.safetensors"))
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as err:  # missing / unexpected keys or other shapes: another model's checkpoint
         lines = str(err).strip().splitlines()
         first = lines[1].strip() if len(lines) > 1 else str(err)
@@ -261,9 +268,9 @@ def restore(path: str, strategy, state: TrainState, rank: int) -> None:
     """Resume from `path` once the weights are in and the strategy is set up: the optimiser (through the
     strategy: each rank its part of a sharded checkpoint), this rank's RNG states and the training state.
     Every rank calls it."""
-    if is_sharded_checkpoint(path):
+    if is_sharded_checkpoint(path) or (is_zero_checkpoint(path) and strategy.name == "zero3"):
         strategy.load_state(path)
-    else:
+    else:  # a full checkpoint, or a ZeRO-3 one resumed in another mode (its optimiser converted)
         strategy.load_optimizer_state(lambda: read_optimizer(path))
     load_rng(path, rank)
     state.load_state_dict(read_state(path))
@@ -288,6 +295,9 @@ def read_state(path: str) -> dict:
 
 
 def read_optimizer(path: str) -> dict:
+    """The unsharded-format optimiser state of a full checkpoint, or of a ZeRO-3 one (converted)."""
+    if is_zero_checkpoint(path):
+        return zero_optimizer(path)
     return torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
 
 

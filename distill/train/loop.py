@@ -47,6 +47,7 @@ from distill.model.load import (
     resolve_dtype,
 )
 from distill.model.rope import original_length
+from distill.model.zero_checkpoint import is_zero_checkpoint
 from distill.optim.localise import (
     diagnostic_loss,
     diagnostic_norms,
@@ -314,16 +315,21 @@ def _set_up(cfg: RecipeConfig, procs, spans: Spans) -> Session:
     # rewritten or measured first (expansion, traced layers), load on the host (sharded modes: nothing whole
     # reaches a GPU) or the device. The student keeps fp32 master weights and computes under autocast in the
     # recipe's dtype.
+    # ZeRO-3 builds them inside zero.Init instead (`strategy.building`): from_pretrained scatters model.path's
+    # weights from rank 0, each rank keeping its partitions.
     sources = weight_sources(cfg, strategy, resume_path)
     host = torch.device("cpu") if strategy.sharded else device
-    where, meta = (device, True) if sources is not None else (host, False)
-    student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, where, meta)
+    where, meta = (device, strategy.builds_on_meta) if sources is not None else (host, False)
+    building = strategy.building if sources is not None else lambda *_: contextlib.nullcontext()
+    with building(True, torch.float32):
+        student = load_student(dataclasses.replace(cfg.model, dtype="float32"), cfg.rope, where, meta)
     savers = install_savers(student, cfg.parallel)  # parallel.offload_activations / tiled_mlp: long stream
     teacher = None
     if cfg.needs_teacher:
         teacher_cfg = cfg.model if cfg.teacher.path is None else \
             dataclasses.replace(cfg.model, path=cfg.teacher.path)
-        teacher = load_teacher(teacher_cfg.path, teacher_cfg, where, meta)
+        with building(False, dtype):
+            teacher = load_teacher(teacher_cfg.path, teacher_cfg, where, meta)
     if sources is None:
         _load_weights(cfg, student, resume_path)
     autocast = _autocast(device, dtype, strategy.name)  # ZeRO-3: no cast cache
@@ -707,7 +713,11 @@ def weight_sources(cfg: RecipeConfig, strategy, resume_path: str | None) -> tupl
     that takes them whole, a student that must be rewritten or measured whole before sharding (expansion,
     traced layers), or weights that are not safetensors. The student's come from the checkpoint to resume,
     else train.init_from, else model.path."""
-    if not strategy.loads_sharded or cfg.model.expansion is not None or cfg.optim.layers.mode == "traced":
+    if not strategy.loads_sharded or cfg.model.expansion is not None:
+        return None
+    if cfg.optim.layers.mode == "traced":
+        logger.info("optim.layers traced measures the whole student before %s lays it out: every rank loads "
+                    "the models whole", strategy.name)
         return None
     teacher = None
     if cfg.needs_teacher:
@@ -717,7 +727,9 @@ def weight_sources(cfg: RecipeConfig, strategy, resume_path: str | None) -> tupl
     if resume_path is None and cfg.train.init_from is not None:
         logger.info("initialised the student from %s (fresh optimiser and data state)", student)
     for path in (p for p in (student, teacher) if p is not None):
-        if not is_sharded_checkpoint(path) and not glob.glob(os.path.join(path, "*.safetensors")):
+        zero = is_zero_checkpoint(path) and strategy.name == "zero3"  # read into its partitions
+        files = glob.glob(os.path.join(path, "*.safetensors"))
+        if not zero and not is_sharded_checkpoint(path) and not files:
             logger.warning("%s holds no safetensors: every rank loads the whole model", path)
             return None
     return student, teacher

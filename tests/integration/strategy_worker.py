@@ -154,6 +154,40 @@ def teacher_diffs(model_dir: str, mode: str) -> dict[str, float]:
     return {"diffs": diffs, "partitioned": layers_partitioned}
 
 
+def record_partitions(out: str):
+    """Wrap ZeRO-3's `setup` so that each rank records, for the models it is handed, whether they were built
+    inside zero.Init (every parameter a DeepSpeed one) and the elements of its own partitions against the
+    whole; rank 0 writes every rank's record to OUT/partitions.json after the run (`write`)."""
+    from distill.parallel import zero3
+
+    real, seen = zero3.ZeRO3.setup, {}
+
+    def setup(self, student, teacher, optim_cfg, dtype):
+        for name, model in (("student", student), ("teacher", teacher)):
+            params = list(model.parameters())
+            seen[name] = {"built_partitioned": all(hasattr(p, "ds_id") for p in params),
+                          "local": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                                       for p in params),
+                          "whole": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                          "dtype": str(next(iter(params)).ds_tensor.dtype) if hasattr(params[0], "ds_tensor")
+                          else None}
+        return real(self, student, teacher, optim_cfg, dtype)
+
+    zero3.ZeRO3.setup = setup
+
+    def write():
+        import torch.distributed as dist
+
+        zero3.ZeRO3.setup = real
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, seen)
+        if dist.get_rank() == 0:
+            with open(os.path.join(out, "partitions.json"), "w", encoding="utf-8") as f:
+                json.dump(gathered, f)
+
+    return write
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("recipe")
@@ -174,7 +208,12 @@ def main() -> None:
         return train.main([args.recipe, f"run.output_dir={os.path.join(args.out, name)}", *overrides])
 
     # The first run creates the process group, with the recipe's parallel.collective_timeout_s.
+    from distill.parallel.zero3 import zero3_requested
+
+    write_partitions = record_partitions(args.out) if zero3_requested() else None
     codes["full"] = run("full")
+    if write_partitions is not None:
+        write_partitions()
     backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
     timeout_s = backend.options._timeout.total_seconds()
     procs = Processes()

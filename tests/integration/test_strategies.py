@@ -279,6 +279,52 @@ def test_parameters_no_loss_reached_are_not_stepped(two, single):
                                                                           b["state"].values())
 
 
+@pytest.mark.slow
+def test_zero3_builds_each_rank_its_partitions_alone(two, tiny_llama):
+    """Under ZeRO-3 from_pretrained runs inside zero.Init (the strategy's HfDeepSpeedConfig alive): the
+    student (fp32 masters) and the teacher (the recipe's dtype) reach `setup` already partitioned, each rank
+    holding about half of every model, never a whole one."""
+    if two["mode"] != "zero3":
+        return
+    with open(two["root"] / "partitions.json", encoding="utf-8") as f:
+        ranks = json.load(f)
+    whole = sum(t.numel() for t in load_file(os.path.join(tiny_llama, "model.safetensors")).values())
+    assert len(ranks) == 2
+    for seen in ranks:
+        for name in ("student", "teacher"):
+            assert seen[name]["built_partitioned"], (name, seen)
+            assert seen[name]["whole"] == whole
+            assert seen[name]["local"] <= 0.55 * whole, (name, seen)
+        assert seen["student"]["dtype"] == "torch.float32" and seen["teacher"]["dtype"] == "torch.float32"
+    assert sum(s["student"]["local"] for s in ranks) >= whole  # together they hold all of it
+
+
+@pytest.mark.slow
+def test_zero3_checkpoints_are_written_per_rank_and_consolidate(two, tmp_path):
+    """ZeRO-3 writes the engine's own checkpoint: one partition file a rank under zero/state/, none near the
+    whole state (12 bytes a parameter: fp32 weights and AdamW's two moments), no file gathered on rank 0;
+    `consolidate` (scripts/evaluate.py, merge.py) turns it into model.safetensors with the trained weights."""
+    if two["mode"] != "zero3":
+        return
+    from distill.model.export import consolidate
+
+    path = two["root"] / "full" / "checkpoints" / f"step-{STEPS}"
+    assert not (path / "model.safetensors").exists() and not (path / "optimizer.pt").exists()
+    parts = sorted((path / "zero" / "state").glob("*_optim_states.pt"))
+    assert [p.name for p in parts] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
+    weights = _weights(two["root"] / "full", STEPS)
+    whole = 12 * sum(t.numel() for t in weights.values())
+    largest = max(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert largest < 0.6 * whole, (largest, whole)
+    with open(path / "COMPLETE", encoding="utf-8") as f:  # the marker covers every rank's files
+        assert {f"zero/state/{p.name}" for p in parts} <= set(json.load(f)["files"])
+    copy = tmp_path / "ckpt"
+    shutil.copytree(path, copy)
+    consolidate(str(copy))
+    got = load_file(str(copy / "model.safetensors"))
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in got)
+
+
 def _assert_part_norms_close(got: list[dict], want: list[dict], per_stream: bool = True) -> int:
     """The per-part gradient norms of every step agree (the step's, and each stream's when `per_stream`);
     returns how many were compared."""
