@@ -288,3 +288,28 @@ def long_streams(seq_lens: dict[str, int]) -> set[str]:
     """The streams the memory savers act on (`distill.parallel.memory`): those with the longest rows."""
     longest = max(seq_lens.values())
     return {name for name, n in seq_lens.items() if n == longest}
+
+
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_host_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Have glibc's malloc serve every host allocation of `threshold` bytes or more with its own mmap, so a
+    freed tensor's pages go back to the system at once. By default the threshold adapts upwards to the sizes
+    freed (up to 32 MiB), after which mid-sized tensors come from the heap arenas, whose freed pages a
+    multi-threaded process (gloo, DCP, the data loader) rarely returns: measured on 4 gloo ranks training
+    a 156M-parameter Llama under FSDP2, the peak host RSS per rank was 2.5-2.8 GiB with the default and 1.24
+    GiB with a fixed 1 MiB threshold (live tensors: 0.6 GiB), for about 15% fewer CPU tokens/s. Returns
+    whether it took effect (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD; also stops its adaptation
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
+        return False
+

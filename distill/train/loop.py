@@ -15,8 +15,10 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import json
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -61,7 +63,7 @@ from distill.optim.optimizer import rescale
 from distill.parallel.base import Processes
 from distill.parallel.fsdp2 import fsdp_requested
 from distill.parallel.launcher import choose
-from distill.parallel.memory import install_savers
+from distill.parallel.memory import install_savers, return_freed_host_memory
 from distill.parallel.state import checkpoint_keys, is_sharded_checkpoint
 from distill.parallel.ulysses import check_attention, check_groups, check_heads, split_streams
 from distill.parallel.zero3 import zero3_requested
@@ -222,6 +224,7 @@ def run(cfg: RecipeConfig, return_state: bool = False, spans: Spans = NO_SPANS):
     Args:
         spans: a recorder of the step's named spans (benchmarks); the default records nothing.
     """
+    return_freed_host_memory()  # before the models: freed tensors' pages go back to the system
     timeout = collective_timeout(cfg)
     procs = Processes(timeout["seconds"])
     if procs.is_main:
@@ -560,7 +563,26 @@ def _finish(session: Session, stop_file: str | None) -> None:
         _export(session)
     if stop_file is not None and procs.is_main and os.path.exists(stop_file):
         os.remove(stop_file)  # a stop asked for at the very end: the run is complete, nothing to requeue
+    report_host_memory(procs, out_dir)
     procs.barrier()
+
+
+def report_host_memory(procs, out_dir: str) -> None:
+    """Each rank's peak host RSS over the run (the kernel's high-water mark, ru_maxrss), logged by rank 0 and
+    written to `<output_dir>/host_memory.json` (per rank, in rank order, and per node); a collective."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    node = os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))
+    peaks = procs.gather_objects((int(peak), node))
+    if not procs.is_main:
+        return
+    per_node: dict[str, int] = {}
+    for value, name in peaks:
+        per_node[name] = per_node.get(name, 0) + value
+    ranks = ", ".join(f"{v / 2**30:.2f}" for v, _ in peaks)
+    logger.info("peak host RSS per rank: %s GiB (per node: %s GiB)", ranks,
+                ", ".join(f"{v / 2**30:.2f}" for v in per_node.values()))
+    with open(os.path.join(out_dir, "host_memory.json"), "w", encoding="utf-8") as f:
+        json.dump({"peak_rss_bytes_per_rank": [v for v, _ in peaks], "peak_rss_bytes_per_node": per_node}, f)
 
 
 def _step_record(session: Session, result, elapsed: float) -> dict:
@@ -650,9 +672,7 @@ def _export(session: Session) -> None:
     final/expansion_fold.json), and the unfolded one is saved as `<output_dir>/expanded` for
     scripts/evaluate.py, which also measures how far the folded logits are from it.
     """
-    import json
     import shutil
-
 
     cfg, strategy, student, tokenizer = session.cfg, session.strategy, session.student, session.tokenizer
     dtype, out_dir, spec = session.dtype, session.cfg.run.output_dir, session.cfg.model.expansion
@@ -863,3 +883,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
