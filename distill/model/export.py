@@ -206,3 +206,46 @@ def _consolidate_zero(path: str, shard_bytes: int) -> str:
     sizes = {k: math.prod(state[k].shape) * state[k].dtype.itemsize for k in keys}
     _save_shards(path, sizes, lambda group: {k: state[k].contiguous().clone() for k in group}, shard_bytes)
     return path
+
+
+def export_streamed(model, tokenizer, out_dir: str, shapes: dict[str, tuple[torch.Size, torch.dtype]],
+                    tensors, dtype: torch.dtype, original_length: int | None = None, main: bool = True,
+                    shard_bytes: int = SHARD_BYTES) -> None:
+    """`export` for a sharded model, shard by shard: `tensors` yields (name, full tensor) in the order of
+    `shapes` ({name: (shape, dtype)} of every tensor to write, a tied head left out), gathered one at a time
+    on every rank (collectives: every rank iterates it; the tensors matter on the main rank alone). The main
+    rank casts each to `dtype` and writes a safetensors shard as soon as it is complete, so it never holds
+    more than one output shard; then the index, config.json (as `export` completes it) and the tokenizer."""
+    from safetensors.torch import save_file
+
+    def out_bytes(shape, kind):
+        return shape.numel() * (dtype.itemsize if kind.is_floating_point else kind.itemsize)
+
+    groups = shard_groups({n: out_bytes(*shapes[n]) for n in shapes}, shard_bytes)
+    owner = {name: i for i, group in enumerate(groups) for name in group}
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    pending: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    for name, tensor in tensors:
+        if not main:
+            continue
+        pending[name] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+        index = owner[name]
+        if len(pending) == len(groups[index]):
+            file = shard_name(index, len(groups))
+            save_file({k: v.contiguous() for k, v in pending.items()}, os.path.join(out_dir, file),
+                      metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(pending, file))
+            pending = {}
+    if not main:
+        return
+    if len(groups) > 1:
+        write_index(out_dir, weight_map, sum(out_bytes(*shapes[n]) for n in shapes))
+
+    def save_config() -> None:
+        model.config.save_pretrained(out_dir)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out_dir)
+
+    _write(model, tokenizer, out_dir, dtype, original_length, save_config)

@@ -270,6 +270,12 @@ class Strategy(abc.ABC):
         """Fill models `setup` took on the meta device (strategies with `loads_sharded`)."""
         raise NotImplementedError(f"{self.name} takes its models whole, with their weights")
 
+    streams_export = False
+    """Whether `export_tensors` gathers the student one tensor at a time for a streamed export."""
+
+    def export_tensors(self) -> tuple[dict, object]:
+        raise NotImplementedError(f"{self.name} exports through its full state dict")
+
     def save_state(self, directory: str) -> None:
         """Write the student and optimiser states as a sharded checkpoint's DCP directories (every rank)."""
         save_checkpoint(self.student, self.optimizer, directory)

@@ -46,7 +46,14 @@ from distill.model.decoder import decoder_layers
 from distill.optim.optimizer import keep_kernel, make_optimizer
 from distill.parallel import ring, ulysses
 from distill.parallel.base import Strategy, global_rank, move_plain_tensors
-from distill.parallel.state import is_sharded_checkpoint, load_checkpoint, load_model_files, refill_buffers
+from distill.parallel.state import (
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_model_files,
+    refill_buffers,
+    resharded,
+    tied_aliases,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +341,24 @@ class FSDP2(Strategy):
             else:
                 load_model_files(model, source)
             refill_buffers(model)
+
+    streams_export = True
+
+    def export_tensors(self) -> tuple[dict, object]:
+        """({name: (shape, dtype)}, an iterator of (name, full tensor)) over the student's state, a tied head
+        left out: each tensor all-gathered when the iterator reaches it (every rank must run it through)."""
+        from torch.distributed.tensor import DTensor
+
+        resharded(self.student)
+        aliases = tied_aliases(self.student)
+        state = {k: v for k, v in self.student.state_dict().items() if k not in aliases}
+        shapes = {k: (v.shape, v.dtype) for k, v in state.items()}
+
+        def gather():
+            for name, value in state.items():
+                yield name, value.full_tensor() if isinstance(value, DTensor) else value
+
+        return shapes, gather()
 
     def describe(self) -> str:
         size = self.sequence_parallel

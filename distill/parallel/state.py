@@ -31,7 +31,7 @@ def is_sharded_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MODEL_DIR, ".metadata"))
 
 
-def _tied_aliases(model: nn.Module) -> set[str]:
+def tied_aliases(model: nn.Module) -> set[str]:
     """State-dict keys whose tensor another key already holds (a tied lm_head): the files hold it once."""
     seen, aliases = set(), set()
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -67,13 +67,13 @@ def load_model_files(model: nn.Module, directory: str) -> None:
     """
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    aliases = _tied_aliases(model)
+    aliases = tied_aliases(model)
     state = {k: v for k, v in model.state_dict().items() if k not in aliases}
     _dcp_load(state, f"{directory}: cannot load its safetensors into the model",
               storage_reader=HuggingFaceStorageReader(directory))
 
 
-def _resharded(model: nn.Module) -> None:
+def resharded(model: nn.Module) -> None:
     """Every FSDP2 unit back to its shards. A unit kept gathered after a forward (the student's root, until
     its backward) exposes its full unsharded tensors as its parameters meanwhile, which are neither what a
     checkpoint holds nor the tensors the optimiser steps."""
@@ -94,7 +94,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, director
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    _resharded(model)
+    resharded(model)
     dcp.save(get_model_state_dict(model), checkpoint_id=os.path.join(directory, MODEL_DIR))
     if optimizer.state:
         optim_state = get_optimizer_state_dict(model, optimizer)
@@ -124,7 +124,7 @@ def load_checkpoint(model: nn.Module, directory: str, optimizer: torch.optim.Opt
         set_optimizer_state_dict,
     )
 
-    _resharded(model)
+    resharded(model)
     if weights:
         # In place, into the tensors the model holds (its own shards): the optimiser keeps pointing at them.
         # (set_model_state_dict would swap FSDP2's parameters for new ones.)

@@ -33,7 +33,7 @@ from distill.files import replace_dir
 from distill.hub import hub_reason, model_directory
 from distill.model import expansion
 from distill.model.expansion import expand
-from distill.model.export import export, write_model_files
+from distill.model.export import export, export_streamed, write_model_files
 from distill.model.flops import flop_counts, flop_rates, peak_tflops
 from distill.model.layers import resolve_layers
 from distill.model.load import (
@@ -676,6 +676,17 @@ def _export(session: Session) -> None:
 
     cfg, strategy, student, tokenizer = session.cfg, session.strategy, session.student, session.tokenizer
     dtype, out_dir, spec = session.dtype, session.cfg.run.output_dir, session.cfg.model.expansion
+    if spec is None and strategy.streams_export:  # FSDP2: shard by shard, one tensor gathered at a time
+        final, tmp = os.path.join(out_dir, "final"), os.path.join(out_dir, "final.tmp")
+        if session.procs.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shapes, tensors = strategy.export_tensors()
+        export_streamed(student, tokenizer, tmp, shapes, tensors, dtype, session.window,
+                        main=session.procs.is_main)
+        if session.procs.is_main:
+            replace_dir(tmp, final)
+            logger.info("exported %s (streamed, one shard at a time)", final)
+        return
     full_state = strategy.model_state_dict()  # a collective when sharded
     alphas = None
     if spec is not None:

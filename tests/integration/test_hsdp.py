@@ -49,7 +49,7 @@ def runs(tmp_path_factory, tiny_llama, built_data):
 
     root = tmp_path_factory.mktemp("hsdp")
     cfg = recipe(tiny_llama, built_data, root / "one", "longred", steps=STEPS)
-    cfg["train"].update({"save_every": 1, "keep_last": 5, "export": False})
+    cfg["train"].update({"save_every": 1, "keep_last": 5, "export": True})
     path = write(cfg, root / "r.yaml")
     assert train.main([path]) == 0
     hybrid = subprocess.run(_command(path, 4, 29571, f"run.output_dir={root / 'hybrid'}",
@@ -92,6 +92,10 @@ def _assert_same_training(run, reference) -> None:
 def test_hybrid_sharding_2x2_equals_one_process(runs):
     assert "FSDP2 hybrid (HSDP): student sharded over groups of 2 processes and replicated 2 times" in \
         runs["hybrid_log"]
+    # The models were built on the meta device: after `to_empty` RoPE's inv_freq (in no file) was rebuilt
+    # from the recipe, which the start-up check compares with our own RoPE math (it stops the run if not).
+    assert "sharded load: each rank read its part of" in runs["hybrid_log"]
+    assert "rope: inv_freq matches our formulas" in runs["hybrid_log"]
     _assert_same_training(runs["hybrid"], runs["one"])
     step = runs["hybrid"] / "checkpoints" / f"step-{STEPS}"
     shards = sorted(os.listdir(step / "model"))
@@ -108,3 +112,19 @@ def test_a_four_process_checkpoint_resumes_on_two(runs):
     assert "saved on 4 processes, now 2" in runs["resumed_log"]
     _assert_same_training(runs["resumed"], runs["one"])
     assert [r["step"] for r in read_metrics(runs["resumed"] / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_the_sharded_export_streams_the_model_one_process_exports(runs):
+    """The HSDP run's export (gathered one tensor at a time, written shard by shard by rank 0) is the model
+    the one-process run exports from its whole state dict."""
+    import json
+
+    from safetensors.torch import load_file
+
+    got = load_file(str(runs["hybrid"] / "final" / "model.safetensors"))
+    want = load_file(str(runs["one"] / "final" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+    configs = [json.loads((runs[r] / "final" / "config.json").read_text()) for r in ("hybrid", "one")]
+    assert configs[0] == configs[1]

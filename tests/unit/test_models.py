@@ -8,7 +8,7 @@ import torch
 
 from distill.config import ConfigError, ModelConfig, RopeConfig
 from distill.model.decoder import TruncatedTeacher, causal_mask_kwargs, forward_hidden
-from distill.model.export import export
+from distill.model.export import export, export_streamed
 from distill.model.load import (
     check_extension,
     check_packing_isolation,
@@ -317,6 +317,33 @@ def test_export_records_its_dtype(tiny_llama, tmp_path):
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
     assert student.config.dtype == torch.float32  # the training model keeps its own
     assert next(student.parameters()).dtype == torch.float32
+
+
+def test_streamed_export_writes_shard_by_shard_what_export_writes(tiny_llama, tmp_path):
+    """export_streamed (the sharded modes' export) cut into several bf16 shards with an index: the same model
+    as `export` from the whole state dict, the same config."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = load_student(_cfg(tiny_llama), RECIPES["abf"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    whole = export(student, tokenizer, str(tmp_path / "whole"), dtype=torch.bfloat16, original_length=256)
+    state = student.state_dict()
+    shapes = {k: (v.shape, v.dtype) for k, v in state.items()}
+    out = str(tmp_path / "streamed")
+    export_streamed(student, tokenizer, out, shapes, iter(state.items()), torch.bfloat16, 256,
+                    shard_bytes=100_000)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(files) > 2 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    assert max(os.path.getsize(os.path.join(out, f)) for f in files) < 300_000  # one shard at a time
+    a, b = (AutoModelForCausalLM.from_pretrained(d) for d in (whole, out))
+    assert {p.dtype for p in b.parameters()} == {torch.bfloat16}
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    configs = [json.load(open(os.path.join(d, "config.json"), encoding="utf-8")) for d in (whole, out)]
+    assert configs[0] == configs[1]
+    assert len(AutoTokenizer.from_pretrained(out)) == len(tokenizer)
 
 
 def test_bad_model_path_is_a_config_error(tmp_path):
