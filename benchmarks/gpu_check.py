@@ -452,16 +452,6 @@ SHARDED_SHAPES = {
 }
 
 
-def _files_bytes(directory: str) -> dict[str, int]:
-    """{relative path: bytes} of the files under `directory`."""
-    out = {}
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(parent, name)
-            out[os.path.relpath(path, directory)] = os.path.getsize(path)
-    return dict(sorted(out.items()))
-
-
 def check_sharded_state(device, size: str) -> dict:
     """Part 9: the trainer's sharded load against the whole load, and a DCP checkpoint of model + AdamW,
     in a process group of one: seconds, peak host RSS (`HostPeak`) and max_memory_allocated of each."""
@@ -476,6 +466,7 @@ def check_sharded_state(device, size: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from distill.config import ModelConfig, OptimConfig, RopeConfig
+    from distill.files import file_sizes
     from distill.model.load import load_student
     from distill.optim.optimizer import keep_kernel, make_optimizer
     from distill.parallel.fsdp2 import make_mesh, shard_student
@@ -528,7 +519,7 @@ def check_sharded_state(device, size: str) -> dict:
         del saved
         model_cfg = ModelConfig(path=ws.path("model"), dtype="float32", attention="sdpa")
         result = {"model": "TinyLlama-1.1B-shaped Llama" if size == "1b" else "small Llama (the path only)",
-                  "parameters": params, "files_bytes": sum(_files_bytes(ws.path("model")).values()),
+                  "parameters": params, "files_bytes": sum(file_sizes(ws.path("model")).values()),
                   "world": 1, "backend": "nccl" if gpu else "gloo"}
 
         # (a) the sharded load: built on meta, sharded, to_empty, each rank reading its rows (DCP's HF reader)
@@ -567,7 +558,7 @@ def check_sharded_state(device, size: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         checkpoint = ws.path("checkpoint")
         _, figures = measured(lambda: save_checkpoint(sharded, optimizer, checkpoint))
-        written = _files_bytes(checkpoint)
+        written = file_sizes(checkpoint)
         result["dcp_save"] = {**figures, "bytes_written": sum(written.values()), "files": sorted(written)}
         fresh = sharded_build(model_cfg)  # as a resume builds it: garbage until read
         fresh_optimizer = make_optimizer(fresh, OptimConfig(), sharded=True)

@@ -20,3 +20,13 @@ def replace_dir(tmp: str, final: str) -> None:
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (one line for the user)."""
+
+
+def file_sizes(directory: str) -> dict[str, int]:
+    """{path relative to `directory`: bytes} of every file under it, sorted by path."""
+    sizes = {}
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(parent, name)
+            sizes[os.path.relpath(path, directory)] = os.path.getsize(path)
+    return dict(sorted(sizes.items()))

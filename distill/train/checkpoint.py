@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill.config import ConfigError
-from distill.files import CheckpointError, replace_dir
+from distill.files import CheckpointError, file_sizes, replace_dir
 from distill.model.zero_checkpoint import is_zero_checkpoint, zero_optimizer, zero_weights
 from distill.parallel.state import is_sharded_checkpoint, load_checkpoint
 
@@ -209,7 +209,7 @@ def save(root: str, step: int, strategy, state: TrainState, procs,
     stop_if_any_failed()
     if rank == 0:
         try:
-            files = _file_sizes(tmp)
+            files = file_sizes(tmp)
             with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
                 json.dump({"files": files}, f)
                 f.flush()
@@ -219,16 +219,6 @@ def save(root: str, step: int, strategy, state: TrainState, procs,
             error = err
     stop_if_any_failed()
     return final
-
-
-def _file_sizes(directory: str) -> dict[str, int]:
-    """{path relative to `directory`: bytes} of every file under it (the DCP directories' files too)."""
-    sizes = {}
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(parent, name)
-            sizes[os.path.relpath(path, directory)] = os.path.getsize(path)
-    return dict(sorted(sizes.items()))
 
 
 def prune(root: str, keep_last: int, keep_every: int) -> None:
