@@ -52,9 +52,13 @@ def zero_world_size(path: str) -> int:
 
 
 def _torch_load(file: str) -> dict:
-    # The engine's files hold DeepSpeed objects (its loss scaler, config enums) beside the tensors, so they
-    # cannot load with weights_only=True; they are the run's own files, never a download.
-    return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    """One of the engine's files, with weights_only=True: beside the tensors they hold two DeepSpeed
+    objects, its ZeRO stage enum and its loss scaler (plain attributes), allowed by name and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # optional: only ZeRO-3 checkpoints need it
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
 
 
 def zero_weights(path: str, lazy: bool = False) -> dict:

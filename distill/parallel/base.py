@@ -266,15 +266,11 @@ class Strategy(abc.ABC):
         del trainable, dtype
         return contextlib.nullcontext()
 
-    def load_weights(self, student_source: str, teacher_source: str | None) -> None:
-        """Fill models `setup` took on the meta device (strategies with `loads_sharded`)."""
-        raise NotImplementedError(f"{self.name} takes its models whole, with their weights")
-
+    # A mode with `loads_sharded` also defines `load_weights(student_source, teacher_source)`, which fills
+    # the models `setup` laid out; one with `streams_export` defines `export_tensors()` ({name: (shape,
+    # dtype)}, an iterator of (name, full tensor)). The loop calls them only under those flags.
     streams_export = False
     """Whether `export_tensors` gathers the student one tensor at a time for a streamed export."""
-
-    def export_tensors(self) -> tuple[dict, object]:
-        raise NotImplementedError(f"{self.name} exports through its full state dict")
 
     def save_state(self, directory: str) -> None:
         """Write the student and optimiser states as a sharded checkpoint's DCP directories (every rank)."""
